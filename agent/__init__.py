@@ -1,0 +1,5 @@
+"""The device side: runs a bundle variant with onnxruntime-genai and (later issues) follows the fleet.
+
+It imports only the inference runtime and the slmops core: never torch,
+transformers, peft or Olive, so it installs from `pip install slmops[agent]`.
+"""

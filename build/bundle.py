@@ -1,0 +1,141 @@
+"""Assemble a signed bundle from an export folder.
+
+    export folder (build.json, variants/<id>/, evaluation/<id>.json)
+      ─► copy each variant's files into bundle/variants/<id>/, add inference_model.json
+      ─► manifest: files with size and sha256, min memory, evaluation, source and recipe digests
+      ─► sign (Ed25519) ─► optional single-file .tar
+
+Each variant also carries `inference_model.json`, the file Foundry Local reads for a
+bring-your-own model, so a Foundry Local user can load our variants as they are.
+"""
+
+import json
+import shutil
+from datetime import UTC, datetime
+from pathlib import Path
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from slmops.bundle import VARIANTS_DIR, Bundle, write_archive
+from slmops.errors import SlmopsError
+from slmops.manifest import Evaluation, FileEntry, Manifest, Source, Variant, sha256_file
+from slmops.signing import load_private_key
+from slmops.targets import Target, target
+
+from .evaluate import EVALUATION_DIR
+from .export import BuildRecord
+
+FOUNDRY_MODEL_FILE = "inference_model.json"
+KV_CACHE_BUDGET_TOKENS = 2048
+"""Context a device must hold in memory for the variant to be useful; sizes min_memory_bytes."""
+RUNTIME_OVERHEAD_BYTES = 64 * 2**20
+CONTENT = "{Content}"
+
+
+def foundry_inference_model(variant_dir: Path, name: str) -> dict[str, object]:
+    """Foundry Local's bring-your-own-model descriptor: a name and a prompt template."""
+    template_path = variant_dir / "chat_template.jinja"
+    if not template_path.is_file():
+        raise SlmopsError(f"{variant_dir} has no chat_template.jinja; cannot describe its prompt format")
+    tokenizer_config = json.loads((variant_dir / "tokenizer_config.json").read_text())
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = _raise_template_error
+    try:
+        prompt = env.from_string(template_path.read_text()).render(
+            messages=[{"role": "user", "content": CONTENT}],
+            add_generation_prompt=True,
+            bos_token=tokenizer_config.get("bos_token", ""),
+            eos_token=tokenizer_config.get("eos_token", ""),
+        )
+    except jinja2.TemplateError as e:
+        raise SlmopsError(f"the chat template of {variant_dir} does not render: {e}") from None
+    return {"Name": name, "PromptTemplate": {"assistant": CONTENT, "prompt": prompt}}
+
+
+def _raise_template_error(message: str) -> None:
+    raise jinja2.TemplateError(message)
+
+
+def min_memory_bytes(variant_dir: Path, t: Target, size_bytes: int, evaluation: Evaluation | None) -> int:
+    """Weights + a KV cache of KV_CACHE_BUDGET_TOKENS + runtime; never below the measured peak RSS."""
+    decoder = json.loads((variant_dir / "genai_config.json").read_text())["model"]["decoder"]
+    # The model builder keeps activations and KV cache in fp32 on CPU and in fp16 on accelerators.
+    precision_bytes = 4 if t.execution_provider == "cpu" else 2
+    kv_bytes = (
+        2 * decoder["num_hidden_layers"] * decoder["num_key_value_heads"] * decoder["head_size"]
+    ) * precision_bytes * KV_CACHE_BUDGET_TOKENS
+    estimate = size_bytes + kv_bytes + RUNTIME_OVERHEAD_BYTES
+    measured = evaluation.peak_rss_bytes if evaluation else 0
+    return max(estimate, measured)
+
+
+def create(
+    build_dir: Path,
+    out: Path,
+    name: str,
+    version: str,
+    description: str = "",
+    key: Path | None = None,
+    archive: Path | None = None,
+    variant_ids: list[str] | None = None,
+    force: bool = False,
+) -> Bundle:
+    record = BuildRecord.load(build_dir)
+    chosen = variant_ids or list(record.variants)
+    for variant_id in chosen:
+        if variant_id not in record.variants:
+            raise SlmopsError(f"{build_dir} has no variant {variant_id!r}; it has {', '.join(record.variants)}")
+    if out.exists():
+        if not force:
+            raise FileExistsError(f"{out} exists; pass --force to replace it")
+        shutil.rmtree(out)
+    variants = [_copy_variant(build_dir, out, record, variant_id, name) for variant_id in chosen]
+    manifest = Manifest(
+        name=name,
+        version=version,
+        created=datetime.now(UTC).replace(microsecond=0),
+        description=description,
+        source=Source(model=record.recipe.source, digest=record.source_digest),
+        recipe_digest=record.recipe_digest,
+        variants=variants,
+    )
+    manifest.write(out / "manifest.json")
+    bundle = Bundle.open(out)
+    if key is not None:
+        bundle = bundle.sign(load_private_key(key))
+    if archive is not None:
+        write_archive(bundle, archive)
+    return bundle
+
+
+def _copy_variant(build_dir: Path, out: Path, record: BuildRecord, variant_id: str, name: str) -> Variant:
+    t = target(variant_id)
+    source_dir = build_dir / VARIANTS_DIR / variant_id
+    dest = out / VARIANTS_DIR / variant_id
+    shutil.copytree(source_dir, dest)
+    (dest / FOUNDRY_MODEL_FILE).write_text(
+        json.dumps(foundry_inference_model(dest, f"{name}-{variant_id}"), indent=2) + "\n"
+    )
+    evaluation_path = build_dir / EVALUATION_DIR / f"{variant_id}.json"
+    evaluation = (
+        Evaluation.model_validate_json(evaluation_path.read_text()) if evaluation_path.is_file() else None
+    )
+    files = [
+        FileEntry(path=p.relative_to(dest).as_posix(), size=p.stat().st_size, sha256=sha256_file(p))
+        for p in sorted(dest.rglob("*"))
+        if p.is_file()
+    ]
+    size = sum(f.size for f in files)
+    genai = json.loads((dest / "genai_config.json").read_text())
+    return Variant(
+        id=variant_id,
+        execution_provider=t.execution_provider,
+        device_class=t.device_class,
+        precision=t.precision,
+        files=files,
+        min_memory_bytes=min_memory_bytes(dest, t, size, evaluation),
+        context_length=int(genai["model"]["context_length"]),
+        evaluation=evaluation,
+        build_options=record.variants[variant_id].build_options,
+    )

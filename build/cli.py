@@ -1,0 +1,195 @@
+"""`slmops build ...`: source models, export per target, evaluation with gates."""
+
+import json
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from slmops.errors import GateFailed, SlmopsError
+
+console = Console()
+err_console = Console(stderr=True)
+
+app = typer.Typer(
+    help="The model pipeline: fetch a source model, export one variant per hardware target, evaluate.",
+    no_args_is_help=True,
+)
+model_app = typer.Typer(help="Source checkpoints: materialize catalogue models offline, make tiny test models.")
+app.add_typer(model_app, name="model")
+
+GATE_FAILED_EXIT = 3
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+@model_app.command("fetch")
+def fetch_cmd(
+    name: Annotated[str, typer.Argument(help="Catalogue name, e.g. smollm2-135m-instruct.")],
+    force: Annotated[bool, typer.Option(help="Rebuild the cached checkpoint.")] = False,
+) -> None:
+    """Materialize a catalogue model as a Hugging Face folder (cached under the slmops home)."""
+    from slmops.build import models
+
+    try:
+        path = models.fetch(name, force=force, console=err_console)
+    except SlmopsError as e:
+        fail(str(e))
+    console.print(str(path))
+
+
+@model_app.command("list")
+def list_cmd() -> None:
+    """The catalogue, and which models are already materialized here."""
+    from slmops import paths
+    from slmops.build import models
+
+    table = Table()
+    for column in ("name", "materialized", "description"):
+        table.add_column(column)
+    for name, source in models.CATALOGUE.items():
+        here = (paths.models_dir() / name / models.SOURCE_RECORD).is_file()
+        table.add_row(name, str(paths.models_dir() / name) if here else "no", source.description)
+    console.print(table)
+
+
+@model_app.command("tiny")
+def tiny_cmd(
+    out: Annotated[Path, typer.Argument(help="Folder to write the model to.")],
+    layers: Annotated[int, typer.Option(min=1)] = 2,
+    hidden_size: Annotated[int, typer.Option(min=8)] = 64,
+    seed: int = 0,
+) -> None:
+    """A random-initialized model of the reference architecture with the real tokenizer (for tests)."""
+    from slmops.build import models
+
+    try:
+        console.print(str(models.make_tiny(out, layers=layers, hidden_size=hidden_size, seed=seed)))
+    except SlmopsError as e:
+        fail(str(e))
+
+
+@app.command("targets")
+def targets_cmd() -> None:
+    """The hardware targets a variant can be built for."""
+    from slmops.targets import TARGETS
+
+    table = Table()
+    for column in ("target", "provider", "class", "precision", "built by", "description"):
+        table.add_column(column)
+    for t in TARGETS.values():
+        built_by = "model builder" if t.builder_precision else f"[yellow]needs {t.requires}[/]"
+        table.add_row(t.id, t.execution_provider, t.device_class, t.precision, built_by, t.description)
+    console.print(table)
+
+
+@app.command("export")
+def export_cmd(
+    model: Annotated[str, typer.Argument(help="Catalogue name, local Hugging Face folder, or hub id.")],
+    target: Annotated[list[str], typer.Option("--target", "-t", help="Target id; repeat for several.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Export folder to write.")],
+    block_size: Annotated[int, typer.Option(help="int4/int8 quantization block size (16-256).")] = 32,
+    accuracy_level: Annotated[
+        int | None, typer.Option(help="int4 MatMul compute: 4=int8, 3=bf16, 2=fp16, 1=fp32 (default: 4 on CPU).")
+    ] = None,
+    asymmetric: Annotated[bool, typer.Option(help="Asymmetric quantization (uint4/uint8 with zero points).")] = False,
+    force: Annotated[bool, typer.Option(help="Replace a non-empty export folder.")] = False,
+) -> None:
+    """Build one onnxruntime-genai variant per target into OUT/variants/<target>/."""
+    from pydantic import ValidationError
+
+    from slmops.build.export import QuantOptions, Recipe, export
+
+    try:
+        recipe = Recipe(
+            source=model,
+            targets=target,
+            quant=QuantOptions(block_size=block_size, accuracy_level=accuracy_level, symmetric=not asymmetric),  # type: ignore[arg-type]
+        )
+    except ValidationError as e:
+        fail("; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()), code=2)
+    except SlmopsError as e:
+        fail(str(e), code=2)
+    try:
+        record = export(recipe, out, force=force, console=err_console)
+    except (SlmopsError, FileExistsError) as e:
+        fail(str(e))
+    table = Table(title=f"exported to {out}")
+    for column in ("target", "size MiB", "seconds", "options"):
+        table.add_column(column)
+    for variant_id, v in record.variants.items():
+        size = sum(p.stat().st_size for p in (out / "variants" / variant_id).rglob("*") if p.is_file())
+        options = " ".join(f"{k}={v}" for k, v in v.build_options.items())
+        table.add_row(variant_id, f"{size / 2**20:.1f}", f"{v.seconds:.1f}", options)
+    console.print(table)
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    variant: Annotated[Path, typer.Argument(help="A variant folder (e.g. OUT/variants/cpu-int4).", exists=True)],
+    runs: Annotated[int, typer.Option(min=1, help="Timed decode runs (after one warm-up); the median counts.")] = 5,
+    new_tokens: Annotated[int, typer.Option(min=2, help="Tokens generated per decode run.")] = 128,
+    reference: Annotated[
+        Path | None, typer.Option(help="Variant whose perplexity --max-ppl-increase compares with.", exists=True)
+    ] = None,
+    max_ppl_increase: Annotated[str | None, typer.Option(help="e.g. 15% (needs --reference).")] = None,
+    min_tokens_per_s: Annotated[float | None, typer.Option(help="Lowest acceptable decode speed.")] = None,
+    max_ttft_ms: Annotated[float | None, typer.Option(help="Highest acceptable time to first token.")] = None,
+    max_peak_rss_mb: Annotated[float | None, typer.Option(help="Highest acceptable peak RSS, MiB.")] = None,
+    max_size_mb: Annotated[float | None, typer.Option(help="Largest acceptable size on disk, MiB.")] = None,
+    output: Annotated[Path | None, typer.Option(help="Also write the figures as JSON here.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
+) -> None:
+    """Measure perplexity, decode tokens/s, time to first token, peak RSS and size; enforce gates.
+
+    Inside an export folder the figures are kept in OUT/evaluation/<target>.json for `bundle create`.
+    Exit code 3 when a gate fails.
+    """
+    from pydantic import ValidationError
+
+    from slmops.build import evaluate as ev
+
+    try:
+        gates = ev.Gates(
+            max_ppl_increase=max_ppl_increase,  # type: ignore[arg-type]
+            min_tokens_per_s=min_tokens_per_s,
+            max_ttft_ms=max_ttft_ms,
+            max_peak_rss_mb=max_peak_rss_mb,
+            max_size_mb=max_size_mb,
+        )
+    except ValidationError as e:
+        fail("; ".join(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}" for err in e.errors()), code=2)
+    if gates.max_ppl_increase is not None and reference is None:
+        fail("--max-ppl-increase needs --reference VARIANT to compare with", code=2)
+    try:
+        with err_console.status(f"evaluating {variant} ({runs} runs of {new_tokens} tokens, perplexity)"):
+            evaluation = ev.evaluate(variant, runs=runs, new_tokens=new_tokens)
+            if reference is not None:
+                gates.reference_perplexity = ev.evaluate(reference, speed=False).perplexity
+    except SlmopsError as e:
+        fail(str(e))
+    for path in filter(None, (ev.record_path(variant), output)):
+        ev.save(evaluation, path)
+    if as_json:
+        print(json.dumps(evaluation.model_dump(mode="json"), indent=2))
+    else:
+        table = Table(title=f"{variant}  ({evaluation.measured_on}, {evaluation.runtime})")
+        for column in ("figure", "value"):
+            table.add_column(column)
+        table.add_row("perplexity (held-out)", f"{evaluation.perplexity:.3f} over {evaluation.perplexity_tokens} tokens")
+        if gates.reference_perplexity:
+            table.add_row("reference perplexity", f"{gates.reference_perplexity:.3f}")
+        table.add_row("decode tokens/s (median)", f"{evaluation.decode_tokens_per_s:.1f}")
+        table.add_row("time to first token ms", f"{evaluation.time_to_first_token_ms:.1f}")
+        table.add_row("peak RSS MiB", f"{evaluation.peak_rss_bytes / 2**20:.1f}")
+        table.add_row("size MiB", f"{evaluation.size_bytes / 2**20:.1f}")
+        console.print(table)
+    try:
+        gates.check(evaluation, str(variant))
+    except GateFailed as e:
+        fail(str(e), code=GATE_FAILED_EXIT)

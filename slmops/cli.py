@@ -1,0 +1,219 @@
+"""The `slmops` command: one typer app, one sub-app per area.
+
+    slmops build ...       model pipeline (slmops.build.cli)   needs the `build` extra
+    slmops bundle ...      create, inspect, verify, sign, keygen, unpack
+    slmops agent ...       the device side (slmops.agent.cli)
+    slmops controller ...  the fleet service (arrives with the controller)
+    slmops fleet ...       fleet operations (arrives with the controller)
+
+Sub-apps import heavy packages inside their commands, so `--help` stays instant
+and the agent's commands run without torch.
+"""
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from slmops.errors import SlmopsError
+
+console = Console()
+err_console = Console(stderr=True)
+
+app = typer.Typer(
+    name="slmops",
+    help="SLMOps for edge fleets: build signed, hardware-specific model bundles and run them on devices.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+bundle_app = typer.Typer(
+    help="Signed model bundles: create them from an export, inspect, verify, sign, unpack; make signing keys.",
+    no_args_is_help=True,
+)
+controller_app = typer.Typer(
+    help="The fleet controller service (REST API, registry, MQTT bridge). Not built yet: see issue 4.",
+)
+fleet_app = typer.Typer(
+    help="Fleet operations against a controller: devices, rollouts. Not built yet: see issue 4.",
+)
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+TrustedKeys = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--trusted-key",
+        "-k",
+        help="Public key (.pub) to trust; repeat for several. Default: every .pub in the trusted-keys folder.",
+        exists=True,
+        dir_okay=False,
+    ),
+]
+
+
+@bundle_app.command("keygen")
+def keygen(
+    stem: Annotated[Path, typer.Argument(help="Writes STEM.key (private, owner-only) and STEM.pub.")],
+) -> None:
+    """Make an Ed25519 signing key pair."""
+    from slmops.signing import generate_keypair, key_id, load_public_key
+
+    try:
+        private, public = generate_keypair(stem)
+    except FileExistsError as e:
+        fail(str(e))
+    console.print(f"private key {private} (keep it secret)\npublic key  {public}  id {key_id(load_public_key(public))}")
+
+
+@bundle_app.command("create")
+def create(
+    build_dir: Annotated[Path, typer.Argument(help="An export folder (from `slmops build export`).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Bundle folder to write.")],
+    name: Annotated[str, typer.Option(help="Bundle name, e.g. smollm2-135m-instruct.")],
+    version: Annotated[str, typer.Option(help="Bundle version, e.g. 1.0.0.")],
+    description: Annotated[str, typer.Option(help="Free text for operators.")] = "",
+    key: Annotated[Path | None, typer.Option(help="Private key to sign with.", exists=True)] = None,
+    archive: Annotated[Path | None, typer.Option(help="Also write the bundle as one .tar here.")] = None,
+    variant: Annotated[list[str] | None, typer.Option(help="Only these variants (default: all).")] = None,
+    force: Annotated[bool, typer.Option(help="Replace an existing bundle folder.")] = False,
+) -> None:
+    """Assemble a bundle from exported (and evaluated) variants; sign it with --key."""
+    from slmops.build.bundle import create as create_bundle
+
+    try:
+        bundle = create_bundle(build_dir, out, name, version, description, key, archive, variant, force)
+    except (SlmopsError, FileExistsError, FileNotFoundError) as e:
+        fail(str(e))
+    signed = f"signed by {bundle.signature.key_id}" if bundle.signature else "[yellow]unsigned[/]"
+    console.print(f"[green]✓[/] bundle {out} ({len(bundle.manifest.variants)} variants, {signed})")
+    if archive:
+        console.print(f"[green]✓[/] archive {archive} ({archive.stat().st_size / 2**20:.1f} MiB)")
+
+
+@bundle_app.command("sign")
+def sign_cmd(
+    bundle_dir: Annotated[Path, typer.Argument(help="Bundle folder.")],
+    key: Annotated[Path, typer.Option(help="Private key (.key).", exists=True)],
+) -> None:
+    """Sign (or re-sign) a bundle folder's manifest."""
+    from slmops.bundle import Bundle
+    from slmops.signing import load_private_key
+
+    try:
+        bundle = Bundle.open(bundle_dir).sign(load_private_key(key))
+    except SlmopsError as e:
+        fail(str(e))
+    assert bundle.signature is not None
+    console.print(f"[green]✓[/] signed {bundle_dir} with key {bundle.signature.key_id}")
+
+
+@bundle_app.command("verify")
+def verify_cmd(
+    path: Annotated[Path, typer.Argument(help="Bundle folder or .tar archive.", exists=True)],
+    trusted_key: TrustedKeys = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable result.")] = False,
+) -> None:
+    """Check signature, file list and every digest. Exit code 1 and the reason when anything is off."""
+    from slmops.bundle import verify_archive, verify_bundle
+    from slmops.signing import trusted_keys
+
+    try:
+        keys = trusted_keys(trusted_key or [])
+        manifest = verify_bundle(path, keys).manifest if path.is_dir() else verify_archive(path, keys)
+    except SlmopsError as e:
+        if as_json:
+            print(json.dumps({"ok": False, "error": str(e), "kind": type(e).__name__}))
+            raise typer.Exit(1) from None
+        fail(f"{path} is not trustworthy: {e}")
+    if as_json:
+        print(json.dumps({"ok": True, "name": manifest.name, "version": manifest.version}))
+    else:
+        files = sum(len(v.files) for v in manifest.variants)
+        console.print(f"[green]✓[/] {path}: {manifest.name} {manifest.version}, signature and {files} files verified")
+
+
+@bundle_app.command("unpack")
+def unpack_cmd(
+    archive: Annotated[Path, typer.Argument(help="Bundle .tar archive.", exists=True, dir_okay=False)],
+    dest: Annotated[Path, typer.Argument(help="New folder to unpack into.")],
+    trusted_key: TrustedKeys = None,
+) -> None:
+    """Verify while unpacking; the folder appears only when everything checks out."""
+    from slmops.bundle import verify_archive
+    from slmops.signing import trusted_keys
+
+    try:
+        manifest = verify_archive(archive, trusted_keys(trusted_key or []), extract_to=dest)
+    except (SlmopsError, FileExistsError) as e:
+        fail(f"{archive} was not unpacked: {e}")
+    console.print(f"[green]✓[/] {manifest.name} {manifest.version} unpacked and verified in {dest}")
+
+
+@bundle_app.command("inspect")
+def inspect_cmd(
+    path: Annotated[Path, typer.Argument(help="Bundle folder.", exists=True, file_okay=False)],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
+) -> None:
+    """Show a bundle's variants, their figures and provenance (no verification: use `verify`)."""
+    from slmops.bundle import Bundle
+
+    try:
+        bundle = Bundle.open(path)
+    except SlmopsError as e:
+        fail(str(e))
+    m = bundle.manifest
+    if as_json:
+        print(json.dumps(m.model_dump(mode="json"), indent=2))
+        return
+    signed = f"signed by key {bundle.signature.key_id}" if bundle.signature else "[yellow]unsigned[/]"
+    console.print(f"[bold]{m.name}[/] {m.version}  created {m.created:%Y-%m-%d %H:%M} UTC  {signed}")
+    console.print(f"source {m.source.model}  sha256 {m.source.digest[:16]}…  recipe {m.recipe_digest[:16]}…")
+    table = Table(title="variants")
+    for column in ("variant", "provider", "precision", "size MiB", "min mem MiB", "ppl", "tok/s", "TTFT ms", "peak RSS MiB"):
+        table.add_column(column, justify="left" if column in ("variant", "provider", "precision") else "right")
+    for v in m.variants:
+        e = v.evaluation
+        table.add_row(
+            v.id,
+            v.execution_provider,
+            v.precision,
+            f"{v.size_bytes / 2**20:.1f}",
+            f"{v.min_memory_bytes / 2**20:.0f}",
+            f"{e.perplexity:.2f}" if e and e.perplexity else "–",
+            f"{e.decode_tokens_per_s:.1f}" if e and e.decode_tokens_per_s > 1e-6 else "–",
+            f"{e.time_to_first_token_ms:.1f}" if e and e.time_to_first_token_ms else "–",
+            f"{e.peak_rss_bytes / 2**20:.0f}" if e else "–",
+        )
+    console.print(table)
+
+
+app.add_typer(bundle_app, name="bundle")
+
+
+def _mount_optional() -> None:
+    from slmops.agent.cli import app as agent_app
+    from slmops.build.cli import app as build_app
+
+    app.add_typer(build_app, name="build")
+    app.add_typer(agent_app, name="agent")
+    app.add_typer(controller_app, name="controller")
+    app.add_typer(fleet_app, name="fleet")
+
+
+_mount_optional()
+
+
+def main() -> None:
+    try:
+        app()
+    except SlmopsError as e:  # a deliberate error that a command did not catch: print it, no traceback
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False)
+        sys.exit(1)

@@ -1,0 +1,82 @@
+"""The catalogue of hardware targets a bundle variant can be built for.
+
+A target names one execution provider and one precision. The builder fields say
+how onnxruntime-genai's model builder makes it; `requires` names what a machine
+needs to build a target that the model builder cannot make (the NPU targets).
+The agent reads the same table to map a variant onto an onnxruntime provider.
+"""
+
+from dataclasses import dataclass
+from typing import Literal
+
+DeviceClass = Literal["npu", "gpu", "cpu"]
+
+
+@dataclass(frozen=True)
+class Target:
+    id: str
+    execution_provider: str
+    """onnxruntime-genai's provider name (`cpu`, `cuda`, `dml`, `webgpu`, `qnn`, `openvino`)."""
+    device_class: DeviceClass
+    precision: Literal["int4", "int8", "fp16", "fp32", "bf16"]
+    builder_precision: str | None
+    """Precision argument of the model builder; None where the model builder cannot make it."""
+    builder_provider: str | None
+    description: str
+    requires: str = ""
+    """What a machine needs to build this target, where the model builder alone is not enough."""
+
+    @property
+    def quantized(self) -> bool:
+        return self.precision in ("int4", "int8")
+
+
+TARGETS: dict[str, Target] = {
+    t.id: t
+    for t in (
+        Target("cpu-int4", "cpu", "cpu", "int4", "int4", "cpu", "block-wise int4 weights, int8 compute (MatMulNBits)"),
+        Target("cpu-int8", "cpu", "cpu", "int8", "int8", "cpu", "block-wise int8 weights"),
+        Target("cpu-fp32", "cpu", "cpu", "fp32", "fp32", "cpu", "full precision, the quality reference"),
+        Target("cuda-fp16", "cuda", "gpu", "fp16", "fp16", "cuda", "NVIDIA GPUs, half precision"),
+        Target("cuda-int4", "cuda", "gpu", "int4", "int4", "cuda", "NVIDIA GPUs, block-wise int4 weights"),
+        Target("dml-int4", "dml", "gpu", "int4", "int4", "dml", "DirectML (any Windows GPU), int4 weights"),
+        Target("webgpu-int4", "webgpu", "gpu", "int4", "int4", "webgpu", "WebGPU (Dawn), int4 weights"),
+        Target(
+            "qnn-npu",
+            "qnn",
+            "npu",
+            "int4",
+            None,
+            None,
+            "Qualcomm Hexagon NPU, QDQ int4/int16, static shapes",
+            requires=(
+                "Olive (olive-ai) with onnxruntime-qnn and the Qualcomm AI Engine Direct (QNN) SDK, "
+                "on a Snapdragon (Windows on Arm) or x86-64 machine with the SDK's context-binary tools; "
+                "static-shape quantization also needs a calibration set (give it local data)"
+            ),
+        ),
+        Target(
+            "openvino-npu",
+            "openvino",
+            "npu",
+            "int4",
+            None,
+            None,
+            "Intel NPU through OpenVINO, int4 symmetric weights",
+            requires=(
+                "Olive (olive-ai[openvino]) with openvino, nncf and optimum-intel installed, "
+                "and onnxruntime-openvino on the device"
+            ),
+        ),
+    )
+}
+
+
+def target(target_id: str) -> Target:
+    from slmops.errors import TargetError
+
+    try:
+        return TARGETS[target_id]
+    except KeyError:
+        known = ", ".join(TARGETS)
+        raise TargetError(f"unknown target {target_id!r}; known targets: {known}") from None

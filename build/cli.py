@@ -113,8 +113,6 @@ def export_cmd(
         )
     except ValidationError as e:
         fail("; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()), code=2)
-    except SlmopsError as e:
-        fail(str(e), code=2)
     try:
         record = export(recipe, out, force=force, console=err_console)
     except (SlmopsError, FileExistsError) as e:

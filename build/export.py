@@ -63,7 +63,10 @@ class Recipe(BaseModel):
     @classmethod
     def _known_and_unique(cls, ids: list[str]) -> list[str]:
         for t in ids:
-            target(t)
+            try:
+                target(t)
+            except TargetError as e:
+                raise ValueError(str(e)) from None
         if len(set(ids)) != len(ids):
             raise ValueError("a target is named twice")
         return ids

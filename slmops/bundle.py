@@ -151,13 +151,6 @@ def _read_small(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
     return f.read()
 
 
-def _members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
-    try:
-        yield from tar
-    except tarfile.TarError as e:
-        raise UnsafeArchive(f"the archive is corrupt or truncated: {e}") from None
-
-
 def verify_archive(
     archive: Path | IO[bytes], keys: list[Ed25519PublicKey], extract_to: Path | None = None
 ) -> Manifest:
@@ -172,7 +165,10 @@ def verify_archive(
         extract_to.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{extract_to.name}.", dir=extract_to.parent))
     try:
-        manifest = _stream_verify(archive, keys, staging)
+        try:
+            manifest = _stream_verify(archive, keys, staging)
+        except (tarfile.TarError, EOFError) as e:
+            raise UnsafeArchive(f"the archive is corrupt or truncated: {e}") from None
         if staging is not None and extract_to is not None:
             os.replace(staging, extract_to)
             staging = None
@@ -183,16 +179,11 @@ def verify_archive(
 
 
 def _stream_verify(archive: Path | IO[bytes], keys: list[Ed25519PublicKey], staging: Path | None) -> Manifest:
-    try:
-        tar = (
-            tarfile.open(archive, mode="r|")
-            if isinstance(archive, Path)
-            else tarfile.open(fileobj=archive, mode="r|")
-        )
-    except (tarfile.TarError, OSError) as e:
-        raise UnsafeArchive(f"not a readable tar archive: {e}") from None
+    tar = (
+        tarfile.open(archive, mode="r|") if isinstance(archive, Path) else tarfile.open(fileobj=archive, mode="r|")
+    )
     with tar:
-        members = _members(tar)
+        members = iter(tar)
         first = next(members, None)
         if first is None or _safe_member(first) != MANIFEST_FILE:
             raise ManifestInvalid(f"the archive does not start with {MANIFEST_FILE}")

@@ -1,0 +1,72 @@
+"""Shared fixtures: one tiny model and one export per session, fresh bundles per test.
+
+SLMOPS_HOME points into the checkout (.slmops-test-home, git-ignored) so tests never
+touch the user's folder, and materialized models are reused between local runs.
+"""
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TEST_HOME = REPO / ".slmops-test-home"
+os.environ["SLMOPS_HOME"] = str(TEST_HOME)
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    from slmops.build import models
+
+    path = TEST_HOME / "tiny-model"
+    if not (path / models.SOURCE_RECORD).is_file():
+        shutil.rmtree(path, ignore_errors=True)
+        models.make_tiny(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An export folder with cpu-int4 and cpu-fp32 variants of the tiny model, cpu-int4 evaluated."""
+    from slmops.build import evaluate
+    from slmops.build.export import Recipe, export
+
+    out = tmp_path_factory.mktemp("tiny-export")
+    export(Recipe(source=str(tiny_model), targets=["cpu-int4", "cpu-fp32"]), out, force=True)
+    variant = out / "variants" / "cpu-int4"
+    record = evaluate.record_path(variant)
+    assert record is not None
+    evaluate.save(evaluate.evaluate(variant, runs=1, new_tokens=8), record)
+    return out
+
+
+@pytest.fixture(scope="session")
+def signing_key(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    from slmops.signing import generate_keypair
+
+    return generate_keypair(tmp_path_factory.mktemp("keys") / "release")
+
+
+@pytest.fixture(scope="session")
+def session_bundle(tiny_export: Path, signing_key: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from slmops.build.bundle import create
+
+    out = tmp_path_factory.mktemp("bundle") / "tiny"
+    create(tiny_export, out, name="tiny", version="1.0.0", key=signing_key[0])
+    return out
+
+
+@pytest.fixture
+def bundle_dir(session_bundle: Path, tmp_path: Path) -> Path:
+    """A private copy of the signed tiny bundle, free to tamper with."""
+    copy = tmp_path / "bundle"
+    shutil.copytree(session_bundle, copy)
+    return copy
+
+
+@pytest.fixture
+def trusted(signing_key: tuple[Path, Path]) -> list:
+    from slmops.signing import trusted_keys
+
+    return trusted_keys([signing_key[1]])

@@ -53,10 +53,11 @@ demo: install
 	    --version 1.0.0 --key $(DEMO_DIR)/keys/demo.key --archive $(DEMO_DIR)/smollm2-135m-instruct-1.0.0.tar --force
 	$(VENV)/bin/slmops bundle verify $(DEMO_DIR)/smollm2-135m-instruct-1.0.0.tar --trusted-key $(DEMO_DIR)/keys/demo.pub
 	$(VENV)/bin/slmops bundle inspect $(DEMO_DIR)/bundle
-	$(VENV)/bin/slmops bundle chat $(DEMO_DIR)/bundle --trusted-key $(DEMO_DIR)/keys/demo.pub "What is the capital of France?"
+	$(VENV)/bin/slmops agent chat $(DEMO_DIR)/bundle --trusted-key $(DEMO_DIR)/keys/demo.pub "What is the capital of France?"
 
 test: install
-	$(PY) -m pytest
+	# -P: keep the checkout root off sys.path, where build/ would shadow PyPA's `build`
+	$(PY) -P -m pytest
 
 check: install
 	$(VENV)/bin/ruff format --check .

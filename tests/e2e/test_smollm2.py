@@ -1,0 +1,43 @@
+"""The real reference model end to end: GGUF → HF folder → cpu-int4 → signed archive → an answer."""
+
+from pathlib import Path
+
+import pytest
+
+from slmops.agent.runtime import LoadedVariant
+from slmops.build import models
+from slmops.build.bundle import create
+from slmops.build.export import Recipe, export
+from slmops.bundle import verify_archive
+
+pytestmark = pytest.mark.real_model
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> Path:
+    return models.fetch("smollm2-135m-instruct")
+
+
+def test_fetch_makes_a_normal_hugging_face_folder(smollm2: Path) -> None:
+    import json
+
+    config = json.loads((smollm2 / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["num_hidden_layers"] == 30
+    assert "quantization_config" not in config
+    assert (smollm2 / "tokenizer.json").is_file() and (smollm2 / "chat_template.jinja").is_file()
+    assert models.fetch("smollm2-135m-instruct") == smollm2  # cached: the second call is instant
+
+
+def test_cpu_int4_bundle_answers_paris(smollm2: Path, tmp_path: Path, signing_key, trusted: list) -> None:
+    export(Recipe(source="smollm2-135m-instruct", targets=["cpu-int4"]), tmp_path / "export")
+    archive = tmp_path / "smollm2.tar"
+    create(tmp_path / "export", tmp_path / "bundle", "smollm2-135m-instruct", "1.0.0", key=signing_key[0], archive=archive)
+    device = tmp_path / "device" / "bundle"
+    manifest = verify_archive(archive, trusted, extract_to=device)
+    variant = manifest.variant("cpu-int4")
+    assert variant.size_bytes < 110 * 2**20  # int4: about 86 MB against 540 MB of fp32 weights
+
+    loaded = LoadedVariant.load(device / "variants" / "cpu-int4")
+    prompt = loaded.encode(loaded.chat_prompt([{"role": "user", "content": "What is the capital of France?"}]))
+    reply = loaded.tokenizer.decode(list(loaded.generate(prompt, max_new_tokens=40)))
+    assert "Paris" in reply, reply

@@ -1,0 +1,129 @@
+"""The command line as users call it: help everywhere, exit codes, JSON output."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from slmops.cli import app
+
+runner = CliRunner()
+
+COMMANDS = [
+    [],
+    ["bundle"],
+    ["bundle", "create"],
+    ["bundle", "inspect"],
+    ["bundle", "verify"],
+    ["bundle", "sign"],
+    ["bundle", "keygen"],
+    ["bundle", "unpack"],
+    ["build"],
+    ["build", "model"],
+    ["build", "model", "fetch"],
+    ["build", "model", "tiny"],
+    ["build", "export"],
+    ["build", "evaluate"],
+    ["build", "targets"],
+    ["agent"],
+    ["agent", "chat"],
+    ["controller"],
+    ["fleet"],
+]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "slmops")
+def test_every_command_has_useful_help(command: list[str]) -> None:
+    result = runner.invoke(app, [*command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage:" in result.output and len(result.output.split()) > 20
+
+
+def test_verify_ok_and_json(session_bundle: Path, signing_key) -> None:
+    result = runner.invoke(app, ["bundle", "verify", str(session_bundle), "-k", str(signing_key[1]), "--json"])
+    assert result.exit_code == 0
+    assert json.loads(result.stdout) == {"ok": True, "name": "tiny", "version": "1.0.0"}
+
+
+def test_verify_failure_exits_1_with_the_reason(bundle_dir: Path, signing_key) -> None:
+    (bundle_dir / "variants" / "cpu-int4" / "genai_config.json").write_text("{}")
+    result = runner.invoke(app, ["bundle", "verify", str(bundle_dir), "-k", str(signing_key[1]), "--json"])
+    assert result.exit_code == 1
+    report = json.loads(result.stdout)
+    assert report["ok"] is False and report["kind"] == "BundleFilesError" and "genai_config.json" in report["error"]
+
+
+def test_inspect_json_is_the_manifest(session_bundle: Path) -> None:
+    result = runner.invoke(app, ["bundle", "inspect", str(session_bundle), "--json"])
+    assert result.exit_code == 0
+    assert json.loads(result.stdout)["name"] == "tiny"
+
+
+def test_inspect_table_shows_variants(session_bundle: Path) -> None:
+    result = runner.invoke(app, ["bundle", "inspect", str(session_bundle)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    assert "cpu-int4" in result.output and "cpu-fp32" in result.output and "signed by key" in result.output
+
+
+def test_targets_table_marks_npu_requirements() -> None:
+    result = runner.invoke(app, ["build", "targets"], env={"COLUMNS": "300"})
+    assert result.exit_code == 0
+    assert "qnn-npu" in result.output and "needs Olive" in result.output
+
+
+def test_export_with_unknown_target_exits_2_naming_it(tiny_model: Path, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["build", "export", str(tiny_model), "-t", "tpu-int2", "-o", str(tmp_path / "o")])
+    assert result.exit_code == 2
+    assert "unknown target 'tpu-int2'" in result.output
+
+
+def test_failed_gate_exits_3_naming_figure_and_bound(tiny_export: Path) -> None:
+    """Run as a real process: evaluation spawns a child and must work from the installed command."""
+    slmops = Path(sys.executable).with_name("slmops")
+    result = subprocess.run(
+        [str(slmops), "build", "evaluate", str(tiny_export / "variants" / "cpu-int4"), "--runs", "1",
+         "--new-tokens", "4", "--min-tokens-per-s", "1e12", "--output", str(tiny_export / "gate.json")],
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert result.returncode == 3, result.stderr
+    assert "decode speed" in result.stderr and "below the bound 1e+12" in result.stderr
+    assert json.loads((tiny_export / "gate.json").read_text())["decode_tokens_per_s"] > 0
+
+
+def test_ppl_gate_needs_a_reference(tiny_export: Path) -> None:
+    result = runner.invoke(
+        app, ["build", "evaluate", str(tiny_export / "variants" / "cpu-int4"), "--max-ppl-increase", "15%"]
+    )
+    assert result.exit_code == 2 and "--reference" in result.output
+
+
+def test_keygen_refuses_to_overwrite(tmp_path: Path) -> None:
+    assert runner.invoke(app, ["bundle", "keygen", str(tmp_path / "k")]).exit_code == 0
+    again = runner.invoke(app, ["bundle", "keygen", str(tmp_path / "k")])
+    assert again.exit_code == 1 and "refusing to overwrite" in again.output
+
+
+def test_sign_then_verify_with_the_new_key(bundle_dir: Path, tmp_path: Path) -> None:
+    runner.invoke(app, ["bundle", "keygen", str(tmp_path / "new")])
+    assert runner.invoke(app, ["bundle", "sign", str(bundle_dir), "--key", str(tmp_path / "new.key")]).exit_code == 0
+    assert runner.invoke(app, ["bundle", "verify", str(bundle_dir), "-k", str(tmp_path / "new.pub")]).exit_code == 0
+
+
+def test_unpack_then_chat(session_bundle: Path, signing_key, tmp_path: Path) -> None:
+    from slmops.bundle import Bundle, write_archive
+
+    archive = write_archive(Bundle.open(session_bundle), tmp_path / "b.tar")
+    dest = tmp_path / "unpacked"
+    assert runner.invoke(app, ["bundle", "unpack", str(archive), str(dest), "-k", str(signing_key[1])]).exit_code == 0
+    result = runner.invoke(app, ["agent", "chat", str(dest), "Hello", "-k", str(signing_key[1]), "--max-tokens", "4"])
+    assert result.exit_code == 0, result.output
+    assert "tokens/s" in result.output
+
+
+def test_chat_refuses_a_tampered_bundle(bundle_dir: Path, signing_key) -> None:
+    (bundle_dir / "variants" / "cpu-int4" / "chat_template.jinja").write_text("{{ evil }}")
+    result = runner.invoke(app, ["agent", "chat", str(bundle_dir), "Hello", "-k", str(signing_key[1])])
+    assert result.exit_code == 1 and "chat_template.jinja" in result.output

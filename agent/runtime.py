@@ -111,7 +111,7 @@ class LoadedVariant:
             if piece:
                 yield piece
 
-    def token_logits(self, token_ids: list[int]):  # type: ignore[no-untyped-def]
+    def token_logits(self, token_ids: list[int]):
         """Logits for every position of one forward pass (numpy, [len, vocab])."""
         params = og.GeneratorParams(self.model)
         params.set_search_options(max_length=len(token_ids) + 1, batch_size=1)

@@ -63,8 +63,10 @@ def min_memory_bytes(variant_dir: Path, t: Target, size_bytes: int, evaluation: 
     # The model builder keeps activations and KV cache in fp32 on CPU and in fp16 on accelerators.
     precision_bytes = 4 if t.execution_provider == "cpu" else 2
     kv_bytes = (
-        2 * decoder["num_hidden_layers"] * decoder["num_key_value_heads"] * decoder["head_size"]
-    ) * precision_bytes * KV_CACHE_BUDGET_TOKENS
+        (2 * decoder["num_hidden_layers"] * decoder["num_key_value_heads"] * decoder["head_size"])
+        * precision_bytes
+        * KV_CACHE_BUDGET_TOKENS
+    )
     estimate = size_bytes + kv_bytes + RUNTIME_OVERHEAD_BYTES
     measured = evaluation.peak_rss_bytes if evaluation else 0
     return max(estimate, measured)
@@ -118,9 +120,7 @@ def _copy_variant(build_dir: Path, out: Path, record: BuildRecord, variant_id: s
         json.dumps(foundry_inference_model(dest, f"{name}-{variant_id}"), indent=2) + "\n"
     )
     evaluation_path = build_dir / EVALUATION_DIR / f"{variant_id}.json"
-    evaluation = (
-        Evaluation.model_validate_json(evaluation_path.read_text()) if evaluation_path.is_file() else None
-    )
+    evaluation = Evaluation.model_validate_json(evaluation_path.read_text()) if evaluation_path.is_file() else None
     files = [
         FileEntry(path=p.relative_to(dest).as_posix(), size=p.stat().st_size, sha256=sha256_file(p))
         for p in sorted(dest.rglob("*"))

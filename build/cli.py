@@ -95,7 +95,8 @@ def export_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="Export folder to write.")],
     block_size: Annotated[int, typer.Option(help="int4/int8 quantization block size (16-256).")] = 32,
     accuracy_level: Annotated[
-        int | None, typer.Option(help="int4 MatMul compute: 4=int8, 3=bf16, 2=fp16, 1=fp32 (default: 4 on CPU).")
+        int | None,
+        typer.Option(help="int4 MatMul compute: 4=int8, 3=bf16, 2=fp16, 1=fp32 (default: 4 on CPU)."),
     ] = None,
     asymmetric: Annotated[bool, typer.Option(help="Asymmetric quantization (uint4/uint8 with zero points).")] = False,
     force: Annotated[bool, typer.Option(help="Replace a non-empty export folder.")] = False,
@@ -109,7 +110,7 @@ def export_cmd(
         recipe = Recipe(
             source=model,
             targets=target,
-            quant=QuantOptions(block_size=block_size, accuracy_level=accuracy_level, symmetric=not asymmetric),  # type: ignore[arg-type]
+            quant=QuantOptions(block_size=block_size, accuracy_level=accuracy_level, symmetric=not asymmetric),
         )
     except ValidationError as e:
         fail("; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()), code=2)
@@ -133,7 +134,8 @@ def evaluate_cmd(
     runs: Annotated[int, typer.Option(min=1, help="Timed decode runs (after one warm-up); the median counts.")] = 5,
     new_tokens: Annotated[int, typer.Option(min=2, help="Tokens generated per decode run.")] = 128,
     reference: Annotated[
-        Path | None, typer.Option(help="Variant whose perplexity --max-ppl-increase compares with.", exists=True)
+        Path | None,
+        typer.Option(help="Variant whose perplexity --max-ppl-increase compares with.", exists=True),
     ] = None,
     max_ppl_increase: Annotated[str | None, typer.Option(help="e.g. 15% (needs --reference).")] = None,
     min_tokens_per_s: Annotated[float | None, typer.Option(help="Lowest acceptable decode speed.")] = None,
@@ -154,7 +156,7 @@ def evaluate_cmd(
 
     try:
         gates = ev.Gates(
-            max_ppl_increase=max_ppl_increase,  # type: ignore[arg-type]
+            max_ppl_increase=max_ppl_increase,
             min_tokens_per_s=min_tokens_per_s,
             max_ttft_ms=max_ttft_ms,
             max_peak_rss_mb=max_peak_rss_mb,
@@ -179,11 +181,13 @@ def evaluate_cmd(
         table = Table(title=f"{variant}  ({evaluation.measured_on}, {evaluation.runtime})")
         for column in ("figure", "value"):
             table.add_column(column)
-        table.add_row("perplexity (held-out)", f"{evaluation.perplexity:.3f} over {evaluation.perplexity_tokens} tokens")
+        table.add_row(
+            "perplexity (held-out)", f"{evaluation.perplexity:.3f} over {evaluation.perplexity_tokens} tokens"
+        )
         if gates.reference_perplexity:
             table.add_row("reference perplexity", f"{gates.reference_perplexity:.3f}")
-        table.add_row("decode tokens/s (median)", f"{evaluation.decode_tokens_per_s:.1f}")
-        table.add_row("time to first token ms", f"{evaluation.time_to_first_token_ms:.1f}")
+        table.add_row("decode tokens/s (median)", f"{evaluation.decode_tokens_per_s or 0:.1f}")
+        table.add_row("time to first token ms", f"{evaluation.time_to_first_token_ms or 0:.1f}")
         table.add_row("peak RSS MiB", f"{evaluation.peak_rss_bytes / 2**20:.1f}")
         table.add_row("size MiB", f"{evaluation.size_bytes / 2**20:.1f}")
         console.print(table)

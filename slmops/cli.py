@@ -177,20 +177,30 @@ def inspect_cmd(
     console.print(f"[bold]{m.name}[/] {m.version}  created {m.created:%Y-%m-%d %H:%M} UTC  {signed}")
     console.print(f"source {m.source.model}  sha256 {m.source.digest[:16]}…  recipe {m.recipe_digest[:16]}…")
     table = Table(title="variants")
-    for column in ("variant", "provider", "precision", "size MiB", "min mem MiB", "ppl", "tok/s", "TTFT ms", "peak RSS MiB"):
+    for column in (
+        "variant",
+        "provider",
+        "precision",
+        "size MiB",
+        "min mem MiB",
+        "ppl",
+        "tok/s",
+        "TTFT ms",
+        "peak RSS MiB",
+    ):
         table.add_column(column, justify="left" if column in ("variant", "provider", "precision") else "right")
     for v in m.variants:
-        e = v.evaluation
+        figures = v.evaluation
         table.add_row(
             v.id,
             v.execution_provider,
             v.precision,
             f"{v.size_bytes / 2**20:.1f}",
             f"{v.min_memory_bytes / 2**20:.0f}",
-            f"{e.perplexity:.2f}" if e and e.perplexity else "–",
-            f"{e.decode_tokens_per_s:.1f}" if e and e.decode_tokens_per_s > 1e-6 else "–",
-            f"{e.time_to_first_token_ms:.1f}" if e and e.time_to_first_token_ms else "–",
-            f"{e.peak_rss_bytes / 2**20:.0f}" if e else "–",
+            f"{figures.perplexity:.2f}" if figures and figures.perplexity else "–",
+            f"{figures.decode_tokens_per_s:.1f}" if figures and figures.decode_tokens_per_s else "–",
+            f"{figures.time_to_first_token_ms:.1f}" if figures and figures.time_to_first_token_ms is not None else "–",
+            f"{figures.peak_rss_bytes / 2**20:.0f}" if figures else "–",
         )
     console.print(table)
 

@@ -33,11 +33,7 @@ def sha256_file(path: Path) -> str:
 
 def tree_digest(folder: Path) -> str:
     """One digest for a folder of files: sha256 over its sorted `path sha256` lines."""
-    lines = [
-        f"{p.relative_to(folder).as_posix()} {sha256_file(p)}\n"
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    ]
+    lines = [f"{p.relative_to(folder).as_posix()} {sha256_file(p)}\n" for p in sorted(folder.rglob("*")) if p.is_file()]
     return hashlib.sha256("".join(lines).encode()).hexdigest()
 
 
@@ -74,8 +70,9 @@ class Evaluation(Strict):
 
     perplexity: float | None = Field(default=None, gt=0)
     perplexity_tokens: int | None = Field(default=None, ge=0)
-    decode_tokens_per_s: float = Field(gt=0)
-    time_to_first_token_ms: float = Field(ge=0)
+    decode_tokens_per_s: float | None = Field(default=None, gt=0)
+    """None where only perplexity was measured (a reference run)."""
+    time_to_first_token_ms: float | None = Field(default=None, ge=0)
     peak_rss_bytes: int = Field(ge=0)
     size_bytes: int = Field(ge=0)
     new_tokens: int = Field(ge=1)
@@ -118,7 +115,7 @@ class Source(Strict):
 
 
 class Manifest(Strict):
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[1] = 1
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$", max_length=128)
     version: str = Field(pattern=r"^[0-9A-Za-z][0-9A-Za-z.+_-]*$", max_length=64)
     created: datetime

@@ -61,9 +61,7 @@ def generate_keypair(stem: Path) -> tuple[Path, Path]:
     with os.fdopen(fd, "wb") as f:
         f.write(pem)
     public_path.write_bytes(
-        private.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
+        private.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     )
     return private_path, public_path
 
@@ -103,16 +101,12 @@ def sign(manifest_bytes: bytes, private_key: Ed25519PrivateKey) -> Signature:
     )
 
 
-def check_signature(
-    manifest_bytes: bytes, signature: Signature | None, keys: list[Ed25519PublicKey]
-) -> str:
+def check_signature(manifest_bytes: bytes, signature: Signature | None, keys: list[Ed25519PublicKey]) -> str:
     """Return the id of the trusted key that signed these bytes, or raise SignatureError."""
     if signature is None:
         raise SignatureError(f"the bundle is not signed: no {SIGNATURE_FILE}")
     if not keys:
-        raise SignatureError(
-            "no trusted keys: name one with --trusted-key or put .pub files in " f"{paths.keys_dir()}"
-        )
+        raise SignatureError(f"no trusted keys: name one with --trusted-key or put .pub files in {paths.keys_dir()}")
     by_id = {key_id(k): k for k in keys}
     key = by_id.get(signature.key_id)
     if key is None:

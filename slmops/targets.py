@@ -34,7 +34,15 @@ class Target:
 TARGETS: dict[str, Target] = {
     t.id: t
     for t in (
-        Target("cpu-int4", "cpu", "cpu", "int4", "int4", "cpu", "block-wise int4 weights, int8 compute (MatMulNBits)"),
+        Target(
+            "cpu-int4",
+            "cpu",
+            "cpu",
+            "int4",
+            "int4",
+            "cpu",
+            "block-wise int4 weights, int8 compute (MatMulNBits)",
+        ),
         Target("cpu-int8", "cpu", "cpu", "int8", "int8", "cpu", "block-wise int8 weights"),
         Target("cpu-fp32", "cpu", "cpu", "fp32", "fp32", "cpu", "full precision, the quality reference"),
         Target("cuda-fp16", "cuda", "gpu", "fp16", "fp16", "cuda", "NVIDIA GPUs, half precision"),

@@ -84,9 +84,24 @@ def test_failed_gate_exits_3_naming_figure_and_bound(tiny_export: Path) -> None:
     """Run as a real process: evaluation spawns a child and must work from the installed command."""
     slmops = Path(sys.executable).with_name("slmops")
     result = subprocess.run(
-        [str(slmops), "build", "evaluate", str(tiny_export / "variants" / "cpu-int4"), "--runs", "1",
-         "--new-tokens", "4", "--min-tokens-per-s", "1e12", "--output", str(tiny_export / "gate.json")],
-        capture_output=True, text=True, timeout=300, check=False,
+        [
+            str(slmops),
+            "build",
+            "evaluate",
+            str(tiny_export / "variants" / "cpu-int4"),
+            "--runs",
+            "1",
+            "--new-tokens",
+            "4",
+            "--min-tokens-per-s",
+            "1e12",
+            "--output",
+            str(tiny_export / "gate.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert result.returncode == 3, result.stderr
     assert "decode speed" in result.stderr and "below the bound 1e+12" in result.stderr

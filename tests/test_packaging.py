@@ -12,8 +12,18 @@ REPO = Path(__file__).resolve().parent.parent
 
 def test_public_surface_is_what_we_mean() -> None:
     assert sorted(slmops.__all__) == sorted(
-        ["TARGETS", "Bundle", "BundleError", "Manifest", "SlmopsError", "Target", "Variant", "__version__",
-         "verify_archive", "verify_bundle"]
+        [
+            "TARGETS",
+            "Bundle",
+            "BundleError",
+            "Manifest",
+            "SlmopsError",
+            "Target",
+            "Variant",
+            "__version__",
+            "verify_archive",
+            "verify_bundle",
+        ]
     )
     for name in slmops.__all__:
         assert hasattr(slmops, name)
@@ -46,13 +56,31 @@ def test_pypa_build_still_imports_beside_us(tmp_path: Path) -> None:
 def test_wheel_holds_the_packages_and_nothing_is_written_into_build(tmp_path: Path) -> None:
     before = {p for p in (REPO / "build").rglob("*") if "__pycache__" not in p.parts}
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(REPO)],
-        check=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(REPO),
+        ],
+        check=True,
+        timeout=300,
     )
     after = {p for p in (REPO / "build").rglob("*") if "__pycache__" not in p.parts}
     assert after == before, f"files appeared in build/: {sorted(after - before)}"
     (wheel,) = tmp_path.glob("slmops-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for module in ("slmops/cli.py", "slmops/bundle.py", "slmops/build/export.py", "slmops/agent/runtime.py",
-                   "slmops/controller/__init__.py", "slmops/build/data/heldout.txt"):
+    for module in (
+        "slmops/cli.py",
+        "slmops/bundle.py",
+        "slmops/build/export.py",
+        "slmops/agent/runtime.py",
+        "slmops/controller/__init__.py",
+        "slmops/build/data/heldout.txt",
+    ):
         assert module in names, module

@@ -15,11 +15,8 @@ sys.meta_path.insert(0, Refuse())
 
 
 def test_agent_chats_without_ml_frameworks(session_bundle: Path, signing_key) -> None:
-    script = BLOCKER + f"""
-sys.argv = ['slmops', 'agent', 'chat', {str(session_bundle)!r}, 'Hello', '-k', {str(signing_key[1])!r}, '--max-tokens', '3']
-from slmops.cli import main
-main()
-"""
+    argv = ["slmops", "agent", "chat", str(session_bundle), "Hello", "-k", str(signing_key[1]), "--max-tokens", "3"]
+    script = BLOCKER + f"sys.argv = {argv!r}\nfrom slmops.cli import main\nmain()\n"
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
     assert "tokens/s" in result.stderr

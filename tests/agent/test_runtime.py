@@ -38,5 +38,5 @@ def test_prompt_longer_than_the_context_is_refused(loaded: LoadedVariant) -> Non
 
 
 def test_not_a_model_folder(tmp_path: Path) -> None:
-    with pytest.raises(RuntimeLoadError, match="no genai_config.json"):
+    with pytest.raises(RuntimeLoadError, match=r"no genai_config\.json"):
         LoadedVariant.load(tmp_path)

@@ -47,7 +47,13 @@ def test_each_variant_carries_a_foundry_local_descriptor(session_bundle: Path) -
 def test_create_with_archive_and_variant_subset(tiny_export: Path, signing_key, tmp_path: Path, trusted: list) -> None:
     archive = tmp_path / "b.tar"
     bundle = create(
-        tiny_export, tmp_path / "b", "tiny", "2.0.0", key=signing_key[0], archive=archive, variant_ids=["cpu-int4"]
+        tiny_export,
+        tmp_path / "b",
+        "tiny",
+        "2.0.0",
+        key=signing_key[0],
+        archive=archive,
+        variant_ids=["cpu-int4"],
     )
     assert [v.id for v in bundle.manifest.variants] == ["cpu-int4"]
     assert verify_archive(archive, trusted).version == "2.0.0"

@@ -44,9 +44,12 @@ def test_bad_fraction_is_refused() -> None:
 
 
 def test_passing_gates_raise_nothing(int4_figures: Evaluation) -> None:
-    Gates(min_tokens_per_s=0.001, max_size_mb=10_000, max_ppl_increase="50%", reference_perplexity=int4_figures.perplexity).check(
-        int4_figures, "cpu-int4"
-    )
+    Gates(
+        min_tokens_per_s=0.001,
+        max_size_mb=10_000,
+        max_ppl_increase="50%",
+        reference_perplexity=int4_figures.perplexity,
+    ).check(int4_figures, "cpu-int4")
 
 
 def test_each_failed_gate_names_its_figure_and_bound(int4_figures: Evaluation) -> None:
@@ -71,3 +74,10 @@ def test_ppl_gate_without_reference_fails_clearly(int4_figures: Evaluation) -> N
     assert Gates(max_ppl_increase=0.1).failures(int4_figures) == [
         "max-ppl-increase needs a reference perplexity (--reference) and a measured one"
     ]
+
+
+def test_evaluating_something_that_is_not_a_variant_fails_clearly(tmp_path: Path) -> None:
+    from slmops.errors import SlmopsError
+
+    with pytest.raises(SlmopsError, match=r"no genai_config\.json"):
+        evaluate(tmp_path)

@@ -35,7 +35,11 @@ def test_int4_is_smaller_than_fp32(tiny_export: Path) -> None:
 def test_quantization_options_reach_the_builder(tiny_model: Path, tmp_path: Path) -> None:
     recipe = Recipe(source=str(tiny_model), targets=["cpu-int4"], quant=QuantOptions(block_size=64, accuracy_level=1))
     record = export(recipe, tmp_path / "out")
-    assert record.variants["cpu-int4"].build_options == {"block_size": 64, "accuracy_level": 1, "is_symmetric": True}
+    assert record.variants["cpu-int4"].build_options == {
+        "block_size": 64,
+        "accuracy_level": 1,
+        "is_symmetric": True,
+    }
     log = (tmp_path / "out" / "logs" / "cpu-int4.log").read_text()
     assert "block_size=64" in log and "accuracy_level=1" in log
 
@@ -66,10 +70,18 @@ def test_duplicate_target_is_a_validation_error(tiny_model: Path) -> None:
 
 
 def test_folder_without_config_is_not_a_model(tmp_path: Path) -> None:
-    with pytest.raises(ModelSourceError, match="no config.json"):
+    with pytest.raises(ModelSourceError, match=r"no config\.json"):
         export(Recipe(source=str(tmp_path), targets=["cpu-int4"]), tmp_path / "out")
 
 
 def test_existing_output_needs_force(tiny_export: Path, tiny_model: Path) -> None:
     with pytest.raises(FileExistsError, match="--force"):
         export(Recipe(source=str(tiny_model), targets=["cpu-int4"]), tiny_export)
+
+
+def test_a_variant_that_cannot_load_fails_the_export(tiny_model: Path, tmp_path: Path) -> None:
+    """onnxruntime-genai 0.18's builder makes unloadable asymmetric int4 for tied embeddings: we say so."""
+    with pytest.raises(TargetError, match="onnxruntime-genai cannot load"):
+        export(
+            Recipe(source=str(tiny_model), targets=["cpu-int4"], quant=QuantOptions(symmetric=False)), tmp_path / "o"
+        )

@@ -235,9 +235,7 @@ def test_archive_without_signature_is_refused(archive: Path, tmp_path: Path, tru
         verify_archive(bad, trusted)
 
 
-def test_archive_signed_by_unknown_key_is_refused_before_any_file_is_written(
-    archive: Path, tmp_path: Path
-) -> None:
+def test_archive_signed_by_unknown_key_is_refused_before_any_file_is_written(archive: Path, tmp_path: Path) -> None:
     _, stranger = generate_keypair(tmp_path / "stranger")
     dest = tmp_path / "dest"
     with pytest.raises(SignatureError, match="unknown key"):

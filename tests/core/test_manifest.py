@@ -36,7 +36,10 @@ def test_canonical_bytes_are_stable_and_sorted(session_bundle: Path) -> None:
     assert manifest.canonical_bytes() == again.canonical_bytes()
     canonical = manifest.canonical_bytes()
     # canonical form is a fixed point: sorted keys, no insignificant whitespace, UTF-8
-    assert canonical == json.dumps(json.loads(canonical), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    assert (
+        canonical
+        == json.dumps(json.loads(canonical), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    )
 
 
 def test_tree_digest_changes_with_content(tmp_path: Path) -> None:

@@ -31,7 +31,14 @@ def test_fetch_makes_a_normal_hugging_face_folder(smollm2: Path) -> None:
 def test_cpu_int4_bundle_answers_paris(smollm2: Path, tmp_path: Path, signing_key, trusted: list) -> None:
     export(Recipe(source="smollm2-135m-instruct", targets=["cpu-int4"]), tmp_path / "export")
     archive = tmp_path / "smollm2.tar"
-    create(tmp_path / "export", tmp_path / "bundle", "smollm2-135m-instruct", "1.0.0", key=signing_key[0], archive=archive)
+    create(
+        tmp_path / "export",
+        tmp_path / "bundle",
+        "smollm2-135m-instruct",
+        "1.0.0",
+        key=signing_key[0],
+        archive=archive,
+    )
     device = tmp_path / "device" / "bundle"
     manifest = verify_archive(archive, trusted, extract_to=device)
     variant = manifest.variant("cpu-int4")

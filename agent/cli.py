@@ -4,12 +4,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
 from slmops.errors import SlmopsError
-
-console = Console()
-err_console = Console(stderr=True)
+from slmops.terminal import console, err_console, fail
 
 app = typer.Typer(
     help="The device side: run a bundle's variant locally (the daemon and its server arrive in later issues).",
@@ -36,8 +33,7 @@ def chat_cmd(
         bundle = verify_bundle(bundle_dir, trusted_keys(trusted_key or []))
         loaded = LoadedVariant.load(bundle.variant_dir(variant))
     except (SlmopsError, KeyError) as e:
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False)
-        raise typer.Exit(1) from None
+        fail(str(e))
     ids = loaded.encode(loaded.chat_prompt([{"role": "user", "content": prompt}]))
     stats = GenerationStats()
     for piece in loaded.stream_text(loaded.generate(ids, min(max_tokens, loaded.context_length - len(ids)), stats)):

@@ -2,16 +2,14 @@
 
 import json
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from slmops.bundle import VARIANTS_DIR
 from slmops.errors import GateFailed, SlmopsError
-
-console = Console()
-err_console = Console(stderr=True)
+from slmops.terminal import console, err_console, fail
 
 app = typer.Typer(
     help="The model pipeline: fetch a source model, export one variant per hardware target, evaluate.",
@@ -21,11 +19,6 @@ model_app = typer.Typer(help="Source checkpoints: materialize catalogue models o
 app.add_typer(model_app, name="model")
 
 GATE_FAILED_EXIT = 3
-
-
-def fail(message: str, code: int = 1) -> NoReturn:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
-    raise typer.Exit(code)
 
 
 @model_app.command("fetch")
@@ -122,7 +115,7 @@ def export_cmd(
     for column in ("target", "size MiB", "seconds", "options"):
         table.add_column(column)
     for variant_id, v in record.variants.items():
-        size = sum(p.stat().st_size for p in (out / "variants" / variant_id).rglob("*") if p.is_file())
+        size = sum(p.stat().st_size for p in (out / VARIANTS_DIR / variant_id).rglob("*") if p.is_file())
         options = " ".join(f"{k}={v}" for k, v in v.build_options.items())
         table.add_row(variant_id, f"{size / 2**20:.1f}", f"{v.seconds:.1f}", options)
     console.print(table)

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from slmops.agent import hardware
 from slmops.agent.runtime import GenerationStats, LoadedVariant
+from slmops.bundle import VARIANTS_DIR
 from slmops.errors import GateFailed, SlmopsError
 from slmops.manifest import Evaluation
 
@@ -204,7 +205,7 @@ class Gates(BaseModel):
 def record_path(variant: Path) -> Path | None:
     """Where an export folder keeps a variant's evaluation: <build>/evaluation/<target>.json."""
     build_dir = variant.resolve().parent.parent
-    if variant.resolve().parent.name == "variants" and (build_dir / BUILD_RECORD).is_file():
+    if variant.resolve().parent.name == VARIANTS_DIR and (build_dir / BUILD_RECORD).is_file():
         return build_dir / EVALUATION_DIR / f"{variant.name}.json"
     return None
 

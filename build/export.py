@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+from slmops.bundle import VARIANTS_DIR
 from slmops.errors import TargetError
 from slmops.manifest import canonical_json, tree_digest
 from slmops.targets import Target, target
@@ -31,7 +32,6 @@ from slmops.targets import Target, target
 from . import models
 
 BUILD_RECORD = "build.json"
-VARIANTS_DIR = "variants"
 LOGS_DIR = "logs"
 GENAI_CONFIG = "genai_config.json"
 

@@ -13,16 +13,13 @@ and the agent's commands run without torch.
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from slmops.errors import SlmopsError
-
-console = Console()
-err_console = Console(stderr=True)
+from slmops.terminal import console, err_console, fail
 
 app = typer.Typer(
     name="slmops",
@@ -40,11 +37,6 @@ controller_app = typer.Typer(
 fleet_app = typer.Typer(
     help="Fleet operations against a controller: devices, rollouts. Not built yet: see issue 4.",
 )
-
-
-def fail(message: str, code: int = 1) -> NoReturn:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
-    raise typer.Exit(code)
 
 
 TrustedKeys = Annotated[

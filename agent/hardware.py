@@ -1,8 +1,77 @@
-"""What this machine is, in the words a build record or a device profile uses."""
+"""What this device is: CPU, memory, disk, OS, and the accelerators onnxruntime can use here.
+
+`probe()` gathers a `HardwareProfile` from psutil, /proc, the onnxruntime build and, where
+present, `nvidia-smi`. Each piece degrades to "unknown" instead of failing: a probe must
+work on any box the agent lands on.
+"""
 
 import os
 import platform
+import shutil
+import subprocess
 from pathlib import Path
+
+import psutil
+from pydantic import BaseModel
+
+# onnxruntime provider name → the short name bundles use (slmops.targets)
+PROVIDERS = {
+    "CPUExecutionProvider": "cpu",
+    "CUDAExecutionProvider": "cuda",
+    "TensorrtExecutionProvider": "tensorrt",
+    "NvTensorRTRTXExecutionProvider": "trt-rtx",
+    "DmlExecutionProvider": "dml",
+    "WebGpuExecutionProvider": "webgpu",
+    "QNNExecutionProvider": "qnn",
+    "OpenVINOExecutionProvider": "openvino",
+    "CoreMLExecutionProvider": "coreml",
+    "ROCMExecutionProvider": "rocm",
+    "MIGraphXExecutionProvider": "migraphx",
+    "VitisAIExecutionProvider": "vitisai",
+}
+ISA_FLAGS = (
+    "sse4_2",
+    "avx",
+    "avx2",
+    "fma",
+    "f16c",
+    "avx512f",
+    "avx512bw",
+    "avx512_vnni",
+    "avx_vnni",
+    "amx_tile",
+    "neon",
+    "asimd",
+    "asimddp",
+    "sve",
+    "i8mm",
+    "dotprod",
+)
+
+
+class Accelerator(BaseModel):
+    provider: str
+    """Short provider name, e.g. cuda."""
+    onnxruntime_name: str
+    device: str = ""
+    memory_bytes: int | None = None
+
+
+class HardwareProfile(BaseModel):
+    cpu_model: str
+    cpu_cores_physical: int | None
+    cpu_cores_logical: int
+    isa: list[str]
+    memory_total_bytes: int
+    memory_available_bytes: int
+    disk_free_bytes: int
+    os: str
+    arch: str
+    accelerators: list[Accelerator]
+
+    @property
+    def providers(self) -> list[str]:
+        return [a.provider for a in self.accelerators]
 
 
 def cpu_name() -> str:
@@ -17,3 +86,69 @@ def cpu_name() -> str:
 def describe() -> str:
     """One line for reports: CPU model, cores, architecture."""
     return f"{cpu_name()}, {os.cpu_count()} cores, {platform.machine()}"
+
+
+def isa_features() -> list[str]:
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file():
+        return ["neon"] if platform.machine().lower() in ("arm64", "aarch64") else []
+    flags: set[str] = set()
+    for line in cpuinfo.read_text(errors="replace").splitlines():
+        if line.lower().startswith(("flags", "features")):
+            flags.update(line.split(":", 1)[1].split())
+    return [f for f in ISA_FLAGS if f in flags]
+
+
+def onnxruntime_accelerators() -> list[Accelerator]:
+    import onnxruntime
+
+    found = []
+    for name in onnxruntime.get_available_providers():
+        short = PROVIDERS.get(name)
+        if short is None:
+            continue  # e.g. AzureExecutionProvider: a remote endpoint, not hardware here
+        found.append(Accelerator(provider=short, onnxruntime_name=name))
+    if any(a.provider == "cuda" for a in found):
+        gpus = nvidia_gpus()
+        for a in found:
+            if a.provider == "cuda" and gpus:
+                a.device, a.memory_bytes = gpus[0]
+    return found
+
+
+def nvidia_gpus() -> list[tuple[str, int]]:
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout
+    except (subprocess.SubprocessError, OSError):
+        return []
+    gpus = []
+    for line in out.strip().splitlines():
+        name, _, mib = line.rpartition(",")
+        if mib.strip().isdigit():
+            gpus.append((name.strip(), int(mib.strip()) * 2**20))
+    return gpus
+
+
+def probe(data_dir: Path | None = None) -> HardwareProfile:
+    memory = psutil.virtual_memory()
+    disk_path = data_dir if data_dir and data_dir.exists() else Path.home()
+    return HardwareProfile(
+        cpu_model=cpu_name(),
+        cpu_cores_physical=psutil.cpu_count(logical=False),
+        cpu_cores_logical=psutil.cpu_count() or 1,
+        isa=isa_features(),
+        memory_total_bytes=memory.total,
+        memory_available_bytes=memory.available,
+        disk_free_bytes=shutil.disk_usage(disk_path).free,
+        os=f"{platform.system()} {platform.release()}",
+        arch=platform.machine(),
+        accelerators=onnxruntime_accelerators(),
+    )

@@ -33,6 +33,30 @@ class GenerationStats:
         return (self.new_tokens - 1) / decode_s if self.new_tokens > 1 and decode_s > 0 else 0.0
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """Decoding choices of one request; temperature 0 means greedy."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+
+    def search_options(self) -> dict[str, float | int | bool]:
+        if self.temperature <= 0:
+            return {"do_sample": False}
+        options: dict[str, float | int | bool] = {
+            "do_sample": True,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+        }
+        if self.top_k > 0:
+            options["top_k"] = self.top_k
+        if self.seed is not None:
+            options["random_seed"] = self.seed
+        return options
+
+
 @dataclass
 class LoadedVariant:
     path: Path
@@ -67,40 +91,33 @@ class LoadedVariant:
     def encode(self, text: str) -> list[int]:
         return [int(t) for t in self.tokenizer.encode(text)]
 
+    def start(
+        self, prompt_ids: list[int], max_new_tokens: int, sampling: "Sampling | None" = None, ignore_eos: bool = False
+    ) -> "Generation":
+        """A generation that advances one token per `step()`; many can interleave on one model."""
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        if len(prompt_ids) + max_new_tokens > self.context_length:
+            raise ValueError(
+                f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                f"context length of {self.context_length} tokens"
+            )
+        return Generation(self, prompt_ids, max_new_tokens, sampling or Sampling(), ignore_eos)
+
     def generate(
         self,
         prompt_ids: list[int],
         max_new_tokens: int,
         stats: GenerationStats | None = None,
         ignore_eos: bool = False,
+        sampling: "Sampling | None" = None,
     ) -> Iterator[int]:
-        """Greedy tokens one at a time; with `ignore_eos`, exactly `max_new_tokens` of them."""
-        stats = stats if stats is not None else GenerationStats()
-        stats.prompt_tokens = len(prompt_ids)
-        if len(prompt_ids) + max_new_tokens > self.context_length:
-            raise ValueError(
-                f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
-                f"context length of {self.context_length} tokens"
-            )
-        params = og.GeneratorParams(self.model)
-        total = len(prompt_ids) + max_new_tokens
-        params.set_search_options(
-            max_length=total, min_length=total if ignore_eos else 0, do_sample=False, batch_size=1
-        )
-        generator = og.Generator(self.model, params)
-        started = time.perf_counter()
-        generator.append_tokens(prompt_ids)
-        while not generator.is_done():
-            generator.generate_next_token()
-            token = int(generator.get_next_tokens()[0])
-            now = time.perf_counter() - started
-            if stats.new_tokens == 0:
-                stats.time_to_first_token_s = now
-            stats.total_s = now
-            if token in self.eos_token_ids and not ignore_eos:
-                stats.finish_reason = "stop"
-                return
-            stats.new_tokens += 1
+        """Tokens one at a time (greedy unless `sampling` says otherwise)."""
+        generation = self.start(prompt_ids, max_new_tokens, sampling, ignore_eos)
+        if stats is not None:
+            generation.stats = stats
+            stats.prompt_tokens = len(prompt_ids)
+        while (token := generation.step()) is not None:
             yield token
 
     def stream_text(self, tokens: Iterator[int]) -> Iterator[str]:
@@ -118,3 +135,47 @@ class LoadedVariant:
         generator = og.Generator(self.model, params)
         generator.append_tokens(token_ids)
         return generator.get_output("logits")[0]
+
+
+class Generation:
+    """One request's generator: the KV cache is sized for prompt + max_new_tokens, not the full context."""
+
+    def __init__(
+        self, variant: LoadedVariant, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling, ignore_eos: bool
+    ) -> None:
+        self.variant = variant
+        self.max_new_tokens = max_new_tokens
+        self.ignore_eos = ignore_eos
+        self.stats = GenerationStats(prompt_tokens=len(prompt_ids))
+        total = len(prompt_ids) + max_new_tokens
+        params = og.GeneratorParams(variant.model)
+        params.set_search_options(
+            max_length=total, min_length=total if ignore_eos else 0, batch_size=1, **sampling.search_options()
+        )
+        self._generator = og.Generator(variant.model, params)
+        self._prompt = prompt_ids
+        self._started = 0.0
+        self.done = False
+
+    def step(self) -> int | None:
+        """The next token, or None when finished (stats.finish_reason says why)."""
+        if self.done:
+            return None
+        if not self._started:
+            self._started = time.perf_counter()
+            self._generator.append_tokens(self._prompt)
+        if self._generator.is_done() or self.stats.new_tokens >= self.max_new_tokens:
+            self.done = True
+            return None
+        self._generator.generate_next_token()
+        token = int(self._generator.get_next_tokens()[0])
+        now = time.perf_counter() - self._started
+        if self.stats.new_tokens == 0:
+            self.stats.time_to_first_token_s = now
+        self.stats.total_s = now
+        if token in self.variant.eos_token_ids and not self.ignore_eos:
+            self.stats.finish_reason = "stop"
+            self.done = True
+            return None
+        self.stats.new_tokens += 1
+        return token

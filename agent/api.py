@@ -1,0 +1,407 @@
+"""HTTP routes: thin. OpenAI's API under /v1, Ollama's under /api, /health, /metrics.
+
+Every error has one shape, `{"error": {"message", "type", "param", "code"}}` (Ollama
+routes: `{"error": "..."}`), mapped in one place; FastAPI's validation errors are
+reshaped to it. Streams end with `data: [DONE]`; an error mid-stream is a data event.
+"""
+
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from .engine import ServedModel
+from .protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    OllamaChatRequest,
+    OllamaGenerateRequest,
+    OllamaOptions,
+    SamplingFields,
+    Usage,
+    completion_id,
+    error_body,
+    now,
+)
+from .server import AgentServer
+from .serving import Finish, Piece, RequestError, Serving
+
+
+def create_app(server: AgentServer) -> FastAPI:
+    app = FastAPI(title="slmops agent", description="OpenAI- and Ollama-compatible local inference")
+    serving = Serving(server.engine, server.config, server.metrics)
+
+    def authorize(request: Request) -> None:
+        key = server.config.api_key
+        if key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not secrets.compare_digest(given.encode(), f"Bearer {key}".encode()):
+            raise RequestError(
+                401, "missing or wrong API key (Authorization: Bearer ...)", "invalid_request_error", "invalid_api_key"
+            )
+
+    @app.exception_handler(RequestError)
+    async def request_error(request: Request, e: RequestError) -> JSONResponse:
+        server.metrics.requests.labels(request.url.path, str(e.status)).inc()
+        if request.url.path.startswith("/api/"):
+            return JSONResponse({"error": e.message}, status_code=e.status, headers=e.headers)
+        return JSONResponse(error_body(e.message, e.type, e.code, e.param), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
+        first = e.errors()[0]
+        param = ".".join(str(p) for p in first["loc"][1:]) or None
+        message = "; ".join(f"{'.'.join(str(p) for p in err['loc'][1:]) or 'body'}: {err['msg']}" for err in e.errors())
+        return await request_error(request, RequestError(400, message, "invalid_request_error", None, param))
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        model = server.engine.current
+        body: dict[str, Any] = {
+            "status": server.status.state,
+            "message": server.status.message,
+            "fallbacks": server.status.fallbacks,
+        }
+        if model is None:
+            return JSONResponse(body, status_code=503)
+        body.update(
+            status="ok",
+            model=model.model_id,
+            bundle=model.bundle,
+            version=model.version,
+            variant=model.variant_id,
+            provider=model.provider,
+            queue_depth=server.engine.queue_depth,
+            active_requests=server.engine.active_count,
+        )
+        return JSONResponse(body)
+
+    @app.get("/metrics", dependencies=[Depends(authorize)])
+    async def metrics() -> Response:
+        server.metrics.queue_depth.set(server.engine.queue_depth)
+        server.metrics.active.set(server.engine.active_count)
+        return PlainTextResponse(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models", dependencies=[Depends(authorize)])
+    async def models() -> dict[str, Any]:
+        model = server.engine.current
+        data = (
+            []
+            if model is None
+            else [
+                {
+                    "id": model.model_id,
+                    "object": "model",
+                    "created": int(model.loaded_at),
+                    "owned_by": "slmops",
+                    "bundle": model.bundle,
+                    "version": model.version,
+                    "variant": model.variant_id,
+                    "provider": model.provider,
+                    "context_length": model.variant.context_length,
+                }
+            ]
+        )
+        return {"object": "list", "data": data}
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        model = serving.model(body.model)
+        prompt = serving.chat_prompt(model, body.messages)
+        events = serving.generate(model, prompt, body, body.requested_max_tokens)
+        first = await _first(events)  # errors before the first token still get a status code
+        ident, created = completion_id("chatcmpl"), now()
+        server.metrics.requests.labels(request.url.path, "200").inc()
+        if body.stream:
+            return _sse(request, _chat_chunks(first, events, ident, created, model.model_id, body.include_usage))
+        text, finish = await _collect(first, events)
+        return JSONResponse(
+            {
+                "id": ident,
+                "object": "chat.completion",
+                "created": created,
+                "model": model.model_id,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": text},
+                        "finish_reason": finish.reason,
+                        "logprobs": None,
+                    }
+                ],
+                "usage": _usage(finish).model_dump(),
+            }
+        )
+
+    @app.post("/v1/completions", dependencies=[Depends(authorize)])
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        model = serving.model(body.model)
+        events = serving.generate(model, body.prompt_text, body, body.requested_max_tokens)
+        first = await _first(events)
+        ident, created = completion_id("cmpl"), now()
+        prefix = body.prompt_text if body.echo else ""
+        server.metrics.requests.labels(request.url.path, "200").inc()
+        if body.stream:
+            return _sse(
+                request, _completion_chunks(first, events, ident, created, model.model_id, body.include_usage, prefix)
+            )
+        text, finish = await _collect(first, events)
+        return JSONResponse(
+            {
+                "id": ident,
+                "object": "text_completion",
+                "created": created,
+                "model": model.model_id,
+                "choices": [{"index": 0, "text": prefix + text, "finish_reason": finish.reason, "logprobs": None}],
+                "usage": _usage(finish).model_dump(),
+            }
+        )
+
+    # --- Ollama ---------------------------------------------------------------------------
+
+    @app.get("/api/tags", dependencies=[Depends(authorize)])
+    async def ollama_tags() -> dict[str, Any]:
+        model = server.engine.current
+        if model is None:
+            return {"models": []}
+        size = sum(p.stat().st_size for p in model.variant.path.rglob("*") if p.is_file())
+        modified = datetime.fromtimestamp(model.loaded_at, UTC).isoformat()
+        return {
+            "models": [
+                {
+                    "name": model.model_id,
+                    "model": model.model_id,
+                    "modified_at": modified,
+                    "size": size,
+                    "digest": "",
+                    "details": {
+                        "format": "onnx",
+                        "family": model.bundle,
+                        "parameter_size": "",
+                        "quantization_level": model.variant_id,
+                    },
+                }
+            ]
+        }
+
+    @app.get("/api/version")
+    async def ollama_version() -> dict[str, str]:
+        from slmops import __version__
+
+        return {"version": __version__}
+
+    @app.post("/api/chat", dependencies=[Depends(authorize)])
+    async def ollama_chat(body: OllamaChatRequest, request: Request) -> Response:
+        model = serving.model(body.model)
+        prompt = serving.chat_prompt(model, body.messages)
+        return await _ollama(
+            request,
+            model,
+            prompt,
+            body.options,
+            body.stream,
+            lambda text: {"message": {"role": "assistant", "content": text}},
+        )
+
+    @app.post("/api/generate", dependencies=[Depends(authorize)])
+    async def ollama_generate(body: OllamaGenerateRequest, request: Request) -> Response:
+        model = serving.model(body.model)
+        if body.raw:
+            prompt = body.prompt
+        else:
+            messages = [
+                *([{"role": "system", "content": body.system}] if body.system else []),
+                {"role": "user", "content": body.prompt},
+            ]
+            prompt = model.variant.chat_prompt(messages)
+        return await _ollama(request, model, prompt, body.options, body.stream, lambda text: {"response": text})
+
+    async def _ollama(
+        request: Request, model: ServedModel, prompt: str, options: OllamaOptions, stream: bool, wrap: Any
+    ) -> Response:
+        fields = SamplingFields(
+            temperature=options.temperature,
+            top_p=options.top_p,
+            top_k=options.top_k,
+            seed=options.seed,
+            stop=options.stop,
+        )
+        model_id = model.model_id
+        events = serving.generate(model, prompt, fields, options.num_predict)
+        first = await _first(events)
+        server.metrics.requests.labels(request.url.path, "200").inc()
+        started = time.perf_counter_ns()
+
+        def line(payload: dict[str, Any]) -> dict[str, Any]:
+            return {"model": model_id, "created_at": datetime.now(UTC).isoformat(), **payload}
+
+        def final(finish: Finish) -> dict[str, Any]:
+            ns = 1_000_000_000
+            return line(
+                {
+                    **wrap(""),
+                    "done": True,
+                    "done_reason": finish.reason,
+                    "total_duration": time.perf_counter_ns() - started + int(finish.queued_s * ns),
+                    "load_duration": 0,
+                    "prompt_eval_count": finish.prompt_tokens,
+                    "prompt_eval_duration": int(finish.ttft_s * ns),
+                    "eval_count": finish.completion_tokens,
+                    "eval_duration": int(max(finish.total_s - finish.queued_s - finish.ttft_s, 0) * ns),
+                }
+            )
+
+        if not stream:
+            text, finish = await _collect(first, events)
+            return JSONResponse({**final(finish), **wrap(text)})
+
+        async def ndjson() -> AsyncIterator[str]:
+            async for event in _chain(first, events):
+                if isinstance(event, Piece):
+                    yield json.dumps(line({**wrap(event.text), "done": False})) + "\n"
+                else:
+                    yield json.dumps(final(event)) + "\n"
+
+        return StreamingResponse(_guard(request, ndjson(), ollama=True), media_type="application/x-ndjson")
+
+    return app
+
+
+async def _first(events: AsyncIterator[Piece | Finish]) -> Piece | Finish:
+    return await events.__anext__()
+
+
+async def _chain(first: Piece | Finish, events: AsyncIterator[Piece | Finish]) -> AsyncIterator[Piece | Finish]:
+    yield first
+    if isinstance(first, Piece):
+        async for event in events:
+            yield event
+
+
+async def _collect(first: Piece | Finish, events: AsyncIterator[Piece | Finish]) -> tuple[str, Finish]:
+    parts: list[str] = []
+    async for event in _chain(first, events):
+        if isinstance(event, Piece):
+            parts.append(event.text)
+        else:
+            return "".join(parts), event
+    raise RuntimeError("generation ended without a finish event")
+
+
+def _usage(finish: Finish) -> Usage:
+    return Usage(
+        prompt_tokens=finish.prompt_tokens,
+        completion_tokens=finish.completion_tokens,
+        total_tokens=finish.prompt_tokens + finish.completion_tokens,
+    )
+
+
+async def _chat_chunks(
+    first: Piece | Finish,
+    events: AsyncIterator[Piece | Finish],
+    ident: str,
+    created: int,
+    model: str,
+    include_usage: bool,
+) -> AsyncIterator[str]:
+    def chunk(delta: dict[str, str], finish: str | None = None, **extra: Any) -> str:
+        body = {
+            "id": ident,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+            **extra,
+        }
+        return f"data: {json.dumps(body)}\n\n"
+
+    yield chunk({"role": "assistant", "content": ""})
+    async for event in _chain(first, events):
+        if isinstance(event, Piece):
+            yield chunk({"content": event.text})
+        else:
+            yield chunk({}, event.reason)
+            if include_usage:
+                body = {
+                    "id": ident,
+                    "object": "chat.completion.chunk",
+                    "created": created,
+                    "model": model,
+                    "choices": [],
+                    "usage": _usage(event).model_dump(),
+                }
+                yield f"data: {json.dumps(body)}\n\n"
+
+
+async def _completion_chunks(
+    first: Piece | Finish,
+    events: AsyncIterator[Piece | Finish],
+    ident: str,
+    created: int,
+    model: str,
+    include_usage: bool,
+    prefix: str,
+) -> AsyncIterator[str]:
+    def chunk(text: str, finish: str | None = None) -> str:
+        body = {
+            "id": ident,
+            "object": "text_completion",
+            "created": created,
+            "model": model,
+            "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}],
+        }
+        return f"data: {json.dumps(body)}\n\n"
+
+    if prefix:
+        yield chunk(prefix)
+    async for event in _chain(first, events):
+        if isinstance(event, Piece):
+            yield chunk(event.text)
+        else:
+            yield chunk("", event.reason)
+            if include_usage:
+                body = {
+                    "id": ident,
+                    "object": "text_completion",
+                    "created": created,
+                    "model": model,
+                    "choices": [],
+                    "usage": _usage(event).model_dump(),
+                }
+                yield f"data: {json.dumps(body)}\n\n"
+
+
+def _sse(request: Request, body: AsyncIterator[str]) -> StreamingResponse:
+    async def with_done() -> AsyncIterator[str]:
+        async for part in body:
+            yield part
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(
+        _guard(request, with_done()), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+    )
+
+
+async def _guard(request: Request, body: AsyncIterator[str], ollama: bool = False) -> AsyncIterator[str]:
+    """Stop generating when the client leaves; turn a mid-stream failure into a final event."""
+    try:
+        async for part in body:
+            if await request.is_disconnected():
+                return  # closing `body` closes the generation, which cancels its engine job
+            yield part
+    except RequestError as e:
+        if ollama:
+            yield json.dumps({"error": e.message}) + "\n"
+        else:
+            yield f"data: {json.dumps(error_body(e.message, e.type, e.code, e.param))}\n\n"
+            yield "data: [DONE]\n\n"
+    finally:
+        await body.aclose()  # type: ignore[attr-defined]

@@ -1,0 +1,86 @@
+"""The agent's configuration: one TOML file plus SLMOPS_AGENT_* environment variables.
+
+Defaults work out of the box (localhost, port 8765, no API key, data under the slmops
+home). A bad value stops start-up with an error naming the key.
+"""
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+
+from slmops import paths
+from slmops.errors import SlmopsError
+
+ProviderName = Literal["cpu", "cuda", "dml", "webgpu", "qnn", "openvino", "coreml", "tensorrt", "trt-rtx", "rocm"]
+
+
+class ConfigError(SlmopsError):
+    pass
+
+
+class AgentConfig(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SLMOPS_AGENT_", extra="forbid", env_nested_delimiter="__")
+
+    host: str = "127.0.0.1"
+    """Listen address. Only loopback by default: the model is for this device's apps."""
+    port: int = Field(default=8765, ge=0, le=65535)
+    api_key: str | None = None
+    """When set, every request needs `Authorization: Bearer <key>` (health excepted)."""
+    data_dir: Path = Field(default_factory=lambda: paths.home() / "agent")
+    trusted_keys: list[Path] = []
+    """Public keys bundles must be signed with; empty: the trusted-keys folder of the slmops home."""
+
+    prefer_providers: list[ProviderName] = []
+    """Tried first, in this order, before the default NPU > GPU > CPU ranking."""
+    forbid_providers: list[ProviderName] = []
+
+    max_active_requests: int = Field(default=4, ge=1, le=256)
+    """Requests generating at once (interleaved token by token)."""
+    max_queued_requests: int = Field(default=16, ge=0, le=10_000)
+    """Waiting requests beyond the active ones; past this a request gets 429."""
+    default_max_tokens: int = Field(default=512, ge=1)
+
+    telemetry_interval_s: float = Field(default=10.0, gt=0)
+    telemetry_max_rows: int = Field(default=100_000, ge=100)
+    telemetry_retention_s: float = Field(default=7 * 24 * 3600, gt=0)
+
+    @property
+    def telemetry_db(self) -> Path:
+        return self.data_dir / "telemetry.sqlite"
+
+
+def load(config_file: Path | None = None, **overrides: Any) -> AgentConfig:
+    """Overrides (CLI flags) > SLMOPS_AGENT_* environment > TOML file > defaults.
+
+    Every bad key is named at once, with the file it came from.
+    """
+    toml: dict[str, Any] = {}
+    if config_file is not None:
+        try:
+            toml = tomllib.loads(config_file.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {config_file} does not exist") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {config_file} is not valid TOML: {e}") from None
+
+    class FromFile(AgentConfig):
+        @classmethod
+        def settings_customise_sources(  # type: ignore[override]
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            **_: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            return (init_settings, env_settings, InitSettingsSource(settings_cls, init_kwargs=toml))
+
+    try:
+        config = FromFile(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}" for err in e.errors())
+        where = f" in {config_file}" if config_file else ""
+        raise ConfigError(f"bad agent configuration{where}: {problems}") from None
+    return AgentConfig.model_construct(**config.model_dump())

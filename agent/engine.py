@@ -1,0 +1,174 @@
+"""The scheduler that turns admitted requests into tokens.
+
+    submit(Job) ─► waiting (bounded: QueueFull past max_queued) ─► active (≤ max_active)
+                                                                   │ one scheduler thread steps every
+                                                                   │ active generation one token in turn
+    job.events ◄── ("text", piece, token) … ("done", finish_reason) | ("error", message)
+
+Fairness comes from interleaving: eight clients all see tokens flowing, none waits
+for another to finish. A cancelled job (client gone) is dropped at its next turn,
+freeing its KV cache. Each job is pinned to the model that was current when it was
+submitted, so `swap()` sends new jobs to a new model while old ones finish on theirs.
+"""
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from .runtime import Generation, GenerationStats, LoadedVariant, Sampling
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    def __init__(self, retry_after_s: int) -> None:
+        super().__init__(f"the request queue is full; retry in about {retry_after_s} s")
+        self.retry_after_s = retry_after_s
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """A loaded variant and what it is, as /health, /v1/models and telemetry report it."""
+
+    variant: LoadedVariant
+    model_id: str
+    bundle: str
+    version: str
+    variant_id: str
+    provider: str
+    loaded_at: float = field(default_factory=time.time)
+
+
+@dataclass
+class Job:
+    prompt_ids: list[int]
+    max_new_tokens: int
+    sampling: Sampling
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue[tuple[object, ...]] = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    model: ServedModel | None = None
+    stats: GenerationStats = field(default_factory=GenerationStats)
+    submitted_at: float = field(default_factory=time.perf_counter)
+
+    def emit(self, *event: object) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+
+@dataclass
+class _Active:
+    job: Job
+    generation: Generation
+    decoder: Any
+
+
+class Engine:
+    def __init__(self, max_active: int, max_queued: int) -> None:
+        self.max_active = max_active
+        self.max_queued = max_queued
+        self.current: ServedModel | None = None
+        self._waiting: deque[Job] = deque()
+        self._active: list[_Active] = []
+        self._wake = threading.Condition()
+        self._running = True
+        self._recent_request_s: deque[float] = deque(maxlen=20)
+        self._thread = threading.Thread(target=self._run, name="slmops-engine", daemon=True)
+        self._thread.start()
+
+    # --- public ---------------------------------------------------------------------------
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def active_count(self) -> int:
+        return len(self._active)
+
+    def swap(self, model: ServedModel) -> ServedModel | None:
+        """New jobs go to `model` from now on; admitted ones finish on the model they started with."""
+        with self._wake:
+            previous, self.current = self.current, model
+        return previous
+
+    def submit(self, job: Job) -> ServedModel:
+        with self._wake:
+            if self.current is None:
+                raise RuntimeError("no model is loaded yet")
+            if len(self._waiting) >= self.max_queued and len(self._active) >= self.max_active:
+                raise QueueFull(self._retry_after_s())
+            job.model = self.current
+            self._waiting.append(job)
+            self._wake.notify()
+            return job.model
+
+    def close(self) -> None:
+        with self._wake:
+            self._running = False
+            self._wake.notify()
+        self._thread.join(timeout=10)
+
+    # --- scheduler thread -------------------------------------------------------------------
+
+    def _retry_after_s(self) -> int:
+        typical = sorted(self._recent_request_s)[len(self._recent_request_s) // 2] if self._recent_request_s else 1.0
+        return max(1, round(typical * (len(self._waiting) + 1) / self.max_active))
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while self._running and not self._waiting and not self._active:
+                    self._wake.wait()
+                if not self._running:
+                    break
+                admitted: list[Job] = []
+                while self._waiting and len(self._active) + len(admitted) < self.max_active:
+                    admitted.append(self._waiting.popleft())
+            for job in admitted:
+                self._admit(job)
+            for entry in list(self._active):
+                self._step(entry)
+        for entry in self._active:
+            entry.job.emit("error", "the server is shutting down")
+
+    def _admit(self, job: Job) -> None:
+        if job.cancelled.is_set():
+            return
+        assert job.model is not None
+        try:
+            generation = job.model.variant.start(job.prompt_ids, job.max_new_tokens, job.sampling)
+        except Exception as e:  # a request the model cannot take must not stop the scheduler
+            log.exception("could not start a generation")
+            job.emit("error", str(e))
+            return
+        job.stats = generation.stats
+        decoder = job.model.variant.tokenizer.create_stream()
+        self._active.append(_Active(job, generation, decoder))
+
+    def _step(self, entry: _Active) -> None:
+        job = entry.job
+        if job.cancelled.is_set():
+            job.stats.finish_reason = "cancelled"
+            self._finish(entry)
+            return
+        try:
+            token = entry.generation.step()
+        except Exception as e:
+            log.exception("generation failed")
+            job.emit("error", str(e))
+            self._finish(entry, emit_done=False)
+            return
+        if token is None:
+            self._finish(entry)
+            return
+        job.emit("text", entry.decoder.decode(token), token)
+
+    def _finish(self, entry: _Active, emit_done: bool = True) -> None:
+        self._active.remove(entry)
+        self._recent_request_s.append(time.perf_counter() - entry.job.submitted_at)
+        if emit_done:
+            entry.job.emit("done", entry.job.stats.finish_reason)

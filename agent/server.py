@@ -1,0 +1,99 @@
+"""The agent's local server: one loaded bundle behind the engine, and how bundles get loaded.
+
+    load_bundle(path) ─► verify signature and files ─► probe ─► rank variants (choice.py)
+        ─► load the best; a load failure falls back to the next and is recorded in `status`
+        ─► engine.swap(): new requests go to the new model, in-flight ones finish on the old
+
+Loading runs in a worker thread, so the API keeps answering (health says `loading`).
+"""
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from slmops.bundle import Bundle, verify_bundle
+from slmops.errors import SlmopsError
+from slmops.signing import trusted_keys
+
+from . import choice, hardware
+from .config import AgentConfig
+from .engine import Engine, ServedModel
+from .metrics import AgentMetrics
+from .runtime import LoadedVariant, RuntimeLoadError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Status:
+    state: str = "empty"
+    """empty | loading | ready | failed"""
+    message: str = ""
+    fallbacks: list[str] = field(default_factory=list)
+    """Variants that failed to load, with the reason, before the one now served."""
+
+
+class AgentServer:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.metrics = AgentMetrics()
+        self.engine = Engine(config.max_active_requests, config.max_queued_requests)
+        self.status = Status()
+        self.started_at = time.time()
+        self._load_lock = threading.Lock()
+
+    def load_bundle(self, path: Path) -> ServedModel:
+        """Verify, choose, load and switch to a bundle; raises SlmopsError when nothing can run."""
+        with self._load_lock:
+            self.status = Status("loading", f"loading {path}", [])
+            try:
+                served = self._load(path)
+            except SlmopsError as e:
+                self.status = Status(
+                    "failed" if self.engine.current is None else "ready", str(e), self.status.fallbacks
+                )
+                raise
+            self.engine.swap(served)
+            self.metrics.serving(served.bundle, served.version, served.variant_id, served.provider)
+            self.status = Status("ready", f"serving {served.model_id} on {served.provider}", self.status.fallbacks)
+            log.info("serving %s (%s) from %s", served.model_id, served.provider, path)
+            return served
+
+    def load_bundle_in_background(self, path: Path) -> threading.Thread:
+        def run() -> None:
+            try:
+                self.load_bundle(path)
+            except SlmopsError as e:
+                log.error("cannot serve %s: %s", path, e)
+
+        thread = threading.Thread(target=run, name="slmops-load", daemon=True)
+        thread.start()
+        return thread
+
+    def _load(self, path: Path) -> ServedModel:
+        bundle = verify_bundle(path, trusted_keys(self.config.trusted_keys))
+        candidates = choice.rank(bundle.manifest, hardware.probe(self.config.data_dir), self.config)
+        usable = [c for c in candidates if c.usable]
+        if not usable:
+            reasons = "; ".join(f"{c.variant.id}: {c.reason}" for c in candidates)
+            raise SlmopsError(f"no variant of {bundle.manifest.name} can run here ({reasons})")
+        for candidate in usable:
+            try:
+                loaded = LoadedVariant.load(bundle.variant_dir(candidate.variant.id))
+            except RuntimeLoadError as e:
+                note = f"{candidate.variant.id}: {e}"
+                self.status.fallbacks.append(note)
+                log.warning("variant failed to load, falling back: %s", note)
+                continue
+            return self._served(bundle, candidate.variant.id, candidate.variant.execution_provider, loaded)
+        raise SlmopsError(f"no variant of {bundle.manifest.name} loaded: {'; '.join(self.status.fallbacks)}")
+
+    @staticmethod
+    def _served(bundle: Bundle, variant_id: str, provider: str, loaded: LoadedVariant) -> ServedModel:
+        m = bundle.manifest
+        return ServedModel(loaded, f"{m.name}:{m.version}", m.name, m.version, variant_id, provider)
+
+    def close(self) -> None:
+        self.engine.close()

@@ -1,0 +1,181 @@
+"""Turns validated API requests into engine jobs and their events into text.
+
+    request ─► prompt (chat template) ─► tokens ─► context check (400 naming the limit)
+            ─► Job (KV cache sized for prompt + max_tokens) ─► engine ─► pieces ─► stop sequences
+            ─► Piece… then Finish(reason, usage, timings); metrics observed once per request
+
+A client that goes away cancels its job: the generator is closed, the engine drops it.
+"""
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from .config import AgentConfig
+from .engine import Engine, Job, QueueFull, ServedModel
+from .metrics import AgentMetrics
+from .protocol import ChatMessage, SamplingFields
+from .runtime import Sampling
+
+
+class RequestError(Exception):
+    """An error the client caused or must handle, with its HTTP status and OpenAI error type."""
+
+    def __init__(self, status: int, message: str, type_: str, code: str | None = None, param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
+        self.headers: dict[str, str] = {}
+
+
+@dataclass
+class Piece:
+    text: str
+
+
+@dataclass
+class Finish:
+    reason: str
+    """OpenAI's finish_reason: stop | length (cancelled requests never reach a client)."""
+    prompt_tokens: int
+    completion_tokens: int
+    ttft_s: float
+    total_s: float
+    queued_s: float
+
+
+class Serving:
+    def __init__(self, engine: Engine, config: AgentConfig, metrics: AgentMetrics) -> None:
+        self.engine = engine
+        self.config = config
+        self.metrics = metrics
+
+    def model(self, requested: str) -> ServedModel:
+        model = self.engine.current
+        if model is None:
+            raise RequestError(503, "the model is still loading", "service_unavailable", "model_loading")
+        if requested and requested not in (model.model_id, model.bundle, "default"):
+            raise RequestError(
+                404,
+                f"model {requested!r} is not served here; this agent serves {model.model_id!r}",
+                "invalid_request_error",
+                "model_not_found",
+                "model",
+            )
+        return model
+
+    def chat_prompt(self, model: ServedModel, messages: list[ChatMessage]) -> str:
+        roles = {"developer": "system"}
+        return model.variant.chat_prompt([{"role": roles.get(m.role, m.role), "content": m.text()} for m in messages])
+
+    async def generate(
+        self,
+        model: ServedModel,
+        prompt: str,
+        fields: SamplingFields,
+        requested_max: int | None,
+        temperature_default: float | None = None,
+    ) -> AsyncIterator[Piece | Finish]:
+        prompt_ids = model.variant.encode(prompt)
+        context = model.variant.context_length
+        if len(prompt_ids) >= context:
+            raise RequestError(
+                400,
+                f"the prompt has {len(prompt_ids)} tokens; this model's context is {context} tokens",
+                "invalid_request_error",
+                "context_length_exceeded",
+                "messages",
+            )
+        room = context - len(prompt_ids)
+        if requested_max is not None and requested_max > room:
+            raise RequestError(
+                400,
+                f"this model's context is {context} tokens; the prompt has {len(prompt_ids)} and max_tokens "
+                f"asks for {requested_max} more",
+                "invalid_request_error",
+                "context_length_exceeded",
+                "max_tokens",
+            )
+        max_new = min(requested_max or self.config.default_max_tokens, room)
+        sampling = Sampling(
+            temperature=fields.temperature if temperature_default is None else temperature_default,
+            top_p=fields.top_p,
+            top_k=fields.top_k,
+            seed=fields.seed,
+        )
+        job = Job(prompt_ids, max_new, sampling, asyncio.get_running_loop())
+        try:
+            self.engine.submit(job)
+        except QueueFull as e:
+            self.metrics.error("queue_full")
+            error = RequestError(429, str(e), "rate_limit_exceeded", "queue_full")
+            error.headers["Retry-After"] = str(e.retry_after_s)
+            raise error from None
+        started = time.perf_counter()
+        stops = StopMatcher(fields.stop_sequences)
+        finish = "length"
+        try:
+            while True:
+                kind, *payload = await job.events.get()
+                if kind == "text":
+                    text, stopped = stops.feed(str(payload[0]))
+                    if text:
+                        yield Piece(text)
+                    if stopped:
+                        finish = "stop"
+                        job.cancelled.set()
+                        break
+                elif kind == "done":
+                    finish = "stop" if payload[0] == "stop" else "length"
+                    if tail := stops.flush():
+                        yield Piece(tail)
+                    break
+                else:
+                    self.metrics.error("generation")
+                    raise RequestError(500, f"generation failed: {payload[0]}", "server_error")
+        finally:
+            job.cancelled.set()  # a client that left (GeneratorExit) frees its slot at the next step
+        stats = job.stats
+        total = time.perf_counter() - started
+        self.metrics.observe(
+            len(prompt_ids), stats.new_tokens, stats.time_to_first_token_s, stats.decode_tokens_per_s, total
+        )
+        yield Finish(
+            finish,
+            len(prompt_ids),
+            stats.new_tokens,
+            stats.time_to_first_token_s,
+            total,
+            queued_s=max(0.0, total - stats.total_s),
+        )
+
+
+class StopMatcher:
+    """Cuts the stream at the first stop sequence, holding back text that may begin one."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = stops
+        self.pending = ""
+
+    def feed(self, piece: str) -> tuple[str, bool]:
+        if not self.stops:
+            return piece, False
+        self.pending += piece
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            text, self.pending = self.pending[: min(hits)], ""
+            return text, True
+        keep = max((self._partial(s) for s in self.stops), default=0)
+        cut = len(self.pending) - keep
+        text, self.pending = self.pending[:cut], self.pending[cut:]
+        return text, False
+
+    def _partial(self, stop: str) -> int:
+        for size in range(min(len(stop) - 1, len(self.pending)), 0, -1):
+            if self.pending.endswith(stop[:size]):
+                return size
+        return 0
+
+    def flush(self) -> str:
+        text, self.pending = self.pending, ""
+        return text

@@ -21,6 +21,7 @@ from .engine import ServedModel
 from .protocol import (
     ChatCompletionRequest,
     CompletionRequest,
+    LoadRequest,
     OllamaChatRequest,
     OllamaGenerateRequest,
     OllamaOptions,
@@ -67,6 +68,7 @@ def create_app(server: AgentServer) -> FastAPI:
         model = server.engine.current
         body: dict[str, Any] = {
             "status": server.status.state,
+            "state": server.status.state,
             "message": server.status.message,
             "fallbacks": server.status.fallbacks,
         }
@@ -83,6 +85,16 @@ def create_app(server: AgentServer) -> FastAPI:
             active_requests=server.engine.active_count,
         )
         return JSONResponse(body)
+
+    @app.post("/admin/load", dependencies=[Depends(authorize)], status_code=202)
+    async def admin_load(body: LoadRequest) -> dict[str, Any]:
+        """Switch to another bundle (hot swap): in-flight requests finish on the current model."""
+        if not body.bundle.is_dir():
+            raise RequestError(400, f"{body.bundle} is not a bundle folder on this device", "invalid_request_error")
+        if server.status.state == "loading":
+            raise RequestError(409, f"already {server.status.message}", "invalid_request_error", "busy")
+        server.load_bundle_in_background(body.bundle)
+        return {"status": "loading", "bundle": str(body.bundle)}
 
     @app.get("/metrics", dependencies=[Depends(authorize)])
     async def metrics() -> Response:

@@ -73,6 +73,8 @@ class Engine:
         self.current: ServedModel | None = None
         self._waiting: deque[Job] = deque()
         self._active: list[_Active] = []
+        self._in_flight = 0
+        """Submitted and not finished: waiting + active, counted under the lock (the bound)."""
         self._wake = threading.Condition()
         self._running = True
         self._recent_request_s: deque[float] = deque(maxlen=20)
@@ -99,9 +101,10 @@ class Engine:
         with self._wake:
             if self.current is None:
                 raise RuntimeError("no model is loaded yet")
-            if len(self._waiting) >= self.max_queued and len(self._active) >= self.max_active:
+            if self._in_flight >= self.max_active + self.max_queued:
                 raise QueueFull(self._retry_after_s())
             job.model = self.current
+            self._in_flight += 1
             self._waiting.append(job)
             self._wake.notify()
             return job.model
@@ -137,6 +140,7 @@ class Engine:
 
     def _admit(self, job: Job) -> None:
         if job.cancelled.is_set():
+            self._release()
             return
         assert job.model is not None
         try:
@@ -144,6 +148,7 @@ class Engine:
         except Exception as e:  # a request the model cannot take must not stop the scheduler
             log.exception("could not start a generation")
             job.emit("error", str(e))
+            self._release()
             return
         job.stats = generation.stats
         decoder = job.model.variant.tokenizer.create_stream()
@@ -167,8 +172,13 @@ class Engine:
             return
         job.emit("text", entry.decoder.decode(token), token)
 
+    def _release(self) -> None:
+        with self._wake:
+            self._in_flight -= 1
+
     def _finish(self, entry: _Active, emit_done: bool = True) -> None:
         self._active.remove(entry)
+        self._release()
         self._recent_request_s.append(time.perf_counter() - entry.job.submitted_at)
         if emit_done:
             entry.job.emit("done", entry.job.stats.finish_reason)

@@ -26,6 +26,9 @@ class AgentMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("slmops_agent_requests", "Requests answered", ["endpoint", "status"], registry=r)
+        self.generations = Counter(
+            "slmops_agent_generations", "Generations by outcome: ok, cancelled, error", ["outcome"], registry=r
+        )
         self.errors = Counter("slmops_agent_errors", "Requests that failed", ["type"], registry=r)
         self.prompt_tokens = Counter("slmops_agent_prompt_tokens", "Prompt tokens processed", registry=r)
         self.generated_tokens = Counter("slmops_agent_generated_tokens", "Tokens generated", registry=r)
@@ -50,8 +53,12 @@ class AgentMetrics:
         self._window = Window()
 
     def observe(
-        self, prompt_tokens: int, generated: int, ttft_s: float, tokens_per_s: float, duration_s: float
+        self, outcome: str, prompt_tokens: int, generated: int, ttft_s: float, tokens_per_s: float, duration_s: float
     ) -> None:
+        """One generation ended: `ok`, `cancelled` (client left) or `error`."""
+        self.generations.labels(outcome).inc()
+        if outcome == "error":
+            self.error("generation")
         self.prompt_tokens.inc(prompt_tokens)
         self.generated_tokens.inc(generated)
         self.latency.observe(duration_s)

@@ -6,6 +6,7 @@ validate the ones we use. Responses follow the OpenAI and Ollama wire formats.
 
 import time
 import uuid
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -46,6 +47,8 @@ class SamplingFields(BaseModel):
     top_k: int = Field(default=0, ge=0)
     seed: int | None = None
     stop: str | list[str] | None = None
+    ignore_eos: bool = False
+    """vLLM's and llama.cpp's extension: generate exactly max_tokens (benchmarks)."""
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1, le=1, description="one choice per request")
@@ -148,3 +151,13 @@ class OllamaGenerateRequest(BaseModel):
     raw: bool = False
     stream: bool = True
     options: OllamaOptions = OllamaOptions()
+
+
+# --- slmops ------------------------------------------------------------------------------
+
+
+class LoadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    bundle: Path
+    """A bundle folder on this device; it must verify against the agent's trusted keys."""

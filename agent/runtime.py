@@ -41,6 +41,8 @@ class Sampling:
     top_p: float = 1.0
     top_k: int = 0
     seed: int | None = None
+    ignore_eos: bool = False
+    """Generate exactly max_new_tokens (benchmarks, load tests)."""
 
     def search_options(self) -> dict[str, float | int | bool]:
         if self.temperature <= 0:
@@ -91,9 +93,7 @@ class LoadedVariant:
     def encode(self, text: str) -> list[int]:
         return [int(t) for t in self.tokenizer.encode(text)]
 
-    def start(
-        self, prompt_ids: list[int], max_new_tokens: int, sampling: "Sampling | None" = None, ignore_eos: bool = False
-    ) -> "Generation":
+    def start(self, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling | None = None) -> "Generation":
         """A generation that advances one token per `step()`; many can interleave on one model."""
         if not prompt_ids:
             raise ValueError("the prompt is empty")
@@ -102,7 +102,7 @@ class LoadedVariant:
                 f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
                 f"context length of {self.context_length} tokens"
             )
-        return Generation(self, prompt_ids, max_new_tokens, sampling or Sampling(), ignore_eos)
+        return Generation(self, prompt_ids, max_new_tokens, sampling or Sampling())
 
     def generate(
         self,
@@ -110,10 +110,9 @@ class LoadedVariant:
         max_new_tokens: int,
         stats: GenerationStats | None = None,
         ignore_eos: bool = False,
-        sampling: "Sampling | None" = None,
     ) -> Iterator[int]:
-        """Tokens one at a time (greedy unless `sampling` says otherwise)."""
-        generation = self.start(prompt_ids, max_new_tokens, sampling, ignore_eos)
+        """Tokens one at a time, greedy."""
+        generation = self.start(prompt_ids, max_new_tokens, Sampling(ignore_eos=ignore_eos))
         if stats is not None:
             generation.stats = stats
             stats.prompt_tokens = len(prompt_ids)
@@ -140,17 +139,15 @@ class LoadedVariant:
 class Generation:
     """One request's generator: the KV cache is sized for prompt + max_new_tokens, not the full context."""
 
-    def __init__(
-        self, variant: LoadedVariant, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling, ignore_eos: bool
-    ) -> None:
+    def __init__(self, variant: LoadedVariant, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling) -> None:
         self.variant = variant
         self.max_new_tokens = max_new_tokens
-        self.ignore_eos = ignore_eos
+        self.ignore_eos = sampling.ignore_eos
         self.stats = GenerationStats(prompt_tokens=len(prompt_ids))
         total = len(prompt_ids) + max_new_tokens
         params = og.GeneratorParams(variant.model)
         params.set_search_options(
-            max_length=total, min_length=total if ignore_eos else 0, batch_size=1, **sampling.search_options()
+            max_length=total, min_length=total if sampling.ignore_eos else 0, batch_size=1, **sampling.search_options()
         )
         self._generator = og.Generator(variant.model, params)
         self._prompt = prompt_ids

@@ -62,6 +62,8 @@ class AgentServer:
             return served
 
     def load_bundle_in_background(self, path: Path) -> threading.Thread:
+        self.status = Status("loading", f"loading {path}", [])
+
         def run() -> None:
             try:
                 self.load_bundle(path)

@@ -74,7 +74,6 @@ class Serving:
         prompt: str,
         fields: SamplingFields,
         requested_max: int | None,
-        temperature_default: float | None = None,
     ) -> AsyncIterator[Piece | Finish]:
         prompt_ids = model.variant.encode(prompt)
         context = model.variant.context_length
@@ -98,10 +97,11 @@ class Serving:
             )
         max_new = min(requested_max or self.config.default_max_tokens, room)
         sampling = Sampling(
-            temperature=fields.temperature if temperature_default is None else temperature_default,
+            temperature=fields.temperature,
             top_p=fields.top_p,
             top_k=fields.top_k,
             seed=fields.seed,
+            ignore_eos=fields.ignore_eos,
         )
         job = Job(prompt_ids, max_new, sampling, asyncio.get_running_loop())
         try:
@@ -113,9 +113,9 @@ class Serving:
             raise error from None
         started = time.perf_counter()
         stops = StopMatcher(fields.stop_sequences)
-        finish = "length"
+        kind, finish = "", None
         try:
-            while True:
+            while finish is None:
                 kind, *payload = await job.events.get()
                 if kind == "text":
                     text, stopped = stops.feed(str(payload[0]))
@@ -123,23 +123,26 @@ class Serving:
                         yield Piece(text)
                     if stopped:
                         finish = "stop"
-                        job.cancelled.set()
-                        break
                 elif kind == "done":
-                    finish = "stop" if payload[0] == "stop" else "length"
                     if tail := stops.flush():
                         yield Piece(tail)
-                    break
+                    finish = "stop" if payload[0] == "stop" else "length"
                 else:
-                    self.metrics.error("generation")
                     raise RequestError(500, f"generation failed: {payload[0]}", "server_error")
         finally:
-            job.cancelled.set()  # a client that left (GeneratorExit) frees its slot at the next step
-        stats = job.stats
+            # Also reached when the client left (GeneratorExit, CancelledError): the engine
+            # drops the job at its next turn, and the request is counted as cancelled.
+            job.cancelled.set()
+            stats = job.stats
+            self.metrics.observe(
+                "error" if kind == "error" else "ok" if finish else "cancelled",
+                len(prompt_ids),
+                stats.new_tokens,
+                stats.time_to_first_token_s,
+                stats.decode_tokens_per_s,
+                time.perf_counter() - started,
+            )
         total = time.perf_counter() - started
-        self.metrics.observe(
-            len(prompt_ids), stats.new_tokens, stats.time_to_first_token_s, stats.decode_tokens_per_s, total
-        )
         yield Finish(
             finish,
             len(prompt_ids),

@@ -70,3 +70,24 @@ def trusted(signing_key: tuple[Path, Path]) -> list:
     from slmops.signing import trusted_keys
 
     return trusted_keys([signing_key[1]])
+
+
+@pytest.fixture(scope="session")
+def smollm2_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real SmolLM2-135M-Instruct exported to cpu-int4 (about 30 s, once per session)."""
+    from slmops.build.export import Recipe, export
+
+    out = tmp_path_factory.mktemp("smollm2-export")
+    export(Recipe(source="smollm2-135m-instruct", targets=["cpu-int4"]), out, force=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_bundle(
+    smollm2_export: Path, signing_key: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    from slmops.build.bundle import create
+
+    out = tmp_path_factory.mktemp("smollm2-bundle") / "smollm2-135m-instruct"
+    create(smollm2_export, out, name="smollm2-135m-instruct", version="1.0.0", key=signing_key[0])
+    return out

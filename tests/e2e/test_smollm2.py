@@ -7,7 +7,6 @@ import pytest
 from slmops.agent.runtime import LoadedVariant
 from slmops.build import models
 from slmops.build.bundle import create
-from slmops.build.export import Recipe, export
 from slmops.bundle import verify_archive
 
 pytestmark = pytest.mark.real_model
@@ -28,11 +27,10 @@ def test_fetch_makes_a_normal_hugging_face_folder(smollm2: Path) -> None:
     assert models.fetch("smollm2-135m-instruct") == smollm2  # cached: the second call is instant
 
 
-def test_cpu_int4_bundle_answers_paris(smollm2: Path, tmp_path: Path, signing_key, trusted: list) -> None:
-    export(Recipe(source="smollm2-135m-instruct", targets=["cpu-int4"]), tmp_path / "export")
+def test_cpu_int4_bundle_answers_paris(smollm2_export: Path, tmp_path: Path, signing_key, trusted: list) -> None:
     archive = tmp_path / "smollm2.tar"
     create(
-        tmp_path / "export",
+        smollm2_export,
         tmp_path / "bundle",
         "smollm2-135m-instruct",
         "1.0.0",

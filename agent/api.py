@@ -7,7 +7,6 @@ reshaped to it. Streams end with `data: [DONE]`; an error mid-stream is a data e
 
 import json
 import secrets
-import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
@@ -250,7 +249,6 @@ def create_app(server: AgentServer) -> FastAPI:
         events = serving.generate(model, prompt, fields, options.num_predict)
         first = await _first(events)
         server.metrics.requests.labels(request.url.path, "200").inc()
-        started = time.perf_counter_ns()
 
         def line(payload: dict[str, Any]) -> dict[str, Any]:
             return {"model": model_id, "created_at": datetime.now(UTC).isoformat(), **payload}
@@ -262,7 +260,7 @@ def create_app(server: AgentServer) -> FastAPI:
                     **wrap(""),
                     "done": True,
                     "done_reason": finish.reason,
-                    "total_duration": time.perf_counter_ns() - started + int(finish.queued_s * ns),
+                    "total_duration": int(finish.total_s * ns),
                     "load_duration": 0,
                     "prompt_eval_count": finish.prompt_tokens,
                     "prompt_eval_duration": int(finish.ttft_s * ns),

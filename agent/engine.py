@@ -3,7 +3,7 @@
     submit(Job) ─► waiting (bounded: QueueFull past max_queued) ─► active (≤ max_active)
                                                                    │ one scheduler thread steps every
                                                                    │ active generation one token in turn
-    job.events ◄── ("text", piece, token) … ("done", finish_reason) | ("error", message)
+    job.events ◄── ("text", piece) … ("done", finish_reason) | ("error", message)
 
 Fairness comes from interleaving: eight clients all see tokens flowing, none waits
 for another to finish. A cancelled job (client gone) is dropped at its next turn,
@@ -49,14 +49,15 @@ class Job:
     max_new_tokens: int
     sampling: Sampling
     loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue[tuple[object, ...]] = field(default_factory=asyncio.Queue)
+    events: asyncio.Queue[tuple[str, str]] = field(default_factory=asyncio.Queue)
+    """(kind, value): ("text", piece) … then ("done", finish_reason) or ("error", message)."""
     cancelled: threading.Event = field(default_factory=threading.Event)
     model: ServedModel | None = None
     stats: GenerationStats = field(default_factory=GenerationStats)
     submitted_at: float = field(default_factory=time.perf_counter)
 
-    def emit(self, *event: object) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+    def emit(self, kind: str, value: str) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
 
 
 @dataclass
@@ -170,7 +171,8 @@ class Engine:
         if token is None:
             self._finish(entry)
             return
-        job.emit("text", entry.decoder.decode(token), token)
+        if piece := entry.decoder.decode(token):  # empty while a multi-byte character is incomplete
+            job.emit("text", piece)
 
     def _release(self) -> None:
         with self._wake:

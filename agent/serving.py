@@ -116,9 +116,9 @@ class Serving:
         kind, finish = "", None
         try:
             while finish is None:
-                kind, *payload = await job.events.get()
+                kind, value = await job.events.get()
                 if kind == "text":
-                    text, stopped = stops.feed(str(payload[0]))
+                    text, stopped = stops.feed(value)
                     if text:
                         yield Piece(text)
                     if stopped:
@@ -126,9 +126,9 @@ class Serving:
                 elif kind == "done":
                     if tail := stops.flush():
                         yield Piece(tail)
-                    finish = "stop" if payload[0] == "stop" else "length"
+                    finish = "stop" if value == "stop" else "length"
                 else:
-                    raise RequestError(500, f"generation failed: {payload[0]}", "server_error")
+                    raise RequestError(500, f"generation failed: {value}", "server_error")
         finally:
             # Also reached when the client left (GeneratorExit, CancelledError): the engine
             # drops the job at its next turn, and the request is counted as cancelled.

@@ -91,3 +91,18 @@ def second_bundle(tiny_export: Path, signing_key: tuple[Path, Path], tmp_path_fa
     out = tmp_path_factory.mktemp("bundle-v2") / "tiny"
     create(tiny_export, out, name="tiny", version="2.0.0", key=signing_key[0], variant_ids=["cpu-fp32"])
     return out
+
+
+@pytest.fixture(scope="session")
+def gpu_and_cpu_bundle(
+    tiny_model: Path, signing_key: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """A tiny bundle with cuda-int4 (which this CPU-only onnxruntime-genai cannot load) and cpu-int4."""
+    from slmops.build.bundle import create
+    from slmops.build.export import Recipe, export
+
+    build = tmp_path_factory.mktemp("tiny-gpu-export")
+    export(Recipe(source=str(tiny_model), targets=["cuda-int4", "cpu-int4"]), build, force=True)
+    out = tmp_path_factory.mktemp("bundle-gpu") / "tiny-gpu"
+    create(build, out, name="tiny-gpu", version="1.0.0", key=signing_key[0])
+    return out

@@ -34,8 +34,9 @@ from .server import AgentServer
 from .serving import Finish, Piece, RequestError, Serving
 
 
-def create_app(server: AgentServer) -> FastAPI:
-    app = FastAPI(title="slmops agent", description="OpenAI- and Ollama-compatible local inference")
+def create_app(server: AgentServer, lifespan: Any = None) -> FastAPI:
+    """The HTTP app over `server`; `lifespan` starts and stops what lives beside it (telemetry)."""
+    app = FastAPI(title="slmops agent", description="OpenAI- and Ollama-compatible local inference", lifespan=lifespan)
     serving = Serving(server.engine, server.config, server.metrics)
 
     def authorize(request: Request) -> None:

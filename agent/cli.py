@@ -1,15 +1,20 @@
-"""`slmops agent ...`: the device side. For now: chat with a verified bundle, in the terminal."""
+"""`slmops agent ...`: the device side, standalone: probe, choose, serve, chat, telemetry."""
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from slmops.errors import SlmopsError
 from slmops.terminal import console, err_console, fail
 
+if TYPE_CHECKING:
+    from slmops.agent.choice import Candidate
+    from slmops.manifest import Manifest
+
 app = typer.Typer(
-    help="The device side: run a bundle's variant locally (the daemon and its server arrive in later issues).",
+    help="The device side: pick the variant that fits this device and serve it locally "
+    "(OpenAI and Ollama APIs), offline. The fleet daemon arrives in a later issue.",
     no_args_is_help=True,
 )
 
@@ -18,20 +23,31 @@ app = typer.Typer(
 def chat_cmd(
     bundle_dir: Annotated[Path, typer.Argument(help="Bundle folder.", exists=True, file_okay=False)],
     prompt: Annotated[str, typer.Argument(help="The user's message.")],
-    variant: Annotated[str, typer.Option(help="Variant id to run.")] = "cpu-int4",
+    variant: Annotated[
+        str | None, typer.Option(help="Variant id to run (default: the one `agent choose` picks).")
+    ] = None,
     max_tokens: Annotated[int, typer.Option(min=1, help="Most tokens to generate.")] = 256,
     trusted_key: Annotated[
         list[Path] | None, typer.Option("--trusted-key", "-k", help="Public key to trust.", exists=True)
     ] = None,
 ) -> None:
     """Verify a bundle, then answer one chat message from it, streaming the reply."""
+    from slmops.agent import config as agent_config
     from slmops.agent.runtime import GenerationStats, LoadedVariant
+    from slmops.agent.server import load_best_variant
     from slmops.bundle import verify_bundle
     from slmops.signing import trusted_keys
 
     try:
         bundle = verify_bundle(bundle_dir, trusted_keys(trusted_key or []))
-        loaded = LoadedVariant.load(bundle.variant_dir(variant))
+        fallbacks: list[str] = []
+        if variant is None:
+            chosen, loaded = load_best_variant(bundle, agent_config.load(), fallbacks)
+            variant = chosen.id
+            for note in fallbacks:
+                err_console.print(f"[yellow]fell back: {note}[/]")
+        else:
+            loaded = LoadedVariant.load(bundle.variant_dir(variant))
     except (SlmopsError, KeyError) as e:
         fail(str(e))
     ids = loaded.encode(loaded.chat_prompt([{"role": "user", "content": prompt}]))
@@ -84,9 +100,10 @@ ConfigFile = Annotated[
 def choose_cmd(
     bundle_dir: Annotated[Path, typer.Argument(help="Bundle folder.", exists=True, file_okay=False)],
     config: ConfigFile = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable decision.")] = False,
 ) -> None:
     """Which variant this device would run, and why each other variant was not taken."""
-    from rich.table import Table
+    import json
 
     from slmops.agent import choice, hardware
     from slmops.agent import config as agent_config
@@ -98,6 +115,21 @@ def choose_cmd(
     except SlmopsError as e:
         fail(str(e))
     candidates = choice.rank(manifest, hardware.probe(), settings)
+    if as_json:
+        decision = [
+            {"variant": c.variant.id, "provider": c.variant.execution_provider, "usable": c.usable, "reason": c.reason}
+            for c in candidates
+        ]
+        print(json.dumps(decision, indent=2))
+    else:
+        _print_choice(manifest, candidates)
+    if not any(c.usable for c in candidates):
+        raise typer.Exit(1)
+
+
+def _print_choice(manifest: "Manifest", candidates: "list[Candidate]") -> None:
+    from rich.table import Table
+
     table = Table(title=f"{manifest.name} {manifest.version} on this device")
     for column in ("variant", "provider", "precision", "min memory MiB", "decision"):
         table.add_column(column)
@@ -111,8 +143,6 @@ def choose_cmd(
             decision,
         )
     console.print(table)
-    if not any(c.usable for c in candidates):
-        raise typer.Exit(1)
 
 
 @app.command("serve")
@@ -128,6 +158,8 @@ def serve_cmd(
 ) -> None:
     """Serve a bundle on an OpenAI- and Ollama-compatible HTTP API (localhost by default)."""
     import logging
+    from collections.abc import AsyncIterator
+    from contextlib import asynccontextmanager
 
     import uvicorn
 
@@ -142,15 +174,27 @@ def serve_cmd(
         fail(str(e), code=2)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     server = AgentServer(settings)
-    server.load_bundle_in_background(bundle_dir)
     collector = TelemetryCollector(server, settings)
-    collector.start()
-    err_console.print(f"serving {bundle_dir} on http://{settings.host}:{settings.port}/v1 (health: /health)")
-    try:
-        uvicorn.run(create_app(server), host=settings.host, port=settings.port, log_level="warning")
-    finally:
-        collector.stop()
-        server.close()
+
+    @asynccontextmanager
+    async def lifespan(_app: object) -> AsyncIterator[None]:
+        server.load_bundle_in_background(bundle_dir)
+        collector.start()
+        err_console.print(f"serving {bundle_dir} on http://{settings.host}:{settings.port}/v1 (health: /health)")
+        try:
+            yield
+        finally:  # uvicorn runs this on SIGINT/SIGTERM before it exits
+            collector.stop()
+            server.close()
+            err_console.print("stopped: requests drained, telemetry closed")
+
+    uvicorn.run(
+        create_app(server, lifespan),
+        host=settings.host,
+        port=settings.port,
+        log_level="warning",
+        timeout_graceful_shutdown=30,
+    )
 
 
 @app.command("telemetry")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from slmops.bundle import Bundle, verify_bundle
 from slmops.errors import SlmopsError
+from slmops.manifest import Variant
 from slmops.signing import trusted_keys
 
 from . import choice, hardware
@@ -76,21 +77,8 @@ class AgentServer:
 
     def _load(self, path: Path) -> ServedModel:
         bundle = verify_bundle(path, trusted_keys(self.config.trusted_keys))
-        candidates = choice.rank(bundle.manifest, hardware.probe(self.config.data_dir), self.config)
-        usable = [c for c in candidates if c.usable]
-        if not usable:
-            reasons = "; ".join(f"{c.variant.id}: {c.reason}" for c in candidates)
-            raise SlmopsError(f"no variant of {bundle.manifest.name} can run here ({reasons})")
-        for candidate in usable:
-            try:
-                loaded = LoadedVariant.load(bundle.variant_dir(candidate.variant.id))
-            except RuntimeLoadError as e:
-                note = f"{candidate.variant.id}: {e}"
-                self.status.fallbacks.append(note)
-                log.warning("variant failed to load, falling back: %s", note)
-                continue
-            return self._served(bundle, candidate.variant.id, candidate.variant.execution_provider, loaded)
-        raise SlmopsError(f"no variant of {bundle.manifest.name} loaded: {'; '.join(self.status.fallbacks)}")
+        variant, loaded = load_best_variant(bundle, self.config, self.status.fallbacks)
+        return self._served(bundle, variant.id, variant.execution_provider, loaded)
 
     @staticmethod
     def _served(bundle: Bundle, variant_id: str, provider: str, loaded: LoadedVariant) -> ServedModel:
@@ -99,3 +87,20 @@ class AgentServer:
 
     def close(self) -> None:
         self.engine.close()
+
+
+def load_best_variant(bundle: Bundle, config: AgentConfig, fallbacks: list[str]) -> tuple[Variant, LoadedVariant]:
+    """Load the best variant that runs here, falling back down the ranking; failures go to `fallbacks`."""
+    candidates = choice.rank(bundle.manifest, hardware.probe(config.data_dir), config)
+    usable = [c for c in candidates if c.usable]
+    if not usable:
+        reasons = "; ".join(f"{c.variant.id}: {c.reason}" for c in candidates)
+        raise SlmopsError(f"no variant of {bundle.manifest.name} can run here ({reasons})")
+    for candidate in usable:
+        try:
+            return candidate.variant, LoadedVariant.load(bundle.variant_dir(candidate.variant.id))
+        except RuntimeLoadError as e:
+            note = f"{candidate.variant.id}: {e}"
+            fallbacks.append(note)
+            log.warning("variant failed to load, falling back: %s", note)
+    raise SlmopsError(f"no variant of {bundle.manifest.name} loaded: {'; '.join(fallbacks)}")

@@ -190,7 +190,8 @@ class TelemetryCollector:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=10)
+        if self._thread.ident is not None:
+            self._thread.join(timeout=10)
         self.queue.close()
 
     def _run(self) -> None:

@@ -30,6 +30,10 @@ COMMANDS = [
     ["build", "targets"],
     ["agent"],
     ["agent", "chat"],
+    ["agent", "probe"],
+    ["agent", "choose"],
+    ["agent", "serve"],
+    ["agent", "telemetry"],
     ["controller"],
     ["fleet"],
 ]
@@ -142,3 +146,28 @@ def test_chat_refuses_a_tampered_bundle(bundle_dir: Path, signing_key) -> None:
     (bundle_dir / "variants" / "cpu-int4" / "chat_template.jinja").write_text("{{ evil }}")
     result = runner.invoke(app, ["agent", "chat", str(bundle_dir), "Hello", "-k", str(signing_key[1])])
     assert result.exit_code == 1 and "chat_template.jinja" in result.output
+
+
+def test_probe_json_describes_this_machine() -> None:
+    result = runner.invoke(app, ["agent", "probe", "--json"])
+    assert result.exit_code == 0, result.output
+    profile = json.loads(result.stdout)
+    assert profile["cpu_cores_logical"] >= 1 and profile["memory_total_bytes"] > profile["memory_available_bytes"] > 0
+    assert "cpu" in [a["provider"] for a in profile["accelerators"]]
+    table = runner.invoke(app, ["agent", "probe"])
+    assert table.exit_code == 0 and profile["cpu_model"][:20] in table.output
+
+
+def test_choose_explains_each_variant(session_bundle: Path) -> None:
+    table = runner.invoke(app, ["agent", "choose", str(session_bundle)])
+    assert table.exit_code == 0 and "chosen" in table.output, table.output
+    result = runner.invoke(app, ["agent", "choose", str(session_bundle), "--json"])
+    assert json.loads(result.stdout) == [
+        {"variant": "cpu-int4", "provider": "cpu", "usable": True, "reason": "chosen"},
+        {"variant": "cpu-fp32", "provider": "cpu", "usable": True, "reason": "fallback #1: ranked after cpu-int4"},
+    ]
+    forbidden = runner.invoke(
+        app, ["agent", "choose", str(session_bundle), "--json"], env={"SLMOPS_AGENT_FORBID_PROVIDERS": '["cpu"]'}
+    )
+    assert forbidden.exit_code == 1
+    assert {d["reason"] for d in json.loads(forbidden.stdout)} == {"provider cpu is forbidden by the configuration"}

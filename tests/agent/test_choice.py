@@ -94,5 +94,5 @@ def test_operator_can_forbid_and_prefer_providers() -> None:
 
 
 def test_unknown_provider_names_in_the_config_are_refused() -> None:
-    with pytest.raises(agent_config.ConfigError, match="forbid_providers.0"):
+    with pytest.raises(agent_config.ConfigError, match=r"forbid_providers\.0"):
         agent_config.load(forbid_providers=["tpu"])

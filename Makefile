@@ -17,7 +17,7 @@ help:
 	@echo "make demo    fetch SmolLM2-135M-Instruct, build a signed cpu-int4 bundle, verify it, chat with it"
 	@echo "make test    run the test suite"
 	@echo "make check   ruff (format + lint) and mypy"
-	@echo "make bench   benchmarks/inference.py (installs llama-cpp-python, compiles a few minutes)"
+	@echo "make bench   benchmarks/inference.py and serving.py (installs llama-cpp-python, compiles a few minutes)"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,7 @@ demo: install
 	    --version 1.0.0 --key $(DEMO_DIR)/keys/demo.key --archive $(DEMO_DIR)/smollm2-135m-instruct-1.0.0.tar --force
 	$(VENV)/bin/slmops bundle verify $(DEMO_DIR)/smollm2-135m-instruct-1.0.0.tar --trusted-key $(DEMO_DIR)/keys/demo.pub
 	$(VENV)/bin/slmops bundle inspect $(DEMO_DIR)/bundle
+	$(VENV)/bin/slmops agent choose $(DEMO_DIR)/bundle
 	$(VENV)/bin/slmops agent chat $(DEMO_DIR)/bundle --trusted-key $(DEMO_DIR)/keys/demo.pub "What is the capital of France?"
 
 test: install
@@ -66,7 +67,8 @@ check: install
 
 bench: install
 	$(PIP) install --quiet -c constraints.txt -e ".[bench]"
-	$(PY) benchmarks/inference.py
+	$(PY) -P benchmarks/inference.py
+	$(PY) -P benchmarks/serving.py
 
 clean:
 	rm -rf $(VENV) .setuptools-build out .slmops-test-home

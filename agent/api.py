@@ -7,7 +7,7 @@ reshaped to it. Streams end with `data: [DONE]`; an error mid-stream is a data e
 
 import json
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -133,7 +133,16 @@ def create_app(server: AgentServer, lifespan: Any = None) -> FastAPI:
         ident, created = completion_id("chatcmpl"), now()
         server.metrics.requests.labels(request.url.path, "200").inc()
         if body.stream:
-            return _sse(request, _chat_chunks(first, events, ident, created, model.model_id, body.include_usage))
+            envelope = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model.model_id}
+            chunks = _sse_chunks(
+                first,
+                events,
+                envelope,
+                lambda text: {"delta": {"content": text} if text else {}},
+                body.include_usage,
+                opening={"delta": {"role": "assistant", "content": ""}},
+            )
+            return _sse(chunks)
         text, finish = await _collect(first, events)
         return JSONResponse(
             {
@@ -162,9 +171,16 @@ def create_app(server: AgentServer, lifespan: Any = None) -> FastAPI:
         prefix = body.prompt_text if body.echo else ""
         server.metrics.requests.labels(request.url.path, "200").inc()
         if body.stream:
-            return _sse(
-                request, _completion_chunks(first, events, ident, created, model.model_id, body.include_usage, prefix)
+            envelope = {"id": ident, "object": "text_completion", "created": created, "model": model.model_id}
+            chunks = _sse_chunks(
+                first,
+                events,
+                envelope,
+                lambda text: {"text": text},
+                body.include_usage,
+                opening={"text": prefix} if prefix else None,
             )
+            return _sse(chunks)
         text, finish = await _collect(first, events)
         return JSONResponse(
             {
@@ -281,7 +297,7 @@ def create_app(server: AgentServer, lifespan: Any = None) -> FastAPI:
                 else:
                     yield json.dumps(final(event)) + "\n"
 
-        return StreamingResponse(_guard(request, ndjson(), ollama=True), media_type="application/x-ndjson")
+        return StreamingResponse(_guard(ndjson(), ollama=True), media_type="application/x-ndjson")
 
     return app
 
@@ -315,98 +331,51 @@ def _usage(finish: Finish) -> Usage:
     )
 
 
-async def _chat_chunks(
+async def _sse_chunks(
     first: Piece | Finish,
     events: AsyncIterator[Piece | Finish],
-    ident: str,
-    created: int,
-    model: str,
+    envelope: dict[str, Any],
+    body: Callable[[str], dict[str, Any]],
     include_usage: bool,
+    opening: dict[str, Any] | None = None,
 ) -> AsyncIterator[str]:
-    def chunk(delta: dict[str, str], finish: str | None = None, **extra: Any) -> str:
-        body = {
-            "id": ident,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
-            **extra,
-        }
-        return f"data: {json.dumps(body)}\n\n"
+    """Events as SSE chunks: `envelope` (id, object, created, model) around one choice each,
+    `body(text)` making the choice's payload; the finish reason, then usage when asked for."""
 
-    yield chunk({"role": "assistant", "content": ""})
+    def chunk(payload: dict[str, Any] | None, finish: str | None = None, **extra: Any) -> str:
+        choices = [] if payload is None else [{"index": 0, **payload, "finish_reason": finish, "logprobs": None}]
+        return f"data: {json.dumps({**envelope, 'choices': choices, **extra})}\n\n"
+
+    if opening is not None:
+        yield chunk(opening)
     async for event in _chain(first, events):
         if isinstance(event, Piece):
-            yield chunk({"content": event.text})
+            yield chunk(body(event.text))
         else:
-            yield chunk({}, event.reason)
+            yield chunk(body(""), event.reason)
             if include_usage:
-                body = {
-                    "id": ident,
-                    "object": "chat.completion.chunk",
-                    "created": created,
-                    "model": model,
-                    "choices": [],
-                    "usage": _usage(event).model_dump(),
-                }
-                yield f"data: {json.dumps(body)}\n\n"
+                yield chunk(None, usage=_usage(event).model_dump())
 
 
-async def _completion_chunks(
-    first: Piece | Finish,
-    events: AsyncIterator[Piece | Finish],
-    ident: str,
-    created: int,
-    model: str,
-    include_usage: bool,
-    prefix: str,
-) -> AsyncIterator[str]:
-    def chunk(text: str, finish: str | None = None) -> str:
-        body = {
-            "id": ident,
-            "object": "text_completion",
-            "created": created,
-            "model": model,
-            "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}],
-        }
-        return f"data: {json.dumps(body)}\n\n"
-
-    if prefix:
-        yield chunk(prefix)
-    async for event in _chain(first, events):
-        if isinstance(event, Piece):
-            yield chunk(event.text)
-        else:
-            yield chunk("", event.reason)
-            if include_usage:
-                body = {
-                    "id": ident,
-                    "object": "text_completion",
-                    "created": created,
-                    "model": model,
-                    "choices": [],
-                    "usage": _usage(event).model_dump(),
-                }
-                yield f"data: {json.dumps(body)}\n\n"
-
-
-def _sse(request: Request, body: AsyncIterator[str]) -> StreamingResponse:
+def _sse(body: AsyncIterator[str]) -> StreamingResponse:
     async def with_done() -> AsyncIterator[str]:
         async for part in body:
             yield part
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(
-        _guard(request, with_done()), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        _guard(with_done()), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
     )
 
 
-async def _guard(request: Request, body: AsyncIterator[str], ollama: bool = False) -> AsyncIterator[str]:
-    """Stop generating when the client leaves; turn a mid-stream failure into a final event."""
+async def _guard(body: AsyncIterator[str], ollama: bool = False) -> AsyncIterator[str]:
+    """Turn a failure after the stream began into a final event, and always close the generation.
+
+    A client that leaves is noticed by Starlette, which cancels this stream; closing `body`
+    then closes the generation, which cancels its engine job.
+    """
     try:
         async for part in body:
-            if await request.is_disconnected():
-                return  # closing `body` closes the generation, which cancels its engine job
             yield part
     except RequestError as e:
         if ollama:

@@ -147,7 +147,15 @@ def _print_choice(manifest: "Manifest", candidates: "list[Candidate]") -> None:
 
 @app.command("serve")
 def serve_cmd(
-    bundle_dir: Annotated[Path, typer.Argument(help="Bundle folder to serve.", exists=True, file_okay=False)],
+    bundle_dir: Annotated[
+        Path | None,
+        typer.Argument(
+            help="Bundle folder to serve. Without one the server starts empty (health 503) "
+            "until `POST /admin/load` names a bundle.",
+            exists=True,
+            file_okay=False,
+        ),
+    ] = None,
     config: ConfigFile = None,
     host: Annotated[str | None, typer.Option(help="Listen address (default 127.0.0.1).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (default 8765).")] = None,
@@ -178,9 +186,11 @@ def serve_cmd(
 
     @asynccontextmanager
     async def lifespan(_app: object) -> AsyncIterator[None]:
-        server.load_bundle_in_background(bundle_dir)
+        if bundle_dir is not None:
+            server.load_bundle_in_background(bundle_dir)
         collector.start()
-        err_console.print(f"serving {bundle_dir} on http://{settings.host}:{settings.port}/v1 (health: /health)")
+        what = bundle_dir or "nothing yet (POST /admin/load)"
+        err_console.print(f"serving {what} on http://{settings.host}:{settings.port}/v1 (health: /health)")
         try:
             yield
         finally:  # uvicorn runs this on SIGINT/SIGTERM before it exits

@@ -37,6 +37,8 @@ class AgentConfig(BaseSettings):
     """Tried first, in this order, before the default NPU > GPU > CPU ranking."""
     forbid_providers: list[ProviderName] = []
 
+    threads: int | None = Field(default=None, ge=1, le=1024)
+    """onnxruntime intra-op threads; unset: the usable CPUs, at most the physical cores."""
     max_active_requests: int = Field(default=4, ge=1, le=256)
     """Requests generating at once (interleaved token by token)."""
     max_queued_requests: int = Field(default=16, ge=0, le=10_000)

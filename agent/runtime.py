@@ -9,10 +9,14 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import onnxruntime_genai as og
+from typing import TYPE_CHECKING
 
 from slmops.errors import SlmopsError
+
+from .hardware import inference_threads
+
+if TYPE_CHECKING:
+    import onnxruntime_genai as og
 
 
 class RuntimeLoadError(SlmopsError):
@@ -62,19 +66,30 @@ class Sampling:
 @dataclass
 class LoadedVariant:
     path: Path
-    model: og.Model
-    tokenizer: og.Tokenizer
+    model: "og.Model"
+    tokenizer: "og.Tokenizer"
     context_length: int
     eos_token_ids: frozenset[int] = field(default_factory=frozenset)
 
     @classmethod
-    def load(cls, path: Path) -> "LoadedVariant":
+    def load(cls, path: Path, threads: int | None = None) -> "LoadedVariant":
+        """Load a variant folder; `threads` for onnxruntime's intra-op pool (default: `inference_threads()`).
+
+        Left unset, onnxruntime-genai's pool decoded SmolLM2 int4 at 125-131 tokens/s on a
+        2-CPU machine where an explicit 2 gave 209-213 (benchmarks/serving.py notes).
+        """
         config_path = path / "genai_config.json"
         if not config_path.is_file():
             raise RuntimeLoadError(f"{path} is not an onnxruntime-genai model folder: no genai_config.json")
         config = json.loads(config_path.read_text())
+        import onnxruntime_genai as og  # here, not at the top: an agent without a model stays small
+
+        threads = threads or inference_threads()
+        session = {"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}
         try:
-            model = og.Model(str(path))
+            og_config = og.Config(str(path))
+            og_config.overlay(json.dumps(session))
+            model = og.Model(og_config)
         except Exception as e:  # onnxruntime-genai raises plain RuntimeError for every load failure
             raise RuntimeLoadError(f"onnxruntime-genai cannot load {path}: {e}") from None
         eos = config["model"].get("eos_token_id", [])
@@ -129,6 +144,8 @@ class LoadedVariant:
 
     def token_logits(self, token_ids: list[int]):
         """Logits for every position of one forward pass (numpy, [len, vocab])."""
+        import onnxruntime_genai as og
+
         params = og.GeneratorParams(self.model)
         params.set_search_options(max_length=len(token_ids) + 1, batch_size=1)
         generator = og.Generator(self.model, params)
@@ -145,6 +162,8 @@ class Generation:
         self.ignore_eos = sampling.ignore_eos
         self.stats = GenerationStats(prompt_tokens=len(prompt_ids))
         total = len(prompt_ids) + max_new_tokens
+        import onnxruntime_genai as og
+
         params = og.GeneratorParams(variant.model)
         params.set_search_options(
             max_length=total, min_length=total if sampling.ignore_eos else 0, batch_size=1, **sampling.search_options()

@@ -98,7 +98,7 @@ def load_best_variant(bundle: Bundle, config: AgentConfig, fallbacks: list[str])
         raise SlmopsError(f"no variant of {bundle.manifest.name} can run here ({reasons})")
     for candidate in usable:
         try:
-            return candidate.variant, LoadedVariant.load(bundle.variant_dir(candidate.variant.id))
+            return candidate.variant, LoadedVariant.load(bundle.variant_dir(candidate.variant.id), config.threads)
         except RuntimeLoadError as e:
             note = f"{candidate.variant.id}: {e}"
             fallbacks.append(note)

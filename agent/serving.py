@@ -108,40 +108,53 @@ class Serving:
             self.engine.submit(job)
         except QueueFull as e:
             self.metrics.error("queue_full")
-            error = RequestError(429, str(e), "rate_limit_exceeded", "queue_full")
-            error.headers["Retry-After"] = str(e.retry_after_s)
-            raise error from None
+            refusal = RequestError(429, str(e), "rate_limit_exceeded", "queue_full")
+            refusal.headers["Retry-After"] = str(e.retry_after_s)
+            raise refusal from None
         started = time.perf_counter()
         stops = StopMatcher(fields.stop_sequences)
-        kind, finish = "", None
+        finish: str | None = None
+        error: str | None = None
         try:
-            while finish is None:
-                kind, value = await job.events.get()
-                if kind == "text":
-                    text, stopped = stops.feed(value)
-                    if text:
-                        yield Piece(text)
-                    if stopped:
-                        finish = "stop"
-                elif kind == "done":
-                    if tail := stops.flush():
-                        yield Piece(tail)
-                    finish = "stop" if value == "stop" else "length"
-                else:
-                    raise RequestError(500, f"generation failed: {value}", "server_error")
+            while finish is None and error is None:
+                # Take every event already waiting: a client that fell behind gets one piece for
+                # several tokens instead of paying HTTP framing per token.
+                events = [await job.events.get()]
+                while not job.events.empty():
+                    events.append(job.events.get_nowait())
+                text: list[str] = []
+                for kind, value in events:
+                    if kind == "text":
+                        piece, stopped = stops.feed(value)
+                        text.append(piece)
+                        if stopped:
+                            finish = "stop"
+                            break
+                    elif kind == "done":
+                        text.append(stops.flush())
+                        finish = "stop" if value == "stop" else "length"
+                        break
+                    else:
+                        error = value
+                        break
+                if joined := "".join(text):
+                    yield Piece(joined)
+            if error is not None:
+                raise RequestError(500, f"generation failed: {error}", "server_error")
         finally:
             # Also reached when the client left (GeneratorExit, CancelledError): the engine
             # drops the job at its next turn, and the request is counted as cancelled.
             job.cancelled.set()
             stats = job.stats
             self.metrics.observe(
-                "error" if kind == "error" else "ok" if finish else "cancelled",
+                "error" if error is not None else "ok" if finish else "cancelled",
                 len(prompt_ids),
                 stats.new_tokens,
                 stats.time_to_first_token_s,
                 stats.decode_tokens_per_s,
                 time.perf_counter() - started,
             )
+        assert finish is not None
         total = time.perf_counter() - started
         yield Finish(
             finish,

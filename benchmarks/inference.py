@@ -110,14 +110,11 @@ def run_transformers(model_dir: str, runs: int, new_tokens: int, threads: int) -
     }
 
 
-def run_llama_cpp(gguf: str, runs: int, new_tokens: int, threads: int) -> dict:
-    import numpy as np
-    from llama_cpp import Llama
-
-    from slmops.build.evaluate import BENCH_PROMPT, PERPLEXITY_WINDOW_TOKENS, heldout_text, perplexity
-
-    llm = Llama(model_path=gguf, n_ctx=2048, n_threads=threads, n_batch=512, logits_all=True, verbose=False)
+def llama_cpp_decode(llm, runs: int, new_tokens: int) -> tuple[float, float]:
+    """Median decode tokens/s and TTFT (s) of llama.cpp on BENCH_PROMPT, greedy, after a warm-up."""
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    from slmops.build.evaluate import BENCH_PROMPT
 
     formatter = Jinja2ChatFormatter(
         template=llm.metadata["tokenizer.chat_template"], eos_token="<|im_end|>", bos_token="<|im_start|>"
@@ -136,19 +133,32 @@ def run_llama_cpp(gguf: str, runs: int, new_tokens: int, threads: int) -> dict:
         if i:
             ttfts.append(stamps[0] - started)
             speeds.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
+    return statistics.median(speeds), statistics.median(ttfts)
+
+
+def run_llama_cpp(gguf: str, runs: int, new_tokens: int, threads: int, with_perplexity: bool = True) -> dict:
+    import numpy as np
+    from llama_cpp import Llama
+
+    from slmops.build.evaluate import PERPLEXITY_WINDOW_TOKENS, heldout_text, perplexity
+
+    llm = Llama(model_path=gguf, n_ctx=2048, n_threads=threads, n_batch=512, logits_all=with_perplexity, verbose=False)
+    speed, ttft = llama_cpp_decode(llm, runs, new_tokens)
     rss = _peak_rss()
-    ids = llm.tokenize(heldout_text().encode(), add_bos=False)
+    ppl = None
+    if with_perplexity:
+        ids = llm.tokenize(heldout_text().encode(), add_bos=False)
 
-    def window_logits(chunk: list[int]) -> np.ndarray:
-        llm.reset()
-        llm.eval(chunk)
-        return np.asarray(llm.scores[: len(chunk)])
+        def window_logits(chunk: list[int]) -> np.ndarray:
+            llm.reset()
+            llm.eval(chunk)
+            return np.asarray(llm.scores[: len(chunk)])
 
-    ppl, _ = perplexity(ids, window_logits, PERPLEXITY_WINDOW_TOKENS)
+        ppl, _ = perplexity(ids, window_logits, PERPLEXITY_WINDOW_TOKENS)
     return {
         "engine": "llama.cpp Q4_1 GGUF (llama-cpp-python)",
-        "decode_tokens_per_s": statistics.median(speeds),
-        "ttft_ms": statistics.median(ttfts) * 1000,
+        "decode_tokens_per_s": speed,
+        "ttft_ms": ttft * 1000,
         "peak_rss_bytes": rss,
         "size_bytes": Path(gguf).stat().st_size,
         "perplexity": ppl,

@@ -29,6 +29,7 @@ def test_flags_beat_environment_beat_file(tmp_path: Path, monkeypatch: pytest.Mo
     ("toml", "named"),
     [
         ("port = 70000", "port"),
+        ("threads = 0", "threads"),
         ('max_active_requests = "many"', "max_active_requests"),
         ("telemetry_interval_s = -1", "telemetry_interval_s"),
         ('prefer_providers = ["gpu9000"]', "prefer_providers.0"),

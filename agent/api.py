@@ -363,9 +363,7 @@ def _sse(body: AsyncIterator[str]) -> StreamingResponse:
             yield part
         yield "data: [DONE]\n\n"
 
-    return StreamingResponse(
-        _guard(with_done()), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
-    )
+    return StreamingResponse(_guard(with_done()), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 async def _guard(body: AsyncIterator[str], ollama: bool = False) -> AsyncIterator[str]:

@@ -166,6 +166,7 @@ def serve_cmd(
 ) -> None:
     """Serve a bundle on an OpenAI- and Ollama-compatible HTTP API (localhost by default)."""
     import logging
+    import socket
     from collections.abc import AsyncIterator
     from contextlib import asynccontextmanager
 
@@ -180,6 +181,11 @@ def serve_cmd(
         settings = agent_config.load(config, host=host, port=port, api_key=api_key, trusted_keys=trusted_key)
     except SlmopsError as e:
         fail(str(e), code=2)
+    try:  # bound here, so a taken port is one clear line before anything starts
+        family = socket.getaddrinfo(settings.host, settings.port, type=socket.SOCK_STREAM)[0][0]
+        listener = socket.create_server((settings.host, settings.port), family=family)
+    except OSError as e:
+        fail(f"cannot listen on {settings.host}:{settings.port}: {e.strerror or e}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     server = AgentServer(settings)
     collector = TelemetryCollector(server, settings)
@@ -198,13 +204,8 @@ def serve_cmd(
             server.close()
             err_console.print("stopped: requests drained, telemetry closed")
 
-    uvicorn.run(
-        create_app(server, lifespan),
-        host=settings.host,
-        port=settings.port,
-        log_level="warning",
-        timeout_graceful_shutdown=30,
-    )
+    web = uvicorn.Config(create_app(server, lifespan), log_level="warning", timeout_graceful_shutdown=30)
+    uvicorn.Server(web).run(sockets=[listener])
 
 
 @app.command("telemetry")

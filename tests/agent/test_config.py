@@ -64,3 +64,13 @@ def test_serve_with_a_bad_config_stops_before_starting(tmp_path: Path, session_b
     result = CliRunner().invoke(app, ["agent", "serve", str(session_bundle), "--config", str(file)])
     assert result.exit_code == 2
     assert "max_queued_requests" in result.output
+
+
+def test_serve_on_a_taken_port_says_so(tmp_path: Path) -> None:
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        result = CliRunner().invoke(app, ["agent", "serve", "--port", str(port)])
+    assert result.exit_code == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in result.output

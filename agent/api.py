@@ -261,9 +261,10 @@ def create_app(server: AgentServer, lifespan: Any = None) -> FastAPI:
             top_k=options.top_k,
             seed=options.seed,
             stop=options.stop,
+            repetition_penalty=options.repeat_penalty,
         )
         model_id = model.model_id
-        events = serving.generate(model, prompt, fields, options.num_predict)
+        events = serving.generate(model, prompt, fields, options.max_tokens)
         first = await _first(events)
         server.metrics.requests.labels(request.url.path, "200").inc()
 

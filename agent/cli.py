@@ -27,13 +27,16 @@ def chat_cmd(
         str | None, typer.Option(help="Variant id to run (default: the one `agent choose` picks).")
     ] = None,
     max_tokens: Annotated[int, typer.Option(min=1, help="Most tokens to generate.")] = 256,
+    repetition_penalty: Annotated[
+        float, typer.Option(min=0.01, max=2.0, help="> 1 discourages repeats (1 = plain greedy).")
+    ] = 1.1,
     trusted_key: Annotated[
         list[Path] | None, typer.Option("--trusted-key", "-k", help="Public key to trust.", exists=True)
     ] = None,
 ) -> None:
-    """Verify a bundle, then answer one chat message from it, streaming the reply."""
+    """Verify a bundle, then answer one chat message from it (greedy), streaming the reply."""
     from slmops.agent import config as agent_config
-    from slmops.agent.runtime import GenerationStats, LoadedVariant
+    from slmops.agent.runtime import LoadedVariant, Sampling
     from slmops.agent.server import load_best_variant
     from slmops.bundle import verify_bundle
     from slmops.signing import trusted_keys
@@ -51,10 +54,12 @@ def chat_cmd(
     except (SlmopsError, KeyError) as e:
         fail(str(e))
     ids = loaded.encode(loaded.chat_prompt([{"role": "user", "content": prompt}]))
-    stats = GenerationStats()
-    for piece in loaded.stream_text(loaded.generate(ids, min(max_tokens, loaded.context_length - len(ids)), stats)):
+    sampling = Sampling(repetition_penalty=repetition_penalty)
+    generation = loaded.start(ids, min(max_tokens, loaded.context_length - len(ids)), sampling)
+    for piece in loaded.stream_text(iter(generation.step, None)):
         console.print(piece, end="", highlight=False, markup=False)
     console.print()
+    stats = generation.stats
     err_console.print(
         f"[dim]{bundle.manifest.name} {bundle.manifest.version} {variant}: {stats.new_tokens} tokens, "
         f"first after {stats.time_to_first_token_s * 1000:.0f} ms, {stats.decode_tokens_per_s:.1f} tokens/s[/]"

@@ -49,6 +49,8 @@ class SamplingFields(BaseModel):
     stop: str | list[str] | None = None
     ignore_eos: bool = False
     """vLLM's and llama.cpp's extension: generate exactly max_tokens (benchmarks)."""
+    repetition_penalty: float = Field(default=1.0, gt=0, le=2)
+    """vLLM's extension; > 1 discourages repeating tokens."""
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1, le=1, description="one choice per request")
@@ -129,8 +131,14 @@ class OllamaOptions(BaseModel):
     top_p: float = Field(default=0.9, gt=0, le=1)
     top_k: int = Field(default=40, ge=0)
     seed: int | None = None
-    num_predict: int | None = None
+    num_predict: int | None = Field(default=None, ge=-2)
+    """Ollama: -1 unlimited, -2 fill the context; here both mean the agent's default_max_tokens."""
     stop: list[str] | None = None
+    repeat_penalty: float = Field(default=1.1, gt=0, le=2)
+
+    @property
+    def max_tokens(self) -> int | None:
+        return self.num_predict if self.num_predict and self.num_predict > 0 else None
 
 
 class OllamaChatRequest(BaseModel):

@@ -47,15 +47,16 @@ class Sampling:
     seed: int | None = None
     ignore_eos: bool = False
     """Generate exactly max_new_tokens (benchmarks, load tests)."""
+    repetition_penalty: float = 1.0
+    """> 1 discourages tokens already in the sequence (1.1 stops small models looping)."""
 
     def search_options(self) -> dict[str, float | int | bool]:
+        options: dict[str, float | int | bool] = {"do_sample": self.temperature > 0}
+        if self.repetition_penalty != 1.0:
+            options["repetition_penalty"] = self.repetition_penalty
         if self.temperature <= 0:
-            return {"do_sample": False}
-        options: dict[str, float | int | bool] = {
-            "do_sample": True,
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-        }
+            return options
+        options.update(temperature=self.temperature, top_p=self.top_p)
         if self.top_k > 0:
             options["top_k"] = self.top_k
         if self.seed is not None:

@@ -102,6 +102,7 @@ class Serving:
             top_k=fields.top_k,
             seed=fields.seed,
             ignore_eos=fields.ignore_eos,
+            repetition_penalty=fields.repetition_penalty,
         )
         job = Job(prompt_ids, max_new, sampling, asyncio.get_running_loop())
         try:

@@ -63,3 +63,11 @@ def test_bad_requests_get_ollama_errors(agent) -> None:
     assert wrong_model.status_code == 404 and "not served here" in wrong_model.json()["error"]
     too_long = http.post("/api/generate", json={"prompt": "word " * 2100, "raw": True, "stream": False})
     assert too_long.status_code == 400 and "2048 tokens" in too_long.json()["error"]
+
+
+def test_unlimited_num_predict_is_bounded_by_the_agents_default(start_agent, session_bundle: Path) -> None:
+    agent = start_agent(session_bundle, default_max_tokens=20)
+    reply = agent.http().post(
+        "/api/generate", json={"prompt": "Hi", "stream": False, "options": {"num_predict": -1, "temperature": 0}}
+    )
+    assert reply.status_code == 200 and 1 <= reply.json()["eval_count"] <= 20

@@ -251,3 +251,19 @@ def test_metrics_in_prometheus_format(agent) -> None:
         "slmops_agent_active_requests",
     ):
         assert f"\n{series} " in text, series
+
+
+def test_repetition_penalty_breaks_a_loop(agent) -> None:
+    client = agent.openai()
+
+    def completion_ids(penalty: float) -> list[int]:
+        text = client.completions.create(
+            prompt="Once upon a time", max_tokens=30, extra_body={"repetition_penalty": penalty}, **GREEDY
+        )
+        return agent.server.engine.current.variant.encode(text.choices[0].text)
+
+    looping, penalised = completion_ids(1.0), completion_ids(2.0)
+    assert len(set(looping)) < len(looping), "the tiny model's greedy answer repeats tokens"
+    assert len(set(penalised)) > len(set(looping))
+    with pytest.raises(openai.BadRequestError, match="repetition_penalty"):
+        client.completions.create(prompt="Hi", max_tokens=2, extra_body={"repetition_penalty": 0}, **GREEDY)

@@ -4,21 +4,19 @@ Defaults work out of the box (localhost, port 8765, no API key, data under the s
 home). A bad value stops start-up with an error naming the key.
 """
 
-import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError
-from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from slmops import paths
-from slmops.errors import SlmopsError
+from slmops.settings import ConfigError, load_settings
 
 ProviderName = Literal["cpu", "cuda", "dml", "webgpu", "qnn", "openvino", "coreml", "tensorrt", "trt-rtx", "rocm"]
 
 
-class ConfigError(SlmopsError):
-    pass
+__all__ = ["AgentConfig", "ConfigError", "load"]
 
 
 class AgentConfig(BaseSettings):
@@ -55,34 +53,5 @@ class AgentConfig(BaseSettings):
 
 
 def load(config_file: Path | None = None, **overrides: Any) -> AgentConfig:
-    """Overrides (CLI flags) > SLMOPS_AGENT_* environment > TOML file > defaults.
-
-    Every bad key is named at once, with the file it came from.
-    """
-    toml: dict[str, Any] = {}
-    if config_file is not None:
-        try:
-            toml = tomllib.loads(config_file.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file {config_file} does not exist") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"config file {config_file} is not valid TOML: {e}") from None
-
-    class FromFile(AgentConfig):
-        @classmethod
-        def settings_customise_sources(  # type: ignore[override]
-            cls,
-            settings_cls: type[BaseSettings],
-            init_settings: PydanticBaseSettingsSource,
-            env_settings: PydanticBaseSettingsSource,
-            **_: PydanticBaseSettingsSource,
-        ) -> tuple[PydanticBaseSettingsSource, ...]:
-            return (init_settings, env_settings, InitSettingsSource(settings_cls, init_kwargs=toml))
-
-    try:
-        config = FromFile(**{k: v for k, v in overrides.items() if v is not None})
-    except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}" for err in e.errors())
-        where = f" in {config_file}" if config_file else ""
-        raise ConfigError(f"bad agent configuration{where}: {problems}") from None
-    return AgentConfig.model_construct(**config.model_dump())
+    """Overrides (CLI flags) > SLMOPS_AGENT_* environment > TOML file > defaults."""
+    return load_settings(AgentConfig, config_file, overrides, "agent")

@@ -3,7 +3,7 @@
     slmops build ...       model pipeline (slmops.build.cli)   needs the `build` extra
     slmops bundle ...      create, inspect, verify, sign, keygen, unpack
     slmops agent ...       the device side (slmops.agent.cli)
-    slmops controller ...  the fleet service (arrives with the controller)
+    slmops controller ...  the fleet service (slmops.controller.cli)
     slmops fleet ...       fleet operations (arrives with the controller)
 
 Sub-apps import heavy packages inside their commands, so `--help` stays instant
@@ -30,9 +30,6 @@ app = typer.Typer(
 bundle_app = typer.Typer(
     help="Signed model bundles: create them from an export, inspect, verify, sign, unpack; make signing keys.",
     no_args_is_help=True,
-)
-controller_app = typer.Typer(
-    help="The fleet controller service (REST API, registry, MQTT bridge). Not built yet: see issue 4.",
 )
 fleet_app = typer.Typer(
     help="Fleet operations against a controller: devices, rollouts. Not built yet: see issue 4.",
@@ -149,6 +146,73 @@ def unpack_cmd(
     console.print(f"[green]✓[/] {manifest.name} {manifest.version} unpacked and verified in {dest}")
 
 
+@bundle_app.command("push")
+def push_cmd(
+    path: Annotated[Path, typer.Argument(help="Bundle folder or .tar archive.", exists=True)],
+    controller: Annotated[
+        str, typer.Option(envvar="SLMOPS_CONTROLLER_URL", help="Controller base URL.")
+    ] = "http://127.0.0.1:8700",
+    token: Annotated[str | None, typer.Option(envvar="SLMOPS_TOKEN", help="Admin API token.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the registry's answer as JSON.")] = False,
+) -> None:
+    """Upload a bundle to the controller, which verifies signature and digests before registering it."""
+    import tempfile
+
+    import httpx
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+    from slmops.bundle import Bundle, write_archive
+
+    if token is None:
+        fail("no API token: pass --token or set SLMOPS_TOKEN", code=2)
+    with tempfile.TemporaryDirectory() as scratch:
+        try:
+            archive = path if path.is_file() else write_archive(Bundle.open(path), Path(scratch) / "bundle.tar")
+        except SlmopsError as e:
+            fail(str(e))
+        size = archive.stat().st_size
+        with Progress(
+            *Progress.get_default_columns()[:1],
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            console=err_console,
+            transient=True,
+        ) as progress:
+            task = progress.add_task(f"pushing {path.name}", total=size)
+
+            def body():
+                with archive.open("rb") as f:
+                    while chunk := f.read(1 << 20):
+                        progress.advance(task, len(chunk))
+                        yield chunk
+
+            try:
+                response = httpx.post(
+                    f"{controller.rstrip('/')}/v1/bundles",
+                    content=body(),
+                    headers={
+                        "Authorization": f"Bearer {token}",
+                        "Content-Type": "application/x-tar",
+                        "Content-Length": str(size),
+                    },
+                    timeout=httpx.Timeout(30, read=600),
+                )
+            except httpx.HTTPError as e:
+                fail(f"cannot reach the controller at {controller}: {e}")
+    reply = response.json() if response.headers.get("content-type", "").startswith("application/json") else {}
+    if response.status_code >= 400:
+        message = reply.get("error", {}).get("message") or response.text
+        if as_json:
+            print(json.dumps({"ok": False, "status": response.status_code, "error": message}))
+        fail(f"the controller refused {path.name} ({response.status_code}): {message}")
+    if as_json:
+        print(json.dumps({"ok": True, "new": response.status_code == 201, **reply}))
+        return
+    state = "registered" if response.status_code == 201 else "already registered"
+    console.print(f"[green]✓[/] {reply['name']} {reply['version']} {state} (digest {reply['digest'][:12]})")
+
+
 @bundle_app.command("inspect")
 def inspect_cmd(
     path: Annotated[Path, typer.Argument(help="Bundle folder.", exists=True, file_okay=False)],
@@ -203,6 +267,7 @@ app.add_typer(bundle_app, name="bundle")
 def _mount_optional() -> None:
     from slmops.agent.cli import app as agent_app
     from slmops.build.cli import app as build_app
+    from slmops.controller.cli import app as controller_app
 
     app.add_typer(build_app, name="build")
     app.add_typer(agent_app, name="agent")

@@ -51,4 +51,5 @@ def load_settings(cls: type[S], config_file: Path | None, overrides: dict[str, A
         problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}" for err in e.errors())
         where = f" in {config_file}" if config_file else ""
         raise ConfigError(f"bad {what} configuration{where}: {problems}") from None
-    return cls.model_construct(**loaded.model_dump())
+    # The plain class, not FromFile; field values as validated (nested models stay models).
+    return cls.model_construct(**{name: getattr(loaded, name) for name in cls.model_fields})

@@ -1,0 +1,99 @@
+"""The controller's REST API (OpenAPI docs at /docs): thin routes over the registry.
+
+Auth: `Authorization: Bearer <token>`; readers may GET, admins may change. Every error
+has one shape, `{"error": {"message", "type", "code"}}`.
+"""
+
+import secrets
+import tempfile
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+
+from slmops.errors import BundleError
+
+from .config import ApiToken, ControllerConfig
+from .protocol import AuditEntry, BundleDetail, BundleSummary, error_body
+from .registry import Actor, Registry, RegistryError
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type_: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.code = status, message, type_, code
+
+
+def create_app(config: ControllerConfig, registry: Registry, tokens: list[ApiToken], lifespan: Any = None) -> FastAPI:
+    app = FastAPI(
+        title="slmops controller", description="Registry and fleet control for slmops bundles", lifespan=lifespan
+    )
+
+    def actor(request: Request) -> Actor:
+        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        for t in tokens:
+            if given and secrets.compare_digest(given.encode(), t.token.encode()):
+                return Actor(t.name, t.role)
+        raise ApiError(401, "missing or unknown API token (Authorization: Bearer ...)", "authentication_error")
+
+    def admin(who: Annotated[Actor, Depends(actor)]) -> Actor:
+        if who.role != "admin":
+            raise ApiError(403, f"{who.name} is a reader; this needs an admin token", "permission_error")
+        return who
+
+    @app.exception_handler(ApiError)
+    async def api_error(_request: Request, e: ApiError) -> JSONResponse:
+        return JSONResponse(error_body(e.message, e.type, e.code), status_code=e.status)
+
+    @app.exception_handler(RegistryError)
+    async def registry_error(_request: Request, e: RegistryError) -> JSONResponse:
+        return JSONResponse(error_body(str(e), "registry_error", type(e).__name__), status_code=e.status)
+
+    @app.exception_handler(BundleError)
+    async def bundle_error(_request: Request, e: BundleError) -> JSONResponse:
+        return JSONResponse(error_body(str(e), "invalid_bundle", type(e).__name__), status_code=422)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_request: Request, e: RequestValidationError) -> JSONResponse:
+        message = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())
+        return JSONResponse(error_body(message, "invalid_request_error"), status_code=400)
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.post("/v1/bundles", status_code=201, response_model=BundleSummary)
+    async def push_bundle(request: Request, who: Annotated[Actor, Depends(admin)]) -> Response:
+        """Upload a bundle archive (the body is the .tar); it is verified before it is registered."""
+        with tempfile.TemporaryFile(dir=config.store_dir) as upload:  # on disk: bundles are large
+            received = 0
+            async for chunk in request.stream():
+                received += len(chunk)
+                if received > config.max_upload_bytes:
+                    raise ApiError(413, f"the upload exceeds {config.max_upload_bytes} bytes", "invalid_request_error")
+                upload.write(chunk)
+            upload.seek(0)
+            row, created = await run_in_threadpool(registry.push, upload, who)
+        summary = BundleSummary.of(row).model_dump(mode="json")
+        return JSONResponse(summary, status_code=201 if created else 200)
+
+    @app.get("/v1/bundles", dependencies=[Depends(actor)])
+    async def list_bundles() -> list[BundleSummary]:
+        return [BundleSummary.of(row) for row in await run_in_threadpool(registry.bundles)]
+
+    @app.get("/v1/bundles/{name}/{version}", dependencies=[Depends(actor)])
+    async def get_bundle(name: str, version: str) -> BundleDetail:
+        return BundleDetail.of(await run_in_threadpool(registry.bundle, name, version))
+
+    @app.delete("/v1/bundles/{name}/{version}", status_code=204)
+    async def delete_bundle(name: str, version: str, who: Annotated[Actor, Depends(admin)]) -> Response:
+        await run_in_threadpool(registry.delete, name, version, who)
+        return Response(status_code=204)
+
+    @app.get("/v1/audit", dependencies=[Depends(admin)])
+    async def audit(limit: int = 100) -> list[AuditEntry]:
+        return [AuditEntry.of(row) for row in await run_in_threadpool(registry.audit, limit)]
+
+    return app

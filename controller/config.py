@@ -1,0 +1,51 @@
+"""The controller's configuration: one TOML file plus SLMOPS_CONTROLLER_* environment variables.
+
+Defaults run everything embedded on one host: SQLite (WAL) and a bundle store under the
+slmops home. `database_url` points at PostgreSQL (postgresql+psycopg://...) in production.
+"""
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from slmops import paths
+from slmops.settings import ConfigError, load_settings
+
+__all__ = ["ApiToken", "ConfigError", "ControllerConfig", "load"]
+
+
+class ApiToken(BaseModel):
+    name: str = Field(min_length=1)
+    """Who uses it; recorded in the audit log for every change it makes."""
+    token: str = Field(min_length=16)
+    role: Literal["admin", "reader"]
+
+
+class ControllerConfig(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SLMOPS_CONTROLLER_", extra="forbid", env_nested_delimiter="__")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8700, ge=0, le=65535)
+    data_dir: Path = Field(default_factory=lambda: paths.home() / "controller")
+    database_url: str | None = None
+    """SQLAlchemy URL; unset: SQLite in the data folder."""
+    trusted_keys: list[Path] = []
+    """Keys pushed bundles must be signed with; empty: the trusted-keys folder of the slmops home."""
+    tokens: list[ApiToken] = []
+    """API bearer tokens. With none, the first start writes an admin token to data_dir/admin.token."""
+    max_upload_bytes: int = Field(default=16 * 2**30, ge=1)
+
+    @property
+    def database(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'controller.sqlite'}"
+
+    @property
+    def store_dir(self) -> Path:
+        return self.data_dir / "store"
+
+
+def load(config_file: Path | None = None, **overrides: Any) -> ControllerConfig:
+    """Overrides (CLI flags) > SLMOPS_CONTROLLER_* environment > TOML file > defaults."""
+    return load_settings(ControllerConfig, config_file, overrides, "controller")

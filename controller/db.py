@@ -1,0 +1,83 @@
+"""The controller's database: tables, engine, migrations.
+
+SQLite (WAL, foreign keys on) on one host, PostgreSQL when outgrown; the same SQLAlchemy 2
+models and Alembic migrations (controller/migrations) serve both. `open_database` brings
+the schema to the newest revision before anything uses it.
+"""
+
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, ClassVar
+
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from sqlalchemy import JSON, BigInteger, DateTime, Engine, ForeignKey, String, UniqueConstraint, create_engine, event
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map: ClassVar = {dict[str, Any]: JSON, datetime: DateTime(timezone=True)}
+
+
+class BundleRow(Base):
+    """A bundle in the registry: verified on ingest, its files in the store under `digest`."""
+
+    __tablename__ = "bundle"
+    __table_args__ = (UniqueConstraint("name", "version"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(128))
+    version: Mapped[str] = mapped_column(String(64))
+    digest: Mapped[str] = mapped_column(String(64), unique=True)
+    """sha256 of the manifest's canonical JSON, which lists every file's sha256."""
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    manifest: Mapped[dict[str, Any]]
+    pushed_at: Mapped[datetime] = mapped_column(default=utcnow)
+    pushed_by: Mapped[str] = mapped_column(String(128))
+
+
+class AuditRow(Base):
+    """One change made through the API, by whom, to what."""
+
+    __tablename__ = "audit"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    actor: Mapped[str] = mapped_column(String(128))
+    action: Mapped[str] = mapped_column(String(64))
+    target: Mapped[str] = mapped_column(String(256))
+    detail: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    bundle_id: Mapped[int | None] = mapped_column(ForeignKey("bundle.id", ondelete="SET NULL"), default=None)
+
+
+def open_database(url: str) -> Engine:
+    """An engine on `url` with the schema migrated to the newest revision."""
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url, pool_pre_ping=True)
+    if engine.dialect.name == "sqlite":
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(connection: Any, _record: Any) -> None:
+            cursor = connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.close()
+
+    migrate(engine)
+    return engine
+
+
+def migrate(engine: Engine, revision: str = "head") -> None:
+    config = AlembicConfig()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, revision)

@@ -1,0 +1,109 @@
+"""The registry: which bundles the controller holds, who changed what (audit).
+
+Every change goes through here, in one transaction with its audit row. Errors carry the
+HTTP status the API answers with.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
+
+from slmops.errors import SlmopsError
+
+from .db import AuditRow, BundleRow
+from .store import BundleStore
+
+
+class RegistryError(SlmopsError):
+    status = 400
+
+
+class NotFound(RegistryError):
+    status = 404
+
+
+class Conflict(RegistryError):
+    status = 409
+
+
+@dataclass(frozen=True)
+class Actor:
+    name: str
+    role: str
+
+
+class Registry:
+    def __init__(self, engine: Engine, store: BundleStore, keys: list[Ed25519PublicKey]) -> None:
+        self.engine = engine
+        self.store = store
+        self.keys = keys
+
+    def push(self, archive: Path | IO[bytes], actor: Actor) -> tuple[BundleRow, bool]:
+        """Verify and register a bundle archive. Returns the row and whether it is new.
+
+        Pushing the same content again is a no-op; other content under a name and version
+        already taken is refused (versions are immutable).
+        """
+        manifest, digest = self.store.ingest(archive, self.keys)
+        with Session(self.engine, expire_on_commit=False) as session, session.begin():
+            existing = session.scalars(
+                select(BundleRow).where(BundleRow.name == manifest.name, BundleRow.version == manifest.version)
+            ).one_or_none()
+            if existing is not None:
+                if existing.digest == digest:
+                    return existing, False
+                raise Conflict(
+                    f"{manifest.name} {manifest.version} is registered with other content "
+                    f"(digest {existing.digest[:12]}); versions are immutable: push a new version"
+                )
+            row = BundleRow(
+                name=manifest.name,
+                version=manifest.version,
+                digest=digest,
+                size_bytes=sum(v.size_bytes for v in manifest.variants),
+                manifest=manifest.model_dump(mode="json"),
+                pushed_by=actor.name,
+            )
+            session.add(row)
+            session.flush()
+            self._audit(session, actor, "bundle.push", f"{row.name}:{row.version}", {"digest": digest}, row.id)
+            return row, True
+
+    def bundles(self) -> list[BundleRow]:
+        with Session(self.engine) as session:
+            return list(session.scalars(select(BundleRow).order_by(BundleRow.name, BundleRow.pushed_at)))
+
+    def bundle(self, name: str, version: str) -> BundleRow:
+        with Session(self.engine) as session:
+            row = session.scalars(
+                select(BundleRow).where(BundleRow.name == name, BundleRow.version == version)
+            ).one_or_none()
+        if row is None:
+            raise NotFound(f"no bundle {name} {version} in the registry")
+        return row
+
+    def delete(self, name: str, version: str, actor: Actor) -> None:
+        with Session(self.engine) as session, session.begin():
+            row = session.scalars(
+                select(BundleRow).where(BundleRow.name == name, BundleRow.version == version)
+            ).one_or_none()
+            if row is None:
+                raise NotFound(f"no bundle {name} {version} in the registry")
+            digest = row.digest
+            self._audit(session, actor, "bundle.delete", f"{name}:{version}", {"digest": digest}, None)
+            session.delete(row)
+        self.store.delete(digest)
+
+    def audit(self, limit: int = 100) -> list[AuditRow]:
+        with Session(self.engine) as session:
+            return list(session.scalars(select(AuditRow).order_by(AuditRow.id.desc()).limit(limit)))
+
+    @staticmethod
+    def _audit(
+        session: Session, actor: Actor, action: str, target: str, detail: dict[str, Any], bundle_id: int | None
+    ) -> None:
+        session.add(AuditRow(actor=actor.name, action=action, target=target, detail=detail, bundle_id=bundle_id))

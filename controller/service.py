@@ -1,0 +1,47 @@
+"""One controller process: configuration in, the app with its database, store and registry out."""
+
+import logging
+import os
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from slmops.signing import trusted_keys
+
+from .api import create_app
+from .config import ApiToken, ControllerConfig
+from .db import open_database
+from .registry import Registry
+from .store import BundleStore
+
+log = logging.getLogger(__name__)
+
+
+def api_tokens(config: ControllerConfig) -> list[ApiToken]:
+    """The configured tokens, or one admin token kept in data_dir/admin.token (made on first start)."""
+    if config.tokens:
+        return config.tokens
+    path = config.data_dir / "admin.token"
+    if not path.is_file():
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(32) + "\n")
+        log.warning("no API tokens configured: wrote an admin token to %s", path)
+    return [ApiToken(name="admin", token=path.read_text().strip(), role="admin")]
+
+
+def build_app(config: ControllerConfig) -> FastAPI:
+    engine = open_database(config.database)
+    registry = Registry(engine, BundleStore(config.store_dir), trusted_keys(config.trusted_keys))
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            engine.dispose()
+
+    return create_app(config, registry, api_tokens(config), lifespan)

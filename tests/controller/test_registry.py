@@ -1,0 +1,114 @@
+"""The bundle registry through the REST API, on SQLite and on PostgreSQL."""
+
+from pathlib import Path
+
+import pytest
+from sqlalchemy import inspect
+
+from slmops.bundle import Bundle, write_archive
+
+ADMIN = {"Authorization": "Bearer admin-token-0123456789"}
+READER = {"Authorization": "Bearer reader-token-0123456789"}
+
+
+@pytest.fixture(scope="session")
+def archive(session_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    return write_archive(Bundle.open(session_bundle), tmp_path_factory.mktemp("archive") / "tiny.tar").read_bytes()
+
+
+def stored(config) -> list[str]:
+    return sorted(p.name for p in (config.store_dir / "bundles").iterdir())
+
+
+def test_push_registers_a_verified_bundle_once(client, archive: bytes, controller_config) -> None:
+    first = client.post("/v1/bundles", content=archive, headers=ADMIN)
+    assert first.status_code == 201, first.text
+    summary = first.json()
+    assert (summary["name"], summary["version"], summary["pushed_by"]) == ("tiny", "1.0.0", "alice")
+    assert summary["variants"] == ["cpu-int4", "cpu-fp32"]
+    again = client.post("/v1/bundles", content=archive, headers=ADMIN)
+    assert again.status_code == 200 and again.json()["digest"] == summary["digest"]
+
+    assert [b["digest"] for b in client.get("/v1/bundles", headers=READER).json()] == [summary["digest"]]
+    detail = client.get("/v1/bundles/tiny/1.0.0", headers=READER).json()
+    assert detail["manifest"]["name"] == "tiny" and len(detail["manifest"]["variants"]) == 2
+    assert stored(controller_config) == [summary["digest"]]
+    folder = controller_config.store_dir / "bundles" / summary["digest"]
+    assert (folder / "manifest.json").is_file() and (folder / "variants" / "cpu-int4" / "genai_config.json").is_file()
+
+
+def test_a_corrupted_archive_is_refused_with_the_reason_and_nothing_kept(
+    client, archive: bytes, controller_config
+) -> None:
+    corrupted = bytearray(archive)
+    corrupted[len(corrupted) // 2] ^= 0xFF  # inside model weights
+    response = client.post("/v1/bundles", content=bytes(corrupted), headers=ADMIN)
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["type"] == "invalid_bundle" and "does not match the manifest" in error["message"]
+    assert client.get("/v1/bundles", headers=ADMIN).json() == []
+    assert stored(controller_config) == [] and list((controller_config.store_dir / "incoming").iterdir()) == []
+
+
+def test_a_bundle_signed_by_an_unknown_key_is_refused(client, bundle_dir: Path, tmp_path: Path) -> None:
+    from slmops.signing import generate_keypair, load_private_key
+
+    stranger, _ = generate_keypair(tmp_path / "stranger")
+    signed = Bundle.open(bundle_dir).sign(load_private_key(stranger))
+    archive = write_archive(signed, tmp_path / "stranger.tar").read_bytes()
+    response = client.post("/v1/bundles", content=archive, headers=ADMIN)
+    assert response.status_code == 422 and response.json()["error"]["code"] == "SignatureError"
+
+
+def test_not_an_archive_at_all(client) -> None:
+    response = client.post("/v1/bundles", content=b'{"hello": "world"}', headers=ADMIN)
+    assert response.status_code == 422 and "corrupt or truncated" in response.json()["error"]["message"]
+
+
+def test_versions_are_immutable(client, archive: bytes, tiny_export: Path, tmp_path: Path, signing_key) -> None:
+    from slmops.build.bundle import create
+
+    assert client.post("/v1/bundles", content=archive, headers=ADMIN).status_code == 201
+    other = create(tiny_export, tmp_path / "other", "tiny", "1.0.0", description="other content", key=signing_key[0])
+    response = client.post("/v1/bundles", content=write_archive(other, tmp_path / "o.tar").read_bytes(), headers=ADMIN)
+    assert response.status_code == 409 and "versions are immutable" in response.json()["error"]["message"]
+
+
+def test_roles_and_tokens(client, archive: bytes) -> None:
+    assert client.get("/v1/bundles").status_code == 401
+    assert client.get("/v1/bundles", headers={"Authorization": "Bearer nope"}).status_code == 401
+    refused = client.post("/v1/bundles", content=archive, headers=READER)
+    assert refused.status_code == 403 and "reader" in refused.json()["error"]["message"]
+    assert client.get("/v1/audit", headers=READER).status_code == 403
+    assert client.get("/v1/bundles", headers=READER).status_code == 200
+
+
+def test_delete_removes_the_files_and_every_change_is_audited(client, archive: bytes, controller_config) -> None:
+    digest = client.post("/v1/bundles", content=archive, headers=ADMIN).json()["digest"]
+    assert client.delete("/v1/bundles/tiny/1.0.0", headers=READER).status_code == 403
+    assert client.delete("/v1/bundles/tiny/1.0.0", headers=ADMIN).status_code == 204
+    assert client.get("/v1/bundles/tiny/1.0.0", headers=ADMIN).status_code == 404
+    assert client.delete("/v1/bundles/tiny/1.0.0", headers=ADMIN).status_code == 404
+    assert stored(controller_config) == []
+    audit = client.get("/v1/audit", headers=ADMIN).json()
+    assert [(a["actor"], a["action"], a["target"]) for a in audit] == [
+        ("alice", "bundle.delete", "tiny:1.0.0"),
+        ("alice", "bundle.push", "tiny:1.0.0"),
+    ]
+    assert all(a["detail"]["digest"] == digest for a in audit)
+
+
+def test_migrations_build_the_schema_the_models_describe(controller_config) -> None:
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from slmops.controller.db import Base, open_database
+
+    engine = open_database(controller_config.database)
+    try:
+        with engine.connect() as connection:
+            assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
+        assert {"bundle", "audit", "alembic_version"} <= set(inspect(engine).get_table_names())
+        open_database(controller_config.database).dispose()  # migrating again is a no-op
+    finally:
+        engine.dispose()

@@ -32,9 +32,11 @@ $(STAMP): $(PY) pyproject.toml constraints.txt
 
 install: system-packages $(STAMP)
 
-# System packages the tests and the demo use. Installed through apt when run as root, otherwise named.
+# System packages the tests and the demo use (the tests start their own Mosquitto and PostgreSQL servers).
+# Installed through apt when run as root, otherwise named.
 system-packages:
 	@missing=""; command -v mosquitto >/dev/null || missing="$$missing mosquitto"; \
+	command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing system packages:$$missing"; \

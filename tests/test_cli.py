@@ -21,6 +21,7 @@ COMMANDS = [
     ["bundle", "sign"],
     ["bundle", "keygen"],
     ["bundle", "unpack"],
+    ["bundle", "push"],
     ["build"],
     ["build", "model"],
     ["build", "model", "fetch"],
@@ -35,6 +36,7 @@ COMMANDS = [
     ["agent", "serve"],
     ["agent", "telemetry"],
     ["controller"],
+    ["controller", "serve"],
     ["fleet"],
 ]
 

@@ -16,7 +16,10 @@ import sys
 from pathlib import Path
 
 import psutil
-from pydantic import BaseModel
+
+from slmops.messages import Accelerator, HardwareProfile
+
+__all__ = ["Accelerator", "HardwareProfile", "describe", "inference_threads", "probe"]
 
 log = logging.getLogger(__name__)
 
@@ -53,31 +56,6 @@ ISA_FLAGS = (
     "i8mm",
     "dotprod",
 )
-
-
-class Accelerator(BaseModel):
-    provider: str
-    """Short provider name, e.g. cuda."""
-    onnxruntime_name: str
-    device: str = ""
-    memory_bytes: int | None = None
-
-
-class HardwareProfile(BaseModel):
-    cpu_model: str
-    cpu_cores_physical: int | None
-    cpu_cores_logical: int
-    isa: list[str]
-    memory_total_bytes: int
-    memory_available_bytes: int
-    disk_free_bytes: int
-    os: str
-    arch: str
-    accelerators: list[Accelerator]
-
-    @property
-    def providers(self) -> list[str]:
-        return [a.provider for a in self.accelerators]
 
 
 def cpu_name() -> str:

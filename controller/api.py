@@ -15,9 +15,12 @@ from fastapi.responses import JSONResponse, Response
 
 from slmops.errors import BundleError
 
+from .audit import Actor
+from .bridge import MqttBridge
 from .config import ApiToken, ControllerConfig
-from .protocol import AuditEntry, BundleDetail, BundleSummary, error_body
-from .registry import Actor, Registry, RegistryError
+from .fleet import Fleet
+from .protocol import AuditEntry, BundleDetail, BundleSummary, DeviceLabels, DeviceSummary, error_body
+from .registry import Registry, RegistryError
 
 
 class ApiError(Exception):
@@ -26,7 +29,14 @@ class ApiError(Exception):
         self.status, self.message, self.type, self.code = status, message, type_, code
 
 
-def create_app(config: ControllerConfig, registry: Registry, tokens: list[ApiToken], lifespan: Any = None) -> FastAPI:
+def create_app(
+    config: ControllerConfig,
+    registry: Registry,
+    fleet: Fleet,
+    tokens: list[ApiToken],
+    bridge: MqttBridge | None = None,
+    lifespan: Any = None,
+) -> FastAPI:
     app = FastAPI(
         title="slmops controller", description="Registry and fleet control for slmops bundles", lifespan=lifespan
     )
@@ -61,8 +71,9 @@ def create_app(config: ControllerConfig, registry: Registry, tokens: list[ApiTok
         return JSONResponse(error_body(message, "invalid_request_error"), status_code=400)
 
     @app.get("/health")
-    async def health() -> dict[str, str]:
-        return {"status": "ok"}
+    async def health() -> dict[str, Any]:
+        mqtt = "off" if bridge is None else "connected" if bridge.connected else "disconnected"
+        return {"status": "ok", "mqtt": mqtt, "dropped_messages": bridge.dropped if bridge else 0}
 
     @app.post("/v1/bundles", status_code=201, response_model=BundleSummary)
     async def push_bundle(request: Request, who: Annotated[Actor, Depends(admin)]) -> Response:
@@ -92,8 +103,21 @@ def create_app(config: ControllerConfig, registry: Registry, tokens: list[ApiTok
         await run_in_threadpool(registry.delete, name, version, who)
         return Response(status_code=204)
 
+    @app.get("/v1/devices", dependencies=[Depends(actor)])
+    async def list_devices() -> list[DeviceSummary]:
+        return [DeviceSummary.of(row) for row in await run_in_threadpool(fleet.devices)]
+
+    @app.get("/v1/devices/{device_id}", dependencies=[Depends(actor)])
+    async def get_device(device_id: str) -> DeviceSummary:
+        return DeviceSummary.of(await run_in_threadpool(fleet.device, device_id))
+
+    @app.patch("/v1/devices/{device_id}")
+    async def label_device(device_id: str, body: DeviceLabels, who: Annotated[Actor, Depends(admin)]) -> DeviceSummary:
+        """Set a device's tags and groups (rollouts select devices by them)."""
+        return DeviceSummary.of(await run_in_threadpool(fleet.label, device_id, who, body.tags, body.groups))
+
     @app.get("/v1/audit", dependencies=[Depends(admin)])
     async def audit(limit: int = 100) -> list[AuditEntry]:
-        return [AuditEntry.of(row) for row in await run_in_threadpool(registry.audit, limit)]
+        return [AuditEntry.of(row) for row in await run_in_threadpool(registry.audit_log, limit)]
 
     return app

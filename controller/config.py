@@ -36,6 +36,10 @@ class ControllerConfig(BaseSettings):
     tokens: list[ApiToken] = []
     """API bearer tokens. With none, the first start writes an admin token to data_dir/admin.token."""
     max_upload_bytes: int = Field(default=16 * 2**30, ge=1)
+    broker_url: str | None = Field(default=None, pattern=r"^mqtts?://")
+    """mqtt://[user:password@]host[:port], or mqtts:// for TLS. Unset: no MQTT link yet (the
+    embedded broker arrives with the transfer step of issue 4)."""
+    broker_ca_file: Path | None = None
 
     @property
     def database(self) -> str:

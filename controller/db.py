@@ -56,6 +56,24 @@ class AuditRow(Base):
     bundle_id: Mapped[int | None] = mapped_column(ForeignKey("bundle.id", ondelete="SET NULL"), default=None)
 
 
+class DeviceRow(Base):
+    """A device, registered from its first birth message; tags and groups are set by operators."""
+
+    __tablename__ = "device"
+
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    first_seen: Mapped[datetime] = mapped_column(default=utcnow)
+    last_seen: Mapped[datetime] = mapped_column(default=utcnow)
+    online: Mapped[bool] = mapped_column(default=False)
+    agent_version: Mapped[str] = mapped_column(String(64), default="")
+    profile: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    serving: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    """bundle, version, variant and provider the device reports it serves."""
+    tags: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    """key → value labels, e.g. {"site": "plant-3"}"""
+    groups: Mapped[list[str]] = mapped_column(JSON, default=list)
+
+
 def open_database(url: str) -> Engine:
     """An engine on `url` with the schema migrated to the newest revision."""
     if url.startswith("sqlite:///"):

@@ -3,9 +3,9 @@
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
-from .db import AuditRow, BundleRow
+from .db import AuditRow, BundleRow, DeviceRow
 
 
 class BundleSummary(BaseModel):
@@ -48,6 +48,41 @@ class AuditEntry(BaseModel):
     @classmethod
     def of(cls, row: AuditRow) -> "AuditEntry":
         return cls(at=row.at, actor=row.actor, action=row.action, target=row.target, detail=row.detail)
+
+
+class DeviceSummary(BaseModel):
+    id: str
+    online: bool
+    last_seen: datetime
+    first_seen: datetime
+    agent_version: str
+    serving: dict[str, Any] | None
+    tags: dict[str, Any]
+    groups: list[str]
+    profile: dict[str, Any]
+
+    @classmethod
+    def of(cls, row: DeviceRow) -> "DeviceSummary":
+        return cls(
+            id=row.id,
+            online=row.online,
+            last_seen=row.last_seen,
+            first_seen=row.first_seen,
+            agent_version=row.agent_version,
+            serving=row.serving,
+            tags=row.tags,
+            groups=row.groups,
+            profile=row.profile,
+        )
+
+
+class DeviceLabels(BaseModel):
+    """An operator's change to a device's labels; a field left out stays as it is."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tags: dict[str, str] | None = None
+    groups: list[str] | None = None
 
 
 def error_body(message: str, type_: str, code: str | None = None) -> dict[str, Any]:

@@ -4,9 +4,8 @@ Every change goes through here, in one transaction with its audit row. Errors ca
 HTTP status the API answers with.
 """
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlalchemy import Engine, select
@@ -14,6 +13,8 @@ from sqlalchemy.orm import Session
 
 from slmops.errors import SlmopsError
 
+from . import audit
+from .audit import Actor
 from .db import AuditRow, BundleRow
 from .store import BundleStore
 
@@ -28,12 +29,6 @@ class NotFound(RegistryError):
 
 class Conflict(RegistryError):
     status = 409
-
-
-@dataclass(frozen=True)
-class Actor:
-    name: str
-    role: str
 
 
 class Registry:
@@ -70,7 +65,7 @@ class Registry:
             )
             session.add(row)
             session.flush()
-            self._audit(session, actor, "bundle.push", f"{row.name}:{row.version}", {"digest": digest}, row.id)
+            audit.record(session, actor, "bundle.push", f"{row.name}:{row.version}", {"digest": digest}, row.id)
             return row, True
 
     def bundles(self) -> list[BundleRow]:
@@ -94,16 +89,10 @@ class Registry:
             if row is None:
                 raise NotFound(f"no bundle {name} {version} in the registry")
             digest = row.digest
-            self._audit(session, actor, "bundle.delete", f"{name}:{version}", {"digest": digest}, None)
+            audit.record(session, actor, "bundle.delete", f"{name}:{version}", {"digest": digest})
             session.delete(row)
         self.store.delete(digest)
 
-    def audit(self, limit: int = 100) -> list[AuditRow]:
+    def audit_log(self, limit: int = 100) -> list[AuditRow]:
         with Session(self.engine) as session:
             return list(session.scalars(select(AuditRow).order_by(AuditRow.id.desc()).limit(limit)))
-
-    @staticmethod
-    def _audit(
-        session: Session, actor: Actor, action: str, target: str, detail: dict[str, Any], bundle_id: int | None
-    ) -> None:
-        session.add(AuditRow(actor=actor.name, action=action, target=target, detail=detail, bundle_id=bundle_id))

@@ -11,8 +11,10 @@ from fastapi import FastAPI
 from slmops.signing import trusted_keys
 
 from .api import create_app
+from .bridge import MqttBridge
 from .config import ApiToken, ControllerConfig
 from .db import open_database
+from .fleet import Fleet
 from .registry import Registry
 from .store import BundleStore
 
@@ -36,12 +38,23 @@ def api_tokens(config: ControllerConfig) -> list[ApiToken]:
 def build_app(config: ControllerConfig) -> FastAPI:
     engine = open_database(config.database)
     registry = Registry(engine, BundleStore(config.store_dir), trusted_keys(config.trusted_keys))
+    fleet = Fleet(engine)
+    bridge = None
+    if config.broker_url:
+        ca_file = str(config.broker_ca_file) if config.broker_ca_file else None
+        bridge = MqttBridge(config.broker_url, fleet, ca_file)
+    else:
+        log.warning("no broker_url: the MQTT link is off (the REST API and registry work without it)")
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        if bridge is not None:
+            bridge.start()
         try:
             yield
         finally:
+            if bridge is not None:
+                bridge.stop()
             engine.dispose()
 
-    return create_app(config, registry, api_tokens(config), lifespan)
+    return create_app(config, registry, fleet, api_tokens(config), bridge, lifespan)

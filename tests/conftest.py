@@ -91,3 +91,31 @@ def smollm2_bundle(
     out = tmp_path_factory.mktemp("smollm2-bundle") / "smollm2-135m-instruct"
     create(smollm2_export, out, name="smollm2-135m-instruct", version="1.0.0", key=signing_key[0])
     return out
+
+
+@pytest.fixture
+def mosquitto(tmp_path: Path):
+    """A Mosquitto broker of our own on a free loopback port; yields the port."""
+    import socket
+    import subprocess
+    import time
+
+    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    conf = tmp_path / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest stderr\n")
+    broker = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 10
+    while True:
+        assert broker.poll() is None, broker.stdout.read() if broker.stdout else "mosquitto exited"
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            assert time.monotonic() < deadline, "mosquitto did not start"
+            time.sleep(0.05)
+    yield port
+    broker.terminate()
+    broker.communicate(timeout=10)

@@ -1,0 +1,86 @@
+"""The controller's MQTT link: one paho client, its own reconnect loop, messages to the fleet.
+
+    broker ─► slmops/v1/devices/+/birth ─► parse (validated) ─► fleet.record_birth
+           ─► slmops/v1/devices/+/state ─► parse (validated) ─► fleet.record_state
+    anything malformed: logged with the device it came from, counted, dropped; never fatal
+
+paho runs the network loop in its thread and reconnects with backoff (1 s up to 30 s);
+subscriptions are made again on every connect.
+"""
+
+import logging
+import ssl
+from urllib.parse import urlsplit
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from slmops.messages import KINDS, PREFIX, Birth, DeviceState, MessageInvalid, parse, parse_topic
+
+from .fleet import Fleet
+
+log = logging.getLogger(__name__)
+
+KEEPALIVE_S = 30
+SUBSCRIPTIONS = [(f"{PREFIX}/devices/+/{kind}", 1) for kind in KINDS]
+
+
+class MqttBridge:
+    def __init__(self, broker_url: str, fleet: Fleet, ca_file: str | None = None, client_id: str = "slmops-controller"):
+        url = urlsplit(broker_url)
+        if url.scheme not in ("mqtt", "mqtts") or not url.hostname:
+            raise ValueError(f"broker_url {broker_url!r}: expected mqtt://host:port or mqtts://host:port")
+        self.host, self.port = url.hostname, url.port or (8883 if url.scheme == "mqtts" else 1883)
+        self.fleet = fleet
+        self.connected = False
+        self.dropped = 0
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+        if url.username:
+            self.client.username_pw_set(url.username, url.password)
+        if url.scheme == "mqtts":
+            self.client.tls_set(ca_certs=ca_file, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        self.client.reconnect_delay_set(min_delay=1, max_delay=30)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+
+    def start(self) -> None:
+        self.client.connect_async(self.host, self.port, keepalive=KEEPALIVE_S)
+        self.client.loop_start()
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def _on_connect(
+        self, client: mqtt.Client, _userdata: object, _flags: object, reason: object, _props: object
+    ) -> None:
+        if getattr(reason, "is_failure", False):
+            log.error("the broker %s:%s refused the connection: %s", self.host, self.port, reason)
+            return
+        self.connected = True
+        client.subscribe(SUBSCRIPTIONS)
+        log.info("connected to the broker at %s:%s", self.host, self.port)
+
+    def _on_disconnect(self, *_: object) -> None:
+        if self.connected:
+            log.warning("lost the broker at %s:%s; reconnecting", self.host, self.port)
+        self.connected = False
+
+    def _on_message(self, _client: mqtt.Client, _userdata: object, message: mqtt.MQTTMessage) -> None:
+        sender = message.topic
+        try:
+            device_id, kind = parse_topic(message.topic)
+            sender = f"device {device_id}"
+            if not message.payload:
+                return  # a cleared retained message
+            if kind == "birth":
+                self.fleet.record_birth(device_id, parse(Birth, message.payload, message.topic))
+            elif kind == "state":
+                self.fleet.record_state(device_id, parse(DeviceState, message.payload, message.topic))
+        except MessageInvalid as e:
+            self.dropped += 1
+            log.warning("dropped a message from %s: %s", sender, e)
+        except Exception:  # a database hiccup must not kill paho's network thread
+            self.dropped += 1
+            log.exception("could not record a message from %s", sender)

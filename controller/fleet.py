@@ -1,0 +1,70 @@
+"""The fleet: devices as their MQTT messages describe them, and the labels operators give them.
+
+A device appears with its first birth message (hardware profile, agent version) and is
+updated by every state message (online or not, what it serves); `last_seen` moves with
+each. Tags and groups are the operator's, changed through the API and audited.
+"""
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
+
+from slmops.messages import Birth, DeviceState
+
+from . import audit
+from .audit import Actor
+from .db import DeviceRow
+from .registry import NotFound
+
+
+class Fleet:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def record_birth(self, device_id: str, birth: Birth) -> None:
+        with Session(self.engine) as session, session.begin():
+            device = session.get(DeviceRow, device_id) or DeviceRow(id=device_id, tags={}, groups=[])
+            device.profile = birth.profile.model_dump(mode="json")
+            device.agent_version = birth.agent_version
+            device.online = True
+            device.last_seen = datetime.now(UTC)
+            session.add(device)
+
+    def record_state(self, device_id: str, state: DeviceState) -> None:
+        """Presence; a state from a device never born yet registers it without a profile."""
+        with Session(self.engine) as session, session.begin():
+            device = session.get(DeviceRow, device_id) or DeviceRow(id=device_id, tags={}, groups=[], profile={})
+            device.online = state.online
+            if state.agent_version:
+                device.agent_version = state.agent_version
+            device.serving = state.serving.model_dump() if state.serving else None
+            device.last_seen = datetime.now(UTC)
+            session.add(device)
+
+    def devices(self) -> list[DeviceRow]:
+        with Session(self.engine) as session:
+            return list(session.scalars(select(DeviceRow).order_by(DeviceRow.id)))
+
+    def device(self, device_id: str) -> DeviceRow:
+        with Session(self.engine) as session:
+            device = session.get(DeviceRow, device_id)
+        if device is None:
+            raise NotFound(f"no device {device_id!r} has reported to this controller")
+        return device
+
+    def label(
+        self, device_id: str, actor: Actor, tags: dict[str, str] | None = None, groups: list[str] | None = None
+    ) -> DeviceRow:
+        with Session(self.engine, expire_on_commit=False) as session, session.begin():
+            device = session.get(DeviceRow, device_id)
+            if device is None:
+                raise NotFound(f"no device {device_id!r} has reported to this controller")
+            change: dict[str, Any] = {}
+            if tags is not None:
+                device.tags, change["tags"] = dict(tags), tags
+            if groups is not None:
+                device.groups, change["groups"] = sorted(set(groups)), sorted(set(groups))
+            audit.record(session, actor, "device.label", device_id, change)
+            return device

@@ -1,0 +1,112 @@
+"""The MQTT protocol (v1): topic names and message models, shared by agent and controller.
+
+    slmops/v1/devices/{id}/state      agent → all, retained; the will sets it offline
+    slmops/v1/devices/{id}/birth      agent → controller, on every connect: the hardware profile
+    (desired, reported, telemetry, cmd and bundle transfer follow in later steps of issue 4)
+
+Every payload is JSON with `schema` = 1 and is validated on receipt: `parse` raises
+`MessageInvalid` naming the topic and every bad field, and the receiver logs and drops it.
+"""
+
+import json
+import re
+from datetime import UTC, datetime
+from typing import Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from slmops.errors import SlmopsError
+
+PREFIX = "slmops/v1"
+DEVICE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+
+
+class MessageInvalid(SlmopsError):
+    pass
+
+
+class Accelerator(BaseModel):
+    provider: str
+    """Short provider name, e.g. cuda."""
+    onnxruntime_name: str
+    device: str = ""
+    memory_bytes: int | None = None
+
+
+class HardwareProfile(BaseModel):
+    cpu_model: str
+    cpu_cores_physical: int | None
+    cpu_cores_logical: int
+    isa: list[str]
+    memory_total_bytes: int
+    memory_available_bytes: int
+    disk_free_bytes: int
+    os: str
+    arch: str
+    accelerators: list[Accelerator]
+
+    @property
+    def providers(self) -> list[str]:
+        return [a.provider for a in self.accelerators]
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: Literal[1] = Field(default=1, alias="schema")
+    sent_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+
+    def payload(self) -> bytes:
+        return self.model_dump_json(by_alias=True).encode()
+
+
+class Serving(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    bundle: str
+    version: str
+    variant: str
+    provider: str
+
+
+class DeviceState(Message):
+    """Presence (retained). The agent's will publishes it with online = false."""
+
+    online: bool
+    agent_version: str = ""
+    serving: Serving | None = None
+
+
+class Birth(Message):
+    agent_version: str
+    profile: HardwareProfile
+
+
+M = TypeVar("M", bound=Message)
+KINDS: dict[str, type[Message]] = {"state": DeviceState, "birth": Birth}
+
+
+def device_topic(device_id: str, kind: str) -> str:
+    return f"{PREFIX}/devices/{device_id}/{kind}"
+
+
+def parse_topic(topic: str) -> tuple[str, str]:
+    """(device id, kind) of a device topic; MessageInvalid for anything else."""
+    parts = topic.split("/")
+    if len(parts) != 5 or "/".join(parts[:3]) != f"{PREFIX}/devices" or parts[4] not in KINDS:
+        raise MessageInvalid(f"{topic!r} is not a device topic of protocol v1")
+    if not re.fullmatch(DEVICE_ID_PATTERN, parts[3]):
+        raise MessageInvalid(f"{topic!r}: {parts[3]!r} is not a valid device id")
+    return parts[3], parts[4]
+
+
+def parse(model: type[M], payload: bytes | bytearray, topic: str) -> M:
+    try:
+        data = json.loads(payload)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MessageInvalid(f"{topic}: payload is not JSON ({e})") from None
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}" for err in e.errors())
+        raise MessageInvalid(f"{topic}: {problems}") from None

@@ -1,0 +1,151 @@
+"""Devices over MQTT: a real Mosquitto, real paho clients, the controller's bridge and REST API."""
+
+import json
+import logging
+import subprocess
+import sys
+import time
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from slmops.messages import Birth, DeviceState, HardwareProfile, Serving, device_topic
+
+ADMIN = {"Authorization": "Bearer admin-token-0123456789"}
+READER = {"Authorization": "Bearer reader-token-0123456789"}
+PROFILE = HardwareProfile(
+    cpu_model="test CPU",
+    cpu_cores_physical=4,
+    cpu_cores_logical=8,
+    isa=["avx2"],
+    memory_total_bytes=8 << 30,
+    memory_available_bytes=6 << 30,
+    disk_free_bytes=100 << 30,
+    os="Linux 6.1",
+    arch="x86_64",
+    accelerators=[{"provider": "cpu", "onnxruntime_name": "CPUExecutionProvider"}],
+)
+
+
+@pytest.fixture
+def fleet_client(mosquitto: int, controller_config):
+    from fastapi.testclient import TestClient
+
+    from slmops.controller.service import build_app
+
+    config = controller_config.model_copy(update={"broker_url": f"mqtt://127.0.0.1:{mosquitto}"})
+    with TestClient(build_app(config)) as client:
+        wait_for(lambda: client.get("/health").json()["mqtt"] == "connected", "the bridge did not connect")
+        yield client
+
+
+@pytest.fixture
+def publisher(mosquitto: int):
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="test-publisher")
+    client.connect("127.0.0.1", mosquitto)
+    client.loop_start()
+    yield client
+    client.disconnect()
+    client.loop_stop()
+
+
+def wait_for(condition, what: str, timeout_s: float = 10):
+    deadline = time.monotonic() + timeout_s
+    while not (result := condition()):
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+    return result
+
+
+def device(client, device_id: str) -> dict | None:
+    response = client.get(f"/v1/devices/{device_id}", headers=READER)
+    return response.json() if response.status_code == 200 else None
+
+
+def test_birth_registers_a_device_and_state_updates_it(fleet_client, publisher) -> None:
+    publisher.publish(device_topic("edge-1", "birth"), Birth(agent_version="0.1.0", profile=PROFILE).payload(), qos=1)
+    born = wait_for(lambda: device(fleet_client, "edge-1"), "the birth did not register the device")
+    assert born["online"] and born["agent_version"] == "0.1.0" and born["profile"]["cpu_model"] == "test CPU"
+
+    serving = Serving(bundle="tiny", version="1.0.0", variant="cpu-int4", provider="cpu")
+    publisher.publish(device_topic("edge-1", "state"), DeviceState(online=True, serving=serving).payload(), qos=1)
+    updated = wait_for(
+        lambda: (d := device(fleet_client, "edge-1")) and d["serving"] and d, "the state did not update the device"
+    )
+    assert updated["serving"] == serving.model_dump() and updated["last_seen"] >= born["last_seen"]
+    assert [d["id"] for d in fleet_client.get("/v1/devices", headers=READER).json()] == ["edge-1"]
+
+
+AGENT_THAT_DIES = """
+import sys, time
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from slmops.messages import DeviceState, device_topic
+port = int(sys.argv[1])
+client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="edge-2")
+client.will_set(device_topic("edge-2", "state"), DeviceState(online=False).payload(), qos=1, retain=True)
+client.connect("127.0.0.1", port, keepalive=5)
+client.loop_start()
+online = DeviceState(online=True).payload()
+client.publish(device_topic("edge-2", "state"), online, qos=1, retain=True).wait_for_publish()
+print("online", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_device_that_dies_is_marked_offline_by_its_will(fleet_client, mosquitto: int) -> None:
+    agent = subprocess.Popen([sys.executable, "-c", AGENT_THAT_DIES, str(mosquitto)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert agent.stdout is not None and agent.stdout.readline().strip() == "online"
+        wait_for(lambda: (d := device(fleet_client, "edge-2")) and d["online"], "the device never came online")
+        agent.kill()  # no goodbye: the broker publishes the will
+        agent.wait(timeout=10)
+        wait_for(lambda: (d := device(fleet_client, "edge-2")) and not d["online"], "the will did not mark it offline")
+    finally:
+        agent.kill()
+        agent.communicate(timeout=10)
+
+
+@pytest.mark.parametrize(
+    ("topic", "payload", "reason"),
+    [
+        (device_topic("edge-3", "birth"), b"{not json", "payload is not JSON"),
+        (device_topic("edge-3", "birth"), b'{"schema": 1, "agent_version": "x"}', "profile: Field required"),
+        (device_topic("edge-3", "state"), b'{"schema": 2, "online": true}', "schema: Input should be 1"),
+        (
+            device_topic("edge-3", "state"),
+            b'{"schema": 1, "online": "maybe"}',
+            "online: Input should be a valid boolean",
+        ),
+        (device_topic("edge-3", "state"), b'{"schema": 1, "online": true, "rm": "-rf"}', "rm: Extra inputs"),
+        (device_topic("edge-3", "state"), b"\xff\xfe", "payload is not JSON"),
+        ("slmops/v1/devices/../state", b'{"schema": 1, "online": true}', "not a valid device id"),
+    ],
+)
+def test_malformed_messages_are_logged_and_dropped(
+    fleet_client, publisher, caplog: pytest.LogCaptureFixture, topic: str, payload: bytes, reason: str
+) -> None:
+    caplog.set_level(logging.WARNING, logger="slmops.controller.bridge")
+    publisher.publish(topic, payload, qos=1)
+    wait_for(lambda: fleet_client.get("/health").json()["dropped_messages"] == 1, "the message was not dropped")
+    assert any(reason in r.getMessage() and "dropped a message from" in r.getMessage() for r in caplog.records)
+    # still running, still correct
+    publisher.publish(device_topic("edge-3", "state"), DeviceState(online=True).payload(), qos=1)
+    wait_for(lambda: device(fleet_client, "edge-3"), "a valid message after a bad one was not recorded")
+
+
+def test_operators_label_devices_and_it_is_audited(fleet_client, publisher) -> None:
+    publisher.publish(device_topic("edge-4", "birth"), Birth(agent_version="0.1.0", profile=PROFILE).payload(), qos=1)
+    wait_for(lambda: device(fleet_client, "edge-4"), "no device")
+    labels = {"tags": {"site": "plant-3"}, "groups": ["canary", "line-a", "canary"]}
+    assert fleet_client.patch("/v1/devices/edge-4", json=labels, headers=READER).status_code == 403
+    labelled = fleet_client.patch("/v1/devices/edge-4", json=labels, headers=ADMIN).json()
+    assert labelled["tags"] == {"site": "plant-3"} and labelled["groups"] == ["canary", "line-a"]
+    assert fleet_client.patch("/v1/devices/nobody", json=labels, headers=ADMIN).status_code == 404
+    assert fleet_client.patch("/v1/devices/edge-4", json={"colour": "red"}, headers=ADMIN).status_code == 400
+    entry = fleet_client.get("/v1/audit", headers=ADMIN).json()[0]
+    assert (entry["actor"], entry["action"], entry["target"]) == ("alice", "device.label", "edge-4")
+    assert json.dumps(entry["detail"], sort_keys=True) == json.dumps(
+        {"groups": ["canary", "line-a"], "tags": {"site": "plant-3"}}, sort_keys=True
+    )

@@ -9,8 +9,9 @@ from slmops.errors import SlmopsError
 from slmops.terminal import err_console, fail
 
 app = typer.Typer(
-    help="The fleet controller: bundle registry with a REST API (OpenAPI docs at /docs), on SQLite or "
-    "PostgreSQL. The MQTT bridge and rollouts arrive in later steps of issue 4.",
+    help="The fleet controller: bundle registry and device fleet with a REST API (OpenAPI docs at /docs), "
+    "on SQLite or PostgreSQL, linked to the devices over MQTT. Desired state, bundle transfer and rollouts "
+    "arrive in later steps of issue 4.",
     no_args_is_help=True,
 )
 
@@ -28,6 +29,9 @@ def serve_cmd(
     trusted_key: Annotated[
         list[Path] | None, typer.Option("--trusted-key", "-k", help="Public key pushed bundles must match.")
     ] = None,
+    broker_url: Annotated[
+        str | None, typer.Option(help="MQTT broker, mqtt://[user:pass@]host:port or mqtts:// (TLS).")
+    ] = None,
 ) -> None:
     """Run the controller: REST API, registry, bundle store."""
     import logging
@@ -39,7 +43,12 @@ def serve_cmd(
 
     try:
         settings = controller_config.load(
-            config, host=host, port=port, database_url=database_url, trusted_keys=trusted_key
+            config,
+            host=host,
+            port=port,
+            database_url=database_url,
+            trusted_keys=trusted_key,
+            broker_url=broker_url,
         )
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         web = build_app(settings)

@@ -4,7 +4,7 @@
     slmops bundle ...      create, inspect, verify, sign, keygen, unpack
     slmops agent ...       the device side (slmops.agent.cli)
     slmops controller ...  the fleet service (slmops.controller.cli)
-    slmops fleet ...       fleet operations (arrives with the controller)
+    slmops fleet ...       fleet operations against a controller (slmops.controller.fleet_cli)
 
 Sub-apps import heavy packages inside their commands, so `--help` stays instant
 and the agent's commands run without torch.
@@ -30,9 +30,6 @@ app = typer.Typer(
 bundle_app = typer.Typer(
     help="Signed model bundles: create them from an export, inspect, verify, sign, unpack; make signing keys.",
     no_args_is_help=True,
-)
-fleet_app = typer.Typer(
-    help="Fleet operations against a controller: devices, rollouts. Not built yet: see issue 4.",
 )
 
 
@@ -268,6 +265,7 @@ def _mount_optional() -> None:
     from slmops.agent.cli import app as agent_app
     from slmops.build.cli import app as build_app
     from slmops.controller.cli import app as controller_app
+    from slmops.controller.fleet_cli import app as fleet_app
 
     app.add_typer(build_app, name="build")
     app.add_typer(agent_app, name="agent")

@@ -38,6 +38,8 @@ COMMANDS = [
     ["controller"],
     ["controller", "serve"],
     ["fleet"],
+    ["fleet", "devices"],
+    ["fleet", "label"],
 ]
 
 

@@ -1,0 +1,92 @@
+"""`slmops fleet ...`: what the controller knows about the fleet, over its REST API."""
+
+import json
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+import typer
+
+from slmops.terminal import console, fail
+
+app = typer.Typer(
+    help="Fleet operations against a running controller (its REST API): devices and their labels.",
+    no_args_is_help=True,
+)
+
+ControllerUrl = Annotated[str, typer.Option(envvar="SLMOPS_CONTROLLER_URL", help="Controller base URL.")]
+Token = Annotated[str | None, typer.Option(envvar="SLMOPS_TOKEN", help="API token (reader or admin).")]
+
+
+def call(method: str, url: str, token: str | None, **kwargs: Any) -> Any:
+    import httpx
+
+    if token is None:
+        fail("no API token: pass --token or set SLMOPS_TOKEN", code=2)
+    try:
+        response = httpx.request(method, url, headers={"Authorization": f"Bearer {token}"}, timeout=30, **kwargs)
+    except httpx.HTTPError as e:
+        fail(f"cannot reach the controller at {url}: {e}")
+    if response.status_code >= 400:
+        try:
+            message = response.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = response.text
+        fail(f"the controller answered {response.status_code}: {message}")
+    return response.json()
+
+
+def _ago(timestamp: str) -> str:
+    seconds = (datetime.now(UTC) - datetime.fromisoformat(timestamp)).total_seconds()
+    return f"{seconds:.0f} s ago" if seconds < 120 else f"{seconds / 60:.0f} min ago"
+
+
+@app.command("devices")
+def devices_cmd(
+    controller: ControllerUrl = "http://127.0.0.1:8700",
+    token: Token = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable list.")] = False,
+) -> None:
+    """Devices with their online state, what they serve and when they were last seen."""
+    from rich.table import Table
+
+    devices = call("GET", f"{controller.rstrip('/')}/v1/devices", token)
+    if as_json:
+        print(json.dumps(devices, indent=2))
+        return
+    table = Table(title=f"{len(devices)} devices")
+    for column in ("device", "state", "serving", "provider", "agent", "groups", "last seen"):
+        table.add_column(column)
+    for d in devices:
+        serving = d["serving"] or {}
+        table.add_row(
+            d["id"],
+            "[green]online[/]" if d["online"] else "[red]offline[/]",
+            f"{serving['bundle']} {serving['version']} {serving['variant']}" if serving else "–",
+            serving.get("provider", "–"),
+            d["agent_version"] or "–",
+            ", ".join(d["groups"]) or "–",
+            _ago(d["last_seen"]),
+        )
+    console.print(table)
+
+
+@app.command("label")
+def label_cmd(
+    device_id: Annotated[str, typer.Argument(help="Device id.")],
+    tag: Annotated[list[str] | None, typer.Option("--tag", help="key=value; replaces the tags. Repeat.")] = None,
+    group: Annotated[list[str] | None, typer.Option("--group", help="Group name; replaces the groups. Repeat.")] = None,
+    controller: ControllerUrl = "http://127.0.0.1:8700",
+    token: Token = None,
+) -> None:
+    """Set a device's tags and groups (what rollouts select on). Needs an admin token."""
+    body: dict[str, Any] = {}
+    if tag is not None:
+        if any("=" not in t for t in tag):
+            fail("--tag takes key=value", code=2)
+        body["tags"] = dict(t.split("=", 1) for t in tag)
+    if group is not None:
+        body["groups"] = group
+    if not body:
+        fail("nothing to change: give --tag and/or --group", code=2)
+    device = call("PATCH", f"{controller.rstrip('/')}/v1/devices/{device_id}", token, json=body)
+    console.print(f"[green]✓[/] {device['id']}: tags {device['tags']}, groups {device['groups']}")

@@ -19,7 +19,7 @@ from .audit import Actor
 from .bridge import MqttBridge
 from .config import ApiToken, ControllerConfig
 from .fleet import Fleet
-from .protocol import AuditEntry, BundleDetail, BundleSummary, DeviceLabels, DeviceSummary, error_body
+from .protocol import AuditEntry, BundleDetail, BundleSummary, DeviceLabels, DeviceSummary, TelemetryEntry, error_body
 from .registry import Registry, RegistryError
 
 
@@ -110,6 +110,12 @@ def create_app(
     @app.get("/v1/devices/{device_id}", dependencies=[Depends(actor)])
     async def get_device(device_id: str) -> DeviceSummary:
         return DeviceSummary.of(await run_in_threadpool(fleet.device, device_id))
+
+    @app.get("/v1/devices/{device_id}/telemetry", dependencies=[Depends(actor)])
+    async def device_telemetry(device_id: str, limit: int = 100) -> list[TelemetryEntry]:
+        """The newest telemetry records the device sent, newest first."""
+        await run_in_threadpool(fleet.device, device_id)  # 404 for an unknown device
+        return [TelemetryEntry.of(row) for row in await run_in_threadpool(fleet.telemetry, device_id, limit)]
 
     @app.patch("/v1/devices/{device_id}")
     async def label_device(device_id: str, body: DeviceLabels, who: Annotated[Actor, Depends(admin)]) -> DeviceSummary:

@@ -2,6 +2,8 @@
 
     broker ─► slmops/v1/devices/+/birth ─► parse (validated) ─► fleet.record_birth
            ─► slmops/v1/devices/+/state ─► parse (validated) ─► fleet.record_state
+           ─► slmops/v1/devices/+/telemetry ─► fleet.record_telemetry (dedup on device+seq)
+                                            ─► devices/{id}/telemetry_ack {up_to_seq} once stored
     anything malformed: logged with the device it came from, counted, dropped; never fatal
 
 paho runs the network loop in its thread and reconnects with backoff (1 s up to 30 s);
@@ -15,14 +17,26 @@ from urllib.parse import urlsplit
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from slmops.messages import KINDS, PREFIX, Birth, DeviceState, MessageInvalid, parse, parse_topic
+from slmops.messages import (
+    PREFIX,
+    Birth,
+    DeviceState,
+    MessageInvalid,
+    TelemetryAck,
+    TelemetryBatch,
+    device_topic,
+    parse,
+    parse_topic,
+)
 
 from .fleet import Fleet
 
 log = logging.getLogger(__name__)
 
 KEEPALIVE_S = 30
-SUBSCRIPTIONS = [(f"{PREFIX}/devices/+/{kind}", 1) for kind in KINDS]
+INBOUND = ("birth", "state", "telemetry")
+"""What devices send; the controller subscribes to these only."""
+SUBSCRIPTIONS = [(f"{PREFIX}/devices/+/{kind}", 1) for kind in INBOUND]
 
 
 class MqttBridge:
@@ -78,6 +92,12 @@ class MqttBridge:
                 self.fleet.record_birth(device_id, parse(Birth, message.payload, message.topic))
             elif kind == "state":
                 self.fleet.record_state(device_id, parse(DeviceState, message.payload, message.topic))
+            elif kind == "telemetry":
+                stored = self.fleet.record_telemetry(device_id, parse(TelemetryBatch, message.payload, message.topic))
+                ack = TelemetryAck(up_to_seq=stored).payload()
+                self.client.publish(device_topic(device_id, "telemetry_ack"), ack, qos=1)
+            else:
+                raise MessageInvalid(f"{message.topic}: devices do not send {kind!r}")
         except MessageInvalid as e:
             self.dropped += 1
             log.warning("dropped a message from %s: %s", sender, e)

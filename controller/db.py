@@ -98,6 +98,19 @@ class DeviceRow(Base):
     groups: Mapped[list[str]] = mapped_column(JSON, default=list)
 
 
+class TelemetryRow(Base):
+    """One telemetry record of one device; (device, seq) is unique, so a batch sent twice is stored once."""
+
+    __tablename__ = "telemetry"
+
+    device_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    created: Mapped[datetime]
+    kind: Mapped[str] = mapped_column(String(32))
+    payload: Mapped[dict[str, Any]]
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 def open_database(url: str) -> Engine:
     """An engine on `url` with the schema migrated to the newest revision."""
     if url.startswith("sqlite:///"):

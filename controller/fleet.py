@@ -9,13 +9,15 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Engine, select
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from slmops.messages import Birth, DeviceState
+from slmops.messages import Birth, DeviceState, TelemetryBatch
 
 from . import audit
 from .audit import Actor
-from .db import DeviceRow
+from .db import DeviceRow, TelemetryRow
 from .registry import NotFound
 
 
@@ -42,6 +44,37 @@ class Fleet:
             device.serving = state.serving.model_dump() if state.serving else None
             device.last_seen = datetime.now(UTC)
             session.add(device)
+
+    def record_telemetry(self, device_id: str, batch: TelemetryBatch) -> int:
+        """Store a batch, skipping records stored before; returns the sequence number to acknowledge."""
+        rows = [
+            {
+                "device_id": device_id,
+                "seq": r.seq,
+                "created": datetime.fromtimestamp(r.created, UTC),
+                "kind": r.kind,
+                "payload": r.payload,
+                "received_at": datetime.now(UTC),
+            }
+            for r in batch.records
+        ]
+        with Session(self.engine) as session, session.begin():
+            insert = sqlite_insert if self.engine.dialect.name == "sqlite" else postgresql_insert
+            session.execute(insert(TelemetryRow).on_conflict_do_nothing(), rows)
+            device = session.get(DeviceRow, device_id) or DeviceRow(id=device_id, tags={}, groups=[], profile={})
+            device.last_seen = datetime.now(UTC)
+            session.add(device)
+        return max(r.seq for r in batch.records)
+
+    def telemetry(self, device_id: str, limit: int = 100) -> list[TelemetryRow]:
+        with Session(self.engine) as session:
+            query = (
+                select(TelemetryRow)
+                .where(TelemetryRow.device_id == device_id)
+                .order_by(TelemetryRow.seq.desc())
+                .limit(limit)
+            )
+            return list(session.scalars(query))
 
     def devices(self) -> list[DeviceRow]:
         with Session(self.engine) as session:

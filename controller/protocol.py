@@ -5,7 +5,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from .db import AuditRow, BundleRow, DeviceRow
+from .db import AuditRow, BundleRow, DeviceRow, TelemetryRow
 
 
 class BundleSummary(BaseModel):
@@ -74,6 +74,17 @@ class DeviceSummary(BaseModel):
             groups=row.groups,
             profile=row.profile,
         )
+
+
+class TelemetryEntry(BaseModel):
+    seq: int
+    created: datetime
+    kind: str
+    payload: dict[str, Any]
+
+    @classmethod
+    def of(cls, row: TelemetryRow) -> "TelemetryEntry":
+        return cls(seq=row.seq, created=row.created, kind=row.kind, payload=row.payload)
 
 
 class DeviceLabels(BaseModel):

@@ -2,7 +2,9 @@
 
     slmops/v1/devices/{id}/state      agent → all, retained; the will sets it offline
     slmops/v1/devices/{id}/birth      agent → controller, on every connect: the hardware profile
-    (desired, reported, telemetry, cmd and bundle transfer follow in later steps of issue 4)
+    slmops/v1/devices/{id}/telemetry      agent → controller: a batch from the disk queue (seq numbers)
+    slmops/v1/devices/{id}/telemetry_ack  controller → agent: stored up to seq N, delete them
+    (desired, reported, cmd and bundle transfer follow in later steps of issue 4)
 
 Every payload is JSON with `schema` = 1 and is validated on receipt: `parse` raises
 `MessageInvalid` naming the topic and every bad field, and the receiver logs and drops it.
@@ -82,8 +84,34 @@ class Birth(Message):
     profile: HardwareProfile
 
 
+class TelemetryRecord(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    seq: int = Field(ge=1)
+    created: float
+    kind: str = Field(max_length=32)
+    payload: dict[str, object]
+
+
+class TelemetryBatch(Message):
+    """Records from the agent's disk queue, oldest first; sent again until acknowledged."""
+
+    records: list[TelemetryRecord] = Field(min_length=1, max_length=10_000)
+
+
+class TelemetryAck(Message):
+    """The controller stored every record up to this sequence number: the agent may delete them."""
+
+    up_to_seq: int = Field(ge=0)
+
+
 M = TypeVar("M", bound=Message)
-KINDS: dict[str, type[Message]] = {"state": DeviceState, "birth": Birth}
+KINDS: dict[str, type[Message]] = {
+    "state": DeviceState,
+    "birth": Birth,
+    "telemetry": TelemetryBatch,
+    "telemetry_ack": TelemetryAck,
+}
 
 
 def device_topic(device_id: str, kind: str) -> str:

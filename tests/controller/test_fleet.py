@@ -121,6 +121,8 @@ def test_a_device_that_dies_is_marked_offline_by_its_will(fleet_client, mosquitt
         (device_topic("edge-3", "state"), b'{"schema": 1, "online": true, "rm": "-rf"}', "rm: Extra inputs"),
         (device_topic("edge-3", "state"), b"\xff\xfe", "payload is not JSON"),
         ("slmops/v1/devices/../state", b'{"schema": 1, "online": true}', "not a valid device id"),
+        (device_topic("edge-3", "telemetry"), b'{"schema": 1, "records": []}', "records: List should have at least 1"),
+        (device_topic("edge-3", "telemetry"), b'{"schema": 1, "records": [{"seq": -1}]}', "records.0.seq"),
     ],
 )
 def test_malformed_messages_are_logged_and_dropped(
@@ -149,3 +151,22 @@ def test_operators_label_devices_and_it_is_audited(fleet_client, publisher) -> N
     assert json.dumps(entry["detail"], sort_keys=True) == json.dumps(
         {"groups": ["canary", "line-a"], "tags": {"site": "plant-3"}}, sort_keys=True
     )
+
+
+def test_telemetry_is_stored_once_and_acknowledged(fleet_client, publisher) -> None:
+    from slmops.messages import TelemetryAck, TelemetryBatch, TelemetryRecord, parse
+
+    acks: list[int] = []
+    publisher.on_message = lambda _c, _u, m: acks.append(parse(TelemetryAck, m.payload, m.topic).up_to_seq)
+    publisher.subscribe(device_topic("edge-5", "telemetry_ack"), qos=1)
+    time.sleep(0.2)  # the subscription is in place
+    records = [
+        TelemetryRecord(seq=s, created=time.time(), kind="system", payload={"cpu_percent": s}) for s in (1, 2, 3)
+    ]
+    batch = TelemetryBatch(records=records).payload()
+    publisher.publish(device_topic("edge-5", "telemetry"), batch, qos=1)
+    publisher.publish(device_topic("edge-5", "telemetry"), batch, qos=1)  # the ack was lost: sent again
+    wait_for(lambda: acks == [3, 3], f"two acknowledgements up to seq 3 (got {acks})")
+    stored = fleet_client.get("/v1/devices/edge-5/telemetry", headers=READER).json()
+    assert [r["seq"] for r in stored] == [3, 2, 1] and stored[0]["payload"] == {"cpu_percent": 3}
+    assert fleet_client.get("/v1/devices/nobody/telemetry", headers=READER).status_code == 404

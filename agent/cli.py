@@ -170,47 +170,34 @@ def serve_cmd(
     ] = None,
 ) -> None:
     """Serve a bundle on an OpenAI- and Ollama-compatible HTTP API (localhost by default)."""
-    import logging
-    import socket
-    from collections.abc import AsyncIterator
-    from contextlib import asynccontextmanager
-
-    import uvicorn
-
     from slmops.agent import config as agent_config
-    from slmops.agent.api import create_app
-    from slmops.agent.server import AgentServer
-    from slmops.agent.telemetry import TelemetryCollector
+    from slmops.agent import daemon
 
     try:
         settings = agent_config.load(config, host=host, port=port, api_key=api_key, trusted_keys=trusted_key)
     except SlmopsError as e:
         fail(str(e), code=2)
-    try:  # bound here, so a taken port is one clear line before anything starts
-        family = socket.getaddrinfo(settings.host, settings.port, type=socket.SOCK_STREAM)[0][0]
-        listener = socket.create_server((settings.host, settings.port), family=family)
-    except OSError as e:
-        fail(f"cannot listen on {settings.host}:{settings.port}: {e.strerror or e}")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    server = AgentServer(settings)
-    collector = TelemetryCollector(server, settings)
+    try:
+        daemon.run(settings, bundle_dir)
+    except daemon.PortTaken as e:
+        fail(str(e))
 
-    @asynccontextmanager
-    async def lifespan(_app: object) -> AsyncIterator[None]:
-        if bundle_dir is not None:
-            server.load_bundle_in_background(bundle_dir)
-        collector.start()
-        what = bundle_dir or "nothing yet (POST /admin/load)"
-        err_console.print(f"serving {what} on http://{settings.host}:{settings.port}/v1 (health: /health)")
-        try:
-            yield
-        finally:  # uvicorn runs this on SIGINT/SIGTERM before it exits
-            collector.stop()
-            server.close()
-            err_console.print("stopped: requests drained, telemetry closed")
 
-    web = uvicorn.Config(create_app(server, lifespan), log_level="warning", timeout_graceful_shutdown=30)
-    uvicorn.Server(web).run(sockets=[listener])
+@app.command("run")
+def run_cmd(config: ConfigFile = None) -> None:
+    """The device daemon: serve locally and, with `broker_url` set, join the fleet (presence, birth,
+    telemetry). Everything comes from the config file and SLMOPS_AGENT_* variables."""
+    from slmops.agent import config as agent_config
+    from slmops.agent import daemon
+
+    try:
+        settings = agent_config.load(config)
+    except SlmopsError as e:
+        fail(str(e), code=2)
+    try:
+        daemon.run(settings)
+    except daemon.PortTaken as e:
+        fail(str(e))
 
 
 @app.command("telemetry")

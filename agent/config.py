@@ -4,6 +4,8 @@ Defaults work out of the box (localhost, port 8765, no API key, data under the s
 home). A bad value stops start-up with an error naming the key.
 """
 
+import re
+import socket
 from pathlib import Path
 from typing import Any, Literal
 
@@ -11,6 +13,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from slmops import paths
+from slmops.messages import DEVICE_ID_PATTERN
 from slmops.settings import ConfigError, load_settings
 
 ProviderName = Literal["cpu", "cuda", "dml", "webgpu", "qnn", "openvino", "coreml", "tensorrt", "trt-rtx", "rocm"]
@@ -43,9 +46,23 @@ class AgentConfig(BaseSettings):
     """Waiting requests beyond the active ones; past this a request gets 429."""
     default_max_tokens: int = Field(default=512, ge=1)
 
+    device_id: str = Field(
+        default_factory=lambda: re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:128] or "device",
+        pattern=DEVICE_ID_PATTERN,
+    )
+    """This device's name in the fleet (its MQTT topics); the host name by default."""
+    broker_url: str | None = Field(default=None, pattern=r"^mqtts?://")
+    """mqtt://[user:password@]host[:port] or mqtts://; unset: no fleet link, serve locally only."""
+    broker_ca_file: Path | None = None
+    bundle: Path | None = None
+    """A bundle folder to serve at start (the fleet's desired state replaces it in a later step)."""
+
     telemetry_interval_s: float = Field(default=10.0, gt=0)
     telemetry_max_rows: int = Field(default=100_000, ge=100)
     telemetry_retention_s: float = Field(default=7 * 24 * 3600, gt=0)
+    telemetry_batch_records: int = Field(default=500, ge=1, le=10_000)
+    telemetry_ack_timeout_s: float = Field(default=10.0, gt=0)
+    """A batch not acknowledged in this time is sent again (the controller stores it once)."""
 
     @property
     def telemetry_db(self) -> Path:

@@ -34,6 +34,7 @@ COMMANDS = [
     ["agent", "probe"],
     ["agent", "choose"],
     ["agent", "serve"],
+    ["agent", "run"],
     ["agent", "telemetry"],
     ["controller"],
     ["controller", "serve"],

@@ -1,13 +1,9 @@
-"""`slmops controller serve` as its own process, and `slmops bundle push` against it."""
+"""`slmops controller serve` as its own process; `slmops bundle push` and `slmops fleet` against it."""
 
 import json
-import os
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -15,47 +11,10 @@ import httpx
 SLMOPS = [sys.executable, "-P", "-m", "slmops"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def running_controller(tmp_path: Path, *args: str) -> Iterator[tuple[str, dict[str, str]]]:
-    """`slmops controller serve` in its own process; yields its URL and an environment with its admin token."""
-    port = free_port()
-    data = tmp_path / "controller"
-    env = {**os.environ, "SLMOPS_CONTROLLER_DATA_DIR": str(data)}
-    controller = subprocess.Popen(
-        [*SLMOPS, "controller", "serve", "--port", str(port), *args],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert controller.poll() is None, controller.stdout.read() if controller.stdout else ""
-            assert time.monotonic() < deadline, "the controller did not start"
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
-        token = (data / "admin.token").read_text().strip()  # written on first start: no tokens configured
-        yield url, {**env, "SLMOPS_TOKEN": token, "SLMOPS_CONTROLLER_URL": url}
-    finally:
-        controller.terminate()
-        controller.communicate(timeout=20)
-
-
 def test_push_a_bundle_to_a_running_controller(
-    session_bundle: Path, bundle_dir: Path, signing_key, tmp_path: Path
+    controller_process, session_bundle: Path, bundle_dir: Path, signing_key
 ) -> None:
-    with running_controller(tmp_path, "-k", str(signing_key[1])) as (url, env):
+    with controller_process("-k", str(signing_key[1])) as (url, env):
         pushed = subprocess.run(
             [*SLMOPS, "bundle", "push", str(session_bundle), "--json"], env=env, capture_output=True, text=True
         )
@@ -74,14 +33,14 @@ def test_push_a_bundle_to_a_running_controller(
         assert httpx.get(f"{url}/docs", timeout=10).status_code == 200
 
 
-def test_fleet_devices_and_labels_from_the_cli(mosquitto: int, tmp_path: Path) -> None:
+def test_fleet_devices_and_labels_from_the_cli(controller_process, mosquitto: int) -> None:
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
     from slmops.agent.hardware import probe
     from slmops.messages import Birth, device_topic
 
-    with running_controller(tmp_path, "--broker-url", f"mqtt://127.0.0.1:{mosquitto}") as (url, env):
+    with controller_process("--broker-url", f"mqtt://127.0.0.1:{mosquitto}") as (url, env):
         deadline = time.monotonic() + 10
         while httpx.get(f"{url}/health", timeout=2).json()["mqtt"] != "connected":
             assert time.monotonic() < deadline, "the controller did not connect to the broker"

@@ -1,0 +1,68 @@
+"""The agent process: the local server, telemetry, and (with a broker) the fleet link.
+
+    bind the port (a taken port is one clear error, before anything starts)
+    lifespan start: load the bundle (background) · telemetry collector · uplink (MQTT)
+    lifespan stop (SIGINT/SIGTERM, after uvicorn drained the requests): uplink says goodbye,
+        collector and engine stop
+
+`slmops agent serve BUNDLE` and `slmops agent run --config agent.toml` both run this.
+"""
+
+import logging
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import uvicorn
+
+from slmops.errors import SlmopsError
+from slmops.terminal import err_console
+
+from .api import create_app
+from .config import AgentConfig
+from .server import AgentServer
+from .telemetry import TelemetryCollector
+
+
+class PortTaken(SlmopsError):
+    pass
+
+
+def run(config: AgentConfig, bundle: Path | None = None) -> None:
+    try:
+        family = socket.getaddrinfo(config.host, config.port, type=socket.SOCK_STREAM)[0][0]
+        listener = socket.create_server((config.host, config.port), family=family)
+    except OSError as e:
+        raise PortTaken(f"cannot listen on {config.host}:{config.port}: {e.strerror or e}") from None
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    server = AgentServer(config)
+    collector = TelemetryCollector(server, config)
+    uplink = None
+    if config.broker_url:
+        from .uplink import Uplink
+
+        uplink = Uplink(config, server, collector.queue)
+    bundle = bundle or config.bundle
+
+    @asynccontextmanager
+    async def lifespan(_app: object) -> AsyncIterator[None]:
+        if bundle is not None:
+            server.load_bundle_in_background(bundle)
+        collector.start()
+        if uplink is not None:
+            uplink.start()
+        what = bundle or "nothing yet (POST /admin/load)"
+        fleet = f", fleet link {config.broker_url} as {config.device_id}" if uplink else ""
+        err_console.print(f"serving {what} on http://{config.host}:{config.port}/v1 (health: /health){fleet}")
+        try:
+            yield
+        finally:
+            if uplink is not None:
+                uplink.stop()
+            collector.stop()
+            server.close()
+            err_console.print("stopped: requests drained, telemetry closed")
+
+    web = uvicorn.Config(create_app(server, lifespan), log_level="warning", timeout_graceful_shutdown=30)
+    uvicorn.Server(web).run(sockets=[listener])

@@ -1,0 +1,149 @@
+"""The agent's link to the fleet: one MQTT client for presence, birth and telemetry.
+
+    connect (will: state offline, retained) ─► birth (hardware profile) ─► state (online, serving)
+    sender thread: queue.pending() ─► devices/{id}/telemetry ─► wait for telemetry_ack {up_to_seq}
+                   ─► queue.ack(seq): only what the controller stored is deleted here
+                   no ack in time ─► the same batch again (the controller keeps each seq once)
+
+paho's loop thread reconnects with backoff (1 s up to 30 s); birth and state are published
+again on every connect. With no broker at all the agent keeps serving and queueing.
+"""
+
+import logging
+import ssl
+import threading
+from urllib.parse import urlsplit
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from slmops import __version__
+from slmops.messages import (
+    Birth,
+    DeviceState,
+    MessageInvalid,
+    Serving,
+    TelemetryAck,
+    TelemetryBatch,
+    TelemetryRecord,
+    device_topic,
+    parse,
+)
+
+from . import hardware
+from .config import AgentConfig
+from .server import AgentServer
+from .telemetry import TelemetryQueue
+
+log = logging.getLogger(__name__)
+
+KEEPALIVE_S = 30
+
+
+class Uplink:
+    def __init__(self, config: AgentConfig, server: AgentServer, queue: TelemetryQueue) -> None:
+        assert config.broker_url is not None
+        url = urlsplit(config.broker_url)
+        if not url.hostname:
+            raise ValueError(f"broker_url {config.broker_url!r} names no host")
+        self.host, self.port = url.hostname, url.port or (8883 if url.scheme == "mqtts" else 1883)
+        self.config, self.server, self.queue = config, server, queue
+        self.device_id = config.device_id
+        self.connected = threading.Event()
+        self._acked = threading.Event()
+        self._stop = threading.Event()
+        self._announced: Serving | None = None
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"slmops-agent-{self.device_id}")
+        if url.username:
+            self.client.username_pw_set(url.username, url.password)
+        if url.scheme == "mqtts":
+            ca = str(config.broker_ca_file) if config.broker_ca_file else None
+            self.client.tls_set(ca_certs=ca, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        offline = DeviceState(online=False, agent_version=__version__).payload()
+        self.client.will_set(device_topic(self.device_id, "state"), offline, qos=1, retain=True)
+        self.client.reconnect_delay_set(min_delay=1, max_delay=30)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+        self._sender = threading.Thread(target=self._send_loop, name="slmops-uplink", daemon=True)
+
+    def start(self) -> None:
+        self.client.connect_async(self.host, self.port, keepalive=KEEPALIVE_S)
+        self.client.loop_start()
+        self._sender.start()
+
+    def stop(self) -> None:
+        """Say goodbye (state offline, retained), then disconnect: the will is for dying without one."""
+        self._stop.set()
+        if self.connected.is_set():
+            offline = DeviceState(online=False, agent_version=__version__).payload()
+            self.client.publish(device_topic(self.device_id, "state"), offline, qos=1, retain=True).wait_for_publish(5)
+        self.client.disconnect()
+        self.client.loop_stop()
+        self._sender.join(timeout=10)
+
+    # --- paho's thread -----------------------------------------------------------------------
+
+    def _on_connect(self, client: mqtt.Client, _u: object, _f: object, reason: object, _p: object) -> None:
+        if getattr(reason, "is_failure", False):
+            log.error("the broker %s:%s refused the connection: %s", self.host, self.port, reason)
+            return
+        client.subscribe(device_topic(self.device_id, "telemetry_ack"), qos=1)
+        birth = Birth(agent_version=__version__, profile=hardware.probe(self.config.data_dir))
+        client.publish(device_topic(self.device_id, "birth"), birth.payload(), qos=1)
+        self._publish_state()
+        self.connected.set()
+        log.info("connected to the broker at %s:%s as %s", self.host, self.port, self.device_id)
+
+    def _on_disconnect(self, *_: object) -> None:
+        if self.connected.is_set() and not self._stop.is_set():
+            log.warning("lost the broker at %s:%s; serving on, queueing telemetry", self.host, self.port)
+        self.connected.clear()
+
+    def _on_message(self, _c: mqtt.Client, _u: object, message: mqtt.MQTTMessage) -> None:
+        try:
+            ack = parse(TelemetryAck, message.payload, message.topic)
+        except MessageInvalid as e:
+            log.warning("dropped a message from the broker: %s", e)
+            return
+        self.queue.ack(ack.up_to_seq)
+        self._acked.set()
+
+    # --- the sender thread -------------------------------------------------------------------
+
+    def _serving(self) -> Serving | None:
+        model = self.server.engine.current
+        if model is None:
+            return None
+        return Serving(bundle=model.bundle, version=model.version, variant=model.variant_id, provider=model.provider)
+
+    def _publish_state(self) -> None:
+        serving = self._serving()
+        state = DeviceState(online=True, agent_version=__version__, serving=serving)
+        self.client.publish(device_topic(self.device_id, "state"), state.payload(), qos=1, retain=True)
+        self._announced = serving
+
+    def _send_loop(self) -> None:
+        while not self._stop.is_set():
+            if not self.connected.wait(timeout=1):
+                continue
+            try:
+                self._send_once()
+            except Exception:  # a full disk or a closed queue must not end the link
+                log.exception("telemetry uplink failed; retrying")
+                self._stop.wait(self.config.telemetry_ack_timeout_s)
+
+    def _send_once(self) -> None:
+        if self._serving() != self._announced:
+            self._publish_state()
+        records = self.queue.pending(limit=self.config.telemetry_batch_records)
+        if not records:
+            self._stop.wait(min(1.0, self.config.telemetry_interval_s))
+            return
+        batch = TelemetryBatch(
+            records=[TelemetryRecord(seq=r.seq, created=r.created, kind=r.kind, payload=r.payload) for r in records]
+        )
+        self._acked.clear()
+        self.client.publish(device_topic(self.device_id, "telemetry"), batch.payload(), qos=1)
+        if not self._acked.wait(self.config.telemetry_ack_timeout_s):
+            log.info("no acknowledgement for telemetry %d-%d yet; sending again", records[0].seq, records[-1].seq)

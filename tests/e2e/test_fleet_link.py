@@ -1,0 +1,97 @@
+"""An agent daemon, a controller and a Mosquitto broker, each a real process.
+
+The agent joins the fleet (birth, presence), serves its bundle, and its telemetry reaches
+the controller's database: every record once, none lost across a `kill -9` of the agent.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+SLMOPS = [sys.executable, "-P", "-m", "slmops"]
+
+
+def wait_for(condition, what: str, timeout_s: float = 30):
+    deadline = time.monotonic() + timeout_s
+    while not (result := condition()):
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
+    return result
+
+
+def test_agent_joins_the_fleet_and_its_telemetry_is_never_lost(
+    controller_process, mosquitto: int, session_bundle: Path, signing_key, tmp_path: Path
+) -> None:
+    broker = f"mqtt://127.0.0.1:{mosquitto}"
+    with controller_process("--broker-url", broker) as (url, env):
+        headers = {"Authorization": f"Bearer {env['SLMOPS_TOKEN']}"}
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            agent_port = s.getsockname()[1]
+        agent_env = {
+            **os.environ,
+            "SLMOPS_AGENT_DEVICE_ID": "edge-e2e",
+            "SLMOPS_AGENT_BROKER_URL": broker,
+            "SLMOPS_AGENT_BUNDLE": str(session_bundle),
+            "SLMOPS_AGENT_TRUSTED_KEYS": f'["{signing_key[1]}"]',
+            "SLMOPS_AGENT_PORT": str(agent_port),
+            "SLMOPS_AGENT_DATA_DIR": str(tmp_path / "agent"),
+            "SLMOPS_AGENT_TELEMETRY_INTERVAL_S": "0.2",
+            "SLMOPS_AGENT_TELEMETRY_ACK_TIMEOUT_S": "2",
+        }
+
+        def start_agent() -> subprocess.Popen:
+            return subprocess.Popen(
+                [*SLMOPS, "agent", "run"], env=agent_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+
+        def device() -> dict | None:
+            response = httpx.get(f"{url}/v1/devices/edge-e2e", headers=headers, timeout=5)
+            return response.json() if response.status_code == 200 else None
+
+        def stored_seqs() -> list[int]:
+            records = httpx.get(f"{url}/v1/devices/edge-e2e/telemetry?limit=100000", headers=headers, timeout=5)
+            return sorted(r["seq"] for r in records.json())
+
+        agent = start_agent()
+        try:
+            serving = wait_for(lambda: (d := device()) and d["online"] and d["serving"] and d, "the agent never served")
+            assert serving["serving"] == {
+                "bundle": "tiny",
+                "version": "1.0.0",
+                "variant": "cpu-int4",
+                "provider": "cpu",
+            }
+            assert serving["profile"]["cpu_cores_logical"] >= 1
+            reply = httpx.post(
+                f"http://127.0.0.1:{agent_port}/v1/chat/completions",
+                json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4},
+                timeout=30,
+            )
+            assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] >= 1
+            wait_for(lambda: len(stored_seqs()) >= 6, "telemetry did not reach the controller")
+
+            agent.send_signal(signal.SIGKILL)  # no goodbye
+            agent.communicate(timeout=10)
+            wait_for(lambda: not device()["online"], "the broker's will did not mark the agent offline")
+            before = stored_seqs()
+
+            agent = start_agent()  # same data folder: the queue and its sequence numbers survive
+            wait_for(lambda: device()["online"], "the restarted agent did not come back")
+            wait_for(lambda: len(stored_seqs()) >= len(before) + 4, "telemetry did not resume")
+            seqs = stored_seqs()
+            assert seqs == list(range(1, seqs[-1] + 1)), "every record arrived, once, without gaps"
+
+            agent.send_signal(signal.SIGTERM)  # a goodbye this time
+            output, _ = agent.communicate(timeout=30)
+            assert "stopped" in output, output
+            wait_for(lambda: not device()["online"], "the agent's goodbye did not mark it offline")
+        finally:
+            agent.kill()
+            agent.communicate(timeout=10)

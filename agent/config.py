@@ -55,7 +55,14 @@ class AgentConfig(BaseSettings):
     """mqtt://[user:password@]host[:port] or mqtts://; unset: no fleet link, serve locally only."""
     broker_ca_file: Path | None = None
     bundle: Path | None = None
-    """A bundle folder to serve at start (the fleet's desired state replaces it in a later step)."""
+    """A bundle folder to serve at start when no fleet-activated slot exists yet."""
+    controller_url: str | None = Field(default=None, pattern=r"^https?://")
+    """Where desired bundles are downloaded from (the controller's /v1/store)."""
+    controller_token: str | None = None
+    """A reader token of the controller, for downloads."""
+    smoke_test_tokens: int = Field(default=16, ge=1, le=512)
+    smoke_min_speed_fraction: float = Field(default=0.5, ge=0)
+    """A new variant must decode at least this fraction of its build-time tokens/s to be switched in."""
 
     telemetry_interval_s: float = Field(default=10.0, gt=0)
     telemetry_max_rows: int = Field(default=100_000, ge=100)

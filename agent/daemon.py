@@ -22,6 +22,7 @@ from slmops.terminal import err_console
 from .api import create_app
 from .config import AgentConfig
 from .server import AgentServer
+from .sync import Slots
 from .telemetry import TelemetryCollector
 
 
@@ -38,21 +39,32 @@ def run(config: AgentConfig, bundle: Path | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     server = AgentServer(config)
     collector = TelemetryCollector(server, config)
-    uplink = None
+    uplink, sync = None, None
     if config.broker_url:
+        from .sync import Sync
         from .uplink import Uplink
 
         uplink = Uplink(config, server, collector.queue)
-    bundle = bundle or config.bundle
+        if config.controller_url:
+            sync = Sync(config, server, uplink.publish_reported)
+            uplink.on_desired = sync.submit
+    slots = Slots(config.data_dir)
+    active = slots.active()
 
     @asynccontextmanager
     async def lifespan(_app: object) -> AsyncIterator[None]:
         if bundle is not None:
             server.load_bundle_in_background(bundle)
+        elif active is not None:  # what the fleet activated last, verified again as it loads
+            server.load_bundle_in_background(slots.path(active["digest"]), active["variant"])
+        elif config.bundle is not None:
+            server.load_bundle_in_background(config.bundle)
         collector.start()
+        if sync is not None:
+            sync.start()
         if uplink is not None:
             uplink.start()
-        what = bundle or "nothing yet (POST /admin/load)"
+        what = bundle or (active and f"slot {active['bundle']} {active['version']}") or config.bundle or "nothing yet"
         fleet = f", fleet link {config.broker_url} as {config.device_id}" if uplink else ""
         err_console.print(f"serving {what} on http://{config.host}:{config.port}/v1 (health: /health){fleet}")
         try:
@@ -60,6 +72,8 @@ def run(config: AgentConfig, bundle: Path | None = None) -> None:
         finally:
             if uplink is not None:
                 uplink.stop()
+            if sync is not None:
+                sync.stop()
             collector.stop()
             server.close()
             err_console.print("stopped: requests drained, telemetry closed")

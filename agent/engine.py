@@ -19,6 +19,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from slmops.manifest import Manifest
+
 from .runtime import Generation, GenerationStats, LoadedVariant, Sampling
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,7 @@ class ServedModel:
     version: str
     variant_id: str
     provider: str
+    manifest: Manifest
     loaded_at: float = field(default_factory=time.time)
 
 

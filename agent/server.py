@@ -22,7 +22,7 @@ from . import choice, hardware
 from .config import AgentConfig
 from .engine import Engine, ServedModel
 from .metrics import AgentMetrics
-from .runtime import LoadedVariant, RuntimeLoadError
+from .runtime import GenerationStats, LoadedVariant, RuntimeLoadError
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +45,19 @@ class AgentServer:
         self.started_at = time.time()
         self._load_lock = threading.Lock()
 
-    def load_bundle(self, path: Path) -> ServedModel:
-        """Verify, choose, load and switch to a bundle; raises SlmopsError when nothing can run."""
+    def load_bundle(self, path: Path, variant_id: str | None = None, smoke_test: bool = False) -> ServedModel:
+        """Verify, choose, load and switch to a bundle; raises SlmopsError when nothing can run.
+
+        `variant_id` names the one variant a device slot holds. With `smoke_test` the loaded
+        variant must generate, at no less than `smoke_min_speed_fraction` of its build-time
+        speed, before it replaces what is served.
+        """
         with self._load_lock:
             self.status = Status("loading", f"loading {path}", [])
             try:
-                served = self._load(path)
+                served = self._load(path, variant_id)
+                if smoke_test:
+                    self._smoke_test(served)
             except SlmopsError as e:
                 self.status = Status(
                     "failed" if self.engine.current is None else "ready", str(e), self.status.fallbacks
@@ -62,12 +69,12 @@ class AgentServer:
             log.info("serving %s (%s) from %s", served.model_id, served.provider, path)
             return served
 
-    def load_bundle_in_background(self, path: Path) -> threading.Thread:
+    def load_bundle_in_background(self, path: Path, variant_id: str | None = None) -> threading.Thread:
         self.status = Status("loading", f"loading {path}", [])
 
         def run() -> None:
             try:
-                self.load_bundle(path)
+                self.load_bundle(path, variant_id)
             except SlmopsError as e:
                 log.error("cannot serve %s: %s", path, e)
 
@@ -75,15 +82,39 @@ class AgentServer:
         thread.start()
         return thread
 
-    def _load(self, path: Path) -> ServedModel:
-        bundle = verify_bundle(path, trusted_keys(self.config.trusted_keys))
-        variant, loaded = load_best_variant(bundle, self.config, self.status.fallbacks)
+    def _load(self, path: Path, variant_id: str | None) -> ServedModel:
+        keys = trusted_keys(self.config.trusted_keys)
+        if variant_id is None:
+            bundle = verify_bundle(path, keys)
+            variant, loaded = load_best_variant(bundle, self.config, self.status.fallbacks)
+        else:
+            bundle = verify_bundle(path, keys, [variant_id])
+            variant = bundle.manifest.variant(variant_id)
+            loaded = LoadedVariant.load(bundle.variant_dir(variant_id), self.config.threads)
         return self._served(bundle, variant.id, variant.execution_provider, loaded)
+
+    def _smoke_test(self, served: ServedModel) -> None:
+        loaded, tokens = served.variant, self.config.smoke_test_tokens
+        prompt = loaded.encode(loaded.chat_prompt([{"role": "user", "content": "Say hello."}]))
+        stats = GenerationStats()
+        for _ in loaded.generate(prompt, tokens, stats, ignore_eos=True):
+            pass
+        if stats.new_tokens != tokens:
+            raise SlmopsError(f"smoke test: {served.variant_id} generated {stats.new_tokens} of {tokens} tokens")
+        evaluation = served.manifest.variant(served.variant_id).evaluation
+        built = evaluation.decode_tokens_per_s if evaluation and evaluation.decode_tokens_per_s else 0.0
+        floor = built * self.config.smoke_min_speed_fraction
+        if stats.decode_tokens_per_s < floor:
+            raise SlmopsError(
+                f"smoke test: {served.variant_id} decodes {stats.decode_tokens_per_s:.1f} tokens/s, below "
+                f"{self.config.smoke_min_speed_fraction:g} × its build-time {built:.1f}"
+            )
+        log.info("smoke test passed: %s at %.1f tokens/s", served.model_id, stats.decode_tokens_per_s)
 
     @staticmethod
     def _served(bundle: Bundle, variant_id: str, provider: str, loaded: LoadedVariant) -> ServedModel:
         m = bundle.manifest
-        return ServedModel(loaded, f"{m.name}:{m.version}", m.name, m.version, variant_id, provider)
+        return ServedModel(loaded, f"{m.name}:{m.version}", m.name, m.version, variant_id, provider, m)
 
     def close(self) -> None:
         self.engine.close()

@@ -1,6 +1,7 @@
 """The agent's link to the fleet: one MQTT client for presence, birth and telemetry.
 
     connect (will: state offline, retained) ─► birth (hardware profile) ─► state (online, serving)
+    desired (retained, from the controller) ─► on_desired (sync.py); progress goes out as `reported`
     sender thread: queue.pending() ─► devices/{id}/telemetry ─► wait for telemetry_ack {up_to_seq}
                    ─► queue.ack(seq): only what the controller stored is deleted here
                    no ack in time ─► the same batch again (the controller keeps each seq once)
@@ -12,6 +13,7 @@ again on every connect. With no broker at all the agent keeps serving and queuei
 import logging
 import ssl
 import threading
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
@@ -20,8 +22,10 @@ from paho.mqtt.enums import CallbackAPIVersion
 from slmops import __version__
 from slmops.messages import (
     Birth,
+    DesiredState,
     DeviceState,
     MessageInvalid,
+    Reported,
     Serving,
     TelemetryAck,
     TelemetryBatch,
@@ -41,13 +45,19 @@ KEEPALIVE_S = 30
 
 
 class Uplink:
-    def __init__(self, config: AgentConfig, server: AgentServer, queue: TelemetryQueue) -> None:
+    def __init__(
+        self,
+        config: AgentConfig,
+        server: AgentServer,
+        queue: TelemetryQueue,
+        on_desired: Callable[[DesiredState], None] | None = None,
+    ) -> None:
         assert config.broker_url is not None
         url = urlsplit(config.broker_url)
         if not url.hostname:
             raise ValueError(f"broker_url {config.broker_url!r} names no host")
         self.host, self.port = url.hostname, url.port or (8883 if url.scheme == "mqtts" else 1883)
-        self.config, self.server, self.queue = config, server, queue
+        self.config, self.server, self.queue, self.on_desired = config, server, queue, on_desired
         self.device_id = config.device_id
         self.connected = threading.Event()
         self._acked = threading.Event()
@@ -88,7 +98,7 @@ class Uplink:
         if getattr(reason, "is_failure", False):
             log.error("the broker %s:%s refused the connection: %s", self.host, self.port, reason)
             return
-        client.subscribe(device_topic(self.device_id, "telemetry_ack"), qos=1)
+        client.subscribe([(device_topic(self.device_id, kind), 1) for kind in ("telemetry_ack", "desired")])
         birth = Birth(agent_version=__version__, profile=hardware.probe(self.config.data_dir))
         client.publish(device_topic(self.device_id, "birth"), birth.payload(), qos=1)
         self._publish_state()
@@ -100,14 +110,19 @@ class Uplink:
             log.warning("lost the broker at %s:%s; serving on, queueing telemetry", self.host, self.port)
         self.connected.clear()
 
+    def publish_reported(self, reported: Reported) -> None:
+        self.client.publish(device_topic(self.device_id, "reported"), reported.payload(), qos=1)
+
     def _on_message(self, _c: mqtt.Client, _u: object, message: mqtt.MQTTMessage) -> None:
         try:
-            ack = parse(TelemetryAck, message.payload, message.topic)
+            if message.topic.endswith("/telemetry_ack"):
+                ack = parse(TelemetryAck, message.payload, message.topic)
+                self.queue.ack(ack.up_to_seq)
+                self._acked.set()
+            elif message.payload and self.on_desired is not None:
+                self.on_desired(parse(DesiredState, message.payload, message.topic))
         except MessageInvalid as e:
             log.warning("dropped a message from the broker: %s", e)
-            return
-        self.queue.ack(ack.up_to_seq)
-        self._acked.set()
 
     # --- the sender thread -------------------------------------------------------------------
 

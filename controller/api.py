@@ -11,7 +11,7 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
 
 from slmops.errors import BundleError
 
@@ -19,7 +19,16 @@ from .audit import Actor
 from .bridge import MqttBridge
 from .config import ApiToken, ControllerConfig
 from .fleet import Fleet
-from .protocol import AuditEntry, BundleDetail, BundleSummary, DeviceLabels, DeviceSummary, TelemetryEntry, error_body
+from .protocol import (
+    AuditEntry,
+    BundleDetail,
+    BundleSummary,
+    DesiredRequest,
+    DeviceLabels,
+    DeviceSummary,
+    TelemetryEntry,
+    error_body,
+)
 from .registry import Registry, RegistryError
 
 
@@ -100,6 +109,10 @@ def create_app(
 
     @app.delete("/v1/bundles/{name}/{version}", status_code=204)
     async def delete_bundle(name: str, version: str, who: Annotated[Actor, Depends(admin)]) -> Response:
+        digest = (await run_in_threadpool(registry.bundle, name, version)).digest
+        wanted_by = sorted(d for d, s in (await run_in_threadpool(fleet.desired_states)).items() if s.digest == digest)
+        if wanted_by:
+            raise ApiError(409, f"{name} {version} is the desired state of {', '.join(wanted_by)}", "conflict")
         await run_in_threadpool(registry.delete, name, version, who)
         return Response(status_code=204)
 
@@ -116,6 +129,26 @@ def create_app(
         """The newest telemetry records the device sent, newest first."""
         await run_in_threadpool(fleet.device, device_id)  # 404 for an unknown device
         return [TelemetryEntry.of(row) for row in await run_in_threadpool(fleet.telemetry, device_id, limit)]
+
+    @app.put("/v1/devices/{device_id}/desired", status_code=202)
+    async def set_desired(
+        device_id: str, body: DesiredRequest, who: Annotated[Actor, Depends(admin)]
+    ) -> dict[str, Any]:
+        """What the device should run; sent to it (retained) at once or when it next connects."""
+        bundle = await run_in_threadpool(registry.bundle, body.bundle, body.version)
+        desired = await run_in_threadpool(fleet.set_desired, device_id, bundle, who)
+        if bridge is not None:
+            bridge.publish_desired(device_id, desired)
+        return desired.model_dump(mode="json", exclude={"schema_version", "sent_at"})
+
+    @app.get("/v1/store/{digest}/{path:path}", dependencies=[Depends(actor)])
+    async def store_file(digest: str, path: str) -> FileResponse:
+        """A file of a stored bundle (manifest.json, signature.json, variants/...); Range requests resume."""
+        root = registry.store.path(digest).resolve()
+        target = (root / path).resolve()
+        if not digest.isalnum() or not target.is_relative_to(root) or not target.is_file():
+            raise ApiError(404, f"no file {path!r} in stored bundle {digest[:12]}", "not_found_error")
+        return FileResponse(target)
 
     @app.patch("/v1/devices/{device_id}")
     async def label_device(device_id: str, body: DeviceLabels, who: Annotated[Actor, Depends(admin)]) -> DeviceSummary:

@@ -20,8 +20,10 @@ from paho.mqtt.enums import CallbackAPIVersion
 from slmops.messages import (
     PREFIX,
     Birth,
+    DesiredState,
     DeviceState,
     MessageInvalid,
+    Reported,
     TelemetryAck,
     TelemetryBatch,
     device_topic,
@@ -34,7 +36,7 @@ from .fleet import Fleet
 log = logging.getLogger(__name__)
 
 KEEPALIVE_S = 30
-INBOUND = ("birth", "state", "telemetry")
+INBOUND = ("birth", "state", "telemetry", "reported")
 """What devices send; the controller subscribes to these only."""
 SUBSCRIPTIONS = [(f"{PREFIX}/devices/+/{kind}", 1) for kind in INBOUND]
 
@@ -66,6 +68,10 @@ class MqttBridge:
         self.client.disconnect()
         self.client.loop_stop()
 
+    def publish_desired(self, device_id: str, desired: DesiredState) -> None:
+        """Retained: a device that is offline now gets it when it connects."""
+        self.client.publish(device_topic(device_id, "desired"), desired.payload(), qos=1, retain=True)
+
     def _on_connect(
         self, client: mqtt.Client, _userdata: object, _flags: object, reason: object, _props: object
     ) -> None:
@@ -74,6 +80,8 @@ class MqttBridge:
             return
         self.connected = True
         client.subscribe(SUBSCRIPTIONS)
+        for device_id, desired in self.fleet.desired_states().items():  # a broker that restarted empty
+            self.publish_desired(device_id, desired)
         log.info("connected to the broker at %s:%s", self.host, self.port)
 
     def _on_disconnect(self, *_: object) -> None:
@@ -92,6 +100,8 @@ class MqttBridge:
                 self.fleet.record_birth(device_id, parse(Birth, message.payload, message.topic))
             elif kind == "state":
                 self.fleet.record_state(device_id, parse(DeviceState, message.payload, message.topic))
+            elif kind == "reported":
+                self.fleet.record_reported(device_id, parse(Reported, message.payload, message.topic))
             elif kind == "telemetry":
                 stored = self.fleet.record_telemetry(device_id, parse(TelemetryBatch, message.payload, message.topic))
                 ack = TelemetryAck(up_to_seq=stored).payload()

@@ -96,6 +96,10 @@ class DeviceRow(Base):
     tags: Mapped[dict[str, Any]] = mapped_column(default=dict)
     """key → value labels, e.g. {"site": "plant-3"}"""
     groups: Mapped[list[str]] = mapped_column(JSON, default=list)
+    desired: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    """The DesiredState last set for it (bundle, version, digest)."""
+    reported: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    """Its last report on the desired state (status, percent, reason, variant)."""
 
 
 class TelemetryRow(Base):

@@ -13,11 +13,11 @@ from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from slmops.messages import Birth, DeviceState, TelemetryBatch
+from slmops.messages import Birth, DesiredState, DeviceState, Reported, TelemetryBatch
 
 from . import audit
 from .audit import Actor
-from .db import DeviceRow, TelemetryRow
+from .db import BundleRow, DeviceRow, TelemetryRow
 from .registry import NotFound
 
 
@@ -44,6 +44,30 @@ class Fleet:
             device.serving = state.serving.model_dump() if state.serving else None
             device.last_seen = datetime.now(UTC)
             session.add(device)
+
+    def record_reported(self, device_id: str, reported: Reported) -> None:
+        with Session(self.engine) as session, session.begin():
+            device = session.get(DeviceRow, device_id) or DeviceRow(id=device_id, tags={}, groups=[], profile={})
+            device.reported = reported.model_dump(mode="json", exclude={"schema_version"})
+            device.last_seen = datetime.now(UTC)
+            session.add(device)
+
+    def set_desired(self, device_id: str, bundle: BundleRow, actor: Actor) -> DesiredState:
+        desired = DesiredState(bundle=bundle.name, version=bundle.version, digest=bundle.digest)
+        with Session(self.engine) as session, session.begin():
+            device = session.get(DeviceRow, device_id)
+            if device is None:
+                raise NotFound(f"no device {device_id!r} has reported to this controller")
+            device.desired = desired.model_dump(mode="json", exclude={"schema_version", "sent_at"})
+            device.reported = None
+            audit.record(session, actor, "device.desired", device_id, device.desired, bundle.id)
+        return desired
+
+    def desired_states(self) -> dict[str, DesiredState]:
+        """Every device's desired state, to publish again after a reconnect."""
+        with Session(self.engine) as session:
+            rows = session.scalars(select(DeviceRow).where(DeviceRow.desired.is_not(None)))
+            return {row.id: DesiredState.model_validate(row.desired) for row in rows if row.desired}
 
     def record_telemetry(self, device_id: str, batch: TelemetryBatch) -> int:
         """Store a batch, skipping records stored before; returns the sequence number to acknowledge."""

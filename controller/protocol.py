@@ -60,6 +60,8 @@ class DeviceSummary(BaseModel):
     tags: dict[str, Any]
     groups: list[str]
     profile: dict[str, Any]
+    desired: dict[str, Any] | None
+    reported: dict[str, Any] | None
 
     @classmethod
     def of(cls, row: DeviceRow) -> "DeviceSummary":
@@ -73,6 +75,8 @@ class DeviceSummary(BaseModel):
             tags=row.tags,
             groups=row.groups,
             profile=row.profile,
+            desired=row.desired,
+            reported=row.reported,
         )
 
 
@@ -85,6 +89,13 @@ class TelemetryEntry(BaseModel):
     @classmethod
     def of(cls, row: TelemetryRow) -> "TelemetryEntry":
         return cls(seq=row.seq, created=row.created, kind=row.kind, payload=row.payload)
+
+
+class DesiredRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    bundle: str
+    version: str
 
 
 class DeviceLabels(BaseModel):

@@ -8,7 +8,6 @@ file's sha256, so one digest names the whole content. Nothing unverified ever ap
 under bundles/.
 """
 
-import hashlib
 import os
 import shutil
 import uuid
@@ -19,10 +18,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from slmops.bundle import verify_archive
 from slmops.manifest import Manifest
-
-
-def manifest_digest(manifest: Manifest) -> str:
-    return hashlib.sha256(manifest.canonical_bytes()).hexdigest()
 
 
 class BundleStore:
@@ -37,7 +32,7 @@ class BundleStore:
         """Verify and store an archive; raises BundleError (nothing stored) when it must not be trusted."""
         staging = self.incoming / uuid.uuid4().hex
         manifest = verify_archive(archive, keys, extract_to=staging)
-        digest = manifest_digest(manifest)
+        digest = manifest.digest
         try:
             os.replace(staging, self.path(digest))
         except OSError:  # the same content is stored already (a rename cannot replace a full folder)

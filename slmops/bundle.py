@@ -17,7 +17,7 @@ import os
 import shutil
 import tarfile
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -65,16 +65,27 @@ class Bundle:
         return Bundle(self.root, self.manifest, signature)
 
 
-def expected_members(manifest: Manifest) -> dict[str, FileEntry]:
-    """Archive/bundle-relative path of every file the manifest lists."""
-    return {f"{VARIANTS_DIR}/{v.id}/{f.path}": f for v in manifest.variants for f in v.files}
+def expected_members(manifest: Manifest, variant_ids: Collection[str] | None = None) -> dict[str, FileEntry]:
+    """Archive/bundle-relative path of every file the manifest lists (of `variant_ids` only, if given)."""
+    return {
+        f"{VARIANTS_DIR}/{v.id}/{f.path}": f
+        for v in manifest.variants
+        if variant_ids is None or v.id in variant_ids
+        for f in v.files
+    }
 
 
-def verify_bundle(root: Path, keys: list[Ed25519PublicKey]) -> Bundle:
-    """Check signature, then that the folder holds exactly the listed files with their digests."""
+def verify_bundle(root: Path, keys: list[Ed25519PublicKey], variant_ids: Collection[str] | None = None) -> Bundle:
+    """Check signature, then that the folder holds exactly the listed files with their digests.
+
+    With `variant_ids` the folder is a device's slot: the signed manifest of the whole bundle,
+    and the files of those variants only.
+    """
     bundle = Bundle.open(root)
     check_signature(bundle.manifest.canonical_bytes(), bundle.signature, keys)
-    expected = expected_members(bundle.manifest)
+    for variant_id in variant_ids or ():
+        bundle.manifest.variant(variant_id)  # KeyError names a variant the manifest does not have
+    expected = expected_members(bundle.manifest, variant_ids)
     present: set[str] = set()
     for dirpath, dirnames, filenames in os.walk(root):
         for name in dirnames + filenames:

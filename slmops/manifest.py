@@ -141,6 +141,11 @@ class Manifest(Strict):
     def canonical_bytes(self) -> bytes:
         return canonical_json(self.model_dump(mode="json"))
 
+    @property
+    def digest(self) -> str:
+        """sha256 of the canonical JSON. It lists every file's sha256, so it names the whole bundle."""
+        return hashlib.sha256(self.canonical_bytes()).hexdigest()
+
     @classmethod
     def parse(cls, raw: bytes, origin: str = MANIFEST_FILE) -> "Manifest":
         """Parse manifest bytes, reporting every schema problem with its field."""

@@ -4,7 +4,11 @@
     slmops/v1/devices/{id}/birth      agent → controller, on every connect: the hardware profile
     slmops/v1/devices/{id}/telemetry      agent → controller: a batch from the disk queue (seq numbers)
     slmops/v1/devices/{id}/telemetry_ack  controller → agent: stored up to seq N, delete them
-    (desired, reported, cmd and bundle transfer follow in later steps of issue 4)
+    slmops/v1/devices/{id}/desired        controller → agent, retained: bundle, version, digest
+    slmops/v1/devices/{id}/reported       agent → controller: downloading %, verifying, activating,
+                                          healthy, failed (reason), rolled_back
+    (commands and chunked bundle transfer over MQTT follow in later steps of issue 4; files
+    come over HTTP from the controller's store meanwhile)
 
 Every payload is JSON with `schema` = 1 and is validated on receipt: `parse` raises
 `MessageInvalid` naming the topic and every bad field, and the receiver logs and drops it.
@@ -105,12 +109,38 @@ class TelemetryAck(Message):
     up_to_seq: int = Field(ge=0)
 
 
+class DesiredState(Message):
+    """What a device should run (retained): a bundle from the controller's store, by digest."""
+
+    bundle: str
+    version: str
+    digest: str = Field(pattern=r"^[0-9a-f]{64}$")
+    """sha256 of the manifest's canonical JSON: the bundle's content address in the store."""
+
+
+ActivationStatus = Literal["downloading", "verifying", "activating", "healthy", "failed", "rolled_back"]
+
+
+class Reported(Message):
+    """Progress of the desired state on the device."""
+
+    bundle: str
+    version: str
+    digest: str
+    status: ActivationStatus
+    variant: str | None = None
+    percent: float | None = Field(default=None, ge=0, le=100)
+    reason: str = ""
+
+
 M = TypeVar("M", bound=Message)
 KINDS: dict[str, type[Message]] = {
     "state": DeviceState,
     "birth": Birth,
     "telemetry": TelemetryBatch,
     "telemetry_ack": TelemetryAck,
+    "desired": DesiredState,
+    "reported": Reported,
 }
 
 

@@ -36,7 +36,7 @@ def test_agent_chats_without_ml_frameworks(session_bundle: Path, signing_key) ->
 
 
 def test_agent_modules_import_without_ml_frameworks() -> None:
-    modules = "api, server, engine, serving, telemetry, hardware, choice, config, runtime, uplink, daemon, cli"
+    modules = "api, server, engine, serving, telemetry, hardware, choice, config, runtime, uplink, sync, daemon, cli"
     script = BLOCKER + f"import slmops.cli\nfrom slmops.agent import {modules}\nprint('ok')"
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False)
     assert result.stdout.strip() == "ok", result.stderr

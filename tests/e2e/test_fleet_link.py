@@ -95,3 +95,98 @@ def test_agent_joins_the_fleet_and_its_telemetry_is_never_lost(
         finally:
             agent.kill()
             agent.communicate(timeout=10)
+
+
+def test_desired_state_is_fetched_verified_smoke_tested_and_activated(
+    controller_process, mosquitto: int, tiny_export: Path, signing_key, tmp_path: Path
+) -> None:
+    from slmops.build.bundle import create
+    from slmops.bundle import write_archive
+
+    broker = f"mqtt://127.0.0.1:{mosquitto}"
+    with controller_process("--broker-url", broker, "-k", str(signing_key[1])) as (url, env):
+        headers = {"Authorization": f"Bearer {env['SLMOPS_TOKEN']}"}
+        for version in ("1.0.0", "2.0.0"):
+            bundle = create(
+                tiny_export, tmp_path / version, "tiny", version, key=signing_key[0], variant_ids=["cpu-int4"]
+            )
+            archive = write_archive(bundle, tmp_path / f"{version}.tar").read_bytes()
+            assert httpx.post(f"{url}/v1/bundles", content=archive, headers=headers, timeout=30).status_code == 201
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            agent_port = s.getsockname()[1]
+        agent_env = {
+            **os.environ,
+            "SLMOPS_AGENT_DEVICE_ID": "edge-ab",
+            "SLMOPS_AGENT_BROKER_URL": broker,
+            "SLMOPS_AGENT_CONTROLLER_URL": url,
+            "SLMOPS_AGENT_CONTROLLER_TOKEN": env["SLMOPS_TOKEN"],
+            "SLMOPS_AGENT_TRUSTED_KEYS": f'["{signing_key[1]}"]',
+            "SLMOPS_AGENT_PORT": str(agent_port),
+            "SLMOPS_AGENT_DATA_DIR": str(tmp_path / "agent"),
+            "SLMOPS_AGENT_SMOKE_MIN_SPEED_FRACTION": "0.05",
+        }
+
+        def start_agent(**extra: str) -> subprocess.Popen:
+            return subprocess.Popen(
+                [*SLMOPS, "agent", "run"],
+                env={**agent_env, **extra},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+
+        def device() -> dict:
+            return httpx.get(f"{url}/v1/devices/edge-ab", headers=headers, timeout=5).json()
+
+        def desire(version: str) -> None:
+            body = {"bundle": "tiny", "version": version}
+            response = httpx.put(f"{url}/v1/devices/edge-ab/desired", json=body, headers=headers, timeout=10)
+            assert response.status_code == 202, response.text
+
+        def chat_model() -> str:
+            body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+            return httpx.post(f"http://127.0.0.1:{agent_port}/v1/chat/completions", json=body, timeout=30).json()[
+                "model"
+            ]
+
+        agent = start_agent()
+        try:
+            wait_for(
+                lambda: (
+                    (r := httpx.get(f"{url}/v1/devices/edge-ab", headers=headers, timeout=5)).status_code == 200
+                    and r.json()["online"]
+                ),
+                "the agent did not join",
+            )
+            assert device()["serving"] is None  # started empty
+            desire("1.0.0")
+            healthy = wait_for(
+                lambda: (d := device())["reported"] and d["reported"]["status"] == "healthy" and d,
+                "v1 never became healthy",
+            )
+            assert healthy["reported"]["variant"] == "cpu-int4"
+            wait_for(
+                lambda: device()["serving"] and device()["serving"]["version"] == "1.0.0", "the state does not show v1"
+            )
+            assert chat_model() == "tiny:1.0.0"
+            refused = httpx.delete(f"{url}/v1/bundles/tiny/1.0.0", headers=headers, timeout=10)
+            assert refused.status_code == 409 and "edge-ab" in refused.json()["error"]["message"]
+
+            agent.terminate()
+            agent.communicate(timeout=30)
+            # Restarted with an impossible speed bar: it serves the active slot, and refuses v2.
+            agent = start_agent(SLMOPS_AGENT_SMOKE_MIN_SPEED_FRACTION="1000")
+            wait_for(lambda: device()["online"] and device()["serving"], "the agent did not come back serving")
+            assert chat_model() == "tiny:1.0.0"
+            desire("2.0.0")
+            failed = wait_for(
+                lambda: (d := device())["reported"] and d["reported"]["status"] == "failed" and d, "v2 was not refused"
+            )
+            assert "smoke test" in failed["reported"]["reason"] and failed["reported"]["version"] == "2.0.0"
+            assert chat_model() == "tiny:1.0.0"  # still the previous bundle
+            slots = sorted(p.name for p in (tmp_path / "agent" / "slots").iterdir())
+            assert len(slots) == 1, slots  # the refused slot was dropped, the active one kept
+        finally:
+            agent.kill()
+            agent.communicate(timeout=10)

@@ -1,0 +1,239 @@
+"""Following the desired state: fetch the one variant this device runs, verify it, switch to it.
+
+    desired {bundle, version, digest}
+      ─► already active? report healthy
+      ─► manifest + signature from the controller's store ─► signature trusted? digest matches?
+      ─► rank variants for this device (choice.py) ─► disk space for the files still missing?
+      ─► download each file into slots/<digest>.partial/ (HTTP Range: a restart resumes,
+         complete files are not fetched again) ─► sha256 of every file           report downloading %
+      ─► verify the slot (signature, files of that variant)                       report verifying
+      ─► rename to slots/<digest>/ ─► load + smoke test ─► engine.swap            report activating
+      ─► active.json replaced atomically (the previous slot stays)                report healthy
+    any failure: report failed (reason); what was served stays served
+
+A `kill -9` at any point leaves active.json naming a complete, verified slot (old or new):
+the slot is renamed into place before active.json points at it, and active.json is
+replaced with os.replace.
+"""
+
+import json
+import logging
+import os
+import queue
+import shutil
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+
+from slmops.bundle import MANIFEST_FILE, SIGNATURE_FILE, VARIANTS_DIR
+from slmops.errors import SlmopsError
+from slmops.manifest import Manifest, sha256_file
+from slmops.messages import ActivationStatus, DesiredState, Reported
+from slmops.signing import Signature, check_signature, trusted_keys
+
+from . import choice, hardware
+from .config import AgentConfig
+from .server import AgentServer
+
+log = logging.getLogger(__name__)
+
+DOWNLOAD_CHUNK_BYTES = 1 << 20
+REPORT_EVERY_PERCENT = 5.0
+DISK_MARGIN_BYTES = 64 << 20
+"""Kept free beyond what the files need, so a download never fills the disk."""
+
+
+class SyncError(SlmopsError):
+    pass
+
+
+class Slots:
+    """data_dir/slots/<digest>/ (verified), <digest>.partial/ (downloading), active.json."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.root = data_dir / "slots"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.active_file = data_dir / "active.json"
+
+    def path(self, digest: str) -> Path:
+        return self.root / digest
+
+    def partial(self, digest: str) -> Path:
+        return self.root / f"{digest}.partial"
+
+    def active(self) -> dict[str, str] | None:
+        try:
+            return dict(json.loads(self.active_file.read_text()))
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def set_active(self, record: dict[str, str]) -> None:
+        """Point at a complete slot, atomically; keep it and the previous one, drop older slots."""
+        previous = self.active()
+        tmp = self.active_file.with_suffix(".tmp")
+        with tmp.open("w") as f:
+            json.dump(record, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.active_file)
+        keep = {record["digest"], previous["digest"] if previous else ""}
+        for slot in self.root.iterdir():
+            if slot.is_dir() and not slot.name.endswith(".partial") and slot.name not in keep:
+                shutil.rmtree(slot, ignore_errors=True)
+
+
+class Sync:
+    """One worker thread applying desired states in order; a newer one waits for the current."""
+
+    def __init__(self, config: AgentConfig, server: AgentServer, report: Callable[[Reported], None]) -> None:
+        if not config.controller_url:
+            raise SyncError("controller_url is not set: the agent cannot download desired bundles")
+        self.config, self.server, self.report = config, server, report
+        self.slots = Slots(config.data_dir)
+        self._desired: queue.Queue[DesiredState | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="slmops-sync", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._desired.put(None)
+        self._thread.join(timeout=30)
+
+    def submit(self, desired: DesiredState) -> None:
+        self._desired.put(desired)
+
+    def _run(self) -> None:
+        while (desired := self._desired.get()) is not None:
+            try:
+                self.apply(desired)
+            except Exception as e:  # the reason goes to the controller; the worker goes on
+                log.warning("desired %s %s failed: %s", desired.bundle, desired.version, e)
+                self._report(desired, "failed", reason=str(e))
+
+    def _report(
+        self,
+        desired: DesiredState,
+        status: ActivationStatus,
+        variant: str | None = None,
+        percent: float | None = None,
+        reason: str = "",
+    ) -> None:
+        self.report(
+            Reported(
+                bundle=desired.bundle,
+                version=desired.version,
+                digest=desired.digest,
+                status=status,
+                variant=variant,
+                percent=percent,
+                reason=reason,
+            )
+        )
+
+    def apply(self, desired: DesiredState) -> None:
+        current = self.server.engine.current
+        if current is not None and current.manifest.digest == desired.digest:
+            self._report(desired, "healthy", variant=current.variant_id)
+            return
+        controller = (self.config.controller_url or "").rstrip("/")
+        with httpx.Client(
+            base_url=f"{controller}/v1/store/{desired.digest}",
+            headers={"Authorization": f"Bearer {self.config.controller_token or ''}"},
+            timeout=httpx.Timeout(10, read=60),
+        ) as http:
+            self._report(desired, "downloading", percent=0.0)
+            partial = self.slots.partial(desired.digest)
+            manifest = self._fetch_manifest(http, desired, partial)
+            variant = self._choose(manifest)
+            self._download(http, desired, manifest, variant, partial)
+        self._report(desired, "verifying", variant=variant)
+        slot = self.slots.path(desired.digest)
+        shutil.rmtree(slot, ignore_errors=True)
+        os.replace(partial, slot)
+        self._report(desired, "activating", variant=variant)
+        try:
+            self.server.load_bundle(slot, variant, smoke_test=True)
+        except SlmopsError:
+            shutil.rmtree(slot, ignore_errors=True)  # verified but unfit here: keep what is served
+            raise
+        self.slots.set_active(
+            {"digest": desired.digest, "variant": variant, "bundle": desired.bundle, "version": desired.version}
+        )
+        self._report(desired, "healthy", variant=variant)
+
+    def _fetch_manifest(self, http: httpx.Client, desired: DesiredState, partial: Path) -> Manifest:
+        partial.mkdir(parents=True, exist_ok=True)
+        raw = self._get(http, MANIFEST_FILE).content
+        signature_raw = self._get(http, SIGNATURE_FILE).content
+        manifest = Manifest.parse(raw, origin=f"controller {MANIFEST_FILE}")
+        signature = Signature.parse(signature_raw, origin=f"controller {SIGNATURE_FILE}")
+        check_signature(manifest.canonical_bytes(), signature, trusted_keys(self.config.trusted_keys))
+        if manifest.digest != desired.digest:
+            raise SyncError(f"the manifest served for {desired.digest[:12]} has another digest")
+        (partial / MANIFEST_FILE).write_bytes(raw)
+        (partial / SIGNATURE_FILE).write_bytes(signature_raw)
+        return manifest
+
+    def _choose(self, manifest: Manifest) -> str:
+        candidates = choice.rank(manifest, hardware.probe(self.config.data_dir), self.config)
+        usable = [c for c in candidates if c.usable]
+        if not usable:
+            reasons = "; ".join(f"{c.variant.id}: {c.reason}" for c in candidates)
+            raise SyncError(f"no variant of {manifest.name} can run here ({reasons})")
+        return usable[0].variant.id
+
+    def _download(
+        self, http: httpx.Client, desired: DesiredState, manifest: Manifest, variant_id: str, partial: Path
+    ) -> None:
+        files = manifest.variant(variant_id).files
+        total = sum(f.size for f in files)
+        have = {f.path: _size(partial / VARIANTS_DIR / variant_id / f.path) for f in files}
+        missing = total - sum(min(have[f.path], f.size) for f in files)
+        free = shutil.disk_usage(partial).free
+        if missing + DISK_MARGIN_BYTES > free:
+            raise SyncError(
+                f"not enough disk for {variant_id}: {missing / 2**20:.0f} MiB to download, "
+                f"{free / 2**20:.0f} MiB free (keeping {DISK_MARGIN_BYTES / 2**20:.0f} MiB)"
+            )
+        done = total - missing
+        next_report = 0.0
+        for entry in files:
+            target = partial / VARIANTS_DIR / variant_id / entry.path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if _size(target) == entry.size and sha256_file(target) == entry.sha256:
+                continue  # fetched before a restart
+            if _size(target) > entry.size:
+                target.unlink()
+            start = _size(target)
+            headers = {"Range": f"bytes={start}-"} if start else {}
+            with http.stream("GET", f"{VARIANTS_DIR}/{variant_id}/{entry.path}", headers=headers) as response:
+                if response.status_code not in (200, 206):
+                    raise SyncError(f"download of {entry.path} answered {response.status_code}")
+                mode = "ab" if response.status_code == 206 else "wb"
+                with target.open(mode) as f:
+                    for chunk in response.iter_bytes(DOWNLOAD_CHUNK_BYTES):
+                        f.write(chunk)
+                        done += len(chunk)
+                        if (percent := 100 * done / total) >= next_report:
+                            self._report(desired, "downloading", variant=variant_id, percent=round(percent, 1))
+                            next_report = percent + REPORT_EVERY_PERCENT
+            if sha256_file(target) != entry.sha256:
+                target.unlink()
+                raise SyncError(f"{entry.path}: the downloaded file does not match the manifest's sha256")
+
+    @staticmethod
+    def _get(http: httpx.Client, path: str) -> httpx.Response:
+        response = http.get(path)
+        if response.status_code != 200:
+            raise SyncError(f"the controller answered {response.status_code} for {path}")
+        return response
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0

@@ -58,6 +58,7 @@ class MqttBridge:
         self.client.reconnect_delay_set(min_delay=1, max_delay=30)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
+        self.client.on_subscribe = self._on_subscribe
         self.client.on_message = self._on_message
 
     def start(self) -> None:
@@ -78,10 +79,13 @@ class MqttBridge:
         if getattr(reason, "is_failure", False):
             log.error("the broker %s:%s refused the connection: %s", self.host, self.port, reason)
             return
-        self.connected = True
         client.subscribe(SUBSCRIPTIONS)
         for device_id, desired in self.fleet.desired_states().items():  # a broker that restarted empty
             self.publish_desired(device_id, desired)
+
+    def _on_subscribe(self, *_: object) -> None:
+        """Connected for our purposes once the broker confirmed the subscriptions."""
+        self.connected = True
         log.info("connected to the broker at %s:%s", self.host, self.port)
 
     def _on_disconnect(self, *_: object) -> None:

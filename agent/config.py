@@ -60,6 +60,8 @@ class AgentConfig(BaseSettings):
     """Where desired bundles are downloaded from (the controller's /v1/store)."""
     controller_token: str | None = None
     """A reader token of the controller, for downloads."""
+    disk_reserve_bytes: int = Field(default=64 * 2**20, ge=0)
+    """Free disk a download must leave; a bundle that does not fit is a reported failure."""
     smoke_test_tokens: int = Field(default=16, ge=1, le=512)
     smoke_min_speed_fraction: float = Field(default=0.5, ge=0)
     """A new variant must decode at least this fraction of its build-time tokens/s to be switched in."""

@@ -41,8 +41,6 @@ log = logging.getLogger(__name__)
 
 DOWNLOAD_CHUNK_BYTES = 1 << 20
 REPORT_EVERY_PERCENT = 5.0
-DISK_MARGIN_BYTES = 64 << 20
-"""Kept free beyond what the files need, so a download never fills the disk."""
 
 
 class SyncError(SlmopsError):
@@ -193,10 +191,11 @@ class Sync:
         have = {f.path: _size(partial / VARIANTS_DIR / variant_id / f.path) for f in files}
         missing = total - sum(min(have[f.path], f.size) for f in files)
         free = shutil.disk_usage(partial).free
-        if missing + DISK_MARGIN_BYTES > free:
+        reserve = self.config.disk_reserve_bytes
+        if missing + reserve > free:
             raise SyncError(
                 f"not enough disk for {variant_id}: {missing / 2**20:.0f} MiB to download, "
-                f"{free / 2**20:.0f} MiB free (keeping {DISK_MARGIN_BYTES / 2**20:.0f} MiB)"
+                f"{free / 2**20:.0f} MiB free, {reserve / 2**20:.0f} MiB to keep free"
             )
         done = total - missing
         next_report = 0.0

@@ -187,6 +187,31 @@ def test_desired_state_is_fetched_verified_smoke_tested_and_activated(
             assert chat_model() == "tiny:1.0.0"  # still the previous bundle
             slots = sorted(p.name for p in (tmp_path / "agent" / "slots").iterdir())
             assert len(slots) == 1, slots  # the refused slot was dropped, the active one kept
+
+            agent.terminate()
+            agent.communicate(timeout=30)
+            # A disk too small for v2 (the retained desired state arrives again on connect).
+            agent = start_agent(SLMOPS_AGENT_DISK_RESERVE_BYTES=str(2**60))
+            wait_for(
+                lambda: (r := device()["reported"]) and r["status"] == "failed" and "not enough disk" in r["reason"],
+                "a full disk was not reported",
+            )
+            # Garbage on the topics the agent reads: logged, dropped, the agent serves on.
+            import paho.mqtt.client as mqtt
+            from paho.mqtt.enums import CallbackAPIVersion
+
+            rogue = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="rogue")
+            rogue.connect("127.0.0.1", mosquitto)
+            rogue.loop_start()
+            for kind, payload in (("desired", b"{not json"), ("telemetry_ack", b'{"schema": 1, "up_to_seq": -4}')):
+                rogue.publish(f"slmops/v1/devices/edge-ab/{kind}", payload, qos=1).wait_for_publish(5)
+            rogue.disconnect()
+            rogue.loop_stop()
+            time.sleep(0.5)
+            assert agent.poll() is None and chat_model() == "tiny:1.0.0"
+            agent.terminate()
+            output, _ = agent.communicate(timeout=30)
+            assert output.count("dropped a message from the broker") == 2, output
         finally:
             agent.kill()
             agent.communicate(timeout=10)

@@ -93,29 +93,55 @@ def smollm2_bundle(
     return out
 
 
-@pytest.fixture
-def mosquitto(tmp_path: Path):
-    """A Mosquitto broker of our own on a free loopback port; yields the port."""
-    import socket
-    import subprocess
-    import time
+class Mosquitto:
+    """A Mosquitto broker of our own on a free loopback port; it can be stopped and started again."""
 
-    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    conf = tmp_path / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest stderr\n")
-    broker = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 10
-    while True:
-        assert broker.poll() is None, broker.stdout.read() if broker.stdout else "mosquitto exited"
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            assert time.monotonic() < deadline, "mosquitto did not start"
-            time.sleep(0.05)
-    yield port
-    broker.terminate()
-    broker.communicate(timeout=10)
+    def __init__(self, folder: Path) -> None:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.conf = folder / "mosquitto.conf"
+        self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+        self.process = None
+        self.start()
+
+    def start(self) -> None:
+        import socket
+        import subprocess
+        import time
+
+        binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        self.process = subprocess.Popen(
+            [binary, "-c", str(self.conf)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    output, _ = self.process.communicate(timeout=10)
+                    pytest.fail(f"mosquitto did not start: {output}")
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.communicate(timeout=10)
+            self.process = None
+
+
+@pytest.fixture
+def broker(tmp_path: Path):
+    server = Mosquitto(tmp_path)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def mosquitto(broker: Mosquitto) -> int:
+    """The port of a running Mosquitto of our own."""
+    return broker.port

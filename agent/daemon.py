@@ -45,9 +45,8 @@ def run(config: AgentConfig, bundle: Path | None = None) -> None:
         from .uplink import Uplink
 
         uplink = Uplink(config, server, collector.queue)
-        if config.controller_url:
-            sync = Sync(config, server, uplink.publish_reported)
-            uplink.on_desired = sync.submit
+        sync = Sync(config, server, uplink.publish_reported, uplink.publish_reply)
+        uplink.on_work = sync.submit
     slots = Slots(config.data_dir)
     active = slots.active()
 

@@ -30,7 +30,7 @@ import httpx
 from slmops.bundle import MANIFEST_FILE, SIGNATURE_FILE, VARIANTS_DIR
 from slmops.errors import SlmopsError
 from slmops.manifest import Manifest, sha256_file
-from slmops.messages import ActivationStatus, DesiredState, Reported
+from slmops.messages import ActivationStatus, Command, CommandReply, DesiredState, Reported
 from slmops.signing import Signature, check_signature, trusted_keys
 
 from . import choice, hardware
@@ -61,18 +61,25 @@ class Slots:
     def partial(self, digest: str) -> Path:
         return self.root / f"{digest}.partial"
 
-    def active(self) -> dict[str, str] | None:
+    def _read(self) -> dict[str, dict[str, str] | None]:
         try:
             return dict(json.loads(self.active_file.read_text()))
         except (FileNotFoundError, ValueError):
-            return None
+            return {"active": None, "previous": None}
+
+    def active(self) -> dict[str, str] | None:
+        """{digest, variant, bundle, version} of the slot to serve, or None."""
+        return self._read()["active"]
+
+    def previous(self) -> dict[str, str] | None:
+        return self._read()["previous"]
 
     def set_active(self, record: dict[str, str]) -> None:
         """Point at a complete slot, atomically; keep it and the previous one, drop older slots."""
         previous = self.active()
         tmp = self.active_file.with_suffix(".tmp")
         with tmp.open("w") as f:
-            json.dump(record, f)
+            json.dump({"active": record, "previous": previous}, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.active_file)
@@ -83,33 +90,69 @@ class Slots:
 
 
 class Sync:
-    """One worker thread applying desired states in order; a newer one waits for the current."""
+    """One worker thread applying desired states and commands in order, one at a time."""
 
-    def __init__(self, config: AgentConfig, server: AgentServer, report: Callable[[Reported], None]) -> None:
-        if not config.controller_url:
-            raise SyncError("controller_url is not set: the agent cannot download desired bundles")
-        self.config, self.server, self.report = config, server, report
+    def __init__(
+        self,
+        config: AgentConfig,
+        server: AgentServer,
+        report: Callable[[Reported], None],
+        reply: Callable[[CommandReply], None],
+    ) -> None:
+        self.config, self.server, self.report, self.reply = config, server, report, reply
         self.slots = Slots(config.data_dir)
-        self._desired: queue.Queue[DesiredState | None] = queue.Queue()
+        self._work: queue.Queue[DesiredState | Command | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="slmops-sync", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
-        self._desired.put(None)
+        self._work.put(None)
         self._thread.join(timeout=30)
 
-    def submit(self, desired: DesiredState) -> None:
-        self._desired.put(desired)
+    def submit(self, work: DesiredState | Command) -> None:
+        self._work.put(work)
 
     def _run(self) -> None:
-        while (desired := self._desired.get()) is not None:
+        while (work := self._work.get()) is not None:
+            if isinstance(work, Command):
+                self.reply(self.run_command(work))
+                continue
             try:
-                self.apply(desired)
+                self.apply(work)
             except Exception as e:  # the reason goes to the controller; the worker goes on
-                log.warning("desired %s %s failed: %s", desired.bundle, desired.version, e)
-                self._report(desired, "failed", reason=str(e))
+                log.warning("desired %s %s failed: %s", work.bundle, work.version, e)
+                self._report(work, "failed", reason=str(e))
+
+    def run_command(self, command: Command) -> CommandReply:
+        try:
+            if command.command == "probe":
+                result = hardware.probe(self.config.data_dir).model_dump(mode="json")
+            elif command.command == "reload":
+                result = self._serve(self.slots.active(), "nothing is active to reload")
+            else:
+                result = self._rollback()
+        except Exception as e:  # the operator gets the reason; the agent goes on
+            log.warning("command %s failed: %s", command.command, e)
+            return CommandReply(correlation_id=command.correlation_id, ok=False, error=str(e))
+        return CommandReply(correlation_id=command.correlation_id, ok=True, result=result)
+
+    def _serve(self, record: dict[str, str] | None, missing: str) -> dict[str, object]:
+        if record is None:
+            raise SyncError(missing)
+        served = self.server.load_bundle(self.slots.path(record["digest"]), record["variant"])
+        return {"serving": served.model_id, "variant": served.variant_id, "provider": served.provider}
+
+    def _rollback(self) -> dict[str, object]:
+        """Back to the previous slot (kept for this); the one rolled back from stays as previous."""
+        previous = self.slots.previous()
+        result = self._serve(previous, "there is no previous slot to roll back to")
+        assert previous is not None
+        self.slots.set_active(previous)
+        desired = DesiredState(bundle=previous["bundle"], version=previous["version"], digest=previous["digest"])
+        self._report(desired, "rolled_back", variant=previous["variant"])
+        return result
 
     def _report(
         self,
@@ -136,7 +179,9 @@ class Sync:
         if current is not None and current.manifest.digest == desired.digest:
             self._report(desired, "healthy", variant=current.variant_id)
             return
-        controller = (self.config.controller_url or "").rstrip("/")
+        if not self.config.controller_url:
+            raise SyncError("controller_url is not set: this agent cannot download desired bundles")
+        controller = self.config.controller_url.rstrip("/")
         with httpx.Client(
             base_url=f"{controller}/v1/store/{desired.digest}",
             headers={"Authorization": f"Bearer {self.config.controller_token or ''}"},

@@ -1,7 +1,8 @@
 """The agent's link to the fleet: one MQTT client for presence, birth and telemetry.
 
     connect (will: state offline, retained) ─► birth (hardware profile) ─► state (online, serving)
-    desired (retained, from the controller) ─► on_desired (sync.py); progress goes out as `reported`
+    desired (retained) and cmd from the controller ─► on_work (sync.py); progress goes out as
+    `reported`, command results as `cmd_reply`
     sender thread: queue.pending() ─► devices/{id}/telemetry ─► wait for telemetry_ack {up_to_seq}
                    ─► queue.ack(seq): only what the controller stored is deleted here
                    no ack in time ─► the same batch again (the controller keeps each seq once)
@@ -22,6 +23,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from slmops import __version__
 from slmops.messages import (
     Birth,
+    Command,
+    CommandReply,
     DesiredState,
     DeviceState,
     MessageInvalid,
@@ -50,14 +53,14 @@ class Uplink:
         config: AgentConfig,
         server: AgentServer,
         queue: TelemetryQueue,
-        on_desired: Callable[[DesiredState], None] | None = None,
+        on_work: Callable[[DesiredState | Command], None] | None = None,
     ) -> None:
         assert config.broker_url is not None
         url = urlsplit(config.broker_url)
         if not url.hostname:
             raise ValueError(f"broker_url {config.broker_url!r} names no host")
         self.host, self.port = url.hostname, url.port or (8883 if url.scheme == "mqtts" else 1883)
-        self.config, self.server, self.queue, self.on_desired = config, server, queue, on_desired
+        self.config, self.server, self.queue, self.on_work = config, server, queue, on_work
         self.device_id = config.device_id
         self.connected = threading.Event()
         self._acked = threading.Event()
@@ -98,7 +101,7 @@ class Uplink:
         if getattr(reason, "is_failure", False):
             log.error("the broker %s:%s refused the connection: %s", self.host, self.port, reason)
             return
-        client.subscribe([(device_topic(self.device_id, kind), 1) for kind in ("telemetry_ack", "desired")])
+        client.subscribe([(device_topic(self.device_id, kind), 1) for kind in ("telemetry_ack", "desired", "cmd")])
         birth = Birth(agent_version=__version__, profile=hardware.probe(self.config.data_dir))
         client.publish(device_topic(self.device_id, "birth"), birth.payload(), qos=1)
         self._publish_state()
@@ -113,14 +116,22 @@ class Uplink:
     def publish_reported(self, reported: Reported) -> None:
         self.client.publish(device_topic(self.device_id, "reported"), reported.payload(), qos=1)
 
+    def publish_reply(self, reply: CommandReply) -> None:
+        self.client.publish(device_topic(self.device_id, "cmd_reply"), reply.payload(), qos=1)
+
     def _on_message(self, _c: mqtt.Client, _u: object, message: mqtt.MQTTMessage) -> None:
         try:
             if message.topic.endswith("/telemetry_ack"):
                 ack = parse(TelemetryAck, message.payload, message.topic)
                 self.queue.ack(ack.up_to_seq)
                 self._acked.set()
-            elif message.payload and self.on_desired is not None:
-                self.on_desired(parse(DesiredState, message.payload, message.topic))
+            elif message.payload and self.on_work is not None:
+                work: DesiredState | Command = (
+                    parse(Command, message.payload, message.topic)
+                    if message.topic.endswith("/cmd")
+                    else parse(DesiredState, message.payload, message.topic)
+                )
+                self.on_work(work)
         except MessageInvalid as e:
             log.warning("dropped a message from the broker: %s", e)
 

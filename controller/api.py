@@ -23,6 +23,7 @@ from .protocol import (
     AuditEntry,
     BundleDetail,
     BundleSummary,
+    CommandRequest,
     DesiredRequest,
     DeviceLabels,
     DeviceSummary,
@@ -140,6 +141,19 @@ def create_app(
         if bridge is not None:
             bridge.publish_desired(device_id, desired)
         return desired.model_dump(mode="json", exclude={"schema_version", "sent_at"})
+
+    @app.post("/v1/devices/{device_id}/commands")
+    async def command(device_id: str, body: CommandRequest, who: Annotated[Actor, Depends(admin)]) -> dict[str, Any]:
+        """probe, reload (the active slot) or rollback (to the previous slot); waits for the device's reply."""
+        await run_in_threadpool(fleet.device, device_id)  # 404 for an unknown device
+        if bridge is None or not bridge.connected:
+            raise ApiError(503, "the MQTT link is not connected: commands cannot reach devices", "unavailable")
+        await run_in_threadpool(fleet.record_command, device_id, body.command, who)
+        try:
+            reply = await run_in_threadpool(bridge.command, device_id, body.command, body.timeout_s)
+        except TimeoutError as e:
+            raise ApiError(504, str(e), "timeout") from None
+        return reply.model_dump(mode="json", exclude={"schema_version", "sent_at"})
 
     @app.get("/v1/store/{digest}/{path:path}", dependencies=[Depends(actor)])
     async def store_file(digest: str, path: str) -> FileResponse:

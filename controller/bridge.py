@@ -12,6 +12,8 @@ subscriptions are made again on every connect.
 
 import logging
 import ssl
+import threading
+import uuid
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
@@ -20,6 +22,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 from slmops.messages import (
     PREFIX,
     Birth,
+    Command,
+    CommandName,
+    CommandReply,
     DesiredState,
     DeviceState,
     MessageInvalid,
@@ -36,7 +41,7 @@ from .fleet import Fleet
 log = logging.getLogger(__name__)
 
 KEEPALIVE_S = 30
-INBOUND = ("birth", "state", "telemetry", "reported")
+INBOUND = ("birth", "state", "telemetry", "reported", "cmd_reply")
 """What devices send; the controller subscribes to these only."""
 SUBSCRIPTIONS = [(f"{PREFIX}/devices/+/{kind}", 1) for kind in INBOUND]
 
@@ -50,6 +55,8 @@ class MqttBridge:
         self.fleet = fleet
         self.connected = False
         self.dropped = 0
+        self._replies: dict[str, tuple[threading.Event, list[CommandReply]]] = {}
+        self._replies_lock = threading.Lock()
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
         if url.username:
             self.client.username_pw_set(url.username, url.password)
@@ -68,6 +75,21 @@ class MqttBridge:
     def stop(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+
+    def command(self, device_id: str, name: CommandName, timeout_s: float) -> CommandReply:
+        """Send a command and wait for the reply with the same correlation id (TimeoutError without one)."""
+        command = Command(correlation_id=uuid.uuid4().hex, command=name)
+        waiter: tuple[threading.Event, list[CommandReply]] = (threading.Event(), [])
+        with self._replies_lock:
+            self._replies[command.correlation_id] = waiter
+        try:
+            self.client.publish(device_topic(device_id, "cmd"), command.payload(), qos=1)
+            if not waiter[0].wait(timeout_s):
+                raise TimeoutError(f"{device_id} did not answer {name} within {timeout_s:g} s")
+            return waiter[1][0]
+        finally:
+            with self._replies_lock:
+                self._replies.pop(command.correlation_id, None)
 
     def publish_desired(self, device_id: str, desired: DesiredState) -> None:
         """Retained: a device that is offline now gets it when it connects."""
@@ -106,6 +128,17 @@ class MqttBridge:
                 self.fleet.record_state(device_id, parse(DeviceState, message.payload, message.topic))
             elif kind == "reported":
                 self.fleet.record_reported(device_id, parse(Reported, message.payload, message.topic))
+            elif kind == "cmd_reply":
+                reply = parse(CommandReply, message.payload, message.topic)
+                with self._replies_lock:
+                    waiter = self._replies.get(reply.correlation_id)
+                if waiter is None:
+                    log.info(
+                        "a reply from %s for no pending command (%s); it came too late", sender, reply.correlation_id
+                    )
+                else:
+                    waiter[1].append(reply)
+                    waiter[0].set()
             elif kind == "telemetry":
                 stored = self.fleet.record_telemetry(device_id, parse(TelemetryBatch, message.payload, message.topic))
                 ack = TelemetryAck(up_to_seq=stored).payload()

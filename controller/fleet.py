@@ -63,6 +63,10 @@ class Fleet:
             audit.record(session, actor, "device.desired", device_id, device.desired, bundle.id)
         return desired
 
+    def record_command(self, device_id: str, command: str, actor: Actor) -> None:
+        with Session(self.engine) as session, session.begin():
+            audit.record(session, actor, "device.command", device_id, {"command": command})
+
     def desired_states(self) -> dict[str, DesiredState]:
         """Every device's desired state, to publish again after a reconnect."""
         with Session(self.engine) as session:

@@ -3,7 +3,9 @@
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
+
+from slmops.messages import CommandName
 
 from .db import AuditRow, BundleRow, DeviceRow, TelemetryRow
 
@@ -96,6 +98,13 @@ class DesiredRequest(BaseModel):
 
     bundle: str
     version: str
+
+
+class CommandRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    command: CommandName
+    timeout_s: float = Field(default=30, gt=0, le=600)
 
 
 class DeviceLabels(BaseModel):

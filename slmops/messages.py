@@ -7,8 +7,10 @@
     slmops/v1/devices/{id}/desired        controller → agent, retained: bundle, version, digest
     slmops/v1/devices/{id}/reported       agent → controller: downloading %, verifying, activating,
                                           healthy, failed (reason), rolled_back
-    (commands and chunked bundle transfer over MQTT follow in later steps of issue 4; files
-    come over HTTP from the controller's store meanwhile)
+    slmops/v1/devices/{id}/cmd            controller → agent: probe | reload | rollback, a correlation id
+    slmops/v1/devices/{id}/cmd_reply      agent → controller: ok, result or error, the same id
+    (the chunked bundle transfer over MQTT follows in a later step of issue 4; files come
+    over HTTP from the controller's store meanwhile)
 
 Every payload is JSON with `schema` = 1 and is validated on receipt: `parse` raises
 `MessageInvalid` naming the topic and every bad field, and the receiver logs and drops it.
@@ -133,6 +135,23 @@ class Reported(Message):
     reason: str = ""
 
 
+CommandName = Literal["probe", "reload", "rollback"]
+
+
+class Command(Message):
+    """An operator's command to one device; the reply carries the same correlation id."""
+
+    correlation_id: str = Field(min_length=8, max_length=64)
+    command: CommandName
+
+
+class CommandReply(Message):
+    correlation_id: str = Field(min_length=8, max_length=64)
+    ok: bool
+    result: dict[str, object] = {}
+    error: str = ""
+
+
 M = TypeVar("M", bound=Message)
 KINDS: dict[str, type[Message]] = {
     "state": DeviceState,
@@ -141,6 +160,8 @@ KINDS: dict[str, type[Message]] = {
     "telemetry_ack": TelemetryAck,
     "desired": DesiredState,
     "reported": Reported,
+    "cmd": Command,
+    "cmd_reply": CommandReply,
 }
 
 

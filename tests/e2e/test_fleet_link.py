@@ -1,269 +1,193 @@
-"""An agent daemon, a controller and a Mosquitto broker, each a real process.
+"""Agent daemons, a controller and a Mosquitto broker, each a real process.
 
-The agent joins the fleet (birth, presence), serves its bundle, and its telemetry reaches
-the controller's database: every record once, none lost across a `kill -9` of the agent.
+Agents join the fleet (birth, presence), serve, send telemetry that reaches the controller's
+database (every record once, none lost across a `kill -9` or a broker restart), follow their
+desired state into A/B slots, and answer commands.
 """
 
-import os
 import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
-
-SLMOPS = [sys.executable, "-P", "-m", "slmops"]
-
-
-def wait_for(condition, what: str, timeout_s: float = 30):
-    deadline = time.monotonic() + timeout_s
-    while not (result := condition()):
-        assert time.monotonic() < deadline, what
-        time.sleep(0.1)
-    return result
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
 
-def test_agent_joins_the_fleet_and_its_telemetry_is_never_lost(
-    controller_process, mosquitto: int, session_bundle: Path, signing_key, tmp_path: Path
-) -> None:
-    broker = f"mqtt://127.0.0.1:{mosquitto}"
-    with controller_process("--broker-url", broker) as (url, env):
-        headers = {"Authorization": f"Bearer {env['SLMOPS_TOKEN']}"}
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            agent_port = s.getsockname()[1]
-        agent_env = {
-            **os.environ,
-            "SLMOPS_AGENT_DEVICE_ID": "edge-e2e",
-            "SLMOPS_AGENT_BROKER_URL": broker,
-            "SLMOPS_AGENT_BUNDLE": str(session_bundle),
-            "SLMOPS_AGENT_TRUSTED_KEYS": f'["{signing_key[1]}"]',
-            "SLMOPS_AGENT_PORT": str(agent_port),
-            "SLMOPS_AGENT_DATA_DIR": str(tmp_path / "agent"),
-            "SLMOPS_AGENT_TELEMETRY_INTERVAL_S": "0.2",
-            "SLMOPS_AGENT_TELEMETRY_ACK_TIMEOUT_S": "2",
-        }
+class Controller:
+    """REST calls to the controller under test, with its admin token."""
 
-        def start_agent() -> subprocess.Popen:
-            return subprocess.Popen(
-                [*SLMOPS, "agent", "run"], env=agent_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-            )
+    def __init__(self, url: str, token: str) -> None:
+        self.url, self.headers = url, {"Authorization": f"Bearer {token}"}
 
-        def device() -> dict | None:
-            response = httpx.get(f"{url}/v1/devices/edge-e2e", headers=headers, timeout=5)
-            return response.json() if response.status_code == 200 else None
+    def get(self, path: str) -> httpx.Response:
+        return httpx.get(f"{self.url}{path}", headers=self.headers, timeout=10)
 
-        def stored_seqs() -> list[int]:
-            records = httpx.get(f"{url}/v1/devices/edge-e2e/telemetry?limit=100000", headers=headers, timeout=5)
-            return sorted(r["seq"] for r in records.json())
+    def device(self, device_id: str) -> dict:
+        response = self.get(f"/v1/devices/{device_id}")
+        return response.json() if response.status_code == 200 else {}
 
-        agent = start_agent()
-        try:
-            serving = wait_for(lambda: (d := device()) and d["online"] and d["serving"] and d, "the agent never served")
-            assert serving["serving"] == {
-                "bundle": "tiny",
-                "version": "1.0.0",
-                "variant": "cpu-int4",
-                "provider": "cpu",
-            }
-            assert serving["profile"]["cpu_cores_logical"] >= 1
-            reply = httpx.post(
-                f"http://127.0.0.1:{agent_port}/v1/chat/completions",
-                json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4},
-                timeout=30,
-            )
-            assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] >= 1
-            wait_for(lambda: len(stored_seqs()) >= 6, "telemetry did not reach the controller")
+    def telemetry_seqs(self, device_id: str) -> list[int]:
+        response = self.get(f"/v1/devices/{device_id}/telemetry?limit=100000")
+        return sorted(r["seq"] for r in response.json()) if response.status_code == 200 else []
 
-            agent.send_signal(signal.SIGKILL)  # no goodbye
-            agent.communicate(timeout=10)
-            wait_for(lambda: not device()["online"], "the broker's will did not mark the agent offline")
-            before = stored_seqs()
+    def desire(self, device_id: str, version: str) -> None:
+        body = {"bundle": "tiny", "version": version}
+        response = httpx.put(f"{self.url}/v1/devices/{device_id}/desired", json=body, headers=self.headers, timeout=10)
+        assert response.status_code == 202, response.text
 
-            agent = start_agent()  # same data folder: the queue and its sequence numbers survive
-            wait_for(lambda: device()["online"], "the restarted agent did not come back")
-            wait_for(lambda: len(stored_seqs()) >= len(before) + 4, "telemetry did not resume")
-            seqs = stored_seqs()
-            assert seqs == list(range(1, seqs[-1] + 1)), "every record arrived, once, without gaps"
-
-            agent.send_signal(signal.SIGTERM)  # a goodbye this time
-            output, _ = agent.communicate(timeout=30)
-            assert "stopped" in output, output
-            wait_for(lambda: not device()["online"], "the agent's goodbye did not mark it offline")
-        finally:
-            agent.kill()
-            agent.communicate(timeout=10)
+    def command(self, device_id: str, command: str, timeout_s: float = 30) -> httpx.Response:
+        body = {"command": command, "timeout_s": timeout_s}
+        url = f"{self.url}/v1/devices/{device_id}/commands"
+        return httpx.post(url, json=body, headers=self.headers, timeout=timeout_s + 10)
 
 
-def test_desired_state_is_fetched_verified_smoke_tested_and_activated(
-    controller_process, mosquitto: int, tiny_export: Path, signing_key, tmp_path: Path
-) -> None:
+@pytest.fixture
+def fleet(controller_process, broker, signing_key):
+    """A controller linked to a fresh broker; yields (Controller, broker URL)."""
+    broker_url = f"mqtt://127.0.0.1:{broker.port}"
+    with controller_process("--broker-url", broker_url, "-k", str(signing_key[1])) as (url, env):
+        yield Controller(url, env["SLMOPS_TOKEN"]), broker_url
+
+
+@pytest.fixture
+def two_versions(fleet, tiny_export: Path, signing_key, tmp_path: Path) -> None:
+    """tiny 1.0.0 and 2.0.0 (cpu-int4 only) pushed to the controller."""
     from slmops.build.bundle import create
     from slmops.bundle import write_archive
 
-    broker = f"mqtt://127.0.0.1:{mosquitto}"
-    with controller_process("--broker-url", broker, "-k", str(signing_key[1])) as (url, env):
-        headers = {"Authorization": f"Bearer {env['SLMOPS_TOKEN']}"}
-        for version in ("1.0.0", "2.0.0"):
-            bundle = create(
-                tiny_export, tmp_path / version, "tiny", version, key=signing_key[0], variant_ids=["cpu-int4"]
-            )
-            archive = write_archive(bundle, tmp_path / f"{version}.tar").read_bytes()
-            assert httpx.post(f"{url}/v1/bundles", content=archive, headers=headers, timeout=30).status_code == 201
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            agent_port = s.getsockname()[1]
-        agent_env = {
-            **os.environ,
-            "SLMOPS_AGENT_DEVICE_ID": "edge-ab",
-            "SLMOPS_AGENT_BROKER_URL": broker,
-            "SLMOPS_AGENT_CONTROLLER_URL": url,
-            "SLMOPS_AGENT_CONTROLLER_TOKEN": env["SLMOPS_TOKEN"],
-            "SLMOPS_AGENT_TRUSTED_KEYS": f'["{signing_key[1]}"]',
-            "SLMOPS_AGENT_PORT": str(agent_port),
-            "SLMOPS_AGENT_DATA_DIR": str(tmp_path / "agent"),
-            "SLMOPS_AGENT_SMOKE_MIN_SPEED_FRACTION": "0.05",
-        }
-
-        def start_agent(**extra: str) -> subprocess.Popen:
-            return subprocess.Popen(
-                [*SLMOPS, "agent", "run"],
-                env={**agent_env, **extra},
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-
-        def device() -> dict:
-            return httpx.get(f"{url}/v1/devices/edge-ab", headers=headers, timeout=5).json()
-
-        def desire(version: str) -> None:
-            body = {"bundle": "tiny", "version": version}
-            response = httpx.put(f"{url}/v1/devices/edge-ab/desired", json=body, headers=headers, timeout=10)
-            assert response.status_code == 202, response.text
-
-        def chat_model() -> str:
-            body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
-            return httpx.post(f"http://127.0.0.1:{agent_port}/v1/chat/completions", json=body, timeout=30).json()[
-                "model"
-            ]
-
-        agent = start_agent()
-        try:
-            wait_for(
-                lambda: (
-                    (r := httpx.get(f"{url}/v1/devices/edge-ab", headers=headers, timeout=5)).status_code == 200
-                    and r.json()["online"]
-                ),
-                "the agent did not join",
-            )
-            assert device()["serving"] is None  # started empty
-            desire("1.0.0")
-            healthy = wait_for(
-                lambda: (d := device())["reported"] and d["reported"]["status"] == "healthy" and d,
-                "v1 never became healthy",
-            )
-            assert healthy["reported"]["variant"] == "cpu-int4"
-            wait_for(
-                lambda: device()["serving"] and device()["serving"]["version"] == "1.0.0", "the state does not show v1"
-            )
-            assert chat_model() == "tiny:1.0.0"
-            refused = httpx.delete(f"{url}/v1/bundles/tiny/1.0.0", headers=headers, timeout=10)
-            assert refused.status_code == 409 and "edge-ab" in refused.json()["error"]["message"]
-
-            agent.terminate()
-            agent.communicate(timeout=30)
-            # Restarted with an impossible speed bar: it serves the active slot, and refuses v2.
-            agent = start_agent(SLMOPS_AGENT_SMOKE_MIN_SPEED_FRACTION="1000")
-            wait_for(lambda: device()["online"] and device()["serving"], "the agent did not come back serving")
-            assert chat_model() == "tiny:1.0.0"
-            desire("2.0.0")
-            failed = wait_for(
-                lambda: (d := device())["reported"] and d["reported"]["status"] == "failed" and d, "v2 was not refused"
-            )
-            assert "smoke test" in failed["reported"]["reason"] and failed["reported"]["version"] == "2.0.0"
-            assert chat_model() == "tiny:1.0.0"  # still the previous bundle
-            slots = sorted(p.name for p in (tmp_path / "agent" / "slots").iterdir())
-            assert len(slots) == 1, slots  # the refused slot was dropped, the active one kept
-
-            agent.terminate()
-            agent.communicate(timeout=30)
-            # A disk too small for v2 (the retained desired state arrives again on connect).
-            agent = start_agent(SLMOPS_AGENT_DISK_RESERVE_BYTES=str(2**60))
-            wait_for(
-                lambda: (r := device()["reported"]) and r["status"] == "failed" and "not enough disk" in r["reason"],
-                "a full disk was not reported",
-            )
-            # Garbage on the topics the agent reads: logged, dropped, the agent serves on.
-            import paho.mqtt.client as mqtt
-            from paho.mqtt.enums import CallbackAPIVersion
-
-            rogue = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="rogue")
-            rogue.connect("127.0.0.1", mosquitto)
-            rogue.loop_start()
-            for kind, payload in (("desired", b"{not json"), ("telemetry_ack", b'{"schema": 1, "up_to_seq": -4}')):
-                rogue.publish(f"slmops/v1/devices/edge-ab/{kind}", payload, qos=1).wait_for_publish(5)
-            rogue.disconnect()
-            rogue.loop_stop()
-            time.sleep(0.5)
-            assert agent.poll() is None and chat_model() == "tiny:1.0.0"
-            agent.terminate()
-            output, _ = agent.communicate(timeout=30)
-            assert output.count("dropped a message from the broker") == 2, output
-        finally:
-            agent.kill()
-            agent.communicate(timeout=10)
+    controller, _ = fleet
+    for version in ("1.0.0", "2.0.0"):
+        bundle = create(tiny_export, tmp_path / version, "tiny", version, key=signing_key[0], variant_ids=["cpu-int4"])
+        archive = write_archive(bundle, tmp_path / f"{version}.tar").read_bytes()
+        pushed = httpx.post(f"{controller.url}/v1/bundles", content=archive, headers=controller.headers, timeout=30)
+        assert pushed.status_code == 201, pushed.text
 
 
-def test_a_broker_restart_loses_no_telemetry(
-    controller_process, broker, session_bundle: Path, signing_key, tmp_path: Path
+def reported(controller: Controller, device_id: str, status: str, version: str) -> dict:
+    r = controller.device(device_id).get("reported") or {}
+    return r if r.get("status") == status and r.get("version") == version else {}
+
+
+def test_telemetry_is_never_lost_across_kill_9(fleet, agent_process, session_bundle: Path, eventually) -> None:
+    controller, broker_url = fleet
+    agent = agent_process("edge-e2e", broker_url, bundle=str(session_bundle))
+    serving = eventually(lambda: (d := controller.device("edge-e2e")) and d["serving"] and d, "the agent never served")
+    assert serving["serving"] == {"bundle": "tiny", "version": "1.0.0", "variant": "cpu-int4", "provider": "cpu"}
+    assert serving["profile"]["cpu_cores_logical"] >= 1 and agent.chat_model() == "tiny:1.0.0"
+    eventually(lambda: len(controller.telemetry_seqs("edge-e2e")) >= 6, "telemetry did not reach the controller")
+
+    agent.stop(signal.SIGKILL)  # no goodbye
+    eventually(lambda: not controller.device("edge-e2e")["online"], "the broker's will did not mark it offline")
+    before = controller.telemetry_seqs("edge-e2e")
+    agent.start()  # same data folder: the queue and its sequence numbers survive
+    eventually(lambda: controller.device("edge-e2e")["online"], "the restarted agent did not come back")
+    eventually(lambda: len(controller.telemetry_seqs("edge-e2e")) >= len(before) + 4, "telemetry did not resume")
+    seqs = controller.telemetry_seqs("edge-e2e")
+    assert seqs == list(range(1, seqs[-1] + 1)), "every record arrived, once, without gaps"
+
+    assert "stopped" in agent.stop(signal.SIGTERM)  # a goodbye this time
+    eventually(lambda: not controller.device("edge-e2e")["online"], "the goodbye did not mark it offline")
+
+
+def test_a_broker_restart_loses_no_telemetry(fleet, broker, agent_process, session_bundle: Path, eventually) -> None:
+    controller, broker_url = fleet
+    agent_process("edge-restart", broker_url, bundle=str(session_bundle))
+    eventually(lambda: len(controller.telemetry_seqs("edge-restart")) >= 4, "telemetry did not flow")
+    broker.stop()
+    eventually(lambda: controller.get("/health").json()["mqtt"] == "disconnected", "the controller did not notice")
+    during = len(controller.telemetry_seqs("edge-restart"))
+    broker.start()  # empty: no retained messages survive (persistence off)
+    eventually(lambda: controller.get("/health").json()["mqtt"] == "connected", "the controller did not reconnect", 60)
+    eventually(lambda: len(controller.telemetry_seqs("edge-restart")) >= during + 10, "telemetry did not resume", 60)
+    device = controller.device("edge-restart")
+    assert device["online"] and device["serving"]["bundle"] == "tiny"
+    seqs = controller.telemetry_seqs("edge-restart")
+    assert seqs == list(range(1, seqs[-1] + 1)), "every record arrived once, without gaps"
+
+
+def test_desired_state_is_fetched_verified_smoke_tested_and_activated(
+    fleet, two_versions, agent_process, broker, eventually, tmp_path: Path
 ) -> None:
-    url_broker = f"mqtt://127.0.0.1:{broker.port}"
-    with controller_process("--broker-url", url_broker) as (url, env):
-        headers = {"Authorization": f"Bearer {env['SLMOPS_TOKEN']}"}
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            agent_port = s.getsockname()[1]
-        agent_env = {
-            **os.environ,
-            "SLMOPS_AGENT_DEVICE_ID": "edge-restart",
-            "SLMOPS_AGENT_BROKER_URL": url_broker,
-            "SLMOPS_AGENT_BUNDLE": str(session_bundle),
-            "SLMOPS_AGENT_TRUSTED_KEYS": f'["{signing_key[1]}"]',
-            "SLMOPS_AGENT_PORT": str(agent_port),
-            "SLMOPS_AGENT_DATA_DIR": str(tmp_path / "agent"),
-            "SLMOPS_AGENT_TELEMETRY_INTERVAL_S": "0.2",
-            "SLMOPS_AGENT_TELEMETRY_ACK_TIMEOUT_S": "2",
-        }
-        agent = subprocess.Popen(
-            [*SLMOPS, "agent", "run"], env=agent_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
+    controller, broker_url = fleet
+    agent = agent_process(
+        "edge-ab",
+        broker_url,
+        controller_url=controller.url,
+        controller_token=controller.headers["Authorization"].removeprefix("Bearer "),
+        smoke_min_speed_fraction="0.05",
+    )
+    eventually(lambda: controller.device("edge-ab").get("online"), "the agent did not join")
+    assert controller.device("edge-ab")["serving"] is None  # started empty
+    controller.desire("edge-ab", "1.0.0")
+    healthy = eventually(lambda: reported(controller, "edge-ab", "healthy", "1.0.0"), "v1 never became healthy")
+    assert healthy["variant"] == "cpu-int4"
+    eventually(lambda: (controller.device("edge-ab")["serving"] or {}).get("version") == "1.0.0", "state shows no v1")
+    assert agent.chat_model() == "tiny:1.0.0"
+    refused = httpx.delete(f"{controller.url}/v1/bundles/tiny/1.0.0", headers=controller.headers, timeout=10)
+    assert refused.status_code == 409 and "edge-ab" in refused.json()["error"]["message"]
 
-        def stored_seqs() -> list[int]:
-            response = httpx.get(f"{url}/v1/devices/edge-restart/telemetry?limit=100000", headers=headers, timeout=5)
-            return sorted(r["seq"] for r in response.json()) if response.status_code == 200 else []
+    agent.stop()
+    # Restarted with an impossible speed bar: it serves the active slot again, and refuses v2.
+    agent.start(SLMOPS_AGENT_SMOKE_MIN_SPEED_FRACTION="1000")
+    eventually(lambda: controller.device("edge-ab")["serving"], "the agent did not come back serving")
+    assert agent.chat_model() == "tiny:1.0.0"
+    controller.desire("edge-ab", "2.0.0")
+    failed = eventually(lambda: reported(controller, "edge-ab", "failed", "2.0.0"), "v2 was not refused")
+    assert "smoke test" in failed["reason"] and agent.chat_model() == "tiny:1.0.0"
+    slots = sorted(p.name for p in (tmp_path / "agent-edge-ab" / "slots").iterdir())
+    assert len(slots) == 1, slots  # the refused slot was dropped, the active one kept
 
-        try:
-            wait_for(lambda: len(stored_seqs()) >= 4, "telemetry did not flow")
-            broker.stop()
-            time.sleep(2)  # the agent keeps serving and queueing; the controller waits
-            assert httpx.get(f"{url}/health", timeout=5).json()["mqtt"] == "disconnected"
-            during = len(stored_seqs())
-            broker.start()
-            wait_for(
-                lambda: httpx.get(f"{url}/health", timeout=5).json()["mqtt"] == "connected",
-                "the controller did not reconnect",
-                60,
-            )
-            wait_for(
-                lambda: len(stored_seqs()) >= during + 10, "telemetry did not resume after the broker came back", 60
-            )
-            device = httpx.get(f"{url}/v1/devices/edge-restart", headers=headers, timeout=5).json()
-            assert device["online"] and device["serving"]["bundle"] == "tiny"
-            seqs = stored_seqs()
-            assert seqs == list(range(1, seqs[-1] + 1)), "every record arrived once, without gaps"
-        finally:
-            agent.terminate()
-            agent.communicate(timeout=30)
+    agent.stop()
+    agent.start(SLMOPS_AGENT_DISK_RESERVE_BYTES=str(2**60))  # the retained v2 arrives again on connect
+    eventually(
+        lambda: "not enough disk" in reported(controller, "edge-ab", "failed", "2.0.0").get("reason", "x"),
+        "a full disk was not reported",
+    )
+    # Garbage on the topics the agent reads: logged, dropped, and the agent serves on.
+    rogue = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="rogue")
+    rogue.connect("127.0.0.1", broker.port)
+    rogue.loop_start()
+    for kind, payload in (
+        ("desired", b"{not json"),
+        ("telemetry_ack", b'{"schema": 1, "up_to_seq": -4}'),
+        ("cmd", b'{"schema": 1, "correlation_id": "0123456789", "command": "format-disk"}'),
+    ):
+        rogue.publish(f"slmops/v1/devices/edge-ab/{kind}", payload, qos=1).wait_for_publish(5)
+    rogue.disconnect()
+    rogue.loop_stop()
+    eventually(lambda: agent.chat_model() == "tiny:1.0.0", "the agent stopped serving")
+    output = agent.stop()
+    assert output.count("dropped a message from the broker") == 3, output
+
+
+def test_commands_probe_rollback_and_reload(fleet, two_versions, agent_process, eventually) -> None:
+    controller, broker_url = fleet
+    agent = agent_process(
+        "edge-cmd",
+        broker_url,
+        controller_url=controller.url,
+        controller_token=controller.headers["Authorization"].removeprefix("Bearer "),
+        smoke_min_speed_fraction="0",
+    )
+    eventually(lambda: controller.device("edge-cmd").get("online"), "the agent did not join")
+    for version in ("1.0.0", "2.0.0"):
+        controller.desire("edge-cmd", version)
+        eventually(lambda v=version: reported(controller, "edge-cmd", "healthy", v), f"{version} never became healthy")
+    assert agent.chat_model() == "tiny:2.0.0"
+
+    probe = controller.command("edge-cmd", "probe")
+    assert probe.status_code == 200 and probe.json()["ok"] and probe.json()["result"]["cpu_cores_logical"] >= 1
+    rollback = controller.command("edge-cmd", "rollback").json()
+    assert rollback["ok"] and rollback["result"]["serving"] == "tiny:1.0.0", rollback
+    assert agent.chat_model() == "tiny:1.0.0"
+    eventually(lambda: reported(controller, "edge-cmd", "rolled_back", "1.0.0"), "the rollback was not reported")
+    assert controller.command("edge-cmd", "reload").json()["result"]["serving"] == "tiny:1.0.0"
+    assert controller.command("nobody", "probe").status_code == 404
+    audit = [e["action"] for e in controller.get("/v1/audit").json()]
+    assert audit.count("device.command") == 3
+
+    agent.stop(signal.SIGKILL)
+    eventually(lambda: not controller.device("edge-cmd")["online"], "the will did not mark it offline")
+    late = controller.command("edge-cmd", "probe", timeout_s=1)
+    assert late.status_code == 504 and "did not answer" in late.json()["error"]["message"]

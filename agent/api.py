@@ -16,6 +16,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from slmops.errors import describe_validation
+
 from .engine import ServedModel
 from .protocol import (
     ChatCompletionRequest,
@@ -60,7 +62,7 @@ def create_app(server: AgentServer, lifespan: Any = None) -> FastAPI:
     async def validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
         first = e.errors()[0]
         param = ".".join(str(p) for p in first["loc"][1:]) or None
-        message = "; ".join(f"{'.'.join(str(p) for p in err['loc'][1:]) or 'body'}: {err['msg']}" for err in e.errors())
+        message = describe_validation(e.errors(), skip=1, root="body")
         return await request_error(request, RequestError(400, message, "invalid_request_error", None, param))
 
     @app.get("/health")

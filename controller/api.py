@@ -13,7 +13,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 
-from slmops.errors import BundleError
+from slmops.errors import BundleError, describe_validation
 
 from .audit import Actor
 from .bridge import MqttBridge
@@ -77,7 +77,7 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_request: Request, e: RequestValidationError) -> JSONResponse:
-        message = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())
+        message = describe_validation(e.errors(), skip=1, root="body")
         return JSONResponse(error_body(message, "invalid_request_error"), status_code=400)
 
     @app.get("/health")

@@ -13,6 +13,9 @@
 Messages name the thing and the reason, so the CLI prints them as they are.
 """
 
+from collections.abc import Iterable, Mapping
+from typing import Any
+
 
 class SlmopsError(Exception):
     """Base of all deliberate slmops errors."""
@@ -48,3 +51,11 @@ class ModelSourceError(SlmopsError):
 
 class GateFailed(SlmopsError):
     pass
+
+
+def describe_validation(errors: "Iterable[Mapping[str, Any]]", skip: int = 0, root: str = "(root)") -> str:
+    """pydantic's `ValidationError.errors()` as one line: `field.path: message; ...`.
+
+    `skip` drops leading location parts (FastAPI's "body"), `root` names an empty location.
+    """
+    return "; ".join(f"{'.'.join(str(p) for p in err['loc'][skip:]) or root}: {err['msg']}" for err in errors)

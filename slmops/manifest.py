@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from slmops.errors import ManifestInvalid
+from slmops.errors import ManifestInvalid, describe_validation
 
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -156,9 +156,7 @@ class Manifest(Strict):
         try:
             return cls.model_validate(data)
         except ValidationError as e:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}" for err in e.errors()
-            )
+            problems = describe_validation(e.errors())
             raise ManifestInvalid(f"{origin} fails the manifest schema: {problems}") from None
 
     @classmethod

@@ -23,7 +23,7 @@ from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from slmops.errors import SlmopsError
+from slmops.errors import SlmopsError, describe_validation
 
 PREFIX = "slmops/v1"
 DEVICE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
@@ -187,5 +187,4 @@ def parse(model: type[M], payload: bytes | bytearray, topic: str) -> M:
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}" for err in e.errors())
-        raise MessageInvalid(f"{topic}: {problems}") from None
+        raise MessageInvalid(f"{topic}: {describe_validation(e.errors())}") from None

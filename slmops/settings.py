@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 from pydantic import ValidationError
 from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource
 
-from slmops.errors import SlmopsError
+from slmops.errors import SlmopsError, describe_validation
 
 S = TypeVar("S", bound=BaseSettings)
 
@@ -48,7 +48,7 @@ def load_settings(cls: type[S], config_file: Path | None, overrides: dict[str, A
     try:
         loaded = FromFile(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}" for err in e.errors())
+        problems = describe_validation(e.errors())
         where = f" in {config_file}" if config_file else ""
         raise ConfigError(f"bad {what} configuration{where}: {problems}") from None
     # The plain class, not FromFile; field values as validated (nested models stay models).

@@ -54,6 +54,8 @@ class AgentConfig(BaseSettings):
     broker_url: str | None = Field(default=None, pattern=r"^mqtts?://")
     """mqtt://[user:password@]host[:port] or mqtts://; unset: no fleet link, serve locally only."""
     broker_ca_file: Path | None = None
+    broker_protocol: Literal["3.1.1", "5"] = "3.1.1"
+    """3.1.1 works with every broker, the controller's embedded one included."""
     bundle: Path | None = None
     """A bundle folder to serve at start when no fleet-activated slot exists yet."""
     controller_url: str | None = Field(default=None, pattern=r"^https?://")

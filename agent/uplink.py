@@ -66,7 +66,11 @@ class Uplink:
         self._acked = threading.Event()
         self._stop = threading.Event()
         self._announced: Serving | None = None
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"slmops-agent-{self.device_id}")
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=f"slmops-agent-{self.device_id}",
+            protocol=mqtt.MQTTv5 if config.broker_protocol == "5" else mqtt.MQTTv311,
+        )
         if url.username:
             self.client.username_pw_set(url.username, url.password)
         if url.scheme == "mqtts":

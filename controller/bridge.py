@@ -47,7 +47,14 @@ SUBSCRIPTIONS = [(f"{PREFIX}/devices/+/{kind}", 1) for kind in INBOUND]
 
 
 class MqttBridge:
-    def __init__(self, broker_url: str, fleet: Fleet, ca_file: str | None = None, client_id: str = "slmops-controller"):
+    def __init__(
+        self,
+        broker_url: str,
+        fleet: Fleet,
+        ca_file: str | None = None,
+        protocol: str = "5",
+        client_id: str = "slmops-controller",
+    ):
         url = urlsplit(broker_url)
         if url.scheme not in ("mqtt", "mqtts") or not url.hostname:
             raise ValueError(f"broker_url {broker_url!r}: expected mqtt://host:port or mqtts://host:port")
@@ -57,7 +64,8 @@ class MqttBridge:
         self.dropped = 0
         self._replies: dict[str, tuple[threading.Event, list[CommandReply]]] = {}
         self._replies_lock = threading.Lock()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+        version = mqtt.MQTTv5 if protocol == "5" else mqtt.MQTTv311
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=version)
         if url.username:
             self.client.username_pw_set(url.username, url.password)
         if url.scheme == "mqtts":

@@ -37,9 +37,13 @@ class ControllerConfig(BaseSettings):
     """API bearer tokens. With none, the first start writes an admin token to data_dir/admin.token."""
     max_upload_bytes: int = Field(default=16 * 2**30, ge=1)
     broker_url: str | None = Field(default=None, pattern=r"^mqtts?://")
-    """mqtt://[user:password@]host[:port], or mqtts:// for TLS. Unset: no MQTT link yet (the
-    embedded broker arrives with the transfer step of issue 4)."""
+    """mqtt://[user:password@]host[:port], or mqtts:// for TLS. Unset: the embedded broker."""
     broker_ca_file: Path | None = None
+    broker_protocol: Literal["3.1.1", "5"] = "5"
+    """MQTT version towards an external broker (the embedded one speaks 3.1.1)."""
+    embedded_broker: bool = True
+    """With no broker_url, run an MQTT broker (amqtt) inside the controller, for one host."""
+    embedded_broker_bind: str = Field(default="127.0.0.1:1883", pattern=r"^[^:]+:\d+$")
 
     @property
     def database(self) -> str:

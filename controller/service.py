@@ -10,6 +10,7 @@ from fastapi import FastAPI
 
 from slmops.signing import trusted_keys
 
+from . import embedded_broker
 from .api import create_app
 from .bridge import MqttBridge
 from .config import ApiToken, ControllerConfig
@@ -42,12 +43,17 @@ def build_app(config: ControllerConfig) -> FastAPI:
     bridge = None
     if config.broker_url:
         ca_file = str(config.broker_ca_file) if config.broker_ca_file else None
-        bridge = MqttBridge(config.broker_url, fleet, ca_file)
+        bridge = MqttBridge(config.broker_url, fleet, ca_file, config.broker_protocol)
+    elif config.embedded_broker:
+        bridge = MqttBridge(f"mqtt://{config.embedded_broker_bind}", fleet, protocol="3.1.1")
     else:
-        log.warning("no broker_url: the MQTT link is off (the REST API and registry work without it)")
+        log.warning("no broker: the MQTT link is off (the REST API and registry work without it)")
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        broker = None
+        if bridge is not None and not config.broker_url:
+            broker = await embedded_broker.start(config.embedded_broker_bind)
         if bridge is not None:
             bridge.start()
         try:
@@ -55,6 +61,8 @@ def build_app(config: ControllerConfig) -> FastAPI:
         finally:
             if bridge is not None:
                 bridge.stop()
+            if broker is not None:
+                await broker.shutdown()
             engine.dispose()
 
     return create_app(config, registry, fleet, api_tokens(config), bridge, lifespan)

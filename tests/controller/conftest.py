@@ -80,6 +80,7 @@ def controller_config(database_url: str, tmp_path: Path, signing_key):
         data_dir=tmp_path / "controller",
         database_url=database_url,
         trusted_keys=[signing_key[1]],
+        embedded_broker=False,
         tokens=[
             {"name": "alice", "token": "admin-token-0123456789", "role": "admin"},
             {"name": "bob", "token": "reader-token-0123456789", "role": "reader"},

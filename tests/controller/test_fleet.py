@@ -2,6 +2,7 @@
 
 import json
 import logging
+import socket
 import subprocess
 import sys
 import time
@@ -10,6 +11,9 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from slmops.agent.hardware import probe
+from slmops.controller.embedded_broker import BrokerStartError
+from slmops.controller.service import build_app
 from slmops.messages import Birth, DeviceState, HardwareProfile, Serving, device_topic
 
 ADMIN = {"Authorization": "Bearer admin-token-0123456789"}
@@ -170,3 +174,42 @@ def test_telemetry_is_stored_once_and_acknowledged(fleet_client, publisher) -> N
     stored = fleet_client.get("/v1/devices/edge-5/telemetry", headers=READER).json()
     assert [r["seq"] for r in stored] == [3, 2, 1] and stored[0]["payload"] == {"cpu_percent": 3}
     assert fleet_client.get("/v1/devices/nobody/telemetry", headers=READER).status_code == 404
+
+
+# --- the embedded broker (no broker_url) -------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_devices_join_through_the_embedded_broker(controller_config) -> None:
+    port = free_port()
+    config = controller_config.model_copy(update={"embedded_broker": True, "embedded_broker_bind": f"127.0.0.1:{port}"})
+    from fastapi.testclient import TestClient
+
+    with TestClient(build_app(config)) as client:
+        wait_for(lambda: client.get("/health").json()["mqtt"] == "connected", "the bridge did not connect")
+        device = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="edge-embedded")  # MQTT 3.1.1
+        device.will_set(device_topic("edge-embedded", "state"), DeviceState(online=False).payload(), qos=1, retain=True)
+        device.connect("127.0.0.1", port)
+        device.loop_start()
+        birth = Birth(agent_version="0.1.0", profile=probe())
+        device.publish(device_topic("edge-embedded", "birth"), birth.payload(), qos=1).wait_for_publish(5)
+        online = lambda: client.get("/v1/devices/edge-embedded", headers=READER).json().get("online")  # noqa: E731
+        wait_for(online, "the device did not register through the embedded broker")
+        device.loop_stop()
+        device.socket().close()  # dies without a goodbye: the embedded broker sends the will
+        wait_for(lambda: not online(), "the will did not reach the controller")
+
+
+def test_a_taken_port_is_a_clear_start_up_error(controller_config) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        bind = f"127.0.0.1:{taken.getsockname()[1]}"
+        config = controller_config.model_copy(update={"embedded_broker": True, "embedded_broker_bind": bind})
+        from fastapi.testclient import TestClient
+
+        with pytest.raises(BrokerStartError, match="set embedded_broker_bind"), TestClient(build_app(config)):
+            pass

@@ -30,7 +30,11 @@ def running_controller(tmp_path: Path, *args: str) -> Iterator[tuple[str, dict[s
     """`slmops controller serve` in its own process; yields its URL and an environment with its admin token."""
     port = free_port()
     data = tmp_path / "controller"
-    env = {**os.environ, "SLMOPS_CONTROLLER_DATA_DIR": str(data)}
+    env = {
+        **os.environ,
+        "SLMOPS_CONTROLLER_DATA_DIR": str(data),
+        "SLMOPS_CONTROLLER_EMBEDDED_BROKER_BIND": f"127.0.0.1:{free_port()}",
+    }
     controller = subprocess.Popen(
         [*SLMOPS, "controller", "serve", "--port", str(port), *args],
         env=env,

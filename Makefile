@@ -14,7 +14,7 @@ DEMO_DIR ?= out/demo
 .PHONY: help demo test check bench system-packages install clean
 
 help:
-	@echo "make demo    fetch SmolLM2-135M-Instruct, build a signed cpu-int4 bundle, verify it, chat with it"
+	@echo "make demo    SmolLM2-135M-Instruct to a signed cpu-int4 bundle, then the fleet path: controller, agent, desired state, chat"
 	@echo "make test    run the test suite"
 	@echo "make check   ruff (format + lint) and mypy"
 	@echo "make bench   benchmarks/inference.py and serving.py (installs llama-cpp-python, compiles a few minutes)"
@@ -57,6 +57,8 @@ demo: install
 	$(VENV)/bin/slmops bundle inspect $(DEMO_DIR)/bundle
 	$(VENV)/bin/slmops agent choose $(DEMO_DIR)/bundle
 	$(VENV)/bin/slmops agent chat $(DEMO_DIR)/bundle --trusted-key $(DEMO_DIR)/keys/demo.pub "What is the capital of France?"
+	# the fleet path: controller (embedded broker, SQLite), push, agent daemon, desired state, chat, telemetry
+	$(PY) -P examples/fleet_demo.py $(DEMO_DIR)/bundle $(DEMO_DIR)/keys/demo.pub --work $(DEMO_DIR)/fleet
 
 test: install
 	# -P: keep the checkout root off sys.path, where build/ would shadow PyPA's `build`

@@ -127,6 +127,12 @@ def test_a_device_that_dies_is_marked_offline_by_its_will(fleet_client, mosquitt
         ("slmops/v1/devices/../state", b'{"schema": 1, "online": true}', "not a valid device id"),
         (device_topic("edge-3", "telemetry"), b'{"schema": 1, "records": []}', "records: List should have at least 1"),
         (device_topic("edge-3", "telemetry"), b'{"schema": 1, "records": [{"seq": -1}]}', "records.0.seq"),
+        (
+            device_topic("edge-3", "reported"),
+            b'{"schema": 1, "bundle": "b", "version": "1", "digest": "d", "status": "exploded"}',
+            "status: Input should be",
+        ),
+        (device_topic("edge-3", "cmd_reply"), b'{"schema": 1, "ok": true}', "correlation_id: Field required"),
     ],
 )
 def test_malformed_messages_are_logged_and_dropped(

@@ -4,8 +4,12 @@ SLMOPS_HOME points into the checkout (.slmops-test-home, git-ignored) so tests n
 touch the user's folder, and materialized models are reused between local runs.
 """
 
+import glob
 import os
 import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -145,3 +149,64 @@ def broker(tmp_path: Path):
 def mosquitto(broker: Mosquitto) -> int:
     """The port of a running Mosquitto of our own."""
     return broker.port
+
+
+# --- PostgreSQL ----------------------------------------------------------------------------
+# This machine's PostgreSQL binaries on a free port with a data folder of our own (initdb),
+# never the system's instance.
+
+
+def postgres_bin() -> Path:
+    found = shutil.which("initdb") or next(iter(sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))[::-1]), None)
+    if found is None:
+        raise RuntimeError("PostgreSQL server binaries (initdb, pg_ctl) are missing: `make test` installs postgresql")
+    return Path(found).parent
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[str]:
+    """A running PostgreSQL server of our own; yields its base URL (no database name)."""
+    # Not under pytest's tmp folder: as root, the server runs as `postgres` (initdb refuses
+    # root), which cannot enter root's 0700 pytest folders.
+    bin_dir, root = postgres_bin(), Path(tempfile.mkdtemp(prefix="slmops-postgres-"))
+    data, port = root / "data", _free_port()
+    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    if as_postgres:
+        shutil.chown(root, "postgres")
+    subprocess.run(
+        [*as_postgres, bin_dir / "initdb", "-D", data, "-U", "slmops", "--auth=trust", "-E", "UTF8"],
+        check=True,
+        capture_output=True,
+    )
+    options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off"
+    subprocess.run(
+        [*as_postgres, bin_dir / "pg_ctl", "-D", data, "-o", options, "-l", root / "log", "-w", "start"],
+        check=True,
+        capture_output=True,
+    )
+    try:
+        yield f"postgresql+psycopg://slmops@127.0.0.1:{port}"
+    finally:
+        subprocess.run([*as_postgres, bin_dir / "pg_ctl", "-D", data, "-m", "immediate", "stop"], capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def postgres_database(postgres: str) -> str:
+    """A fresh, empty database on the test PostgreSQL server; its SQLAlchemy URL."""
+    import uuid
+
+    import psycopg
+
+    name = f"test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(postgres.replace("postgresql+psycopg", "postgresql") + "/postgres", autocommit=True) as c:
+        c.execute(f"CREATE DATABASE {name}")
+    return f"{postgres}/{name}"

@@ -43,10 +43,14 @@ class Controller:
 
 
 @pytest.fixture
-def fleet(controller_process, broker, signing_key):
-    """A controller linked to a fresh broker; yields (Controller, broker URL)."""
+def fleet(controller_process, broker, signing_key, request: pytest.FixtureRequest):
+    """A controller linked to a fresh broker, on SQLite or (parametrized) PostgreSQL; yields
+    (Controller, broker URL)."""
     broker_url = f"mqtt://127.0.0.1:{broker.port}"
-    with controller_process("--broker-url", broker_url, "-k", str(signing_key[1])) as (url, env):
+    args = ["--broker-url", broker_url, "-k", str(signing_key[1])]
+    if getattr(request, "param", "sqlite") == "postgresql":
+        args += ["--database-url", request.getfixturevalue("postgres_database")]
+    with controller_process(*args) as (url, env):
         yield Controller(url, env["SLMOPS_TOKEN"]), broker_url
 
 
@@ -69,6 +73,7 @@ def reported(controller: Controller, device_id: str, status: str, version: str) 
     return r if r.get("status") == status and r.get("version") == version else {}
 
 
+@pytest.mark.parametrize("fleet", ["sqlite", "postgresql"], indirect=True)
 def test_telemetry_is_never_lost_across_kill_9(fleet, agent_process, session_bundle: Path, eventually) -> None:
     controller, broker_url = fleet
     agent = agent_process("edge-e2e", broker_url, bundle=str(session_bundle))

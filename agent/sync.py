@@ -24,8 +24,7 @@ import shutil
 import threading
 from collections.abc import Callable
 from pathlib import Path
-
-import httpx
+from typing import TYPE_CHECKING
 
 from slmops.bundle import MANIFEST_FILE, SIGNATURE_FILE, VARIANTS_DIR
 from slmops.errors import SlmopsError
@@ -36,6 +35,9 @@ from slmops.signing import Signature, check_signature, trusted_keys
 from . import choice, hardware
 from .config import AgentConfig
 from .server import AgentServer
+
+if TYPE_CHECKING:
+    import httpx
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +184,8 @@ class Sync:
         if not self.config.controller_url:
             raise SyncError("controller_url is not set: this agent cannot download desired bundles")
         controller = self.config.controller_url.rstrip("/")
+        import httpx  # here: an agent that never fetches stays small
+
         with httpx.Client(
             base_url=f"{controller}/v1/store/{desired.digest}",
             headers={"Authorization": f"Bearer {self.config.controller_token or ''}"},
@@ -207,7 +211,7 @@ class Sync:
         )
         self._report(desired, "healthy", variant=variant)
 
-    def _fetch_manifest(self, http: httpx.Client, desired: DesiredState, partial: Path) -> Manifest:
+    def _fetch_manifest(self, http: "httpx.Client", desired: DesiredState, partial: Path) -> Manifest:
         partial.mkdir(parents=True, exist_ok=True)
         raw = self._get(http, MANIFEST_FILE).content
         signature_raw = self._get(http, SIGNATURE_FILE).content
@@ -229,7 +233,7 @@ class Sync:
         return usable[0].variant.id
 
     def _download(
-        self, http: httpx.Client, desired: DesiredState, manifest: Manifest, variant_id: str, partial: Path
+        self, http: "httpx.Client", desired: DesiredState, manifest: Manifest, variant_id: str, partial: Path
     ) -> None:
         files = manifest.variant(variant_id).files
         total = sum(f.size for f in files)
@@ -269,7 +273,7 @@ class Sync:
                 raise SyncError(f"{entry.path}: the downloaded file does not match the manifest's sha256")
 
     @staticmethod
-    def _get(http: httpx.Client, path: str) -> httpx.Response:
+    def _get(http: "httpx.Client", path: str) -> "httpx.Response":
         response = http.get(path)
         if response.status_code != 200:
             raise SyncError(f"the controller answered {response.status_code} for {path}")

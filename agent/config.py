@@ -58,8 +58,13 @@ class AgentConfig(BaseSettings):
     """3.1.1 works with every broker, the controller's embedded one included."""
     bundle: Path | None = None
     """A bundle folder to serve at start when no fleet-activated slot exists yet."""
+    transfer: Literal["mqtt", "http"] = "mqtt"
+    """How desired bundles arrive: chunks over MQTT, or HTTP from controller_url."""
+    chunk_size_bytes: int = Field(default=256 << 10, ge=16 << 10, le=4 << 20)
+    transfer_timeout_s: float = Field(default=10.0, gt=0)
+    """Without a chunk for this long, the missing chunks are requested again."""
     controller_url: str | None = Field(default=None, pattern=r"^https?://")
-    """Where desired bundles are downloaded from (the controller's /v1/store)."""
+    """Where desired bundles are downloaded from with transfer = http (the controller's /v1/store)."""
     controller_token: str | None = None
     """A reader token of the controller, for downloads."""
     disk_reserve_bytes: int = Field(default=64 * 2**20, ge=0)

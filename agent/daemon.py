@@ -42,10 +42,12 @@ def run(config: AgentConfig, bundle: Path | None = None) -> None:
     uplink, sync = None, None
     if config.broker_url:
         from .sync import Sync
+        from .transfer import MqttFetcher
         from .uplink import Uplink
 
         uplink = Uplink(config, server, collector.queue)
-        sync = Sync(config, server, uplink.publish_reported, uplink.publish_reply)
+        fetcher = MqttFetcher(uplink, config.chunk_size_bytes, config.transfer_timeout_s)
+        sync = Sync(config, server, uplink.publish_reported, uplink.publish_reply, fetcher)
         uplink.on_work = sync.submit
     slots = Slots(config.data_dir)
     active = slots.active()

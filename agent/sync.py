@@ -24,7 +24,7 @@ import shutil
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from slmops.bundle import MANIFEST_FILE, SIGNATURE_FILE, VARIANTS_DIR
 from slmops.errors import SlmopsError
@@ -35,9 +35,7 @@ from slmops.signing import Signature, check_signature, trusted_keys
 from . import choice, hardware
 from .config import AgentConfig
 from .server import AgentServer
-
-if TYPE_CHECKING:
-    import httpx
+from .transfer import MqttFetcher
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +98,10 @@ class Sync:
         server: AgentServer,
         report: Callable[[Reported], None],
         reply: Callable[[CommandReply], None],
+        fetcher: MqttFetcher | None = None,
     ) -> None:
         self.config, self.server, self.report, self.reply = config, server, report, reply
+        self.fetcher = fetcher
         self.slots = Slots(config.data_dir)
         self._work: queue.Queue[DesiredState | Command | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="slmops-sync", daemon=True)
@@ -181,21 +181,13 @@ class Sync:
         if current is not None and current.manifest.digest == desired.digest:
             self._report(desired, "healthy", variant=current.variant_id)
             return
-        if not self.config.controller_url:
-            raise SyncError("controller_url is not set: this agent cannot download desired bundles")
-        controller = self.config.controller_url.rstrip("/")
-        import httpx  # here: an agent that never fetches stays small
-
-        with httpx.Client(
-            base_url=f"{controller}/v1/store/{desired.digest}",
-            headers={"Authorization": f"Bearer {self.config.controller_token or ''}"},
-            timeout=httpx.Timeout(10, read=60),
-        ) as http:
-            self._report(desired, "downloading", percent=0.0)
-            partial = self.slots.partial(desired.digest)
-            manifest = self._fetch_manifest(http, desired, partial)
+        self._report(desired, "downloading", percent=0.0)
+        partial = self.slots.partial(desired.digest)
+        partial.mkdir(parents=True, exist_ok=True)
+        with self._source(desired) as source:
+            manifest = self._fetch_manifest(source, desired, partial)
             variant = self._choose(manifest)
-            self._download(http, desired, manifest, variant, partial)
+            self._download(source, desired, manifest, variant, partial)
         self._report(desired, "verifying", variant=variant)
         slot = self.slots.path(desired.digest)
         shutil.rmtree(slot, ignore_errors=True)
@@ -211,17 +203,24 @@ class Sync:
         )
         self._report(desired, "healthy", variant=variant)
 
-    def _fetch_manifest(self, http: "httpx.Client", desired: DesiredState, partial: Path) -> Manifest:
-        partial.mkdir(parents=True, exist_ok=True)
-        raw = self._get(http, MANIFEST_FILE).content
-        signature_raw = self._get(http, SIGNATURE_FILE).content
-        manifest = Manifest.parse(raw, origin=f"controller {MANIFEST_FILE}")
-        signature = Signature.parse(signature_raw, origin=f"controller {SIGNATURE_FILE}")
+    def _source(self, desired: DesiredState) -> "Source":
+        if self.config.transfer == "mqtt":
+            if self.fetcher is None:
+                raise SyncError("transfer = mqtt needs the fleet link (broker_url)")
+            return MqttSource(self.fetcher, desired.digest)
+        if not self.config.controller_url:
+            raise SyncError("transfer = http needs controller_url")
+        return HttpSource(self.config.controller_url, self.config.controller_token, desired.digest)
+
+    def _fetch_manifest(self, source: "Source", desired: DesiredState, partial: Path) -> Manifest:
+        for name in (MANIFEST_FILE, SIGNATURE_FILE):
+            (partial / name).unlink(missing_ok=True)
+            source.fetch(name, partial / name, None)
+        manifest = Manifest.load(partial / MANIFEST_FILE)
+        signature = Signature.parse((partial / SIGNATURE_FILE).read_bytes(), origin=f"fetched {SIGNATURE_FILE}")
         check_signature(manifest.canonical_bytes(), signature, trusted_keys(self.config.trusted_keys))
         if manifest.digest != desired.digest:
             raise SyncError(f"the manifest served for {desired.digest[:12]} has another digest")
-        (partial / MANIFEST_FILE).write_bytes(raw)
-        (partial / SIGNATURE_FILE).write_bytes(signature_raw)
         return manifest
 
     def _choose(self, manifest: Manifest) -> str:
@@ -233,12 +232,15 @@ class Sync:
         return usable[0].variant.id
 
     def _download(
-        self, http: "httpx.Client", desired: DesiredState, manifest: Manifest, variant_id: str, partial: Path
+        self, source: "Source", desired: DesiredState, manifest: Manifest, variant_id: str, partial: Path
     ) -> None:
         files = manifest.variant(variant_id).files
-        total = sum(f.size for f in files)
-        have = {f.path: _size(partial / VARIANTS_DIR / variant_id / f.path) for f in files}
-        missing = total - sum(min(have[f.path], f.size) for f in files)
+        total = max(1, sum(f.size for f in files))
+        targets = {f.path: partial / VARIANTS_DIR / variant_id / f.path for f in files}
+        complete = {
+            f.path for f in files if _size(targets[f.path]) == f.size and sha256_file(targets[f.path]) == f.sha256
+        }
+        missing = sum(f.size for f in files if f.path not in complete)
         free = shutil.disk_usage(partial).free
         reserve = self.config.disk_reserve_bytes
         if missing + reserve > free:
@@ -246,38 +248,82 @@ class Sync:
                 f"not enough disk for {variant_id}: {missing / 2**20:.0f} MiB to download, "
                 f"{free / 2**20:.0f} MiB free, {reserve / 2**20:.0f} MiB to keep free"
             )
-        done = total - missing
-        next_report = 0.0
+        progress = {"done": total - missing, "next": 0.0}
+
+        def advance(written: int) -> None:
+            progress["done"] += written
+            if (percent := 100 * progress["done"] / total) >= progress["next"]:
+                self._report(desired, "downloading", variant=variant_id, percent=round(min(percent, 100.0), 1))
+                progress["next"] = percent + REPORT_EVERY_PERCENT
+
         for entry in files:
-            target = partial / VARIANTS_DIR / variant_id / entry.path
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if _size(target) == entry.size and sha256_file(target) == entry.sha256:
+            if entry.path in complete:
                 continue  # fetched before a restart
-            if _size(target) > entry.size:
-                target.unlink()
-            start = _size(target)
-            headers = {"Range": f"bytes={start}-"} if start else {}
-            with http.stream("GET", f"{VARIANTS_DIR}/{variant_id}/{entry.path}", headers=headers) as response:
-                if response.status_code not in (200, 206):
-                    raise SyncError(f"download of {entry.path} answered {response.status_code}")
-                mode = "ab" if response.status_code == 206 else "wb"
-                with target.open(mode) as f:
-                    for chunk in response.iter_bytes(DOWNLOAD_CHUNK_BYTES):
-                        f.write(chunk)
-                        done += len(chunk)
-                        if (percent := 100 * done / total) >= next_report:
-                            self._report(desired, "downloading", variant=variant_id, percent=round(percent, 1))
-                            next_report = percent + REPORT_EVERY_PERCENT
+            target = targets[entry.path]
+            source.fetch(f"{VARIANTS_DIR}/{variant_id}/{entry.path}", target, advance)
             if sha256_file(target) != entry.sha256:
                 target.unlink()
-                raise SyncError(f"{entry.path}: the downloaded file does not match the manifest's sha256")
+                raise SyncError(f"{entry.path}: the fetched file does not match the manifest's sha256")
 
-    @staticmethod
-    def _get(http: "httpx.Client", path: str) -> "httpx.Response":
-        response = http.get(path)
-        if response.status_code != 200:
-            raise SyncError(f"the controller answered {response.status_code} for {path}")
-        return response
+
+class Source(Protocol):
+    """Where a slot's files come from: the controller over HTTP, or chunks over MQTT."""
+
+    def fetch(self, path: str, target: Path, progress: Callable[[int], None] | None) -> None: ...
+
+    def __enter__(self) -> "Source": ...
+
+    def __exit__(self, *_: object) -> None: ...
+
+
+class MqttSource:
+    def __init__(self, fetcher: MqttFetcher, digest: str) -> None:
+        self.fetcher, self.digest = fetcher, digest
+
+    def fetch(self, path: str, target: Path, progress: Callable[[int], None] | None) -> None:
+        self.fetcher.fetch(self.digest, path, target, progress)
+
+    def __enter__(self) -> "MqttSource":
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        pass
+
+
+class HttpSource:
+    """GET /v1/store/{digest}/{path} with a reader token; a partial file resumes with Range."""
+
+    def __init__(self, controller_url: str, token: str | None, digest: str) -> None:
+        import httpx  # here: an agent that never fetches over HTTP stays small
+
+        self.http = httpx.Client(
+            base_url=f"{controller_url.rstrip('/')}/v1/store/{digest}",
+            headers={"Authorization": f"Bearer {token or ''}"},
+            timeout=httpx.Timeout(10, read=60),
+        )
+
+    def fetch(self, path: str, target: Path, progress: Callable[[int], None] | None) -> None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        start = _size(target)
+        headers = {"Range": f"bytes={start}-"} if start else {}
+        with self.http.stream("GET", path, headers=headers) as response:
+            if response.status_code == 416:  # longer than the file: start over
+                target.unlink()
+                return self.fetch(path, target, progress)
+            if response.status_code not in (200, 206):
+                raise SyncError(f"download of {path} answered {response.status_code}")
+            with target.open("ab" if response.status_code == 206 else "wb") as f:
+                for chunk in response.iter_bytes(DOWNLOAD_CHUNK_BYTES):
+                    f.write(chunk)
+                    if progress is not None:
+                        progress(len(chunk))
+        return None
+
+    def __enter__(self) -> "HttpSource":
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.http.close()
 
 
 def _size(path: Path) -> int:

@@ -23,6 +23,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from slmops import __version__
 from slmops.messages import (
     Birth,
+    ChunkHeader,
+    ChunkRequest,
     Command,
     CommandReply,
     DesiredState,
@@ -33,8 +35,10 @@ from slmops.messages import (
     TelemetryAck,
     TelemetryBatch,
     TelemetryRecord,
+    bundle_topic,
     device_topic,
     parse,
+    parse_chunk,
 )
 
 from . import hardware
@@ -66,6 +70,9 @@ class Uplink:
         self._acked = threading.Event()
         self._stop = threading.Event()
         self._announced: Serving | None = None
+        self._bundles: dict[str, Callable[[ChunkHeader, bytes], None]] = {}
+        self._subacks: dict[int, threading.Event] = {}
+        self.dropped_chunks = 0
         self.client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
             client_id=f"slmops-agent-{self.device_id}",
@@ -82,6 +89,7 @@ class Uplink:
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
+        self.client.on_subscribe = self._on_subscribe
         self._sender = threading.Thread(target=self._send_loop, name="slmops-uplink", daemon=True)
 
     def start(self) -> None:
@@ -106,6 +114,8 @@ class Uplink:
             log.error("the broker %s:%s refused the connection: %s", self.host, self.port, reason)
             return
         client.subscribe([(device_topic(self.device_id, kind), 1) for kind in ("telemetry_ack", "desired", "cmd")])
+        for digest in list(self._bundles):  # a transfer under way goes on after a reconnect
+            client.subscribe(bundle_topic(digest, "chunk"), qos=1)
         birth = Birth(agent_version=__version__, profile=hardware.probe(self.config.data_dir))
         client.publish(device_topic(self.device_id, "birth"), birth.payload(), qos=1)
         self._publish_state()
@@ -117,6 +127,30 @@ class Uplink:
             log.warning("lost the broker at %s:%s; serving on, queueing telemetry", self.host, self.port)
         self.connected.clear()
 
+    # --- bundle transfer (agent/transfer.py's ChunkLink) ----------------------------------
+
+    def watch_bundle(self, digest: str, on_chunk: Callable[[ChunkHeader, bytes], None]) -> None:
+        """Receive a bundle's chunks; returns once the broker confirmed the subscription."""
+        self._bundles[digest] = on_chunk
+        if not self.connected.wait(self.config.transfer_timeout_s):
+            return  # the reconnect subscribes it; requests are sent again after the timeout
+        confirmed = threading.Event()
+        result, mid = self.client.subscribe(bundle_topic(digest, "chunk"), qos=1)
+        if result == mqtt.MQTT_ERR_SUCCESS and mid is not None:
+            self._subacks[mid] = confirmed
+            confirmed.wait(self.config.transfer_timeout_s)
+
+    def unwatch_bundle(self, digest: str) -> None:
+        self._bundles.pop(digest, None)
+        self.client.unsubscribe(bundle_topic(digest, "chunk"))
+
+    def request_chunks(self, digest: str, request: ChunkRequest) -> None:
+        self.client.publish(bundle_topic(digest, "request"), request.payload(), qos=1)
+
+    def _on_subscribe(self, _c: mqtt.Client, _u: object, mid: int, *_: object) -> None:
+        if (confirmed := self._subacks.pop(mid, None)) is not None:
+            confirmed.set()
+
     def publish_reported(self, reported: Reported) -> None:
         self.client.publish(device_topic(self.device_id, "reported"), reported.payload(), qos=1)
 
@@ -125,7 +159,15 @@ class Uplink:
 
     def _on_message(self, _c: mqtt.Client, _u: object, message: mqtt.MQTTMessage) -> None:
         try:
-            if message.topic.endswith("/telemetry_ack"):
+            if message.topic.endswith("/chunk"):
+                on_chunk = self._bundles.get(message.topic.split("/")[3])
+                if on_chunk is not None:
+                    try:
+                        on_chunk(*parse_chunk(message.payload, message.topic))
+                    except MessageInvalid:
+                        self.dropped_chunks += 1  # asked for again when the file is still incomplete
+                        raise
+            elif message.topic.endswith("/telemetry_ack"):
                 ack = parse(TelemetryAck, message.payload, message.topic)
                 self.queue.ack(ack.up_to_seq)
                 self._acked.set()

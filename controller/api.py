@@ -83,7 +83,12 @@ def create_app(
     @app.get("/health")
     async def health() -> dict[str, Any]:
         mqtt = "off" if bridge is None else "connected" if bridge.connected else "disconnected"
-        return {"status": "ok", "mqtt": mqtt, "dropped_messages": bridge.dropped if bridge else 0}
+        return {
+            "status": "ok",
+            "mqtt": mqtt,
+            "dropped_messages": bridge.dropped if bridge else 0,
+            "chunks_sent": bridge.chunks_sent if bridge else 0,
+        }
 
     @app.post("/v1/bundles", status_code=201, response_model=BundleSummary)
     async def push_bundle(request: Request, who: Annotated[Actor, Depends(admin)]) -> Response:

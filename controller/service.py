@@ -38,14 +38,15 @@ def api_tokens(config: ControllerConfig) -> list[ApiToken]:
 
 def build_app(config: ControllerConfig) -> FastAPI:
     engine = open_database(config.database)
-    registry = Registry(engine, BundleStore(config.store_dir), trusted_keys(config.trusted_keys))
+    store = BundleStore(config.store_dir)
+    registry = Registry(engine, store, trusted_keys(config.trusted_keys))
     fleet = Fleet(engine)
     bridge = None
     if config.broker_url:
         ca_file = str(config.broker_ca_file) if config.broker_ca_file else None
-        bridge = MqttBridge(config.broker_url, fleet, ca_file, config.broker_protocol)
+        bridge = MqttBridge(config.broker_url, fleet, ca_file, config.broker_protocol, store=store)
     elif config.embedded_broker:
-        bridge = MqttBridge(f"mqtt://{config.embedded_broker_bind}", fleet, protocol="3.1.1")
+        bridge = MqttBridge(f"mqtt://{config.embedded_broker_bind}", fleet, protocol="3.1.1", store=store)
     else:
         log.warning("no broker: the MQTT link is off (the REST API and registry work without it)")
 

@@ -152,6 +152,56 @@ class CommandReply(Message):
     error: str = ""
 
 
+MIN_CHUNK_BYTES, MAX_CHUNK_BYTES = 16 << 10, 4 << 20
+
+
+class ChunkRequest(Message):
+    """A device asks for chunks of one file of a stored bundle (all of them when `chunks` is None)."""
+
+    device_id: str = Field(pattern=DEVICE_ID_PATTERN)
+    path: str = Field(min_length=1, max_length=512)
+    """Bundle-relative: manifest.json, signature.json or variants/<id>/<file>."""
+    chunk_size: int = Field(ge=MIN_CHUNK_BYTES, le=MAX_CHUNK_BYTES)
+    chunks: list[int] | None = Field(default=None, max_length=100_000)
+
+
+class ChunkHeader(BaseModel):
+    """Leads every chunk message; the chunk's bytes follow it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str
+    index: int = Field(ge=0)
+    count: int = Field(ge=1)
+    chunk_size: int = Field(ge=MIN_CHUNK_BYTES, le=MAX_CHUNK_BYTES)
+    file_size: int = Field(ge=0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+def chunk_payload(header: ChunkHeader, data: bytes) -> bytes:
+    """4-byte big-endian header length, the header's JSON, the raw bytes (no base64)."""
+    head = header.model_dump_json().encode()
+    return len(head).to_bytes(4, "big") + head + data
+
+
+def parse_chunk(payload: bytes | bytearray, topic: str) -> tuple[ChunkHeader, bytes]:
+    """Header and bytes of a chunk message whose bytes match the header's sha256."""
+    import hashlib
+
+    if len(payload) < 4 or (size := int.from_bytes(payload[:4], "big")) > len(payload) - 4:
+        raise MessageInvalid(f"{topic}: not a chunk message")
+    header = parse_model(ChunkHeader, payload[4 : 4 + size], topic)
+    data = bytes(payload[4 + size :])
+    if hashlib.sha256(data).hexdigest() != header.sha256:
+        raise MessageInvalid(f"{topic}: chunk {header.index} of {header.path} does not match its sha256")
+    return header, data
+
+
+def bundle_topic(digest: str, kind: str) -> str:
+    """slmops/v1/bundles/{digest}/request (devices → controller) or /chunk (controller → devices)."""
+    return f"{PREFIX}/bundles/{digest}/{kind}"
+
+
 M = TypeVar("M", bound=Message)
 KINDS: dict[str, type[Message]] = {
     "state": DeviceState,
@@ -180,6 +230,13 @@ def parse_topic(topic: str) -> tuple[str, str]:
 
 
 def parse(model: type[M], payload: bytes | bytearray, topic: str) -> M:
+    return parse_model(model, payload, topic)
+
+
+B = TypeVar("B", bound=BaseModel)
+
+
+def parse_model(model: type[B], payload: bytes | bytearray, topic: str) -> B:
     try:
         data = json.loads(payload)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

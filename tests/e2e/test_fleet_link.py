@@ -127,6 +127,7 @@ def test_desired_state_is_fetched_verified_smoke_tested_and_activated(
     controller.desire("edge-ab", "1.0.0")
     healthy = eventually(lambda: reported(controller, "edge-ab", "healthy", "1.0.0"), "v1 never became healthy")
     assert healthy["variant"] == "cpu-int4"
+    assert controller.get("/health").json()["chunks_sent"] > 0  # the files came as chunks over MQTT
     eventually(lambda: (controller.device("edge-ab")["serving"] or {}).get("version") == "1.0.0", "state shows no v1")
     assert agent.chat_model() == "tiny:1.0.0"
     refused = httpx.delete(f"{controller.url}/v1/bundles/tiny/1.0.0", headers=controller.headers, timeout=10)
@@ -171,6 +172,7 @@ def test_commands_probe_rollback_and_reload(fleet, two_versions, agent_process, 
     agent = agent_process(
         "edge-cmd",
         broker_url,
+        transfer="http",  # the plain download, the alternative to chunks over MQTT
         controller_url=controller.url,
         controller_token=controller.headers["Authorization"].removeprefix("Bearer "),
         smoke_min_speed_fraction="0",
@@ -180,6 +182,7 @@ def test_commands_probe_rollback_and_reload(fleet, two_versions, agent_process, 
         controller.desire("edge-cmd", version)
         eventually(lambda v=version: reported(controller, "edge-cmd", "healthy", v), f"{version} never became healthy")
     assert agent.chat_model() == "tiny:2.0.0"
+    assert controller.get("/health").json()["chunks_sent"] == 0
 
     probe = controller.command("edge-cmd", "probe")
     assert probe.status_code == 200 and probe.json()["ok"] and probe.json()["result"]["cpu_cores_logical"] >= 1

@@ -199,3 +199,18 @@ def test_commands_probe_rollback_and_reload(fleet, two_versions, agent_process, 
     eventually(lambda: not controller.device("edge-cmd")["online"], "the will did not mark it offline")
     late = controller.command("edge-cmd", "probe", timeout_s=1)
     assert late.status_code == 504 and "did not answer" in late.json()["error"]["message"]
+
+
+def test_three_agents_fetch_the_same_bundle_at_once(fleet, two_versions, agent_process, eventually) -> None:
+    controller, broker_url = fleet
+    devices = [f"edge-{i}" for i in range(3)]
+    agents = [agent_process(d, broker_url, smoke_min_speed_fraction="0") for d in devices]
+    for device in devices:
+        eventually(lambda d=device: controller.device(d).get("online"), f"{device} did not join")
+    for device in devices:  # all at once: their chunks share the bundle's topic
+        controller.desire(device, "1.0.0")
+    for device in devices:
+        eventually(lambda d=device: reported(controller, d, "healthy", "1.0.0"), f"{device} never became healthy", 90)
+    assert [a.chat_model() for a in agents] == ["tiny:1.0.0"] * 3
+    for device in devices:
+        eventually(lambda d=device: controller.telemetry_seqs(d), f"no telemetry from {device}")

@@ -277,17 +277,21 @@ class Source(Protocol):
 
 
 class MqttSource:
+    """Chunks over MQTT; one subscription to the bundle's chunk topic for all its files."""
+
     def __init__(self, fetcher: MqttFetcher, digest: str) -> None:
         self.fetcher, self.digest = fetcher, digest
+        self._watching = fetcher.watching(digest)
 
     def fetch(self, path: str, target: Path, progress: Callable[[int], None] | None) -> None:
         self.fetcher.fetch(self.digest, path, target, progress)
 
     def __enter__(self) -> "MqttSource":
+        self._watching.__enter__()
         return self
 
-    def __exit__(self, *_: object) -> None:
-        pass
+    def __exit__(self, *exc: object) -> None:
+        self._watching.__exit__(None, None, None)
 
 
 class HttpSource:

@@ -13,7 +13,8 @@ publish reaches all of them, and each keeps the chunks of the files it is fetchi
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
 
@@ -107,8 +108,23 @@ class _File:
 
 
 class MqttFetcher:
+    """Fetches files of one bundle while `watching(digest)`: one subscription for all its files."""
+
     def __init__(self, link: ChunkLink, chunk_size: int, timeout_s: float) -> None:
         self.link, self.chunk_size, self.timeout_s = link, chunk_size, timeout_s
+        self._current: Callable[[ChunkHeader, bytes], None] | None = None
+
+    @contextmanager
+    def watching(self, digest: str) -> Iterator[None]:
+        self.link.watch_bundle(digest, self._dispatch)
+        try:
+            yield
+        finally:
+            self.link.unwatch_bundle(digest)
+
+    def _dispatch(self, header: ChunkHeader, data: bytes) -> None:
+        if (handler := self._current) is not None:
+            handler(header, data)
 
     def fetch(self, digest: str, path: str, target: Path, progress: Callable[[int], None] | None = None) -> None:
         """Fetch one bundle-relative file into `target` (its sha256 is the caller's to check)."""
@@ -120,7 +136,7 @@ class MqttFetcher:
                 if written and progress is not None:
                     progress(written)
 
-        self.link.watch_bundle(digest, on_chunk)
+        self._current = on_chunk
         try:
             for _round in range(MAX_ROUNDS):
                 if file.done():
@@ -139,5 +155,5 @@ class MqttFetcher:
                 raise TransferError(f"{path}: chunks still missing after {MAX_ROUNDS} requests")
             file.finish()
         finally:
-            self.link.unwatch_bundle(digest)
+            self._current = None
             file.close()

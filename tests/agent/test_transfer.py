@@ -64,9 +64,9 @@ def source(tmp_path: Path) -> Path:
 def test_a_whole_file_arrives_intact(source: Path, tmp_path: Path) -> None:
     link = FileLink(source)
     written: list[int] = []
-    MqttFetcher(link, CHUNK, timeout_s=1).fetch(
-        "d" * 64, "variants/x/weights.bin", tmp_path / "out.bin", written.append
-    )
+    fetcher = MqttFetcher(link, CHUNK, timeout_s=1)
+    with fetcher.watching("d" * 64):
+        fetcher.fetch("d" * 64, "variants/x/weights.bin", tmp_path / "out.bin", written.append)
     assert (tmp_path / "out.bin").read_bytes() == source.read_bytes()
     assert sum(written) == source.stat().st_size
     assert not (tmp_path / "out.bin.chunks").exists()
@@ -75,12 +75,15 @@ def test_a_whole_file_arrives_intact(source: Path, tmp_path: Path) -> None:
 def test_a_restart_asks_only_for_the_chunks_not_on_disk(source: Path, tmp_path: Path) -> None:
     target = tmp_path / "out.bin"
     dying = FileLink(source, budget=35)  # the link dies after 35 of 41 chunks (SAVE_EVERY_CHUNKS is 32)
-    with pytest.raises(TransferError, match="chunks still missing"):
-        MqttFetcher(dying, CHUNK, timeout_s=0.05).fetch("d" * 64, "p", target)
+    fetcher = MqttFetcher(dying, CHUNK, timeout_s=0.05)
+    with pytest.raises(TransferError, match="chunks still missing"), fetcher.watching("d" * 64):
+        fetcher.fetch("d" * 64, "p", target)
     assert sum((target.with_name("out.bin.chunks")).read_bytes()) == 35
 
     restarted = FileLink(source)
-    MqttFetcher(restarted, CHUNK, timeout_s=1).fetch("d" * 64, "p", target)
+    fetcher = MqttFetcher(restarted, CHUNK, timeout_s=1)
+    with fetcher.watching("d" * 64):
+        fetcher.fetch("d" * 64, "p", target)
     assert restarted.requests[0].chunks == list(range(35, 41))
     assert target.read_bytes() == source.read_bytes()
 

@@ -17,7 +17,7 @@ help:
 	@echo "make demo    SmolLM2-135M-Instruct to a signed cpu-int4 bundle, then the fleet path: controller, agent, desired state, chat"
 	@echo "make test    run the test suite"
 	@echo "make check   ruff (format + lint) and mypy"
-	@echo "make bench   benchmarks/inference.py and serving.py (installs llama-cpp-python, compiles a few minutes)"
+	@echo "make bench   benchmarks/inference.py, serving.py, transfer.py (installs llama-cpp-python, compiles a few minutes)"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -73,6 +73,7 @@ bench: install
 	$(PIP) install --quiet -c constraints.txt -e ".[bench]"
 	$(PY) -P benchmarks/inference.py
 	$(PY) -P benchmarks/serving.py
+	$(PY) -P benchmarks/transfer.py
 
 clean:
 	rm -rf $(VENV) .setuptools-build out .slmops-test-home

@@ -311,17 +311,18 @@ class HttpSource:
         start = _size(target)
         headers = {"Range": f"bytes={start}-"} if start else {}
         with self.http.stream("GET", path, headers=headers) as response:
-            if response.status_code == 416:  # longer than the file: start over
+            if response.status_code == 416 and start:  # what is on disk is longer than the file
                 target.unlink()
-                return self.fetch(path, target, progress)
-            if response.status_code not in (200, 206):
+            elif response.status_code not in (200, 206):
                 raise SyncError(f"download of {path} answered {response.status_code}")
-            with target.open("ab" if response.status_code == 206 else "wb") as f:
-                for chunk in response.iter_bytes(DOWNLOAD_CHUNK_BYTES):
-                    f.write(chunk)
-                    if progress is not None:
-                        progress(len(chunk))
-        return None
+            else:
+                with target.open("ab" if response.status_code == 206 else "wb") as f:
+                    for chunk in response.iter_bytes(DOWNLOAD_CHUNK_BYTES):
+                        f.write(chunk)
+                        if progress is not None:
+                            progress(len(chunk))
+                return
+        self.fetch(path, target, progress)  # start over from byte 0
 
     def __enter__(self) -> "HttpSource":
         return self

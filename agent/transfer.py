@@ -101,10 +101,13 @@ class _File:
         self.bitmap_path.unlink(missing_ok=True)
 
     def close(self) -> None:
+        """Keep what arrived for the next attempt (finish() already closed a complete file)."""
         with self.lock:
-            if not self.data.closed:
-                self._save() if self.count is not None else None
-                self.data.close()
+            if self.data.closed:
+                return
+            if self.count is not None:
+                self._save()
+            self.data.close()
 
 
 class MqttFetcher:

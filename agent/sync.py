@@ -22,6 +22,7 @@ import os
 import queue
 import shutil
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
@@ -182,6 +183,9 @@ class Sync:
             self._report(desired, "healthy", variant=current.variant_id)
             return
         self._report(desired, "downloading", percent=0.0)
+        log.info(
+            "fetching %s:%s (%s) over %s", desired.bundle, desired.version, desired.digest[:12], self.config.transfer
+        )
         partial = self.slots.partial(desired.digest)
         partial.mkdir(parents=True, exist_ok=True)
         with self._source(desired) as source:
@@ -215,7 +219,7 @@ class Sync:
     def _fetch_manifest(self, source: "Source", desired: DesiredState, partial: Path) -> Manifest:
         for name in (MANIFEST_FILE, SIGNATURE_FILE):
             (partial / name).unlink(missing_ok=True)
-            source.fetch(name, partial / name, None)
+        source.fetch({name: partial / name for name in (MANIFEST_FILE, SIGNATURE_FILE)}, None)
         manifest = Manifest.load(partial / MANIFEST_FILE)
         signature = Signature.parse((partial / SIGNATURE_FILE).read_bytes(), origin=f"fetched {SIGNATURE_FILE}")
         check_signature(manifest.canonical_bytes(), signature, trusted_keys(self.config.trusted_keys))
@@ -249,6 +253,7 @@ class Sync:
                 f"{free / 2**20:.0f} MiB free, {reserve / 2**20:.0f} MiB to keep free"
             )
         progress = {"done": total - missing, "next": 0.0}
+        started = time.perf_counter()
 
         def advance(written: int) -> None:
             progress["done"] += written
@@ -256,20 +261,23 @@ class Sync:
                 self._report(desired, "downloading", variant=variant_id, percent=round(min(percent, 100.0), 1))
                 progress["next"] = percent + REPORT_EVERY_PERCENT
 
-        for entry in files:
-            if entry.path in complete:
-                continue  # fetched before a restart
-            target = targets[entry.path]
-            source.fetch(f"{VARIANTS_DIR}/{variant_id}/{entry.path}", target, advance)
-            if sha256_file(target) != entry.sha256:
-                target.unlink()
+        wanted = [f for f in files if f.path not in complete]  # complete ones were fetched before a restart
+        source.fetch({f"{VARIANTS_DIR}/{variant_id}/{f.path}": targets[f.path] for f in wanted}, advance)
+        for entry in wanted:
+            if sha256_file(targets[entry.path]) != entry.sha256:
+                targets[entry.path].unlink()
                 raise SyncError(f"{entry.path}: the fetched file does not match the manifest's sha256")
+        elapsed = time.perf_counter() - started
+        log.info(
+            "fetched %.1f MB of %s in %.2f s (%.0f MB/s)", missing / 1e6, variant_id, elapsed, missing / 1e6 / elapsed
+        )
 
 
 class Source(Protocol):
     """Where a slot's files come from: the controller over HTTP, or chunks over MQTT."""
 
-    def fetch(self, path: str, target: Path, progress: Callable[[int], None] | None) -> None: ...
+    def fetch(self, targets: dict[str, Path], progress: Callable[[int], None] | None) -> None:
+        """Bundle-relative paths into their target files (their sha256 is the caller's to check)."""
 
     def __enter__(self) -> "Source": ...
 
@@ -283,8 +291,8 @@ class MqttSource:
         self.fetcher, self.digest = fetcher, digest
         self._watching = fetcher.watching(digest)
 
-    def fetch(self, path: str, target: Path, progress: Callable[[int], None] | None) -> None:
-        self.fetcher.fetch(self.digest, path, target, progress)
+    def fetch(self, targets: dict[str, Path], progress: Callable[[int], None] | None) -> None:
+        self.fetcher.fetch(self.digest, targets, progress)
 
     def __enter__(self) -> "MqttSource":
         self._watching.__enter__()
@@ -306,7 +314,11 @@ class HttpSource:
             timeout=httpx.Timeout(10, read=60),
         )
 
-    def fetch(self, path: str, target: Path, progress: Callable[[int], None] | None) -> None:
+    def fetch(self, targets: dict[str, Path], progress: Callable[[int], None] | None) -> None:
+        for path, target in targets.items():
+            self._fetch_one(path, target, progress)
+
+    def _fetch_one(self, path: str, target: Path, progress: Callable[[int], None] | None) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         start = _size(target)
         headers = {"Range": f"bytes={start}-"} if start else {}
@@ -322,7 +334,7 @@ class HttpSource:
                         if progress is not None:
                             progress(len(chunk))
                 return
-        self.fetch(path, target, progress)  # start over from byte 0
+        self._fetch_one(path, target, progress)  # start over from byte 0
 
     def __enter__(self) -> "HttpSource":
         return self

@@ -12,15 +12,13 @@ again on every connect. With no broker at all the agent keeps serving and queuei
 """
 
 import logging
-import ssl
 import threading
 from collections.abc import Callable
-from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 
 from slmops import __version__
+from slmops.broker import BrokerAddress, new_client
 from slmops.messages import (
     Birth,
     ChunkHeader,
@@ -60,32 +58,19 @@ class Uplink:
         on_work: Callable[[DesiredState | Command], None] | None = None,
     ) -> None:
         assert config.broker_url is not None
-        url = urlsplit(config.broker_url)
-        if not url.hostname:
-            raise ValueError(f"broker_url {config.broker_url!r} names no host")
-        self.host, self.port = url.hostname, url.port or (8883 if url.scheme == "mqtts" else 1883)
+        self.address = BrokerAddress.parse(config.broker_url)
         self.config, self.server, self.queue, self.on_work = config, server, queue, on_work
         self.device_id = config.device_id
         self.connected = threading.Event()
         self._acked = threading.Event()
         self._stop = threading.Event()
         self._announced: Serving | None = None
-        self._bundles: dict[str, Callable[[ChunkHeader, bytes], None]] = {}
+        self._bundles: dict[str, Callable[[ChunkHeader, memoryview], None]] = {}
         self._subacks: dict[int, threading.Event] = {}
-        self.dropped_chunks = 0
-        self.client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=f"slmops-agent-{self.device_id}",
-            protocol=mqtt.MQTTv5 if config.broker_protocol == "5" else mqtt.MQTTv311,
-        )
-        if url.username:
-            self.client.username_pw_set(url.username, url.password)
-        if url.scheme == "mqtts":
-            ca = str(config.broker_ca_file) if config.broker_ca_file else None
-            self.client.tls_set(ca_certs=ca, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        ca_file = str(config.broker_ca_file) if config.broker_ca_file else None
+        self.client = new_client(self.address, f"slmops-agent-{self.device_id}", config.broker_protocol, ca_file)
         offline = DeviceState(online=False, agent_version=__version__).payload()
         self.client.will_set(device_topic(self.device_id, "state"), offline, qos=1, retain=True)
-        self.client.reconnect_delay_set(min_delay=1, max_delay=30)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
@@ -93,7 +78,7 @@ class Uplink:
         self._sender = threading.Thread(target=self._send_loop, name="slmops-uplink", daemon=True)
 
     def start(self) -> None:
-        self.client.connect_async(self.host, self.port, keepalive=KEEPALIVE_S)
+        self.client.connect_async(self.address.host, self.address.port, keepalive=KEEPALIVE_S)
         self.client.loop_start()
         self._sender.start()
 
@@ -111,7 +96,7 @@ class Uplink:
 
     def _on_connect(self, client: mqtt.Client, _u: object, _f: object, reason: object, _p: object) -> None:
         if getattr(reason, "is_failure", False):
-            log.error("the broker %s:%s refused the connection: %s", self.host, self.port, reason)
+            log.error("the broker %s refused the connection: %s", self.address, reason)
             return
         client.subscribe([(device_topic(self.device_id, kind), 1) for kind in ("telemetry_ack", "desired", "cmd")])
         for digest in list(self._bundles):  # a transfer under way goes on after a reconnect
@@ -120,16 +105,16 @@ class Uplink:
         client.publish(device_topic(self.device_id, "birth"), birth.payload(), qos=1)
         self._publish_state()
         self.connected.set()
-        log.info("connected to the broker at %s:%s as %s", self.host, self.port, self.device_id)
+        log.info("connected to the broker at %s as %s", self.address, self.device_id)
 
     def _on_disconnect(self, *_: object) -> None:
         if self.connected.is_set() and not self._stop.is_set():
-            log.warning("lost the broker at %s:%s; serving on, queueing telemetry", self.host, self.port)
+            log.warning("lost the broker at %s; serving on, queueing telemetry", self.address)
         self.connected.clear()
 
     # --- bundle transfer (agent/transfer.py's ChunkLink) ----------------------------------
 
-    def watch_bundle(self, digest: str, on_chunk: Callable[[ChunkHeader, bytes], None]) -> None:
+    def watch_bundle(self, digest: str, on_chunk: Callable[[ChunkHeader, memoryview], None]) -> None:
         """Receive a bundle's chunks; returns once the broker confirmed the subscription."""
         self._bundles[digest] = on_chunk
         if not self.connected.wait(self.config.transfer_timeout_s):
@@ -161,12 +146,8 @@ class Uplink:
         try:
             if message.topic.endswith("/chunk"):
                 on_chunk = self._bundles.get(message.topic.split("/")[3])
-                if on_chunk is not None:
-                    try:
-                        on_chunk(*parse_chunk(message.payload, message.topic))
-                    except MessageInvalid:
-                        self.dropped_chunks += 1  # asked for again when the file is still incomplete
-                        raise
+                if on_chunk is not None:  # a corrupt chunk raises MessageInvalid; it is asked for again
+                    on_chunk(*parse_chunk(message.payload, message.topic))
             elif message.topic.endswith("/telemetry_ack"):
                 ack = parse(TelemetryAck, message.payload, message.topic)
                 self.queue.ack(ack.up_to_seq)

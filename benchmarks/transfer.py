@@ -118,13 +118,16 @@ def main() -> None:
 
     broker_port, controller_port = free_port(), free_port()
     conf = WORK / "mosquitto.conf"
-    conf.write_text(f"listener {broker_port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+    conf.write_text(
+        f"listener {broker_port} 127.0.0.1\nallow_anonymous true\npersistence false\nset_tcp_nodelay true\n"
+    )
     processes: list[subprocess.Popen] = [
         subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ]
     url = f"http://127.0.0.1:{controller_port}"
     env = {**os.environ, "SLMOPS_CONTROLLER_DATA_DIR": str(WORK / "controller")}
     report: dict = {"machine": hardware.describe(), "variant_bytes": variant_bytes, "chunk_bytes": chunk}
+    controller_log = (WORK / "controller.log").open("wb")
     try:
         time.sleep(0.5)
         processes.append(
@@ -141,8 +144,8 @@ def main() -> None:
                     f"mqtt://127.0.0.1:{broker_port}",
                 ],
                 env=env,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
+                stdout=controller_log,
+                stderr=controller_log,
             )
         )
 
@@ -187,9 +190,8 @@ def main() -> None:
                     "SLMOPS_AGENT_CHUNK_SIZE_BYTES": str(chunk),
                     "SLMOPS_AGENT_SMOKE_MIN_SPEED_FRACTION": "0",
                 }
-                proc = subprocess.Popen(
-                    [*SLMOPS, "agent", "run"], env=agent_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-                )
+                with (WORK / f"{device}.log").open("wb") as log:
+                    proc = subprocess.Popen([*SLMOPS, "agent", "run"], env=agent_env, stdout=log, stderr=log)
                 processes.append(proc)
                 agents.append((device, proc))
 

@@ -12,14 +12,13 @@ subscriptions are made again on every connect.
 
 import hashlib
 import logging
-import ssl
 import threading
 import uuid
-from urllib.parse import urlsplit
+from typing import Literal
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 
+from slmops.broker import BrokerAddress, new_client
 from slmops.messages import (
     PREFIX,
     Birth,
@@ -60,14 +59,11 @@ class MqttBridge:
         broker_url: str,
         fleet: Fleet,
         ca_file: str | None = None,
-        protocol: str = "5",
+        protocol: Literal["3.1.1", "5"] = "5",
         client_id: str = "slmops-controller",
         store: BundleStore | None = None,
     ):
-        url = urlsplit(broker_url)
-        if url.scheme not in ("mqtt", "mqtts") or not url.hostname:
-            raise ValueError(f"broker_url {broker_url!r}: expected mqtt://host:port or mqtts://host:port")
-        self.host, self.port = url.hostname, url.port or (8883 if url.scheme == "mqtts" else 1883)
+        self.address = BrokerAddress.parse(broker_url)
         self.fleet = fleet
         self.connected = False
         self.dropped = 0
@@ -81,20 +77,14 @@ class MqttBridge:
         self._chunks_ready = threading.Condition()
         self._sender = threading.Thread(target=self._send_chunks, name="slmops-chunks", daemon=True)
         self._running = True
-        version = mqtt.MQTTv5 if protocol == "5" else mqtt.MQTTv311
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=version)
-        if url.username:
-            self.client.username_pw_set(url.username, url.password)
-        if url.scheme == "mqtts":
-            self.client.tls_set(ca_certs=ca_file, tls_version=ssl.PROTOCOL_TLS_CLIENT)
-        self.client.reconnect_delay_set(min_delay=1, max_delay=30)
+        self.client = new_client(self.address, client_id, protocol, ca_file)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_subscribe = self._on_subscribe
         self.client.on_message = self._on_message
 
     def start(self) -> None:
-        self.client.connect_async(self.host, self.port, keepalive=KEEPALIVE_S)
+        self.client.connect_async(self.address.host, self.address.port, keepalive=KEEPALIVE_S)
         self.client.loop_start()
         self._sender.start()
 
@@ -183,7 +173,7 @@ class MqttBridge:
         self, client: mqtt.Client, _userdata: object, _flags: object, reason: object, _props: object
     ) -> None:
         if getattr(reason, "is_failure", False):
-            log.error("the broker %s:%s refused the connection: %s", self.host, self.port, reason)
+            log.error("the broker %s refused the connection: %s", self.address, reason)
             return
         client.subscribe(SUBSCRIPTIONS)
         for device_id, desired in self.fleet.desired_states().items():  # a broker that restarted empty
@@ -192,11 +182,11 @@ class MqttBridge:
     def _on_subscribe(self, *_: object) -> None:
         """Connected for our purposes once the broker confirmed the subscriptions."""
         self.connected = True
-        log.info("connected to the broker at %s:%s", self.host, self.port)
+        log.info("connected to the broker at %s", self.address)
 
     def _on_disconnect(self, *_: object) -> None:
         if self.connected:
-            log.warning("lost the broker at %s:%s; reconnecting", self.host, self.port)
+            log.warning("lost the broker at %s; reconnecting", self.address)
         self.connected = False
 
     def _on_message(self, _client: mqtt.Client, _userdata: object, message: mqtt.MQTTMessage) -> None:

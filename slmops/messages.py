@@ -16,6 +16,7 @@ Every payload is JSON with `schema` = 1 and is validated on receipt: `parse` rai
 `MessageInvalid` naming the topic and every bad field, and the receiver logs and drops it.
 """
 
+import hashlib
 import json
 import re
 from datetime import UTC, datetime
@@ -177,6 +178,11 @@ class ChunkHeader(BaseModel):
     file_size: int = Field(ge=0)
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
 
+    def verify(self, data: bytes | memoryview) -> None:
+        """MessageInvalid unless `data` has this header's sha256 (bytes changed on the way)."""
+        if hashlib.sha256(data).hexdigest() != self.sha256:
+            raise MessageInvalid(f"chunk {self.index} of {self.path} does not match its sha256")
+
 
 def chunk_payload(header: ChunkHeader, data: bytes) -> bytes:
     """4-byte big-endian header length, the header's JSON, the raw bytes (no base64)."""
@@ -184,17 +190,14 @@ def chunk_payload(header: ChunkHeader, data: bytes) -> bytes:
     return len(head).to_bytes(4, "big") + head + data
 
 
-def parse_chunk(payload: bytes | bytearray, topic: str) -> tuple[ChunkHeader, bytes]:
-    """Header and bytes of a chunk message whose bytes match the header's sha256."""
-    import hashlib
-
+def parse_chunk(payload: bytes | bytearray, topic: str) -> tuple[ChunkHeader, memoryview]:
+    """Header and bytes of a chunk message. The bytes are a view into `payload`, not a copy (a copy
+    of each 256 KiB chunk cost as much as its sha256), and not yet checked: a receiver checks
+    (`header.verify`) only the chunks it still needs, not every one on the shared topic."""
     if len(payload) < 4 or (size := int.from_bytes(payload[:4], "big")) > len(payload) - 4:
         raise MessageInvalid(f"{topic}: not a chunk message")
     header = parse_model(ChunkHeader, payload[4 : 4 + size], topic)
-    data = bytes(payload[4 + size :])
-    if hashlib.sha256(data).hexdigest() != header.sha256:
-        raise MessageInvalid(f"{topic}: chunk {header.index} of {header.path} does not match its sha256")
-    return header, data
+    return header, memoryview(payload)[4 + size :]
 
 
 def bundle_topic(digest: str, kind: str) -> str:

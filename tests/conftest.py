@@ -107,7 +107,9 @@ class Mosquitto:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.conf = folder / "mosquitto.conf"
-        self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+        self.conf.write_text(
+            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\nset_tcp_nodelay true\n"
+        )
         self.process = None
         self.start()
 

@@ -17,13 +17,15 @@ CHUNK = 16 << 10
 
 
 class FileLink:
-    """Serves the chunks of one source file; `budget` chunks, then silence (a dead link)."""
+    """Serves the chunks of one source file; `budget` chunks, then silence (a dead link); the
+    chunks whose index is in `corrupt` have a byte flipped on the way, once each."""
 
     device_id = "edge-test"
 
-    def __init__(self, source: Path, budget: int | None = None) -> None:
-        self.source, self.budget = source, budget
+    def __init__(self, source: Path, budget: int | None = None, corrupt: set[int] | None = None) -> None:
+        self.source, self.budget, self.corrupt = source, budget, corrupt or set()
         self.requests: list[ChunkRequest] = []
+        self.refused: list[str] = []
         self.on_chunk = None
 
     def watch_bundle(self, digest, on_chunk) -> None:
@@ -51,7 +53,14 @@ class FileLink:
                 file_size=len(data),
                 sha256=hashlib.sha256(piece).hexdigest(),
             )
-            self.on_chunk(*parse_chunk(chunk_payload(header, piece), "test"))
+            payload = bytearray(chunk_payload(header, piece))
+            if index in self.corrupt:
+                self.corrupt.discard(index)
+                payload[-1] ^= 0xFF
+            try:  # as the uplink does: a refused chunk is logged and dropped
+                self.on_chunk(*parse_chunk(payload, "test"))
+            except MessageInvalid as e:
+                self.refused.append(str(e))
 
 
 @pytest.fixture
@@ -66,7 +75,7 @@ def test_a_whole_file_arrives_intact(source: Path, tmp_path: Path) -> None:
     written: list[int] = []
     fetcher = MqttFetcher(link, CHUNK, timeout_s=1)
     with fetcher.watching("d" * 64):
-        fetcher.fetch("d" * 64, "variants/x/weights.bin", tmp_path / "out.bin", written.append)
+        fetcher.fetch("d" * 64, {"variants/x/weights.bin": tmp_path / "out.bin"}, written.append)
     assert (tmp_path / "out.bin").read_bytes() == source.read_bytes()
     assert sum(written) == source.stat().st_size
     assert not (tmp_path / "out.bin.chunks").exists()
@@ -74,28 +83,74 @@ def test_a_whole_file_arrives_intact(source: Path, tmp_path: Path) -> None:
 
 def test_a_restart_asks_only_for_the_chunks_not_on_disk(source: Path, tmp_path: Path) -> None:
     target = tmp_path / "out.bin"
-    dying = FileLink(source, budget=35)  # the link dies after 35 of 41 chunks (SAVE_EVERY_CHUNKS is 32)
+    dying = FileLink(source, budget=35)  # the link dies after 35 of 41 chunks (saved when the fetch stops)
     fetcher = MqttFetcher(dying, CHUNK, timeout_s=0.05)
     with pytest.raises(TransferError, match="chunks still missing"), fetcher.watching("d" * 64):
-        fetcher.fetch("d" * 64, "p", target)
+        fetcher.fetch("d" * 64, {"p": target})
     assert sum((target.with_name("out.bin.chunks")).read_bytes()) == 35
 
     restarted = FileLink(source)
     fetcher = MqttFetcher(restarted, CHUNK, timeout_s=1)
     with fetcher.watching("d" * 64):
-        fetcher.fetch("d" * 64, "p", target)
+        fetcher.fetch("d" * 64, {"p": target})
     assert restarted.requests[0].chunks == list(range(35, 41))
     assert target.read_bytes() == source.read_bytes()
 
 
-def test_a_corrupt_chunk_is_refused() -> None:
-    piece = b"weights" * 100
-    header = ChunkHeader(
-        path="p", index=0, count=1, chunk_size=CHUNK, file_size=len(piece), sha256=hashlib.sha256(piece).hexdigest()
+def test_a_corrupt_chunk_is_refused_and_asked_for_again(source: Path, tmp_path: Path) -> None:
+    link = FileLink(source, corrupt={3, 40})
+    fetcher = MqttFetcher(link, CHUNK, timeout_s=0.05)
+    with fetcher.watching("d" * 64):
+        fetcher.fetch("d" * 64, {"p": tmp_path / "out.bin"})
+    assert link.refused == [f"chunk {i} of p does not match its sha256" for i in (3, 40)]
+    assert [r.chunks for r in link.requests] == [None, [3, 40]]
+    assert (tmp_path / "out.bin").read_bytes() == source.read_bytes()
+
+
+class SharedTopicLink(FileLink):
+    """Also delivers what other devices' fetches put on the shared topic: a chunk of a file this
+    fetch does not want, one in another chunk size, and a damaged repeat of a chunk it holds."""
+
+    def request_chunks(self, digest, request: ChunkRequest) -> None:
+        super().request_chunks(digest, request)
+        for header, piece in (
+            (_header("other", b"x"), b"x"),
+            (_header(request.path, b"y", chunk_size=2 * CHUNK), b"y"),
+            (_header(request.path, b"z", count=41), b"not z"),  # chunk 0, already held: not even checked
+        ):
+            try:
+                self.on_chunk(*parse_chunk(chunk_payload(header, piece), "test"))
+            except MessageInvalid as e:
+                self.refused.append(str(e))
+
+
+def test_files_are_asked_for_at_once_and_foreign_chunks_are_ignored(source: Path, tmp_path: Path) -> None:
+    link = SharedTopicLink(source)
+    fetcher = MqttFetcher(link, CHUNK, timeout_s=1)
+    targets = {"a": tmp_path / "a.bin", "b": tmp_path / "b.bin"}
+    with fetcher.watching("d" * 64):
+        fetcher.fetch("d" * 64, targets)
+    assert [(r.path, r.chunks) for r in link.requests] == [("a", None), ("b", None)]
+    assert all(t.read_bytes() == source.read_bytes() for t in targets.values())
+    assert link.refused == [] and not (tmp_path / "other").exists()
+
+
+def _header(path: str, piece: bytes, chunk_size: int = CHUNK, count: int = 1) -> ChunkHeader:
+    return ChunkHeader(
+        path=path,
+        index=0,
+        count=count,
+        chunk_size=chunk_size,
+        file_size=len(piece),
+        sha256=hashlib.sha256(piece).hexdigest(),
     )
-    payload = bytearray(chunk_payload(header, piece))
-    payload[-1] ^= 0xFF
+
+
+def test_a_chunk_message_is_checked() -> None:
+    piece = b"weights" * 100
+    header = _header("p", piece)
+    header.verify(parse_chunk(chunk_payload(header, piece), "t")[1])
     with pytest.raises(MessageInvalid, match="does not match its sha256"):
-        parse_chunk(bytes(payload), "slmops/v1/bundles/x/chunk")
+        header.verify(piece[:-1] + b"!")
     with pytest.raises(MessageInvalid, match="not a chunk message"):
         parse_chunk(b"\x00\x00\xff\xff{}", "slmops/v1/bundles/x/chunk")

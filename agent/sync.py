@@ -36,7 +36,7 @@ from slmops.signing import Signature, check_signature, trusted_keys
 from . import choice, hardware
 from .config import AgentConfig
 from .server import AgentServer
-from .transfer import MqttFetcher
+from .transfer import MqttFetcher, bitmap_path
 
 log = logging.getLogger(__name__)
 
@@ -244,6 +244,8 @@ class Sync:
         complete = {
             f.path for f in files if _size(targets[f.path]) == f.size and sha256_file(targets[f.path]) == f.sha256
         }
+        for path in complete:  # a kill may have come between a file's last chunk and its bitmap's removal
+            bitmap_path(targets[path]).unlink(missing_ok=True)
         missing = sum(f.size for f in files if f.path not in complete)
         free = shutil.disk_usage(partial).free
         reserve = self.config.disk_reserve_bytes

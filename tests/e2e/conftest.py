@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
+from link_proxy import LinkProxy
 
 SLMOPS = [sys.executable, "-P", "-m", "slmops"]
 
@@ -137,3 +138,76 @@ def wait_for(condition: Callable[[], Any], what: str, timeout_s: float = 30) -> 
 def eventually() -> Callable[..., Any]:
     """eventually(condition, what, timeout_s=30): poll until truthy, or fail saying `what`."""
     return wait_for
+
+
+class Controller:
+    """REST calls to the controller under test, with its admin token."""
+
+    def __init__(self, url: str, token: str) -> None:
+        self.url, self.headers = url, {"Authorization": f"Bearer {token}"}
+
+    def get(self, path: str) -> httpx.Response:
+        return httpx.get(f"{self.url}{path}", headers=self.headers, timeout=10)
+
+    def device(self, device_id: str) -> dict:
+        response = self.get(f"/v1/devices/{device_id}")
+        return response.json() if response.status_code == 200 else {}
+
+    def telemetry_seqs(self, device_id: str) -> list[int]:
+        response = self.get(f"/v1/devices/{device_id}/telemetry?limit=100000")
+        return sorted(r["seq"] for r in response.json()) if response.status_code == 200 else []
+
+    def desire(self, device_id: str, version: str) -> None:
+        body = {"bundle": "tiny", "version": version}
+        response = httpx.put(f"{self.url}/v1/devices/{device_id}/desired", json=body, headers=self.headers, timeout=10)
+        assert response.status_code == 202, response.text
+
+    def reported(self, device_id: str, status: str, version: str) -> dict:
+        """The device's last report if it has this status for this version, else {}."""
+        r = self.device(device_id).get("reported") or {}
+        return r if r.get("status") == status and r.get("version") == version else {}
+
+    def command(self, device_id: str, command: str, timeout_s: float = 30) -> httpx.Response:
+        body = {"command": command, "timeout_s": timeout_s}
+        url = f"{self.url}/v1/devices/{device_id}/commands"
+        return httpx.post(url, json=body, headers=self.headers, timeout=timeout_s + 10)
+
+
+@pytest.fixture
+def fleet(controller_process, broker, signing_key, request: pytest.FixtureRequest):
+    """A controller linked to a fresh broker, on SQLite or (parametrized) PostgreSQL; yields
+    (Controller, broker URL)."""
+    broker_url = f"mqtt://127.0.0.1:{broker.port}"
+    args = ["--broker-url", broker_url, "-k", str(signing_key[1])]
+    if getattr(request, "param", "sqlite") == "postgresql":
+        args += ["--database-url", request.getfixturevalue("postgres_database")]
+    with controller_process(*args) as (url, env):
+        yield Controller(url, env["SLMOPS_TOKEN"]), broker_url
+
+
+@pytest.fixture
+def two_versions(fleet, tiny_export: Path, signing_key, tmp_path: Path) -> None:
+    """tiny 1.0.0 and 2.0.0 (cpu-int4 only) pushed to the controller."""
+    from slmops.build.bundle import create
+    from slmops.bundle import write_archive
+
+    controller, _ = fleet
+    for version in ("1.0.0", "2.0.0"):
+        bundle = create(tiny_export, tmp_path / version, "tiny", version, key=signing_key[0], variant_ids=["cpu-int4"])
+        archive = write_archive(bundle, tmp_path / f"{version}.tar").read_bytes()
+        pushed = httpx.post(f"{controller.url}/v1/bundles", content=archive, headers=controller.headers, timeout=30)
+        assert pushed.status_code == 201, pushed.text
+
+
+@pytest.fixture
+def link_proxy(broker) -> Iterator[Callable[..., LinkProxy]]:
+    """link_proxy(rate_bytes_per_s=None) → a LinkProxy in front of the test's broker."""
+    proxies: list[LinkProxy] = []
+
+    def make(rate_bytes_per_s: float | None = None) -> LinkProxy:
+        proxies.append(LinkProxy(broker.port, rate_bytes_per_s))
+        return proxies[-1]
+
+    yield make
+    for proxy in proxies:
+        proxy.close()

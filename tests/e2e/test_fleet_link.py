@@ -14,65 +14,6 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 
-class Controller:
-    """REST calls to the controller under test, with its admin token."""
-
-    def __init__(self, url: str, token: str) -> None:
-        self.url, self.headers = url, {"Authorization": f"Bearer {token}"}
-
-    def get(self, path: str) -> httpx.Response:
-        return httpx.get(f"{self.url}{path}", headers=self.headers, timeout=10)
-
-    def device(self, device_id: str) -> dict:
-        response = self.get(f"/v1/devices/{device_id}")
-        return response.json() if response.status_code == 200 else {}
-
-    def telemetry_seqs(self, device_id: str) -> list[int]:
-        response = self.get(f"/v1/devices/{device_id}/telemetry?limit=100000")
-        return sorted(r["seq"] for r in response.json()) if response.status_code == 200 else []
-
-    def desire(self, device_id: str, version: str) -> None:
-        body = {"bundle": "tiny", "version": version}
-        response = httpx.put(f"{self.url}/v1/devices/{device_id}/desired", json=body, headers=self.headers, timeout=10)
-        assert response.status_code == 202, response.text
-
-    def command(self, device_id: str, command: str, timeout_s: float = 30) -> httpx.Response:
-        body = {"command": command, "timeout_s": timeout_s}
-        url = f"{self.url}/v1/devices/{device_id}/commands"
-        return httpx.post(url, json=body, headers=self.headers, timeout=timeout_s + 10)
-
-
-@pytest.fixture
-def fleet(controller_process, broker, signing_key, request: pytest.FixtureRequest):
-    """A controller linked to a fresh broker, on SQLite or (parametrized) PostgreSQL; yields
-    (Controller, broker URL)."""
-    broker_url = f"mqtt://127.0.0.1:{broker.port}"
-    args = ["--broker-url", broker_url, "-k", str(signing_key[1])]
-    if getattr(request, "param", "sqlite") == "postgresql":
-        args += ["--database-url", request.getfixturevalue("postgres_database")]
-    with controller_process(*args) as (url, env):
-        yield Controller(url, env["SLMOPS_TOKEN"]), broker_url
-
-
-@pytest.fixture
-def two_versions(fleet, tiny_export: Path, signing_key, tmp_path: Path) -> None:
-    """tiny 1.0.0 and 2.0.0 (cpu-int4 only) pushed to the controller."""
-    from slmops.build.bundle import create
-    from slmops.bundle import write_archive
-
-    controller, _ = fleet
-    for version in ("1.0.0", "2.0.0"):
-        bundle = create(tiny_export, tmp_path / version, "tiny", version, key=signing_key[0], variant_ids=["cpu-int4"])
-        archive = write_archive(bundle, tmp_path / f"{version}.tar").read_bytes()
-        pushed = httpx.post(f"{controller.url}/v1/bundles", content=archive, headers=controller.headers, timeout=30)
-        assert pushed.status_code == 201, pushed.text
-
-
-def reported(controller: Controller, device_id: str, status: str, version: str) -> dict:
-    r = controller.device(device_id).get("reported") or {}
-    return r if r.get("status") == status and r.get("version") == version else {}
-
-
 @pytest.mark.parametrize("fleet", ["sqlite", "postgresql"], indirect=True)
 def test_telemetry_is_never_lost_across_kill_9(fleet, agent_process, session_bundle: Path, eventually) -> None:
     controller, broker_url = fleet
@@ -125,7 +66,7 @@ def test_desired_state_is_fetched_verified_smoke_tested_and_activated(
     eventually(lambda: controller.device("edge-ab").get("online"), "the agent did not join")
     assert controller.device("edge-ab")["serving"] is None  # started empty
     controller.desire("edge-ab", "1.0.0")
-    healthy = eventually(lambda: reported(controller, "edge-ab", "healthy", "1.0.0"), "v1 never became healthy")
+    healthy = eventually(lambda: controller.reported("edge-ab", "healthy", "1.0.0"), "v1 never became healthy")
     assert healthy["variant"] == "cpu-int4"
     assert controller.get("/health").json()["chunks_sent"] > 0  # the files came as chunks over MQTT
     eventually(lambda: (controller.device("edge-ab")["serving"] or {}).get("version") == "1.0.0", "state shows no v1")
@@ -139,7 +80,7 @@ def test_desired_state_is_fetched_verified_smoke_tested_and_activated(
     eventually(lambda: controller.device("edge-ab")["serving"], "the agent did not come back serving")
     assert agent.chat_model() == "tiny:1.0.0"
     controller.desire("edge-ab", "2.0.0")
-    failed = eventually(lambda: reported(controller, "edge-ab", "failed", "2.0.0"), "v2 was not refused")
+    failed = eventually(lambda: controller.reported("edge-ab", "failed", "2.0.0"), "v2 was not refused")
     assert "smoke test" in failed["reason"] and agent.chat_model() == "tiny:1.0.0"
     slots = sorted(p.name for p in (tmp_path / "agent-edge-ab" / "slots").iterdir())
     assert len(slots) == 1, slots  # the refused slot was dropped, the active one kept
@@ -147,7 +88,7 @@ def test_desired_state_is_fetched_verified_smoke_tested_and_activated(
     agent.stop()
     agent.start(SLMOPS_AGENT_DISK_RESERVE_BYTES=str(2**60))  # the retained v2 arrives again on connect
     eventually(
-        lambda: "not enough disk" in reported(controller, "edge-ab", "failed", "2.0.0").get("reason", "x"),
+        lambda: "not enough disk" in controller.reported("edge-ab", "failed", "2.0.0").get("reason", "x"),
         "a full disk was not reported",
     )
     # Garbage on the topics the agent reads: logged, dropped, and the agent serves on.
@@ -180,7 +121,7 @@ def test_commands_probe_rollback_and_reload(fleet, two_versions, agent_process, 
     eventually(lambda: controller.device("edge-cmd").get("online"), "the agent did not join")
     for version in ("1.0.0", "2.0.0"):
         controller.desire("edge-cmd", version)
-        eventually(lambda v=version: reported(controller, "edge-cmd", "healthy", v), f"{version} never became healthy")
+        eventually(lambda v=version: controller.reported("edge-cmd", "healthy", v), f"{version} never became healthy")
     assert agent.chat_model() == "tiny:2.0.0"
     assert controller.get("/health").json()["chunks_sent"] == 0
 
@@ -189,7 +130,7 @@ def test_commands_probe_rollback_and_reload(fleet, two_versions, agent_process, 
     rollback = controller.command("edge-cmd", "rollback").json()
     assert rollback["ok"] and rollback["result"]["serving"] == "tiny:1.0.0", rollback
     assert agent.chat_model() == "tiny:1.0.0"
-    eventually(lambda: reported(controller, "edge-cmd", "rolled_back", "1.0.0"), "the rollback was not reported")
+    eventually(lambda: controller.reported("edge-cmd", "rolled_back", "1.0.0"), "the rollback was not reported")
     assert controller.command("edge-cmd", "reload").json()["result"]["serving"] == "tiny:1.0.0"
     assert controller.command("nobody", "probe").status_code == 404
     audit = [e["action"] for e in controller.get("/v1/audit").json()]
@@ -210,7 +151,7 @@ def test_three_agents_fetch_the_same_bundle_at_once(fleet, two_versions, agent_p
     for device in devices:  # all at once: their chunks share the bundle's topic
         controller.desire(device, "1.0.0")
     for device in devices:
-        eventually(lambda d=device: reported(controller, d, "healthy", "1.0.0"), f"{device} never became healthy", 90)
+        eventually(lambda d=device: controller.reported(d, "healthy", "1.0.0"), f"{device} never became healthy", 90)
     assert [a.chat_model() for a in agents] == ["tiny:1.0.0"] * 3
     for device in devices:
         eventually(lambda d=device: controller.telemetry_seqs(d), f"no telemetry from {device}")

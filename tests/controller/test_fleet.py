@@ -14,7 +14,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from slmops.agent.hardware import probe
 from slmops.controller.embedded_broker import BrokerStartError
 from slmops.controller.service import build_app
-from slmops.messages import Birth, DeviceState, HardwareProfile, Serving, device_topic
+from slmops.messages import Birth, DeviceState, HardwareProfile, Serving, bundle_topic, device_topic
 
 ADMIN = {"Authorization": "Bearer admin-token-0123456789"}
 READER = {"Authorization": "Bearer reader-token-0123456789"}
@@ -133,6 +133,17 @@ def test_a_device_that_dies_is_marked_offline_by_its_will(fleet_client, mosquitt
             "status: Input should be",
         ),
         (device_topic("edge-3", "cmd_reply"), b'{"schema": 1, "ok": true}', "correlation_id: Field required"),
+        (bundle_topic("ab" * 32, "request"), b"{not json", "payload is not JSON"),
+        (
+            bundle_topic("ab" * 32, "request"),
+            b'{"schema": 1, "device_id": "edge-3", "path": "../../admin.token", "chunk_size": 16384}',
+            "no file '../../admin.token' in stored bundle",
+        ),
+        (
+            bundle_topic("ab" * 32, "request"),
+            b'{"schema": 1, "device_id": "edge-3", "path": "manifest.json", "chunk_size": 7}',
+            "chunk_size: Input should be greater than or equal to 16384",
+        ),
     ],
 )
 def test_malformed_messages_are_logged_and_dropped(

@@ -130,3 +130,33 @@ def test_a_broker_restart_mid_transfer_and_everyone_completes(
     assert [a.chat_model() for a in agents] == ["tiny:1.0.0"] * 3
     for agent in agents:
         assert "lost the broker" in agent.stop()
+
+
+def test_the_agent_refuses_what_the_controller_should_not_have_served(
+    fleet, two_versions, agent_process, tmp_path: Path, eventually
+) -> None:
+    """Its own checks, not the controller's: a signer it does not trust, bytes that changed in the
+    controller's store after the push. Nothing is activated; the reason is reported."""
+    from slmops.signing import generate_keypair
+
+    controller, broker_url = fleet
+    _, stranger = generate_keypair(tmp_path / "stranger")
+    suspicious = agent_process("edge-strict", broker_url, trusted_keys=f'["{stranger}"]')
+    eventually(lambda: controller.device("edge-strict").get("online"), "the agent did not join")
+    controller.desire("edge-strict", "1.0.0")
+    failed = eventually(lambda: controller.reported("edge-strict", "failed", "1.0.0"), "an untrusted bundle was taken")
+    assert "trusted" in failed["reason"], failed
+    assert controller.device("edge-strict")["serving"] is None
+    suspicious.stop()
+
+    digest = next(b["digest"] for b in controller.get("/v1/bundles").json() if b["version"] == "2.0.0")
+    stored = tmp_path / "controller" / "store" / "bundles" / digest / "variants" / "cpu-int4" / "model.onnx.data"
+    rotten = bytearray(stored.read_bytes())
+    rotten[len(rotten) // 2] ^= 0xFF  # bit rot on the controller's disk: each chunk still matches its header
+    stored.write_bytes(rotten)
+    agent_process("edge-rot", broker_url, smoke_min_speed_fraction="0")
+    eventually(lambda: controller.device("edge-rot").get("online"), "the agent did not join")
+    controller.desire("edge-rot", "2.0.0")
+    failed = eventually(lambda: controller.reported("edge-rot", "failed", "2.0.0"), "a rotten file was taken")
+    assert "does not match the manifest's sha256" in failed["reason"], failed
+    assert controller.device("edge-rot")["serving"] is None

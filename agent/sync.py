@@ -36,7 +36,7 @@ from slmops.signing import Signature, check_signature, trusted_keys
 from . import choice, hardware
 from .config import AgentConfig
 from .server import AgentServer
-from .transfer import MqttFetcher, bitmap_path
+from .transfer import MqttFetcher, bitmap_path, bytes_on_disk
 
 log = logging.getLogger(__name__)
 
@@ -246,7 +246,8 @@ class Sync:
         }
         for path in complete:  # a kill may have come between a file's last chunk and its bitmap's removal
             bitmap_path(targets[path]).unlink(missing_ok=True)
-        missing = sum(f.size for f in files if f.path not in complete)
+        wanted = [f for f in files if f.path not in complete]
+        missing = sum(f.size - source.on_disk(targets[f.path], f.size) for f in wanted)
         free = shutil.disk_usage(partial).free
         reserve = self.config.disk_reserve_bytes
         if missing + reserve > free:
@@ -263,7 +264,6 @@ class Sync:
                 self._report(desired, "downloading", variant=variant_id, percent=round(min(percent, 100.0), 1))
                 progress["next"] = percent + REPORT_EVERY_PERCENT
 
-        wanted = [f for f in files if f.path not in complete]  # complete ones were fetched before a restart
         source.fetch({f"{VARIANTS_DIR}/{variant_id}/{f.path}": targets[f.path] for f in wanted}, advance)
         for entry in wanted:
             if sha256_file(targets[entry.path]) != entry.sha256:
@@ -281,6 +281,9 @@ class Source(Protocol):
     def fetch(self, targets: dict[str, Path], progress: Callable[[int], None] | None) -> None:
         """Bundle-relative paths into their target files (their sha256 is the caller's to check)."""
 
+    def on_disk(self, target: Path, size: int) -> int:
+        """Bytes of `target` an interrupted fetch left that this one will keep."""
+
     def __enter__(self) -> "Source": ...
 
     def __exit__(self, *_: object) -> None: ...
@@ -295,6 +298,9 @@ class MqttSource:
 
     def fetch(self, targets: dict[str, Path], progress: Callable[[int], None] | None) -> None:
         self.fetcher.fetch(self.digest, targets, progress)
+
+    def on_disk(self, target: Path, size: int) -> int:
+        return bytes_on_disk(target, self.fetcher.chunk_size, size)
 
     def __enter__(self) -> "MqttSource":
         self._watching.__enter__()
@@ -319,6 +325,9 @@ class HttpSource:
     def fetch(self, targets: dict[str, Path], progress: Callable[[int], None] | None) -> None:
         for path, target in targets.items():
             self._fetch_one(path, target, progress)
+
+    def on_disk(self, target: Path, size: int) -> int:
+        return min(size, _size(target))  # resumed with a Range request
 
     def _fetch_one(self, path: str, target: Path, progress: Callable[[int], None] | None) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)

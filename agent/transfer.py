@@ -40,6 +40,14 @@ def bitmap_path(target: Path) -> Path:
     return target.with_name(target.name + ".chunks")
 
 
+def bytes_on_disk(target: Path, chunk_size: int, size: int) -> int:
+    """How much of a `size`-byte file a fetch interrupted before has already put in `target`."""
+    bitmap = bitmap_path(target)
+    if not (bitmap.is_file() and target.is_file()):
+        return 0
+    return min(size, sum(bitmap.read_bytes()) * chunk_size)
+
+
 class ChunkLink(Protocol):
     """What the fetcher needs of the MQTT client (agent/uplink.py provides it)."""
 

@@ -2,13 +2,17 @@
 
 In one run, on one machine:
 
-    raw broker      one paho publisher → one subscriber, the same bytes in the same chunk size,
-                    QoS 1, 32 in flight: the ceiling for any MQTT transfer here
+    raw broker      one paho publisher → 1 and N subscribers (processes of their own), the same
+                    bytes in the same chunk size, QoS 1, 32 in flight: the ceiling for any MQTT
+                    transfer here, to compare each MQTT row with
     MQTT, 1 agent   desired state set → the agent reports `verifying` (every file fetched and
-                    checked): variant bytes / that time; the agent's peak RSS while downloading
+                    checked), read off the broker: variant bytes / that time; the agent's peak
+                    RSS while downloading
     MQTT, N agents  N agents at once: N × variant bytes / time until the last one is done, and how
                     many chunks the controller published (shared: about one set, not N)
     HTTP            the same files from the controller's store with httpx
+    resume          an agent killed (-9) at 50 % of its download, restarted: seconds from the
+                    restart (process start included) to `verifying`, and chunks published again
 
 Prints a table; writes benchmarks/results/transfer.json.
 
@@ -54,44 +58,115 @@ def wait_for(condition, what: str, timeout_s: float = 600):
     return result
 
 
-def raw_broker(port: int, total_bytes: int, chunk: int) -> float:
-    """MB/s of QoS 1 publishes of `chunk` bytes from one client to another through the broker."""
+RAW_SUBSCRIBER = """
+import sys, threading
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+port, count, name = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+done, got = threading.Event(), [0]
+def on_message(*_):
+    got[0] += 1
+    if got[0] == count:
+        done.set()
+client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=name)
+client.on_message = on_message
+client.on_subscribe = lambda *_: print("ready", flush=True)
+client.connect("127.0.0.1", port)
+client.loop_start()
+client.subscribe("bench/raw", qos=1)
+done.wait(600)
+print("done", flush=True)
+"""
+
+
+def raw_broker(port: int, total_bytes: int, chunk: int, subscribers: int) -> float:
+    """Aggregate MB/s delivered by QoS 1 publishes of `chunk` bytes from one paho client to
+    `subscribers` paho clients, each in its own process (as agents are), through the broker."""
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
     count = -(-total_bytes // chunk)
-    received = threading.Event()
-    got = [0]
+    subs = [
+        subprocess.Popen(
+            [sys.executable, "-c", RAW_SUBSCRIBER, str(port), str(count), f"bench-sub-{i}"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(subscribers)
+    ]
+    try:
+        for sub in subs:
+            assert sub.stdout is not None and sub.stdout.readline().strip() == "ready"
+        pub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-pub")
+        pub.connect("127.0.0.1", port)
+        pub.loop_start()
+        payload = os.urandom(chunk)
+        started = time.perf_counter()
+        in_flight = []
+        for _ in range(count):
+            in_flight.append(pub.publish("bench/raw", payload, qos=1))
+            if len(in_flight) >= 32:
+                in_flight.pop(0).wait_for_publish(30)
+        for sub in subs:
+            assert sub.stdout is not None and sub.stdout.readline().strip() == "done"
+        elapsed = time.perf_counter() - started
+        pub.disconnect()
+        pub.loop_stop()
+    finally:
+        for sub in subs:
+            sub.kill()
+            sub.wait()
+    return subscribers * count * chunk / elapsed / 1e6
 
-    def on_message(*_: object) -> None:
-        got[0] += 1
-        if got[0] == count:
-            received.set()
 
-    sub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-sub")
-    sub.on_message = on_message
-    subscribed = threading.Event()
-    sub.on_subscribe = lambda *_: subscribed.set()
-    sub.connect("127.0.0.1", port)
-    sub.loop_start()
-    sub.subscribe("bench/raw", qos=1)
-    subscribed.wait(10)
-    pub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-pub")
-    pub.connect("127.0.0.1", port)
-    pub.loop_start()
-    payload = os.urandom(chunk)
-    started = time.perf_counter()
-    in_flight = []
-    for _ in range(count):
-        in_flight.append(pub.publish("bench/raw", payload, qos=1))
-        if len(in_flight) >= 32:
-            in_flight.pop(0).wait_for_publish(30)
-    received.wait(600)
-    elapsed = time.perf_counter() - started
-    for client in (pub, sub):
-        client.disconnect()
-        client.loop_stop()
-    return count * chunk / elapsed / 1e6
+class Reports:
+    """The agents' reports, read off the broker as the controller gets them (no polling of its API):
+    when each device first reported each status, and its last download percent."""
+
+    def __init__(self, port: int) -> None:
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        self.first: dict[tuple[str, str], float] = {}
+        self.percent: dict[str, float] = {}
+        self.reasons: dict[str, str] = {}
+        self.changed = threading.Condition()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-reports")
+        self.client.on_message = self._on_message
+        subscribed = threading.Event()
+        self.client.on_subscribe = lambda *_: subscribed.set()
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        self.client.subscribe("slmops/v1/devices/+/reported", qos=1)
+        subscribed.wait(10)
+
+    def _on_message(self, _c: object, _u: object, message) -> None:
+        device, report = message.topic.split("/")[3], json.loads(message.payload)
+        with self.changed:
+            self.first.setdefault((device, report["status"]), time.perf_counter())
+            if report["status"] == "downloading":
+                self.percent[device] = report.get("percent") or 0.0
+            if report["status"] == "failed":
+                self.reasons[device] = report.get("reason", "")
+            self.changed.notify_all()
+
+    def wait(self, condition, what: str, timeout_s: float = 900):
+        deadline = time.monotonic() + timeout_s
+        with self.changed:
+            while not (result := condition()):
+                if failed := dict(self.reasons):
+                    raise RuntimeError(f"{what}: {failed}")
+                if not self.changed.wait(max(0.0, deadline - time.monotonic())):
+                    raise TimeoutError(what)
+            return result
+
+    def fetched(self, device: str) -> float | None:
+        """When the device had every file fetched and checked (it reports verifying next)."""
+        return self.first.get((device, "verifying"))
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
 
 
 def main() -> None:
@@ -163,8 +238,10 @@ def main() -> None:
             httpx.post(f"{url}/v1/bundles", content=f.read(), headers=headers, timeout=300).raise_for_status()
         digest = manifest.digest
 
-        with console.status("raw broker throughput"):
-            report["raw_broker_mb_s"] = raw_broker(broker_port, variant_bytes, chunk)
+        with console.status("raw broker throughput, to 1 subscriber and to N at once"):
+            report["raw_broker_mb_s"] = {
+                str(n): raw_broker(broker_port, variant_bytes, chunk, n) for n in sorted({1, args.agents})
+            }
 
         with console.status("HTTP download of the variant's files"):
             started = time.perf_counter()
@@ -175,73 +252,101 @@ def main() -> None:
                             pass
             report["http_mb_s"] = variant_bytes / (time.perf_counter() - started) / 1e6
 
+        reports = Reports(broker_port)
+        set_size = sum(max(1, -(-f.size // chunk)) for f in variant.files) + 2  # + manifest and signature
+
+        def start_agent(device: str) -> subprocess.Popen:
+            agent_env = {
+                **os.environ,
+                "SLMOPS_AGENT_DEVICE_ID": device,
+                "SLMOPS_AGENT_BROKER_URL": f"mqtt://127.0.0.1:{broker_port}",
+                "SLMOPS_AGENT_TRUSTED_KEYS": f'["{public_key}"]',
+                "SLMOPS_AGENT_PORT": str(free_port()),
+                "SLMOPS_AGENT_DATA_DIR": str(WORK / device),
+                "SLMOPS_AGENT_CHUNK_SIZE_BYTES": str(chunk),
+                "SLMOPS_AGENT_SMOKE_MIN_SPEED_FRACTION": "0",
+            }
+            with (WORK / f"{device}.log").open("ab") as log:
+                proc = subprocess.Popen([*SLMOPS, "agent", "run"], env=agent_env, stdout=log, stderr=log)
+            processes.append(proc)
+            return proc
+
+        def joined(device: str) -> None:
+            def online() -> bool:
+                response = httpx.get(f"{url}/v1/devices/{device}", headers=headers, timeout=5)
+                return response.status_code == 200 and response.json()["online"]
+
+            wait_for(online, f"{device} did not join", 120)
+
+        def desire(device: str) -> None:
+            body = {"bundle": manifest.name, "version": manifest.version}
+            httpx.put(f"{url}/v1/devices/{device}/desired", json=body, headers=headers, timeout=10).raise_for_status()
+
+        def stop(proc: subprocess.Popen) -> None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+
         def run_agents(count: int) -> dict:
             sent_before = health().get("chunks_sent", 0)
-            agents = []
-            for i in range(count):
-                device = f"bench-{count}-{i}"
-                agent_env = {
-                    **os.environ,
-                    "SLMOPS_AGENT_DEVICE_ID": device,
-                    "SLMOPS_AGENT_BROKER_URL": f"mqtt://127.0.0.1:{broker_port}",
-                    "SLMOPS_AGENT_TRUSTED_KEYS": f'["{public_key}"]',
-                    "SLMOPS_AGENT_PORT": str(free_port()),
-                    "SLMOPS_AGENT_DATA_DIR": str(WORK / device),
-                    "SLMOPS_AGENT_CHUNK_SIZE_BYTES": str(chunk),
-                    "SLMOPS_AGENT_SMOKE_MIN_SPEED_FRACTION": "0",
-                }
-                with (WORK / f"{device}.log").open("wb") as log:
-                    proc = subprocess.Popen([*SLMOPS, "agent", "run"], env=agent_env, stdout=log, stderr=log)
-                processes.append(proc)
-                agents.append((device, proc))
-
-            def device_state(device: str) -> dict:
-                response = httpx.get(f"{url}/v1/devices/{device}", headers=headers, timeout=5)
-                return response.json() if response.status_code == 200 else {}
-
-            for device, _ in agents:
-                wait_for(lambda d=device: device_state(d).get("online"), f"{device} did not join", 120)
+            agents = {f"bench-{count}-{i}": start_agent(f"bench-{count}-{i}") for i in range(count)}
+            for device in agents:
+                joined(device)
             peak_rss = 0
             started = time.perf_counter()
-            for device, _ in agents:
-                body = {"bundle": manifest.name, "version": manifest.version}
-                httpx.put(
-                    f"{url}/v1/devices/{device}/desired", json=body, headers=headers, timeout=10
-                ).raise_for_status()
-            fetched: dict[str, float] = {}
-            while len(fetched) < count:
-                for device, proc in agents:
-                    if device in fetched:
-                        continue
-                    reported = device_state(device).get("reported") or {}
-                    if reported.get("status") in ("verifying", "activating", "healthy"):
-                        fetched[device] = time.perf_counter() - started
-                    elif reported.get("status") == "failed":
-                        raise RuntimeError(f"{device}: {reported['reason']}")
-                    elif reported.get("status") == "downloading":
+            for device in agents:
+                desire(device)
+            while not all(reports.fetched(d) for d in agents):
+                if reports.reasons:
+                    raise RuntimeError(f"failed: {reports.reasons}")
+                for device, proc in agents.items():
+                    if not reports.fetched(device):
                         peak_rss = max(peak_rss, psutil.Process(proc.pid).memory_info().rss)
                 if time.perf_counter() - started > 900:
                     raise TimeoutError("the transfer did not finish in 15 minutes")
-                time.sleep(0.05)
-            elapsed = max(fetched.values())
-            for _, proc in agents:
-                proc.send_signal(signal.SIGTERM)
-            for _, proc in agents:
-                proc.wait(timeout=60)
+                time.sleep(0.02)
+            elapsed = max(reports.fetched(d) or 0.0 for d in agents) - started
+            for proc in agents.values():
+                stop(proc)
             return {
                 "agents": count,
                 "seconds": elapsed,
                 "aggregate_mb_s": count * variant_bytes / elapsed / 1e6,
                 "per_agent_mb_s": variant_bytes / elapsed / 1e6,
                 "chunks_published": health().get("chunks_sent", 0) - sent_before,
-                "chunks_per_agent_set": sum(max(1, -(-f.size // chunk)) for f in variant.files) + 2,
+                "chunks_per_agent_set": set_size,
                 "agent_peak_rss_bytes_while_downloading": peak_rss,
             }
 
+        def resume_after_kill(at_percent: float) -> dict:
+            device = "bench-resume"
+            proc = start_agent(device)
+            joined(device)
+            desire(device)
+            reports.wait(lambda: reports.percent.get(device, 0) >= at_percent, "the download did not get under way")
+            proc.kill()  # SIGKILL: no goodbye, no last checkpoint
+            proc.wait()
+            killed_at = reports.percent[device]
+            claimed = sum(sum(b.read_bytes()) for b in (WORK / device / "slots").glob("*.partial/**/*.chunks"))
+            sent_before = health().get("chunks_sent", 0)
+            restarted = time.perf_counter()
+            proc = start_agent(device)
+            fetched = reports.wait(lambda: reports.fetched(device), "the restarted agent did not finish")
+            stop(proc)
+            return {
+                "killed_at_percent": killed_at,
+                "chunks_claimed_on_disk": claimed,
+                "seconds_from_restart_to_fetched": fetched - restarted,
+                "chunks_published_after_restart": health().get("chunks_sent", 0) - sent_before,
+                "chunks_per_agent_set": set_size,
+            }
+
         report["mqtt"] = []
-        for count in (1, args.agents):
+        for count in sorted({1, args.agents}):
             with console.status(f"MQTT transfer to {count} agent(s) at once"):
                 report["mqtt"].append(run_agents(count))
+        with console.status("kill -9 mid-download, restart, resume"):
+            report["resume"] = resume_after_kill(50.0)
+        reports.close()
     finally:
         for proc in reversed(processes):
             if proc.poll() is None:
@@ -257,18 +362,33 @@ def main() -> None:
     for column in ("path", "MB/s", "vs raw broker", "seconds", "chunks published", "agent peak RSS MiB"):
         table.add_column(column, justify="left" if column == "path" else "right")
     raw = report["raw_broker_mb_s"]
-    table.add_row("raw broker (paho → paho, QoS 1)", f"{raw:.1f}", "1.00", "", "", "")
+    for n, mb_s in raw.items():
+        table.add_row(f"raw broker, paho → {n} paho subscriber(s), QoS 1", f"{mb_s:.1f}", "1.00", "", "", "")
     for m in report["mqtt"]:
         table.add_row(
             f"MQTT to {m['agents']} agent(s), aggregate",
             f"{m['aggregate_mb_s']:.1f}",
-            f"{m['aggregate_mb_s'] / raw:.2f}",
-            f"{m['seconds']:.1f}",
+            f"{m['aggregate_mb_s'] / raw[str(m['agents'])]:.2f}",
+            f"{m['seconds']:.2f}",
             f"{m['chunks_published']} (one set: {m['chunks_per_agent_set']})",
             f"{m['agent_peak_rss_bytes_while_downloading'] / 2**20:.0f}",
         )
     table.add_row(
-        "HTTP from the controller's store", f"{report['http_mb_s']:.1f}", f"{report['http_mb_s'] / raw:.2f}", "", "", ""
+        "HTTP from the controller's store",
+        f"{report['http_mb_s']:.1f}",
+        f"{report['http_mb_s'] / raw['1']:.2f}",
+        "",
+        "",
+        "",
+    )
+    r = report["resume"]
+    table.add_row(
+        f"resume after kill -9 at {r['killed_at_percent']:.0f} % ({r['chunks_claimed_on_disk']} chunks on disk)",
+        "",
+        "",
+        f"{r['seconds_from_restart_to_fetched']:.2f}",
+        f"{r['chunks_published_after_restart']} (one set: {r['chunks_per_agent_set']})",
+        "",
     )
     console.print(table)
     out = RESULTS / "transfer.json"

@@ -40,12 +40,16 @@ def bitmap_path(target: Path) -> Path:
     return target.with_name(target.name + ".chunks")
 
 
+def _saved_bitmap(target: Path) -> bytes | None:
+    """The bitmap an interrupted fetch of `target` left, if it left the file too."""
+    bitmap = bitmap_path(target)
+    return bitmap.read_bytes() if bitmap.is_file() and target.is_file() else None
+
+
 def bytes_on_disk(target: Path, chunk_size: int, size: int) -> int:
     """How much of a `size`-byte file a fetch interrupted before has already put in `target`."""
-    bitmap = bitmap_path(target)
-    if not (bitmap.is_file() and target.is_file()):
-        return 0
-    return min(size, sum(bitmap.read_bytes()) * chunk_size)
+    saved = _saved_bitmap(target)
+    return 0 if saved is None else min(size, sum(saved) * chunk_size)
 
 
 class ChunkLink(Protocol):
@@ -64,7 +68,7 @@ class _File:
     """One file being fetched: its data file, its bitmap, what arrived."""
 
     def __init__(self, target: Path, chunk_size: int, saver: ThreadPoolExecutor) -> None:
-        self.target, self.chunk_size, self.saver = target, chunk_size, saver
+        self.chunk_size, self.saver = chunk_size, saver
         self.bitmap_path = bitmap_path(target)
         self.count: int | None = None
         self.file_size: int | None = None
@@ -73,8 +77,7 @@ class _File:
         self.checkpoint: Future[None] | None = None
         self.checkpointed_at, self.unsaved_bytes = time.monotonic(), 0
         target.parent.mkdir(parents=True, exist_ok=True)
-        if self.bitmap_path.is_file() and target.is_file():
-            saved = self.bitmap_path.read_bytes()
+        if (saved := _saved_bitmap(target)) is not None:
             self.count, self.have = len(saved), bytearray(saved)
         self.fd: int | None = os.open(target, os.O_RDWR | os.O_CREAT, 0o644)
 
@@ -82,7 +85,7 @@ class _File:
         return None if self.count is None else [i for i in range(self.count) if not self.have[i]]
 
     def done(self) -> bool:
-        return self.count is not None and all(self.have)
+        return self.count is not None and 0 not in self.have  # memchr: this runs on every chunk
 
     def accept(self, header: ChunkHeader, data: memoryview) -> int:
         """Write a chunk this file still needs; returns the bytes newly written. Only such chunks are

@@ -57,7 +57,7 @@ class ChunkLink(Protocol):
 
     device_id: str
 
-    def watch_bundle(self, digest: str, on_chunk: Callable[[ChunkHeader, memoryview], None]) -> None: ...
+    def watch_bundle(self, digest: str, on_chunk: Callable[[ChunkHeader, memoryview], None]) -> bool: ...
 
     def unwatch_bundle(self, digest: str) -> None: ...
 
@@ -67,7 +67,7 @@ class ChunkLink(Protocol):
 class _File:
     """One file being fetched: its data file, its bitmap, what arrived."""
 
-    def __init__(self, target: Path, chunk_size: int, saver: ThreadPoolExecutor) -> None:
+    def __init__(self, path: str, target: Path, chunk_size: int, saver: ThreadPoolExecutor) -> None:
         self.chunk_size, self.saver = chunk_size, saver
         self.bitmap_path = bitmap_path(target)
         self.count: int | None = None
@@ -79,6 +79,7 @@ class _File:
         target.parent.mkdir(parents=True, exist_ok=True)
         if (saved := _saved_bitmap(target)) is not None:
             self.count, self.have = len(saved), bytearray(saved)
+            log.info("resuming %s: %d of %d chunks on disk", path, sum(saved), len(saved))
         self.fd: int | None = os.open(target, os.O_RDWR | os.O_CREAT, 0o644)
 
     def missing(self) -> list[int] | None:
@@ -157,7 +158,8 @@ class MqttFetcher:
 
     @contextmanager
     def watching(self, digest: str) -> Iterator[None]:
-        self.link.watch_bundle(digest, self._dispatch)
+        if not self.link.watch_bundle(digest, self._dispatch):
+            log.warning("the broker has not confirmed the subscription to %s's chunks yet", digest[:12])
         try:
             yield
         finally:
@@ -172,7 +174,9 @@ class MqttFetcher:
         not one per file); their sha256 is the caller's to check."""
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="slmops-checkpoint") as saver:
             self._fetch(
-                digest, {path: _File(target, self.chunk_size, saver) for path, target in targets.items()}, progress
+                digest,
+                {path: _File(path, target, self.chunk_size, saver) for path, target in targets.items()},
+                progress,
             )
 
     def _fetch(self, digest: str, files: dict[str, _File], progress: Callable[[int], None] | None) -> None:
@@ -190,17 +194,12 @@ class MqttFetcher:
 
         self._current = on_chunk
         try:
-            for _round in range(MAX_ROUNDS):
+            for _ in range(MAX_ROUNDS):
                 if not (waiting := incomplete()):
                     break
                 for path, file in waiting.items():
-                    missing = file.missing()
-                    if _round == 0 and missing is not None:
-                        log.info(
-                            "resuming %s: %d of %d chunks on disk", path, len(file.have) - len(missing), len(file.have)
-                        )
                     request = ChunkRequest(
-                        device_id=self.link.device_id, path=path, chunk_size=self.chunk_size, chunks=missing
+                        device_id=self.link.device_id, path=path, chunk_size=self.chunk_size, chunks=file.missing()
                     )
                     self.link.request_chunks(digest, request)
                 while True:

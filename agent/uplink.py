@@ -67,6 +67,7 @@ class Uplink:
         self._announced: Serving | None = None
         self._bundles: dict[str, Callable[[ChunkHeader, memoryview], None]] = {}
         self._subacks: dict[int, threading.Event] = {}
+        self._subacks_lock = threading.Lock()
         ca_file = str(config.broker_ca_file) if config.broker_ca_file else None
         self.client = new_client(self.address, f"slmops-agent-{self.device_id}", config.broker_protocol, ca_file)
         offline = DeviceState(online=False, agent_version=__version__).payload()
@@ -114,16 +115,18 @@ class Uplink:
 
     # --- bundle transfer (agent/transfer.py's ChunkLink) ----------------------------------
 
-    def watch_bundle(self, digest: str, on_chunk: Callable[[ChunkHeader, memoryview], None]) -> None:
-        """Receive a bundle's chunks; returns once the broker confirmed the subscription."""
+    def watch_bundle(self, digest: str, on_chunk: Callable[[ChunkHeader, memoryview], None]) -> bool:
+        """Receive a bundle's chunks; True once the broker confirmed the subscription, False when it
+        did not within the transfer timeout (a reconnect subscribes again; requests are repeated)."""
         self._bundles[digest] = on_chunk
         if not self.connected.wait(self.config.transfer_timeout_s):
-            return  # the reconnect subscribes it; requests are sent again after the timeout
+            return False
         confirmed = threading.Event()
-        result, mid = self.client.subscribe(bundle_topic(digest, "chunk"), qos=1)
-        if result == mqtt.MQTT_ERR_SUCCESS and mid is not None:
-            self._subacks[mid] = confirmed
-            confirmed.wait(self.config.transfer_timeout_s)
+        with self._subacks_lock:  # the SUBACK can arrive before subscribe() returns the mid it answers
+            result, mid = self.client.subscribe(bundle_topic(digest, "chunk"), qos=1)
+            if result == mqtt.MQTT_ERR_SUCCESS and mid is not None:
+                self._subacks[mid] = confirmed
+        return result == mqtt.MQTT_ERR_SUCCESS and confirmed.wait(self.config.transfer_timeout_s)
 
     def unwatch_bundle(self, digest: str) -> None:
         self._bundles.pop(digest, None)
@@ -133,7 +136,9 @@ class Uplink:
         self.client.publish(bundle_topic(digest, "request"), request.payload(), qos=1)
 
     def _on_subscribe(self, _c: mqtt.Client, _u: object, mid: int, *_: object) -> None:
-        if (confirmed := self._subacks.pop(mid, None)) is not None:
+        with self._subacks_lock:
+            confirmed = self._subacks.pop(mid, None)
+        if confirmed is not None:
             confirmed.set()
 
     def publish_reported(self, reported: Reported) -> None:

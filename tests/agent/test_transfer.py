@@ -28,8 +28,9 @@ class FileLink:
         self.refused: list[str] = []
         self.on_chunk = None
 
-    def watch_bundle(self, digest, on_chunk) -> None:
+    def watch_bundle(self, digest, on_chunk) -> bool:
         self.on_chunk = on_chunk
+        return True
 
     def unwatch_bundle(self, digest) -> None:
         self.on_chunk = None

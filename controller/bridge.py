@@ -2,6 +2,8 @@
 
     broker ─► slmops/v1/devices/+/birth ─► parse (validated) ─► fleet.record_birth
            ─► slmops/v1/devices/+/state ─► parse (validated) ─► fleet.record_state
+                                         offline (a will or a goodbye) ─► its chunks are not sent
+           ─► slmops/v1/bundles/+/request ─► chunks.py: the chunks asked for, on bundles/+/chunk
            ─► slmops/v1/devices/+/telemetry ─► fleet.record_telemetry (dedup on device+seq)
                                             ─► devices/{id}/telemetry_ack {up_to_seq} once stored
     anything malformed: logged with the device it came from, counted, dropped; never fatal
@@ -10,7 +12,6 @@ paho runs the network loop in its thread and reconnects with backoff (1 s up to 
 subscriptions are made again on every connect.
 """
 
-import hashlib
 import logging
 import threading
 import uuid
@@ -22,7 +23,6 @@ from slmops.broker import BrokerAddress, new_client
 from slmops.messages import (
     PREFIX,
     Birth,
-    ChunkHeader,
     ChunkRequest,
     Command,
     CommandName,
@@ -33,13 +33,12 @@ from slmops.messages import (
     Reported,
     TelemetryAck,
     TelemetryBatch,
-    bundle_topic,
-    chunk_payload,
     device_topic,
     parse,
     parse_topic,
 )
 
+from .chunks import ChunkServer
 from .fleet import Fleet
 from .store import BundleStore
 
@@ -49,8 +48,6 @@ KEEPALIVE_S = 30
 INBOUND = ("birth", "state", "telemetry", "reported", "cmd_reply")
 """What devices send; the controller subscribes to these only."""
 SUBSCRIPTIONS = [(f"{PREFIX}/devices/+/{kind}", 1) for kind in INBOUND] + [(f"{PREFIX}/bundles/+/request", 1)]
-IN_FLIGHT_CHUNKS = 32
-"""Chunk publishes awaiting the broker's ack before the next: memory stays flat for any bundle size."""
 
 
 class MqttBridge:
@@ -69,86 +66,31 @@ class MqttBridge:
         self.dropped = 0
         self._replies: dict[str, tuple[threading.Event, list[CommandReply]]] = {}
         self._replies_lock = threading.Lock()
-        self.store = store
-        self.chunks_sent = 0
-        # (digest, path, chunk size, index) → queued once however many devices asked: one
-        # publish on the bundle's chunk topic serves every device fetching it.
-        self._chunks: dict[tuple[str, str, int, int], None] = {}
-        self._chunks_ready = threading.Condition()
-        self._sender = threading.Thread(target=self._send_chunks, name="slmops-chunks", daemon=True)
-        self._running = True
         self.client = new_client(self.address, client_id, protocol, ca_file)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_subscribe = self._on_subscribe
         self.client.on_message = self._on_message
+        self.chunks = None if store is None else ChunkServer(store, self._publish_chunk)
 
     def start(self) -> None:
         self.client.connect_async(self.address.host, self.address.port, keepalive=KEEPALIVE_S)
         self.client.loop_start()
-        self._sender.start()
+        if self.chunks is not None:
+            self.chunks.start()
 
     def stop(self) -> None:
-        with self._chunks_ready:
-            self._running = False
-            self._chunks_ready.notify()
+        if self.chunks is not None:
+            self.chunks.stop()
         self.client.disconnect()
         self.client.loop_stop()
-        self._sender.join(timeout=10)
 
-    # --- bundle transfer -----------------------------------------------------------------
+    @property
+    def chunks_sent(self) -> int:
+        return 0 if self.chunks is None else self.chunks.sent
 
-    def _queue_chunks(self, digest: str, request: ChunkRequest) -> None:
-        if self.store is None:
-            raise MessageInvalid("this controller serves no bundle files over MQTT")
-        root = self.store.path(digest).resolve()
-        target = (root / request.path).resolve()
-        if not digest.isalnum() or not target.is_relative_to(root) or not target.is_file():
-            raise MessageInvalid(f"no file {request.path!r} in stored bundle {digest[:12]}")
-        count = max(1, -(-target.stat().st_size // request.chunk_size))
-        indices = range(count) if request.chunks is None else [i for i in request.chunks if 0 <= i < count]
-        with self._chunks_ready:
-            for index in indices:
-                self._chunks[(digest, request.path, request.chunk_size, index)] = None
-            self._chunks_ready.notify()
-
-    def _send_chunks(self) -> None:
-        in_flight: list[mqtt.MQTTMessageInfo] = []
-        while True:
-            with self._chunks_ready:
-                while self._running and not self._chunks:
-                    self._chunks_ready.wait()
-                if not self._running:
-                    return
-                key = next(iter(self._chunks))
-                del self._chunks[key]
-            digest, path, chunk_size, index = key
-            try:
-                payload = self._chunk(digest, path, chunk_size, index)
-            except OSError as e:  # deleted meanwhile: the device will ask again and be told
-                log.warning("cannot read chunk %d of %s in %s: %s", index, path, digest[:12], e)
-                continue
-            in_flight.append(self.client.publish(bundle_topic(digest, "chunk"), payload, qos=1))
-            self.chunks_sent += 1
-            if len(in_flight) >= IN_FLIGHT_CHUNKS:
-                in_flight.pop(0).wait_for_publish(timeout=30)
-
-    def _chunk(self, digest: str, path: str, chunk_size: int, index: int) -> bytes:
-        assert self.store is not None
-        target = self.store.path(digest) / path
-        size = target.stat().st_size
-        with target.open("rb") as f:
-            f.seek(index * chunk_size)
-            data = f.read(chunk_size)
-        header = ChunkHeader(
-            path=path,
-            index=index,
-            count=max(1, -(-size // chunk_size)),
-            chunk_size=chunk_size,
-            file_size=size,
-            sha256=hashlib.sha256(data).hexdigest(),
-        )
-        return chunk_payload(header, data)
+    def _publish_chunk(self, topic: str, payload: bytes) -> mqtt.MQTTMessageInfo:
+        return self.client.publish(topic, payload, qos=1)
 
     def command(self, device_id: str, name: CommandName, timeout_s: float) -> CommandReply:
         """Send a command and wait for the reply with the same correlation id (TimeoutError without one)."""
@@ -195,7 +137,9 @@ class MqttBridge:
             if message.topic.startswith(f"{PREFIX}/bundles/"):
                 request = parse(ChunkRequest, message.payload, message.topic)
                 sender = f"device {request.device_id}"
-                self._queue_chunks(message.topic.split("/")[3], request)
+                if self.chunks is None:
+                    raise MessageInvalid("this controller serves no bundle files over MQTT")
+                self.chunks.request(message.topic.split("/")[3], request)
                 return
             device_id, kind = parse_topic(message.topic)
             sender = f"device {device_id}"
@@ -204,7 +148,10 @@ class MqttBridge:
             if kind == "birth":
                 self.fleet.record_birth(device_id, parse(Birth, message.payload, message.topic))
             elif kind == "state":
-                self.fleet.record_state(device_id, parse(DeviceState, message.payload, message.topic))
+                state = parse(DeviceState, message.payload, message.topic)
+                self.fleet.record_state(device_id, state)
+                if not state.online and self.chunks is not None:
+                    self.chunks.forget(device_id)
             elif kind == "reported":
                 self.fleet.record_reported(device_id, parse(Reported, message.payload, message.topic))
             elif kind == "cmd_reply":

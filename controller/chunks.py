@@ -1,0 +1,168 @@
+"""Serving stored bundle files as chunks over MQTT: one publish reaches every device fetching them.
+
+bundles/{digest}/request ─► ChunkServer.request: the path must name a file of the stored bundle;
+    then, per file and chunk size: chunk index → the devices waiting for it (a chunk several
+    devices wait for is queued once)
+sender thread: one chunk of each file with chunks waiting, in turn (a manifest asked for now
+    is not stuck behind the 300 chunks of a model file) ─► read at its offset ─► sha256 (kept
+    while the file stays open: a chunk sent again for a device that came late is not hashed
+    again) ─► one publish on bundles/{digest}/chunk, QoS 1, at most 32 awaiting the broker's
+    ack (memory stays flat for any bundle size)
+a device gone offline: the chunks only it was waiting for are not sent
+"""
+
+import hashlib
+import logging
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import paho.mqtt.client as mqtt
+
+from slmops.messages import ChunkHeader, ChunkRequest, MessageInvalid, bundle_topic, chunk_payload
+
+from .store import BundleStore
+
+log = logging.getLogger(__name__)
+
+IN_FLIGHT_CHUNKS = 32
+"""Chunk publishes awaiting the broker's ack before the next: memory stays flat for any bundle size."""
+OPEN_FILES = 32
+"""Files kept open, with their chunks' sha256, after their last chunk went out."""
+
+FileKey = tuple[str, str, int]
+"""digest, bundle-relative path, chunk size"""
+
+
+@dataclass
+class _ServedFile:
+    """A stored file served in one chunk size."""
+
+    path: str
+    fd: int
+    size: int
+    chunk_size: int
+    sums: list[str | None]
+    waiting: dict[int, set[str]] = field(default_factory=dict)
+    """chunk index → devices waiting for it; in order, so a chunk asked for again goes to the back"""
+
+    @property
+    def count(self) -> int:
+        return len(self.sums)
+
+    def payload(self, index: int) -> bytes:
+        data = os.pread(self.fd, self.chunk_size, index * self.chunk_size)
+        if (sha256 := self.sums[index]) is None:
+            sha256 = self.sums[index] = hashlib.sha256(data).hexdigest()
+        header = ChunkHeader(
+            path=self.path,
+            index=index,
+            count=self.count,
+            chunk_size=self.chunk_size,
+            file_size=self.size,
+            sha256=sha256,
+        )
+        return chunk_payload(header, data)
+
+
+class ChunkServer:
+    def __init__(self, store: BundleStore, publish: Callable[[str, bytes], mqtt.MQTTMessageInfo]) -> None:
+        self.store, self.publish = store, publish
+        self.sent = 0
+        self._files: OrderedDict[FileKey, _ServedFile] = OrderedDict()  # open, least recently asked first
+        self._turns: OrderedDict[FileKey, None] = OrderedDict()  # files with chunks waiting, whose turn first
+        self._reading: FileKey | None = None  # the sender's file, never closed under it
+        self._ready = threading.Condition()
+        self._running = True
+        self._sender = threading.Thread(target=self._send_loop, name="slmops-chunks", daemon=True)
+
+    def start(self) -> None:
+        self._sender.start()
+
+    def stop(self) -> None:
+        with self._ready:
+            self._running = False
+            self._ready.notify()
+        self._sender.join(timeout=10)
+        with self._ready:
+            for served in self._files.values():
+                os.close(served.fd)
+            self._files.clear()
+
+    def request(self, digest: str, request: ChunkRequest) -> None:
+        """Queue the chunks a device asked for; MessageInvalid when the file is not in the store."""
+        key = (digest, request.path, request.chunk_size)
+        with self._ready:
+            served = self._open(key)
+            indices = range(served.count) if request.chunks is None else request.chunks
+            for index in indices:
+                if 0 <= index < served.count:
+                    served.waiting.setdefault(index, set()).add(request.device_id)
+            if served.waiting:
+                self._turns[key] = None
+                self._ready.notify()
+
+    def forget(self, device_id: str) -> None:
+        """The device went away: what only it was waiting for is not sent."""
+        with self._ready:
+            for key in list(self._turns):
+                waiting = self._files[key].waiting
+                for index, devices in list(waiting.items()):
+                    devices.discard(device_id)
+                    if not devices:
+                        del waiting[index]
+                if not waiting:
+                    del self._turns[key]
+
+    def _open(self, key: FileKey) -> _ServedFile:
+        if (served := self._files.get(key)) is not None:
+            self._files.move_to_end(key)
+            return served
+        digest, path, chunk_size = key
+        root = self.store.path(digest).resolve()
+        target = (root / path).resolve()
+        if not digest.isalnum() or not target.is_relative_to(root) or not target.is_file():
+            raise MessageInvalid(f"no file {path!r} in stored bundle {digest[:12]}")
+        fd = os.open(target, os.O_RDONLY)
+        size = os.fstat(fd).st_size
+        served = self._files[key] = _ServedFile(path, fd, size, chunk_size, [None] * max(1, -(-size // chunk_size)))
+        idle = [k for k in self._files if k not in self._turns and k not in (key, self._reading)]
+        for old in idle[: max(0, len(self._files) - OPEN_FILES)]:
+            os.close(self._files.pop(old).fd)
+        return served
+
+    def _next(self) -> tuple[str, _ServedFile, int] | None:
+        """The next chunk to send, the files taking turns; None once stopped."""
+        with self._ready:
+            while self._running and not self._turns:
+                self._ready.wait()
+            if not self._running:
+                return None
+            key = self._reading = next(iter(self._turns))
+            served = self._files[key]
+            index = next(iter(served.waiting))
+            del served.waiting[index]
+            if served.waiting:
+                self._turns.move_to_end(key)
+            else:
+                del self._turns[key]
+            return key[0], served, index
+
+    def _send_loop(self) -> None:
+        in_flight: list[mqtt.MQTTMessageInfo] = []
+        while (chunk := self._next()) is not None:
+            digest, served, index = chunk
+            try:
+                payload = served.payload(index)
+            except OSError as e:  # the disk failed under it: the device will ask again
+                log.warning("cannot read chunk %d of %s in %s: %s", index, served.path, digest[:12], e)
+                continue
+            finally:
+                with self._ready:
+                    self._reading = None
+            in_flight.append(self.publish(bundle_topic(digest, "chunk"), payload))
+            self.sent += 1
+            if len(in_flight) >= IN_FLIGHT_CHUNKS:
+                in_flight.pop(0).wait_for_publish(timeout=30)

@@ -1,0 +1,123 @@
+"""The controller's chunk server: which chunks go out, in which order, for whom.
+
+The publish seam records what would go to the broker; the e2e tests run it against Mosquitto.
+"""
+
+import hashlib
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from slmops.controller.chunks import ChunkServer
+from slmops.controller.store import BundleStore
+from slmops.messages import ChunkRequest, MessageInvalid, bundle_topic, parse_chunk
+
+DIGEST = "ab" * 32
+CHUNK = 16 << 10
+
+
+class Published:
+    def wait_for_publish(self, timeout: float | None = None) -> None:
+        pass
+
+
+class Broker:
+    """Records each chunk published; holds the first one until `release()` so that requests made
+    meanwhile queue up behind it, as they do while a real publish is under way."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, int]] = []
+        self.publishing, self.released, self.changed = threading.Event(), threading.Event(), threading.Condition()
+
+    def publish(self, topic: str, payload: bytes) -> Published:
+        assert topic == bundle_topic(DIGEST, "chunk")
+        self.publishing.set()
+        self.released.wait(10)
+        header, data = parse_chunk(payload, topic)
+        assert hashlib.sha256(data).hexdigest() == header.sha256
+        with self.changed:
+            self.sent.append((header.path, header.index))
+            self.changed.notify_all()
+        return Published()
+
+    def first_under_way(self) -> None:
+        assert self.publishing.wait(10), "nothing was published"
+
+    def release(self) -> None:
+        self.released.set()
+
+    def wait_for(self, count: int) -> list[tuple[str, int]]:
+        with self.changed:
+            assert self.changed.wait_for(lambda: len(self.sent) >= count, 10), self.sent
+        return self.sent
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> BundleStore:
+    store = BundleStore(tmp_path / "store")
+    (store.path(DIGEST) / "variants").mkdir(parents=True)
+    (store.path(DIGEST) / "manifest.json").write_bytes(b"{}")
+    (store.path(DIGEST) / "variants" / "model.bin").write_bytes(os.urandom(6 * CHUNK))
+    return store
+
+
+@pytest.fixture
+def served(store: BundleStore):
+    broker = Broker()
+    server = ChunkServer(store, broker.publish)
+    server.start()
+    yield server, broker
+    broker.release()
+    server.stop()
+
+
+def ask(device: str, path: str, chunks: list[int] | None = None) -> ChunkRequest:
+    return ChunkRequest(device_id=device, path=path, chunk_size=CHUNK, chunks=chunks)
+
+
+def test_files_take_turns_so_a_small_file_is_not_stuck_behind_a_big_one(served) -> None:
+    server, broker = served
+    server.request(DIGEST, ask("edge-1", "variants/model.bin"))
+    broker.first_under_way()
+    server.request(DIGEST, ask("edge-2", "manifest.json"))
+    broker.release()
+    sent = broker.wait_for(7)
+    assert sent.index(("manifest.json", 0)) <= 2, sent
+    assert sorted(sent) == [("manifest.json", 0)] + [("variants/model.bin", i) for i in range(6)]
+
+
+def test_a_chunk_many_devices_wait_for_goes_out_once_and_a_late_device_gets_the_rest_after(served) -> None:
+    server, broker = served
+    server.request(DIGEST, ask("edge-1", "variants/model.bin"))
+    broker.first_under_way()  # chunk 0
+    for device in ("edge-2", "edge-3"):
+        server.request(DIGEST, ask(device, "variants/model.bin"))
+    broker.release()
+    sent = broker.wait_for(7)
+    assert sent == [("variants/model.bin", i) for i in [0, 1, 2, 3, 4, 5, 0]]  # 0 again, for the late two
+    assert server.sent == 7
+
+
+def test_what_only_a_device_gone_offline_waited_for_is_not_sent(served) -> None:
+    server, broker = served
+    server.request(DIGEST, ask("edge-1", "variants/model.bin"))
+    broker.first_under_way()  # chunk 0
+    server.request(DIGEST, ask("edge-2", "variants/model.bin", [4]))
+    server.forget("edge-1")
+    broker.release()
+    assert broker.wait_for(2) == [("variants/model.bin", 0), ("variants/model.bin", 4)]
+    server.request(DIGEST, ask("edge-2", "manifest.json"))  # still serving afterwards
+    assert broker.wait_for(3)[2] == ("manifest.json", 0)
+
+
+@pytest.mark.parametrize("path", ["../../admin.token", "variants", "nothing.json", "/etc/passwd"])
+def test_only_files_of_the_stored_bundle_are_served(served, path: str) -> None:
+    server, broker = served
+    with pytest.raises(MessageInvalid, match="no file"):
+        server.request(DIGEST, ask("edge-1", path))
+    with pytest.raises(MessageInvalid, match="no file"):
+        server.request("../" + DIGEST, ask("edge-1", "manifest.json"))
+    broker.release()
+    assert server.sent == 0

@@ -278,9 +278,10 @@ def main() -> None:
 
             wait_for(online, f"{device} did not join", 120)
 
-        def desire(device: str) -> None:
-            body = {"bundle": manifest.name, "version": manifest.version}
-            httpx.put(f"{url}/v1/devices/{device}/desired", json=body, headers=headers, timeout=10).raise_for_status()
+        def desire(devices: list[str]) -> None:
+            """One call for all of them (`slmops fleet desire`), as an operator rolls a bundle out."""
+            body = {"bundle": manifest.name, "version": manifest.version, "devices": devices}
+            httpx.put(f"{url}/v1/desired", json=body, headers=headers, timeout=10).raise_for_status()
 
         def stop(proc: subprocess.Popen) -> None:
             proc.send_signal(signal.SIGTERM)
@@ -293,8 +294,7 @@ def main() -> None:
                 joined(device)
             peak_rss = 0
             started = time.perf_counter()
-            for device in agents:
-                desire(device)
+            desire(list(agents))
             while not all(reports.fetched(d) for d in agents):
                 if reports.reasons:
                     raise RuntimeError(f"failed: {reports.reasons}")
@@ -321,7 +321,7 @@ def main() -> None:
             device = "bench-resume"
             proc = start_agent(device)
             joined(device)
-            desire(device)
+            desire([device])
             reports.wait(lambda: reports.percent.get(device, 0) >= at_percent, "the download did not get under way")
             proc.kill()  # SIGKILL: no goodbye, no last checkpoint
             proc.wait()

@@ -27,6 +27,8 @@ from .protocol import (
     DesiredRequest,
     DeviceLabels,
     DeviceSummary,
+    FleetDesired,
+    FleetDesiredRequest,
     TelemetryEntry,
     error_body,
 )
@@ -142,10 +144,26 @@ def create_app(
     ) -> dict[str, Any]:
         """What the device should run; sent to it (retained) at once or when it next connects."""
         bundle = await run_in_threadpool(registry.bundle, body.bundle, body.version)
-        desired = await run_in_threadpool(fleet.set_desired, device_id, bundle, who)
+        desired = await run_in_threadpool(fleet.set_desired, [device_id], bundle, who)
         if bridge is not None:
             bridge.publish_desired(device_id, desired)
         return desired.model_dump(mode="json", exclude={"schema_version", "sent_at"})
+
+    @app.put("/v1/desired", status_code=202)
+    async def set_fleet_desired(body: FleetDesiredRequest, who: Annotated[Actor, Depends(admin)]) -> FleetDesired:
+        """One bundle for many devices (by id, or a group) at once: all set, or none when one is
+        unknown; every device gets it within the same moment, so their fetches share one set of chunks."""
+        bundle = await run_in_threadpool(registry.bundle, body.bundle, body.version)
+        if body.devices is not None:
+            devices = sorted(set(body.devices))
+        else:
+            assert body.group is not None  # the model takes exactly one of the two
+            devices = await run_in_threadpool(fleet.group, body.group)
+        desired = await run_in_threadpool(fleet.set_desired, devices, bundle, who)
+        if bridge is not None:
+            for device_id in devices:
+                bridge.publish_desired(device_id, desired)
+        return FleetDesired(bundle=desired.bundle, version=desired.version, digest=desired.digest, devices=devices)
 
     @app.post("/v1/devices/{device_id}/commands")
     async def command(device_id: str, body: CommandRequest, who: Annotated[Actor, Depends(admin)]) -> dict[str, Any]:

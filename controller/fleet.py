@@ -5,6 +5,7 @@ updated by every state message (online or not, what it serves); `last_seen` move
 each. Tags and groups are the operator's, changed through the API and audited.
 """
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -52,16 +53,26 @@ class Fleet:
             device.last_seen = datetime.now(UTC)
             session.add(device)
 
-    def set_desired(self, device_id: str, bundle: BundleRow, actor: Actor) -> DesiredState:
+    def set_desired(self, device_ids: Sequence[str], bundle: BundleRow, actor: Actor) -> DesiredState:
+        """The same desired state for every device named, in one transaction: all of them or, when
+        one is unknown, none (NotFound)."""
         desired = DesiredState(bundle=bundle.name, version=bundle.version, digest=bundle.digest)
         with Session(self.engine) as session, session.begin():
-            device = session.get(DeviceRow, device_id)
-            if device is None:
-                raise NotFound(f"no device {device_id!r} has reported to this controller")
-            device.desired = desired.model_dump(mode="json", exclude={"schema_version", "sent_at"})
-            device.reported = None
-            audit.record(session, actor, "device.desired", device_id, device.desired, bundle.id)
+            for device_id in device_ids:
+                device = session.get(DeviceRow, device_id)
+                if device is None:
+                    raise NotFound(f"no device {device_id!r} has reported to this controller")
+                device.desired = desired.model_dump(mode="json", exclude={"schema_version", "sent_at"})
+                device.reported = None
+                audit.record(session, actor, "device.desired", device_id, device.desired, bundle.id)
         return desired
+
+    def group(self, name: str) -> list[str]:
+        """The ids of the devices in a group (NotFound when none is)."""
+        members = [device.id for device in self.devices() if name in device.groups]
+        if not members:
+            raise NotFound(f"no device is in group {name!r}")
+        return members
 
     def record_command(self, device_id: str, command: str, actor: Actor) -> None:
         with Session(self.engine) as session, session.begin():

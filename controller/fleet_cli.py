@@ -9,7 +9,7 @@ import typer
 from slmops.terminal import console, fail
 
 app = typer.Typer(
-    help="Fleet operations against a running controller (its REST API): devices and their labels.",
+    help="Fleet operations against a running controller (its REST API): devices, their labels, desired state.",
     no_args_is_help=True,
 )
 
@@ -90,3 +90,25 @@ def label_cmd(
         fail("nothing to change: give --tag and/or --group", code=2)
     device = call("PATCH", f"{controller.rstrip('/')}/v1/devices/{device_id}", token, json=body)
     console.print(f"[green]✓[/] {device['id']}: tags {device['tags']}, groups {device['groups']}")
+
+
+@app.command("desire")
+def desire_cmd(
+    bundle: Annotated[str, typer.Argument(help="Bundle name, as pushed.")],
+    version: Annotated[str, typer.Argument(help="Bundle version.")],
+    device: Annotated[list[str] | None, typer.Option("--device", help="Device id. Repeat.")] = None,
+    group: Annotated[str | None, typer.Option("--group", help="Every device in this group.")] = None,
+    controller: ControllerUrl = "http://127.0.0.1:8700",
+    token: Token = None,
+) -> None:
+    """Set the bundle these devices should run, all at once (an unknown device changes none).
+    Needs an admin token; `slmops fleet devices` then shows them fetch and switch."""
+    if (device is None) == (group is None):
+        fail("give --device (repeatable) or --group", code=2)
+    body: dict[str, Any] = {"bundle": bundle, "version": version}
+    body.update({"devices": device} if device is not None else {"group": group})
+    desired = call("PUT", f"{controller.rstrip('/')}/v1/desired", token, json=body)
+    console.print(
+        f"[green]✓[/] {desired['bundle']} {desired['version']} ({desired['digest'][:12]}) desired on "
+        f"{len(desired['devices'])} device(s): {', '.join(desired['devices'])}"
+    )

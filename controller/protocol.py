@@ -3,7 +3,7 @@
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from slmops.messages import CommandName
 
@@ -98,6 +98,26 @@ class DesiredRequest(BaseModel):
 
     bundle: str
     version: str
+
+
+class FleetDesiredRequest(DesiredRequest):
+    """One bundle for many devices at once: listed by id, or a group (exactly one of the two)."""
+
+    devices: list[str] | None = Field(default=None, min_length=1, max_length=100_000)
+    group: str | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_selector(self) -> "FleetDesiredRequest":
+        if (self.devices is None) == (self.group is None):
+            raise ValueError("give either devices or group")
+        return self
+
+
+class FleetDesired(BaseModel):
+    bundle: str
+    version: str
+    digest: str
+    devices: list[str]
 
 
 class CommandRequest(BaseModel):

@@ -41,6 +41,7 @@ COMMANDS = [
     ["fleet"],
     ["fleet", "devices"],
     ["fleet", "label"],
+    ["fleet", "desire"],
 ]
 
 

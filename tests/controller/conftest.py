@@ -30,6 +30,14 @@ def controller_config(database_url: str, tmp_path: Path, signing_key):
     )
 
 
+@pytest.fixture(scope="session")
+def archive(session_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    """The tiny bundle as a pushable archive."""
+    from slmops.bundle import Bundle, write_archive
+
+    return write_archive(Bundle.open(session_bundle), tmp_path_factory.mktemp("archive") / "tiny.tar").read_bytes()
+
+
 @pytest.fixture
 def client(controller_config):
     from fastapi.testclient import TestClient

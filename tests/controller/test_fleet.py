@@ -230,3 +230,46 @@ def test_a_taken_port_is_a_clear_start_up_error(controller_config) -> None:
 
         with pytest.raises(BrokerStartError, match="set embedded_broker_bind"), TestClient(build_app(config)):
             pass
+
+
+def test_one_bundle_desired_for_many_devices_at_once_by_id_or_group(
+    fleet_client, publisher, mosquitto: int, archive: bytes
+) -> None:
+    for device_id in ("edge-5", "edge-6", "edge-7"):
+        publisher.publish(
+            device_topic(device_id, "birth"), Birth(agent_version="0.1", profile=PROFILE).payload(), qos=1
+        )
+    wait_for(lambda: all(device(fleet_client, d) for d in ("edge-5", "edge-6", "edge-7")), "no devices")
+    fleet_client.patch("/v1/devices/edge-6", json={"groups": ["line-b"]}, headers=ADMIN).raise_for_status()
+    fleet_client.patch("/v1/devices/edge-7", json={"groups": ["line-b", "canary"]}, headers=ADMIN).raise_for_status()
+    pushed = fleet_client.post("/v1/bundles", content=archive, headers=ADMIN).json()
+    received: dict[str, bytes] = {}
+    watcher = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="test-watcher")
+    watcher.on_message = lambda _c, _u, m: received.__setitem__(m.topic.split("/")[3], m.payload)
+    watcher.connect("127.0.0.1", mosquitto)
+    watcher.loop_start()
+    watcher.subscribe(device_topic("+", "desired"), qos=1)
+    try:
+        body = {"bundle": pushed["name"], "version": pushed["version"]}
+        assert fleet_client.put("/v1/desired", json={**body, "group": "line-b"}, headers=READER).status_code == 403
+        unknown = fleet_client.put("/v1/desired", json={**body, "devices": ["edge-5", "nobody"]}, headers=ADMIN)
+        assert unknown.status_code == 404 and "nobody" in unknown.json()["error"]["message"]
+        assert device(fleet_client, "edge-5")["desired"] is None  # all or none
+        for selector in ({}, {"devices": ["edge-5"], "group": "line-b"}, {"devices": []}):
+            assert fleet_client.put("/v1/desired", json={**body, **selector}, headers=ADMIN).status_code == 400
+        assert fleet_client.put("/v1/desired", json={**body, "group": "nobody"}, headers=ADMIN).status_code == 404
+
+        by_group = fleet_client.put("/v1/desired", json={**body, "group": "line-b"}, headers=ADMIN)
+        assert by_group.status_code == 202 and by_group.json()["devices"] == ["edge-6", "edge-7"]
+        wait_for(lambda: set(received) == {"edge-6", "edge-7"}, "the group's devices were not sent the desired state")
+        assert all(json.loads(p)["digest"] == pushed["digest"] for p in received.values())
+        by_id = fleet_client.put("/v1/desired", json={**body, "devices": ["edge-5", "edge-5"]}, headers=ADMIN)
+        assert by_id.json()["devices"] == ["edge-5"]
+        wait_for(lambda: "edge-5" in received, "edge-5 was not sent the desired state")
+    finally:
+        watcher.disconnect()
+        watcher.loop_stop()
+    audited = [
+        e["target"] for e in fleet_client.get("/v1/audit", headers=ADMIN).json() if e["action"] == "device.desired"
+    ]
+    assert sorted(audited) == ["edge-5", "edge-6", "edge-7"]

@@ -11,11 +11,6 @@ ADMIN = {"Authorization": "Bearer admin-token-0123456789"}
 READER = {"Authorization": "Bearer reader-token-0123456789"}
 
 
-@pytest.fixture(scope="session")
-def archive(session_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> bytes:
-    return write_archive(Bundle.open(session_bundle), tmp_path_factory.mktemp("archive") / "tiny.tar").read_bytes()
-
-
 def stored(config) -> list[str]:
     return sorted(p.name for p in (config.store_dir / "bundles").iterdir())
 

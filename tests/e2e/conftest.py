@@ -144,7 +144,7 @@ class Controller:
     """REST calls to the controller under test, with its admin token."""
 
     def __init__(self, url: str, token: str) -> None:
-        self.url, self.headers = url, {"Authorization": f"Bearer {token}"}
+        self.url, self.token, self.headers = url, token, {"Authorization": f"Bearer {token}"}
 
     def get(self, path: str) -> httpx.Response:
         return httpx.get(f"{self.url}{path}", headers=self.headers, timeout=10)
@@ -161,6 +161,15 @@ class Controller:
         body = {"bundle": "tiny", "version": version}
         response = httpx.put(f"{self.url}/v1/devices/{device_id}/desired", json=body, headers=self.headers, timeout=10)
         assert response.status_code == 202, response.text
+
+    def desire_at_once(self, device_ids: list[str], version: str) -> None:
+        """`slmops fleet desire`: one call sets it for all of them, as an operator rolls a bundle out."""
+        devices = [arg for device_id in device_ids for arg in ("--device", device_id)]
+        env = {**os.environ, "SLMOPS_CONTROLLER_URL": self.url, "SLMOPS_TOKEN": self.token}
+        done = subprocess.run(
+            [*SLMOPS, "fleet", "desire", "tiny", version, *devices], env=env, capture_output=True, text=True
+        )
+        assert done.returncode == 0 and f"desired on {len(device_ids)} device(s)" in done.stdout, done
 
     def reported(self, device_id: str, status: str, version: str) -> dict:
         """The device's last report if it has this status for this version, else {}."""

@@ -148,8 +148,7 @@ def test_three_agents_fetch_the_same_bundle_at_once(fleet, two_versions, agent_p
     agents = [agent_process(d, broker_url, smoke_min_speed_fraction="0") for d in devices]
     for device in devices:
         eventually(lambda d=device: controller.device(d).get("online"), f"{device} did not join")
-    for device in devices:  # all at once: their chunks share the bundle's topic
-        controller.desire(device, "1.0.0")
+    controller.desire_at_once(devices, "1.0.0")  # their chunks share the bundle's topic
     for device in devices:
         eventually(lambda d=device: controller.reported(d, "healthy", "1.0.0"), f"{device} never became healthy", 90)
     assert [a.chat_model() for a in agents] == ["tiny:1.0.0"] * 3

@@ -2,7 +2,6 @@
 
 from pathlib import Path
 
-import pytest
 from sqlalchemy import inspect
 
 from slmops.bundle import Bundle, write_archive

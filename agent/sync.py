@@ -4,8 +4,9 @@
       ─► already active? report healthy
       ─► manifest + signature from the controller's store ─► signature trusted? digest matches?
       ─► rank variants for this device (choice.py) ─► disk space for the files still missing?
-      ─► download each file into slots/<digest>.partial/ (HTTP Range: a restart resumes,
-         complete files are not fetched again) ─► sha256 of every file           report downloading %
+      ─► download each file into slots/<digest>.partial/ (chunks over MQTT or HTTP Range: a
+         restart resumes, complete files are not fetched again), each checked against the
+         manifest's sha256 (over MQTT while it lands: no second pass)            report downloading %
       ─► verify the slot (signature, files of that variant)                       report verifying
       ─► rename to slots/<digest>/ ─► load + smoke test ─► engine.swap            report activating
       ─► active.json replaced atomically (the previous slot stays)                report healthy
@@ -36,7 +37,7 @@ from slmops.signing import Signature, check_signature, trusted_keys
 from . import choice, hardware
 from .config import AgentConfig
 from .server import AgentServer
-from .transfer import MqttFetcher, bitmap_path, bytes_on_disk
+from .transfer import MqttFetcher, Wanted, bitmap_path, bytes_on_disk, served_wrong
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +220,7 @@ class Sync:
     def _fetch_manifest(self, source: "Source", desired: DesiredState, partial: Path) -> Manifest:
         for name in (MANIFEST_FILE, SIGNATURE_FILE):
             (partial / name).unlink(missing_ok=True)
-        source.fetch({name: partial / name for name in (MANIFEST_FILE, SIGNATURE_FILE)}, None)
+        source.fetch({name: Wanted(partial / name, None) for name in (MANIFEST_FILE, SIGNATURE_FILE)}, None)
         manifest = Manifest.load(partial / MANIFEST_FILE)
         signature = Signature.parse((partial / SIGNATURE_FILE).read_bytes(), origin=f"fetched {SIGNATURE_FILE}")
         check_signature(manifest.canonical_bytes(), signature, trusted_keys(self.config.trusted_keys))
@@ -264,11 +265,9 @@ class Sync:
                 self._report(desired, "downloading", variant=variant_id, percent=round(min(percent, 100.0), 1))
                 progress["next"] = percent + REPORT_EVERY_PERCENT
 
-        source.fetch({f"{VARIANTS_DIR}/{variant_id}/{f.path}": targets[f.path] for f in wanted}, advance)
-        for entry in wanted:
-            if sha256_file(targets[entry.path]) != entry.sha256:
-                targets[entry.path].unlink()
-                raise SyncError(f"{entry.path}: the fetched file does not match the manifest's sha256")
+        source.fetch(
+            {f"{VARIANTS_DIR}/{variant_id}/{f.path}": Wanted(targets[f.path], f.sha256) for f in wanted}, advance
+        )
         elapsed = time.perf_counter() - started
         log.info(
             "fetched %.1f MB of %s in %.2f s (%.0f MB/s)", missing / 1e6, variant_id, elapsed, missing / 1e6 / elapsed
@@ -278,8 +277,9 @@ class Sync:
 class Source(Protocol):
     """Where a slot's files come from: the controller over HTTP, or chunks over MQTT."""
 
-    def fetch(self, targets: dict[str, Path], progress: Callable[[int], None] | None) -> None:
-        """Bundle-relative paths into their target files (their sha256 is the caller's to check)."""
+    def fetch(self, files: dict[str, Wanted], progress: Callable[[int], None] | None) -> None:
+        """Bundle-relative paths into their target files, each checked against its sha256 where
+        one is given (TransferError: the file is gone, the next attempt fetches it again)."""
 
     def on_disk(self, target: Path, size: int) -> int:
         """Bytes of `target` an interrupted fetch left that this one will keep."""
@@ -296,8 +296,8 @@ class MqttSource:
         self.fetcher, self.digest = fetcher, digest
         self._watching = fetcher.watching(digest)
 
-    def fetch(self, targets: dict[str, Path], progress: Callable[[int], None] | None) -> None:
-        self.fetcher.fetch(self.digest, targets, progress)
+    def fetch(self, files: dict[str, Wanted], progress: Callable[[int], None] | None) -> None:
+        self.fetcher.fetch(self.digest, files, progress)
 
     def on_disk(self, target: Path, size: int) -> int:
         return bytes_on_disk(target, self.fetcher.chunk_size, size)
@@ -322,9 +322,12 @@ class HttpSource:
             timeout=httpx.Timeout(10, read=60),
         )
 
-    def fetch(self, targets: dict[str, Path], progress: Callable[[int], None] | None) -> None:
-        for path, target in targets.items():
+    def fetch(self, files: dict[str, Wanted], progress: Callable[[int], None] | None) -> None:
+        for path, (target, sha256) in files.items():
             self._fetch_one(path, target, progress)
+            if sha256 is not None and sha256_file(target) != sha256:
+                target.unlink()
+                raise served_wrong(path)
 
     def on_disk(self, target: Path, size: int) -> int:
         return min(size, _size(target))  # resumed with a Range request

@@ -1,17 +1,23 @@
 """Fetching bundle files over MQTT, chunk by chunk, straight to disk, resumable.
 
     subscribe bundles/{digest}/chunk ─► request the missing chunks of every file at once
-        each chunk still needed: sha256 checked ─► written at its offset ─► marked in the bitmap
+        each chunk still needed: written at its offset, marked with the sha256 it came with;
+        the file's own sha256 advances in order over what has landed (no second pass over it)
         (chunks already held, or of other files, are dropped unread: the topic is shared)
-        no chunk for `timeout_s` ─► request what is still missing (a lost or corrupt chunk)
+        every chunk on disk ─► the file's sha256 against the manifest's: equal, the file is done;
+            else each chunk against the sha256 it came with: the ones that differ are asked for
+            again, and with none differing the file itself was served wrong (TransferError)
+        no chunk for `timeout_s` ─► request what is still missing (a lost chunk)
     every 8 MiB or half second, in a thread of its own (the receiving thread never waits for the
-    disk), and when the fetch stops: the data is fsynced, then the bitmap (<file>.chunks) that
-    claims it is saved, so a restart asks only for chunks not on disk
+    disk), and when the fetch stops: the data is fsynced, then the bitmap (<file>.chunks: the
+    chunk size, then each chunk's sha256 or zeros) that claims it is saved, so a restart asks
+    only for chunks not on disk and can still check each of them
 
 Chunks travel on one topic per bundle: when several devices fetch the same bundle, one
 publish reaches all of them, and each keeps the chunks of the files it is fetching.
 """
 
+import hashlib
 import logging
 import os
 import threading
@@ -20,7 +26,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from slmops.errors import SlmopsError
 from slmops.messages import ChunkHeader, ChunkRequest
@@ -29,10 +35,24 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_EVERY_S, CHECKPOINT_EVERY_BYTES = 0.5, 8 << 20
 MAX_ROUNDS = 20
+SUM_BYTES = 32
+NO_SUM = bytes(SUM_BYTES)
 
 
 class TransferError(SlmopsError):
     pass
+
+
+def served_wrong(path: str) -> TransferError:
+    """Every byte arrived as sent, yet the file is not the one the manifest names."""
+    return TransferError(f"{path}: the fetched file does not match the manifest's sha256")
+
+
+class Wanted(NamedTuple):
+    """A file to fetch: where it goes, and the sha256 it must have (None: each chunk's is checked)."""
+
+    target: Path
+    sha256: str | None
 
 
 def bitmap_path(target: Path) -> Path:
@@ -40,16 +60,24 @@ def bitmap_path(target: Path) -> Path:
     return target.with_name(target.name + ".chunks")
 
 
-def _saved_bitmap(target: Path) -> bytes | None:
-    """The bitmap an interrupted fetch of `target` left, if it left the file too."""
+def saved_chunks(target: Path, chunk_size: int) -> list[bytes | None] | None:
+    """The sha256 of each chunk an interrupted fetch of `target` left on disk (None: not there);
+    None when it left no bitmap, or one for another chunk size (the file is fetched again)."""
     bitmap = bitmap_path(target)
-    return bitmap.read_bytes() if bitmap.is_file() and target.is_file() else None
+    if not (bitmap.is_file() and target.is_file()):
+        return None
+    saved = bitmap.read_bytes()
+    if len(saved) < 4 or (len(saved) - 4) % SUM_BYTES or int.from_bytes(saved[:4], "big") != chunk_size:
+        log.info("%s was left in another chunk size or is damaged; fetching it again", bitmap.name)
+        return None
+    sums = [saved[i : i + SUM_BYTES] for i in range(4, len(saved), SUM_BYTES)]
+    return [None if s == NO_SUM else s for s in sums]
 
 
 def bytes_on_disk(target: Path, chunk_size: int, size: int) -> int:
     """How much of a `size`-byte file a fetch interrupted before has already put in `target`."""
-    saved = _saved_bitmap(target)
-    return 0 if saved is None else min(size, sum(saved) * chunk_size)
+    saved = saved_chunks(target, chunk_size)
+    return 0 if saved is None else min(size, sum(s is not None for s in saved) * chunk_size)
 
 
 class ChunkLink(Protocol):
@@ -65,52 +93,97 @@ class ChunkLink(Protocol):
 
 
 class _File:
-    """One file being fetched: its data file, its bitmap, what arrived."""
+    """One file being fetched: its data file, the sha256 each chunk on disk came with, and the
+    file's own sha256 so far (over chunks 0 … hashed-1)."""
 
-    def __init__(self, path: str, target: Path, chunk_size: int, saver: ThreadPoolExecutor) -> None:
-        self.chunk_size, self.saver = chunk_size, saver
-        self.bitmap_path = bitmap_path(target)
+    def __init__(self, path: str, wanted: Wanted, chunk_size: int, saver: ThreadPoolExecutor) -> None:
+        self.path, self.sha256, self.chunk_size, self.saver = path, wanted.sha256, chunk_size, saver
+        self.target, self.bitmap_path = wanted.target, bitmap_path(wanted.target)
         self.count: int | None = None
         self.file_size: int | None = None
         self.have = bytearray()
+        self.sums: list[bytes | None] = []
+        self.digest, self.hashed = hashlib.sha256(), 0
+        self.complete, self.asking_again = False, False
+        self.failed: TransferError | None = None
         self.lock = threading.Lock()
         self.checkpoint: Future[None] | None = None
         self.checkpointed_at, self.unsaved_bytes = time.monotonic(), 0
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if (saved := _saved_bitmap(target)) is not None:
-            self.count, self.have = len(saved), bytearray(saved)
-            log.info("resuming %s: %d of %d chunks on disk", path, sum(saved), len(saved))
-        self.fd: int | None = os.open(target, os.O_RDWR | os.O_CREAT, 0o644)
+        wanted.target.parent.mkdir(parents=True, exist_ok=True)
+        flags = os.O_RDWR | os.O_CREAT
+        if (saved := saved_chunks(wanted.target, chunk_size)) is not None:
+            self.count, self.sums = len(saved), saved
+            self.have = bytearray(s is not None for s in saved)
+            log.info("resuming %s: %d of %d chunks on disk", path, sum(self.have), len(saved))
+        else:
+            flags |= os.O_TRUNC  # nothing on disk is claimed
+        self.fd: int | None = os.open(wanted.target, flags, 0o644)
+        if saved is not None:
+            self.file_size = os.fstat(self.fd).st_size  # through the last chunk written: enough to read back
+            if all(self.have):  # killed before the file was found complete: check it now
+                self._hash_ahead(-1, None)
+                self._check()
 
     def missing(self) -> list[int] | None:
         return None if self.count is None else [i for i in range(self.count) if not self.have[i]]
 
-    def done(self) -> bool:
-        return self.count is not None and 0 not in self.have  # memchr: this runs on every chunk
-
     def accept(self, header: ChunkHeader, data: memoryview) -> int:
-        """Write a chunk this file still needs; returns the bytes newly written. Only such chunks are
-        checked against their sha256 (MessageInvalid): on a shared topic most are someone else's."""
+        """Write a chunk this file still needs; returns the bytes newly written."""
         with self.lock:
             if self.fd is None or (self.count is not None and header.count != self.count):
                 return 0
             if header.index >= header.count or (self.count is not None and self.have[header.index]):
                 return 0
-            header.verify(data)
             if self.count is None:
-                self.count, self.have = header.count, bytearray(header.count)
+                self.count, self.have, self.sums = header.count, bytearray(header.count), [None] * header.count
             self.file_size = header.file_size
             os.pwrite(self.fd, data, header.index * self.chunk_size)
-            self.have[header.index] = 1
+            self.have[header.index], self.sums[header.index] = 1, bytes.fromhex(header.sha256)
+            self._hash_ahead(header.index, data)
+            if self.hashed == self.count:
+                self._check()
             self.unsaved_bytes += len(data)
             due = (
                 self.unsaved_bytes >= CHECKPOINT_EVERY_BYTES
                 or time.monotonic() - self.checkpointed_at >= CHECKPOINT_EVERY_S
             )
             if due and (self.checkpoint is None or self.checkpoint.done()):
-                self.checkpoint = self.saver.submit(self._save, bytes(self.have))
+                self.checkpoint = self.saver.submit(self._save, self._bitmap())
                 self.checkpointed_at, self.unsaved_bytes = time.monotonic(), 0
         return len(data)
+
+    def _read(self, index: int) -> bytes:
+        assert self.fd is not None and self.file_size is not None
+        offset = index * self.chunk_size
+        return os.pread(self.fd, min(self.chunk_size, self.file_size - offset), offset)
+
+    def _hash_ahead(self, arrived: int, data: memoryview | None) -> None:
+        """Feed the file's sha256 every chunk on disk from `hashed` on; the one that just arrived
+        from memory, earlier arrivals (out of order, or from before a restart) from disk."""
+        assert self.count is not None
+        while self.hashed < self.count and self.have[self.hashed]:
+            self.digest.update(data if self.hashed == arrived and data is not None else self._read(self.hashed))
+            self.hashed += 1
+
+    def _check(self) -> None:
+        """Every chunk is on disk: is it the file the manifest names?"""
+        assert self.count is not None
+        if self.sha256 is not None and self.digest.hexdigest() == self.sha256:
+            self.complete = True
+            return
+        bad = [i for i in range(self.count) if hashlib.sha256(self._read(i)).digest() != self.sums[i]]
+        if not bad:
+            self.complete = self.sha256 is None  # no sha256 to compare with: every chunk checked
+            self.failed = None if self.complete else served_wrong(self.path)
+            return
+        for i in bad:
+            log.warning("chunk %d of %s does not match its sha256; asking for it again", i, self.path)
+            self.have[i], self.sums[i] = 0, None
+        self.digest, self.hashed, self.asking_again = hashlib.sha256(), 0, True
+        self._hash_ahead(-1, None)
+
+    def _bitmap(self) -> bytes:
+        return self.chunk_size.to_bytes(4, "big") + b"".join(s or NO_SUM for s in self.sums)
 
     def _save(self, claimed: bytes) -> None:
         """fsync, then the bitmap: `claimed` was taken after those chunks were written, so the bitmap
@@ -136,14 +209,18 @@ class _File:
         self.bitmap_path.unlink(missing_ok=True)
 
     def close(self) -> None:
-        """Keep what arrived for the next attempt (finish() already closed a complete file)."""
+        """Keep what arrived for the next attempt (finish() already closed a complete file), unless
+        it is the wrong file: the next attempt fetches it from scratch."""
         with self.lock:
             if self.fd is None:
                 return
             try:
                 self._settle()
-                if self.count is not None:
-                    self._save(bytes(self.have))
+                if self.failed is not None:
+                    self.target.unlink(missing_ok=True)
+                    self.bitmap_path.unlink(missing_ok=True)
+                elif self.count is not None:
+                    self._save(self._bitmap())
             finally:
                 os.close(self.fd)
                 self.fd = None
@@ -169,15 +246,11 @@ class MqttFetcher:
         if (handler := self._current) is not None:
             handler(header, data)
 
-    def fetch(self, digest: str, targets: dict[str, Path], progress: Callable[[int], None] | None = None) -> None:
+    def fetch(self, digest: str, files: dict[str, Wanted], progress: Callable[[int], None] | None = None) -> None:
         """Fetch bundle-relative files into their targets, all asked for at once (one round trip,
-        not one per file); their sha256 is the caller's to check."""
+        not one per file), each checked against its sha256 (TransferError when it differs)."""
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="slmops-checkpoint") as saver:
-            self._fetch(
-                digest,
-                {path: _File(path, target, self.chunk_size, saver) for path, target in targets.items()},
-                progress,
-            )
+            self._fetch(digest, {path: _File(path, w, self.chunk_size, saver) for path, w in files.items()}, progress)
 
     def _fetch(self, digest: str, files: dict[str, _File], progress: Callable[[int], None] | None) -> None:
         arrived = threading.Event()
@@ -190,7 +263,16 @@ class MqttFetcher:
                     progress(written)
 
         def incomplete() -> dict[str, _File]:
-            return {path: file for path, file in files.items() if not file.done()}
+            for file in files.values():
+                if file.failed is not None:
+                    raise file.failed
+            return {path: file for path, file in files.items() if not file.complete}
+
+        def asking_again() -> bool:
+            again = [file for file in files.values() if file.asking_again]
+            for file in again:
+                file.asking_again = False
+            return bool(again)
 
         self._current = on_chunk
         try:
@@ -204,7 +286,7 @@ class MqttFetcher:
                     self.link.request_chunks(digest, request)
                 while True:
                     arrived.clear()  # before looking: a chunk landing in between sets it again
-                    if not incomplete():
+                    if not incomplete() or asking_again():
                         break
                     if not arrived.wait(self.timeout_s):
                         log.info("no chunks for %.0f s; asking again for what is missing", self.timeout_s)

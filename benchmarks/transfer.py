@@ -179,6 +179,7 @@ def main() -> None:
     from rich.table import Table
 
     from slmops.agent import hardware
+    from slmops.agent.transfer import saved_chunks
     from slmops.bundle import Bundle, write_archive
 
     console = Console()
@@ -326,7 +327,13 @@ def main() -> None:
             proc.kill()  # SIGKILL: no goodbye, no last checkpoint
             proc.wait()
             killed_at = reports.percent[device]
-            claimed = sum(sum(b.read_bytes()) for b in (WORK / device / "slots").glob("*.partial/**/*.chunks"))
+            claimed = sum(
+                sum(
+                    sha256 is not None
+                    for sha256 in saved_chunks(b.with_name(b.name.removesuffix(".chunks")), chunk) or []
+                )
+                for b in (WORK / device / "slots").glob("*.partial/**/*.chunks")
+            )
             sent_before = health().get("chunks_sent", 0)
             restarted = time.perf_counter()
             proc = start_agent(device)

@@ -16,7 +16,6 @@ Every payload is JSON with `schema` = 1 and is validated on receipt: `parse` rai
 `MessageInvalid` naming the topic and every bad field, and the receiver logs and drops it.
 """
 
-import hashlib
 import json
 import re
 from datetime import UTC, datetime
@@ -178,11 +177,6 @@ class ChunkHeader(BaseModel):
     file_size: int = Field(ge=0)
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
 
-    def verify(self, data: bytes | memoryview) -> None:
-        """MessageInvalid unless `data` has this header's sha256 (bytes changed on the way)."""
-        if hashlib.sha256(data).hexdigest() != self.sha256:
-            raise MessageInvalid(f"chunk {self.index} of {self.path} does not match its sha256")
-
 
 def chunk_payload(header: ChunkHeader, data: bytes) -> bytes:
     """4-byte big-endian header length, the header's JSON, the raw bytes (no base64)."""
@@ -192,8 +186,8 @@ def chunk_payload(header: ChunkHeader, data: bytes) -> bytes:
 
 def parse_chunk(payload: bytes | bytearray, topic: str) -> tuple[ChunkHeader, memoryview]:
     """Header and bytes of a chunk message. The bytes are a view into `payload`, not a copy (a copy
-    of each 256 KiB chunk cost as much as its sha256), and not yet checked: a receiver checks
-    (`header.verify`) only the chunks it still needs, not every one on the shared topic."""
+    of each 256 KiB chunk cost as much as its sha256), and not checked here: a receiver checks only
+    the chunks it keeps, not every one on the shared topic (agent/transfer.py)."""
     if len(payload) < 4 or (size := int.from_bytes(payload[:4], "big")) > len(payload) - 4:
         raise MessageInvalid(f"{topic}: not a chunk message")
     header = parse_model(ChunkHeader, payload[4 : 4 + size], topic)

@@ -1,16 +1,18 @@
-"""Chunked transfer: a whole file, resume from the bitmap after the link dies, corrupt chunks.
+"""Chunked transfer: a whole file, resume from the bitmap after the link dies, corrupt chunks,
+a file served wrong.
 
 A `ChunkLink` made here serves the chunks of a real file: the seam the uplink fills in
 production. tests/e2e/test_fleet_link.py runs the transfer over a real Mosquitto.
 """
 
 import hashlib
+import logging
 import os
 from pathlib import Path
 
 import pytest
 
-from slmops.agent.transfer import MqttFetcher, TransferError
+from slmops.agent.transfer import MqttFetcher, TransferError, Wanted, saved_chunks
 from slmops.messages import ChunkHeader, ChunkRequest, MessageInvalid, chunk_payload, parse_chunk
 
 CHUNK = 16 << 10
@@ -18,14 +20,14 @@ CHUNK = 16 << 10
 
 class FileLink:
     """Serves the chunks of one source file; `budget` chunks, then silence (a dead link); the
-    chunks whose index is in `corrupt` have a byte flipped on the way, once each."""
+    chunks whose index is in `corrupt` have a byte flipped on the way, once each (their header
+    still has the sha256 of the bytes sent)."""
 
     device_id = "edge-test"
 
     def __init__(self, source: Path, budget: int | None = None, corrupt: set[int] | None = None) -> None:
         self.source, self.budget, self.corrupt = source, budget, corrupt or set()
         self.requests: list[ChunkRequest] = []
-        self.refused: list[str] = []
         self.on_chunk = None
 
     def watch_bundle(self, digest, on_chunk) -> bool:
@@ -58,10 +60,7 @@ class FileLink:
             if index in self.corrupt:
                 self.corrupt.discard(index)
                 payload[-1] ^= 0xFF
-            try:  # as the uplink does: a refused chunk is logged and dropped
-                self.on_chunk(*parse_chunk(payload, "test"))
-            except MessageInvalid as e:
-                self.refused.append(str(e))
+            self.on_chunk(*parse_chunk(payload, "test"))
 
 
 @pytest.fixture
@@ -71,12 +70,17 @@ def source(tmp_path: Path) -> Path:
     return path
 
 
+def want(target: Path, source: Path | None) -> Wanted:
+    """`target`, to hold what `source` holds (None: no file sha256 to check, as for a manifest)."""
+    return Wanted(target, None if source is None else hashlib.sha256(source.read_bytes()).hexdigest())
+
+
 def test_a_whole_file_arrives_intact(source: Path, tmp_path: Path) -> None:
     link = FileLink(source)
     written: list[int] = []
     fetcher = MqttFetcher(link, CHUNK, timeout_s=1)
     with fetcher.watching("d" * 64):
-        fetcher.fetch("d" * 64, {"variants/x/weights.bin": tmp_path / "out.bin"}, written.append)
+        fetcher.fetch("d" * 64, {"variants/x/weights.bin": want(tmp_path / "out.bin", source)}, written.append)
     assert (tmp_path / "out.bin").read_bytes() == source.read_bytes()
     assert sum(written) == source.stat().st_size
     assert not (tmp_path / "out.bin.chunks").exists()
@@ -87,25 +91,58 @@ def test_a_restart_asks_only_for_the_chunks_not_on_disk(source: Path, tmp_path: 
     dying = FileLink(source, budget=35)  # the link dies after 35 of 41 chunks (saved when the fetch stops)
     fetcher = MqttFetcher(dying, CHUNK, timeout_s=0.05)
     with pytest.raises(TransferError, match="chunks still missing"), fetcher.watching("d" * 64):
-        fetcher.fetch("d" * 64, {"p": target})
-    assert sum((target.with_name("out.bin.chunks")).read_bytes()) == 35
+        fetcher.fetch("d" * 64, {"p": want(target, source)})
+    saved = saved_chunks(target, CHUNK)
+    assert saved is not None and [s is not None for s in saved] == [True] * 35 + [False] * 6
+    assert saved_chunks(target, 2 * CHUNK) is None  # another chunk size: nothing on disk counts
 
     restarted = FileLink(source)
     fetcher = MqttFetcher(restarted, CHUNK, timeout_s=1)
     with fetcher.watching("d" * 64):
-        fetcher.fetch("d" * 64, {"p": target})
+        fetcher.fetch("d" * 64, {"p": want(target, source)})
     assert restarted.requests[0].chunks == list(range(35, 41))
     assert target.read_bytes() == source.read_bytes()
 
 
-def test_a_corrupt_chunk_is_refused_and_asked_for_again(source: Path, tmp_path: Path) -> None:
-    link = FileLink(source, corrupt={3, 40})
-    fetcher = MqttFetcher(link, CHUNK, timeout_s=0.05)
+def test_a_chunk_damaged_on_disk_before_a_restart_is_found_and_fetched_again(source: Path, tmp_path: Path) -> None:
+    target = tmp_path / "out.bin"
+    fetcher = MqttFetcher(FileLink(source, budget=35), CHUNK, timeout_s=0.05)
+    with pytest.raises(TransferError, match="chunks still missing"), fetcher.watching("d" * 64):
+        fetcher.fetch("d" * 64, {"p": want(target, source)})
+    with target.open("r+b") as f:  # a chunk the bitmap claims rots while the agent is down
+        f.seek(7 * CHUNK + 5)
+        f.write(b"\x00rot")
+
+    restarted = FileLink(source)
+    fetcher = MqttFetcher(restarted, CHUNK, timeout_s=1)
     with fetcher.watching("d" * 64):
-        fetcher.fetch("d" * 64, {"p": tmp_path / "out.bin"})
-    assert link.refused == [f"chunk {i} of p does not match its sha256" for i in (3, 40)]
+        fetcher.fetch("d" * 64, {"p": want(target, source)})
+    assert [r.chunks for r in restarted.requests] == [list(range(35, 41)), [7]]
+    assert target.read_bytes() == source.read_bytes()
+
+
+@pytest.mark.parametrize("file_sha256", [True, False], ids=["file-sha256", "chunks-only"])
+def test_a_corrupt_chunk_is_refused_and_asked_for_again(
+    source: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, file_sha256: bool
+) -> None:
+    caplog.set_level(logging.WARNING, logger="slmops.agent.transfer")
+    link = FileLink(source, corrupt={3, 40})
+    fetcher = MqttFetcher(link, CHUNK, timeout_s=5)  # asked for again at once, not after the timeout
+    with fetcher.watching("d" * 64):
+        fetcher.fetch("d" * 64, {"p": want(tmp_path / "out.bin", source if file_sha256 else None)})
+    refused = [r.getMessage() for r in caplog.records]
+    assert refused == [f"chunk {i} of p does not match its sha256; asking for it again" for i in (3, 40)]
     assert [r.chunks for r in link.requests] == [None, [3, 40]]
     assert (tmp_path / "out.bin").read_bytes() == source.read_bytes()
+
+
+def test_a_file_served_wrong_fails_and_is_not_kept(source: Path, tmp_path: Path) -> None:
+    """Each chunk as its header says, but not the file the manifest names (rot in the store)."""
+    target = tmp_path / "out.bin"
+    fetcher = MqttFetcher(FileLink(source), CHUNK, timeout_s=1)
+    with pytest.raises(TransferError, match="does not match the manifest's sha256"), fetcher.watching("d" * 64):
+        fetcher.fetch("d" * 64, {"p": Wanted(target, "0" * 64)})
+    assert not target.exists() and saved_chunks(target, CHUNK) is None  # the next attempt starts over
 
 
 class SharedTopicLink(FileLink):
@@ -117,12 +154,9 @@ class SharedTopicLink(FileLink):
         for header, piece in (
             (_header("other", b"x"), b"x"),
             (_header(request.path, b"y", chunk_size=2 * CHUNK), b"y"),
-            (_header(request.path, b"z", count=41), b"not z"),  # chunk 0, already held: not even checked
+            (_header(request.path, b"z", count=41), b"not z"),  # chunk 0, already held: not even read
         ):
-            try:
-                self.on_chunk(*parse_chunk(chunk_payload(header, piece), "test"))
-            except MessageInvalid as e:
-                self.refused.append(str(e))
+            self.on_chunk(*parse_chunk(chunk_payload(header, piece), "test"))
 
 
 def test_files_are_asked_for_at_once_and_foreign_chunks_are_ignored(source: Path, tmp_path: Path) -> None:
@@ -130,10 +164,10 @@ def test_files_are_asked_for_at_once_and_foreign_chunks_are_ignored(source: Path
     fetcher = MqttFetcher(link, CHUNK, timeout_s=1)
     targets = {"a": tmp_path / "a.bin", "b": tmp_path / "b.bin"}
     with fetcher.watching("d" * 64):
-        fetcher.fetch("d" * 64, targets)
+        fetcher.fetch("d" * 64, {path: want(target, source) for path, target in targets.items()})
     assert [(r.path, r.chunks) for r in link.requests] == [("a", None), ("b", None)]
     assert all(t.read_bytes() == source.read_bytes() for t in targets.values())
-    assert link.refused == [] and not (tmp_path / "other").exists()
+    assert not (tmp_path / "other").exists()
 
 
 def _header(path: str, piece: bytes, chunk_size: int = CHUNK, count: int = 1) -> ChunkHeader:
@@ -147,11 +181,10 @@ def _header(path: str, piece: bytes, chunk_size: int = CHUNK, count: int = 1) ->
     )
 
 
-def test_a_chunk_message_is_checked() -> None:
+def test_a_chunk_message_is_parsed_without_copying_its_bytes() -> None:
     piece = b"weights" * 100
     header = _header("p", piece)
-    header.verify(parse_chunk(chunk_payload(header, piece), "t")[1])
-    with pytest.raises(MessageInvalid, match="does not match its sha256"):
-        header.verify(piece[:-1] + b"!")
+    parsed, data = parse_chunk(chunk_payload(header, piece), "t")
+    assert parsed == header and isinstance(data, memoryview) and data == piece
     with pytest.raises(MessageInvalid, match="not a chunk message"):
         parse_chunk(b"\x00\x00\xff\xff{}", "slmops/v1/bundles/x/chunk")

@@ -5,9 +5,11 @@ In one run, on one machine:
     raw broker      one paho publisher → 1 and N subscribers (processes of their own), the same
                     bytes in the same chunk size, QoS 1, 32 in flight: the ceiling for any MQTT
                     transfer here, to compare each MQTT row with
-    MQTT, 1 agent   desired state set → the agent reports `verifying` (every file fetched and
-                    checked), read off the broker: variant bytes / that time; the agent's peak
-                    RSS while downloading
+    MQTT, 1 agent   end to end: desired state set → the agent reports `verifying` (every file
+                    fetched and checked), read off the broker: variant bytes / that time; and the
+                    download alone: its first request for a variant file → `verifying` (the
+                    desired state's way to the device, the manifest and signature excluded);
+                    the agent's peak RSS while downloading
     MQTT, N agents  N agents at once: N × variant bytes / time until the last one is done, and how
                     many chunks the controller published (shared: about one set, not N)
     HTTP            the same files from the controller's store with httpx
@@ -120,8 +122,9 @@ def raw_broker(port: int, total_bytes: int, chunk: int, subscribers: int) -> flo
 
 
 class Reports:
-    """The agents' reports, read off the broker as the controller gets them (no polling of its API):
-    when each device first reported each status, and its last download percent."""
+    """The agents' reports and chunk requests, read off the broker as the controller gets them (no
+    polling of its API): when each device first reported each status, its last download percent,
+    and when it first asked for a variant file's chunks."""
 
     def __init__(self, port: int) -> None:
         import paho.mqtt.client as mqtt
@@ -137,10 +140,16 @@ class Reports:
         self.client.on_subscribe = lambda *_: subscribed.set()
         self.client.connect("127.0.0.1", port)
         self.client.loop_start()
-        self.client.subscribe("slmops/v1/devices/+/reported", qos=1)
+        self.client.subscribe([("slmops/v1/devices/+/reported", 1), ("slmops/v1/bundles/+/request", 1)])
         subscribed.wait(10)
+        self.asked: dict[str, float] = {}
 
     def _on_message(self, _c: object, _u: object, message) -> None:
+        if message.topic.endswith("/request"):
+            request = json.loads(message.payload)
+            if request["path"].startswith("variants/"):
+                self.asked.setdefault(request["device_id"], time.perf_counter())
+            return
         device, report = message.topic.split("/")[3], json.loads(message.payload)
         with self.changed:
             self.first.setdefault((device, report["status"]), time.perf_counter())
@@ -305,7 +314,8 @@ def main() -> None:
                 if time.perf_counter() - started > 900:
                     raise TimeoutError("the transfer did not finish in 15 minutes")
                 time.sleep(0.02)
-            elapsed = max(reports.fetched(d) or 0.0 for d in agents) - started
+            finished = max(reports.fetched(d) or 0.0 for d in agents)
+            elapsed, downloading = finished - started, finished - min(reports.asked[d] for d in agents)
             for proc in agents.values():
                 stop(proc)
             return {
@@ -313,6 +323,8 @@ def main() -> None:
                 "seconds": elapsed,
                 "aggregate_mb_s": count * variant_bytes / elapsed / 1e6,
                 "per_agent_mb_s": variant_bytes / elapsed / 1e6,
+                "download_seconds": downloading,
+                "download_aggregate_mb_s": count * variant_bytes / downloading / 1e6,
                 "chunks_published": health().get("chunks_sent", 0) - sent_before,
                 "chunks_per_agent_set": set_size,
                 "agent_peak_rss_bytes_while_downloading": peak_rss,
@@ -373,12 +385,20 @@ def main() -> None:
         table.add_row(f"raw broker, paho → {n} paho subscriber(s), QoS 1", f"{mb_s:.1f}", "1.00", "", "", "")
     for m in report["mqtt"]:
         table.add_row(
-            f"MQTT to {m['agents']} agent(s), aggregate",
+            f"MQTT to {m['agents']} agent(s), aggregate: desired set → verified",
             f"{m['aggregate_mb_s']:.1f}",
             f"{m['aggregate_mb_s'] / raw[str(m['agents'])]:.2f}",
             f"{m['seconds']:.2f}",
             f"{m['chunks_published']} (one set: {m['chunks_per_agent_set']})",
             f"{m['agent_peak_rss_bytes_while_downloading'] / 2**20:.0f}",
+        )
+        table.add_row(
+            "  of which the download: first variant request → verified",
+            f"{m['download_aggregate_mb_s']:.1f}",
+            f"{m['download_aggregate_mb_s'] / raw[str(m['agents'])]:.2f}",
+            f"{m['download_seconds']:.2f}",
+            "",
+            "",
         )
     table.add_row(
         "HTTP from the controller's store",

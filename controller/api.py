@@ -181,9 +181,7 @@ def create_app(
     @app.get("/v1/store/{digest}/{path:path}", dependencies=[Depends(actor)])
     async def store_file(digest: str, path: str) -> FileResponse:
         """A file of a stored bundle (manifest.json, signature.json, variants/...); Range requests resume."""
-        root = registry.store.path(digest).resolve()
-        target = (root / path).resolve()
-        if not digest.isalnum() or not target.is_relative_to(root) or not target.is_file():
+        if (target := registry.store.file(digest, path)) is None:
             raise ApiError(404, f"no file {path!r} in stored bundle {digest[:12]}", "not_found_error")
         return FileResponse(target)
 

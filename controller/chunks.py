@@ -121,9 +121,7 @@ class ChunkServer:
             self._files.move_to_end(key)
             return served
         digest, path, chunk_size = key
-        root = self.store.path(digest).resolve()
-        target = (root / path).resolve()
-        if not digest.isalnum() or not target.is_relative_to(root) or not target.is_file():
+        if (target := self.store.file(digest, path)) is None:
             raise MessageInvalid(f"no file {path!r} in stored bundle {digest[:12]}")
         fd = os.open(target, os.O_RDONLY)
         size = os.fstat(fd).st_size

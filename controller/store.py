@@ -42,5 +42,12 @@ class BundleStore:
     def path(self, digest: str) -> Path:
         return self.bundles / digest
 
+    def file(self, digest: str, path: str) -> Path | None:
+        """A file of a stored bundle by its bundle-relative path; None for anything else (no such
+        bundle or file, a folder, a path that climbs out of the bundle)."""
+        root = self.path(digest).resolve()
+        target = (root / path).resolve()
+        return target if digest.isalnum() and target.is_relative_to(root) and target.is_file() else None
+
     def delete(self, digest: str) -> None:
         shutil.rmtree(self.path(digest), ignore_errors=True)

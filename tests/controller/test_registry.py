@@ -106,3 +106,15 @@ def test_migrations_build_the_schema_the_models_describe(controller_config) -> N
         open_database(controller_config.database).dispose()  # migrating again is a no-op
     finally:
         engine.dispose()
+
+
+def test_the_store_serves_a_bundle_files_with_ranges_and_nothing_outside_it(client, archive: bytes) -> None:
+    digest = client.post("/v1/bundles", content=archive, headers=ADMIN).json()["digest"]
+    manifest = client.get(f"/v1/store/{digest}/manifest.json", headers=READER)
+    assert manifest.status_code == 200 and manifest.json()["name"] == "tiny"
+    tail = client.get(f"/v1/store/{digest}/manifest.json", headers={**READER, "Range": "bytes=10-"})
+    assert tail.status_code == 206 and tail.content == manifest.content[10:]
+    for path in ("../../admin.token", "variants", "nothing.json", "%2e%2e/%2e%2e/admin.token"):
+        assert client.get(f"/v1/store/{digest}/{path}", headers=READER).status_code == 404, path
+    assert client.get(f"/v1/store/..%2f{digest}/manifest.json", headers=READER).status_code == 404
+    assert client.get(f"/v1/store/{digest}/manifest.json").status_code == 401

@@ -101,8 +101,7 @@ class _File:
         self.target, self.bitmap_path = wanted.target, bitmap_path(wanted.target)
         self.count: int | None = None
         self.file_size: int | None = None
-        self.have = bytearray()
-        self.sums: list[bytes | None] = []
+        self.sums: list[bytes | None] = []  # None: that chunk is not on disk
         self.digest, self.hashed = hashlib.sha256(), 0
         self.complete, self.asking_again = False, False
         self.failed: TransferError | None = None
@@ -113,32 +112,31 @@ class _File:
         flags = os.O_RDWR | os.O_CREAT
         if (saved := saved_chunks(wanted.target, chunk_size)) is not None:
             self.count, self.sums = len(saved), saved
-            self.have = bytearray(s is not None for s in saved)
-            log.info("resuming %s: %d of %d chunks on disk", path, sum(self.have), len(saved))
+            log.info("resuming %s: %d of %d chunks on disk", path, len(saved) - saved.count(None), len(saved))
         else:
             flags |= os.O_TRUNC  # nothing on disk is claimed
         self.fd: int | None = os.open(wanted.target, flags, 0o644)
         if saved is not None:
             self.file_size = os.fstat(self.fd).st_size  # through the last chunk written: enough to read back
-            if all(self.have):  # killed before the file was found complete: check it now
+            if None not in saved:  # killed before the file was found complete: check it now
                 self._hash_ahead(-1, None)
                 self._check()
 
     def missing(self) -> list[int] | None:
-        return None if self.count is None else [i for i in range(self.count) if not self.have[i]]
+        return None if self.count is None else [i for i, sha256 in enumerate(self.sums) if sha256 is None]
 
     def accept(self, header: ChunkHeader, data: memoryview) -> int:
         """Write a chunk this file still needs; returns the bytes newly written."""
         with self.lock:
             if self.fd is None or (self.count is not None and header.count != self.count):
                 return 0
-            if header.index >= header.count or (self.count is not None and self.have[header.index]):
+            if header.index >= header.count or (self.count is not None and self.sums[header.index] is not None):
                 return 0
             if self.count is None:
-                self.count, self.have, self.sums = header.count, bytearray(header.count), [None] * header.count
+                self.count, self.sums = header.count, [None] * header.count
             self.file_size = header.file_size
             os.pwrite(self.fd, data, header.index * self.chunk_size)
-            self.have[header.index], self.sums[header.index] = 1, bytes.fromhex(header.sha256)
+            self.sums[header.index] = bytes.fromhex(header.sha256)
             self._hash_ahead(header.index, data)
             if self.hashed == self.count:
                 self._check()
@@ -161,7 +159,7 @@ class _File:
         """Feed the file's sha256 every chunk on disk from `hashed` on; the one that just arrived
         from memory, earlier arrivals (out of order, or from before a restart) from disk."""
         assert self.count is not None
-        while self.hashed < self.count and self.have[self.hashed]:
+        while self.hashed < self.count and self.sums[self.hashed] is not None:
             self.digest.update(data if self.hashed == arrived and data is not None else self._read(self.hashed))
             self.hashed += 1
 
@@ -178,7 +176,7 @@ class _File:
             return
         for i in bad:
             log.warning("chunk %d of %s does not match its sha256; asking for it again", i, self.path)
-            self.have[i], self.sums[i] = 0, None
+            self.sums[i] = None
         self.digest, self.hashed, self.asking_again = hashlib.sha256(), 0, True
         self._hash_ahead(-1, None)
 

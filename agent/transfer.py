@@ -6,7 +6,8 @@
         (chunks already held, or of other files, are dropped unread: the topic is shared)
         every chunk on disk ─► the file's sha256 against the manifest's: equal, the file is done;
             else each chunk against the sha256 it came with: the ones that differ are asked for
-            again, and with none differing the file itself was served wrong (TransferError)
+            again (the same wrong bytes twice: the controller's copy is damaged, TransferError),
+            and with none differing the file itself was served wrong (TransferError)
         no chunk for `timeout_s` ─► request what is still missing (a lost chunk)
     every 8 MiB or half second, in a thread of its own (the receiving thread never waits for the
     disk), and when the fetch stops: the data is fsynced, then the bitmap (<file>.chunks: the
@@ -104,6 +105,7 @@ class _File:
         self.sums: list[bytes | None] = []  # None: that chunk is not on disk
         self.digest, self.hashed = hashlib.sha256(), 0
         self.complete, self.asking_again = False, False
+        self.damaged: dict[int, bytes] = {}  # chunk index → the sha256 of the wrong bytes it came with
         self.failed: TransferError | None = None
         self.lock = threading.Lock()
         self.checkpoint: Future[None] | None = None
@@ -169,14 +171,21 @@ class _File:
         if self.sha256 is not None and self.digest.hexdigest() == self.sha256:
             self.complete = True
             return
-        bad = [i for i in range(self.count) if hashlib.sha256(self._read(i)).digest() != self.sums[i]]
+        actual = {i: hashlib.sha256(self._read(i)).digest() for i in range(self.count)}
+        bad = [i for i, sha256 in actual.items() if sha256 != self.sums[i]]
         if not bad:
             self.complete = self.sha256 is None  # no sha256 to compare with: every chunk checked
             self.failed = None if self.complete else served_wrong(self.path)
             return
+        if again := [i for i in bad if self.damaged.get(i) == actual[i]]:
+            self.failed = TransferError(
+                f"{self.path}: chunk {again[0]} came again with the same bytes, which do not match the sha256 "
+                "sent with them: the controller's stored copy is damaged"
+            )
+            return
         for i in bad:
             log.warning("chunk %d of %s does not match its sha256; asking for it again", i, self.path)
-            self.sums[i] = None
+            self.sums[i], self.damaged[i] = None, actual[i]
         self.digest, self.hashed, self.asking_again = hashlib.sha256(), 0, True
         self._hash_ahead(-1, None)
 

@@ -4,12 +4,12 @@ bundles/{digest}/request ─► ChunkServer.request: the path must name a file o
     then, per file and chunk size: chunk index → the devices waiting for it (a chunk several
     devices wait for is queued once)
 sender thread: one chunk of each file with chunks waiting, in turn (a manifest asked for now
-    is not stuck behind the 300 chunks of a model file) ─► read at its offset ─► sha256 (kept
-    while the file stays open: a chunk sent again for a device that came late is not hashed
-    again) ─► one publish on bundles/{digest}/chunk, QoS 1, at most 32 awaiting the broker's
-    ack (memory stays flat for any bundle size)
-a device gone offline: the chunks only it was waiting for are not sent
-"""
+    is not stuck behind the 300 chunks of a model file) ─► read at its offset ─► its sha256,
+    kept by the store (computed when the bundle was pushed, for the default chunk size; for
+    another size, computed as chunks go out and kept once the file's are complete) ─► one
+    publish on bundles/{digest}/chunk, QoS 1, at most 32 awaiting the broker's ack (memory
+    stays flat for any bundle size)
+a device gone offline: the chunks only it was waiting for are not sent"""
 
 import hashlib
 import logging
@@ -44,7 +44,9 @@ class _ServedFile:
     fd: int
     size: int
     chunk_size: int
-    sums: list[str | None]
+    sums: list[bytes | None]
+    keep: Callable[[list[bytes]], None]
+    """Called once every chunk's sha256 is known, with them all."""
     waiting: dict[int, set[str]] = field(default_factory=dict)
     """chunk index → devices waiting for it; in order, so a chunk asked for again goes to the back"""
 
@@ -55,14 +57,16 @@ class _ServedFile:
     def payload(self, index: int) -> bytes:
         data = os.pread(self.fd, self.chunk_size, index * self.chunk_size)
         if (sha256 := self.sums[index]) is None:
-            sha256 = self.sums[index] = hashlib.sha256(data).hexdigest()
+            sha256 = self.sums[index] = hashlib.sha256(data).digest()
+            if None not in self.sums:
+                self.keep([s for s in self.sums if s is not None])
         header = ChunkHeader(
             path=self.path,
             index=index,
             count=self.count,
             chunk_size=self.chunk_size,
             file_size=self.size,
-            sha256=sha256,
+            sha256=sha256.hex(),
         )
         return chunk_payload(header, data)
 
@@ -125,7 +129,17 @@ class ChunkServer:
             raise MessageInvalid(f"no file {path!r} in stored bundle {digest[:12]}")
         fd = os.open(target, os.O_RDONLY)
         size = os.fstat(fd).st_size
-        served = self._files[key] = _ServedFile(path, fd, size, chunk_size, [None] * max(1, -(-size // chunk_size)))
+        count = max(1, -(-size // chunk_size))
+        kept = self.store.chunk_sums(digest, path, chunk_size)
+        sums: list[bytes | None] = list(kept) if kept is not None and len(kept) == count else [None] * count
+
+        def keep(sums: list[bytes]) -> None:
+            try:
+                self.store.save_chunk_sums(digest, path, chunk_size, sums)
+            except OSError as e:  # they are computed again next time
+                log.warning("cannot keep the chunk sums of %s in %s: %s", path, digest[:12], e)
+
+        served = self._files[key] = _ServedFile(path, fd, size, chunk_size, sums, keep)
         idle = [k for k in self._files if k not in self._turns and k not in (key, self._reading)]
         for old in idle[: max(0, len(self._files) - OPEN_FILES)]:
             os.close(self._files.pop(old).fd)

@@ -3,11 +3,16 @@
     incoming archive ─► verify_archive (signature, schema, every member) into incoming/<tmp>
                      ─► rename to bundles/<digest>/   (or dropped, when that digest is stored)
 
+                     ─► chunk-sums/<digest>/<chunk size>/<path>: the sha256 of each chunk of
+                        each file in the agents' default chunk size, so the chunks of a bundle
+                        pushed are sent without hashing them first (controller/chunks.py)
+
 The digest is the sha256 of the manifest's canonical JSON; the manifest lists every
 file's sha256, so one digest names the whole content. Nothing unverified ever appears
 under bundles/.
 """
 
+import hashlib
 import os
 import shutil
 import uuid
@@ -16,8 +21,11 @@ from typing import IO
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from slmops.bundle import verify_archive
+from slmops.bundle import MANIFEST_FILE, SIGNATURE_FILE, expected_members, verify_archive
 from slmops.manifest import Manifest
+from slmops.messages import DEFAULT_CHUNK_BYTES
+
+SUM_BYTES = 32
 
 
 class BundleStore:
@@ -25,7 +33,8 @@ class BundleStore:
         self.root = root
         self.incoming = root / "incoming"
         self.bundles = root / "bundles"
-        for folder in (self.incoming, self.bundles):
+        self.chunk_sums_root = root / "chunk-sums"
+        for folder in (self.incoming, self.bundles, self.chunk_sums_root):
             folder.mkdir(parents=True, exist_ok=True)
 
     def ingest(self, archive: Path | IO[bytes], keys: list[Ed25519PublicKey]) -> tuple[Manifest, str]:
@@ -37,6 +46,10 @@ class BundleStore:
             os.replace(staging, self.path(digest))
         except OSError:  # the same content is stored already (a rename cannot replace a full folder)
             shutil.rmtree(staging, ignore_errors=True)
+            return manifest, digest
+        for path in [MANIFEST_FILE, SIGNATURE_FILE, *expected_members(manifest)]:
+            if (stored := self.file(digest, path)) is not None:
+                self.save_chunk_sums(digest, path, DEFAULT_CHUNK_BYTES, hash_chunks(stored, DEFAULT_CHUNK_BYTES))
         return manifest, digest
 
     def path(self, digest: str) -> Path:
@@ -49,5 +62,38 @@ class BundleStore:
         target = (root / path).resolve()
         return target if digest.isalnum() and target.is_relative_to(root) and target.is_file() else None
 
+    def chunk_sums(self, digest: str, path: str, chunk_size: int) -> list[bytes] | None:
+        """The sha256 of each chunk of a stored file kept by `save_chunk_sums`; None when none are
+        kept (or the file holding them is damaged). `path` is one `file` found."""
+        try:
+            kept = self._chunk_sums_path(digest, path, chunk_size).read_bytes()
+        except OSError:
+            return None
+        if not kept or len(kept) % SUM_BYTES:
+            return None
+        return [kept[i : i + SUM_BYTES] for i in range(0, len(kept), SUM_BYTES)]
+
+    def save_chunk_sums(self, digest: str, path: str, chunk_size: int, sums: list[bytes]) -> None:
+        kept = self._chunk_sums_path(digest, path, chunk_size)
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        tmp = kept.with_name(f".{kept.name}.{uuid.uuid4().hex}")
+        tmp.write_bytes(b"".join(sums))
+        os.replace(tmp, kept)
+
+    def _chunk_sums_path(self, digest: str, path: str, chunk_size: int) -> Path:
+        return self.chunk_sums_root / digest / str(chunk_size) / path
+
     def delete(self, digest: str) -> None:
         shutil.rmtree(self.path(digest), ignore_errors=True)
+        shutil.rmtree(self.chunk_sums_root / digest, ignore_errors=True)
+
+
+def hash_chunks(path: Path, chunk_size: int) -> list[bytes]:
+    """The sha256 of each `chunk_size` piece of a file; an empty file is one empty chunk."""
+    sums: list[bytes] = []
+    with path.open("rb", buffering=0) as f:
+        while (data := f.read(chunk_size)) or not sums:
+            sums.append(hashlib.sha256(data).digest())
+            if len(data) < chunk_size:
+                break
+    return sums

@@ -153,6 +153,8 @@ class CommandReply(Message):
 
 
 MIN_CHUNK_BYTES, MAX_CHUNK_BYTES = 16 << 10, 4 << 20
+DEFAULT_CHUNK_BYTES = 256 << 10
+"""The agents' chunk size unless configured; the controller hashes bundles in it when they are pushed."""
 
 
 class ChunkRequest(Message):

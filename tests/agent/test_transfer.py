@@ -20,13 +20,19 @@ CHUNK = 16 << 10
 
 class FileLink:
     """Serves the chunks of one source file; `budget` chunks, then silence (a dead link); the
-    chunks whose index is in `corrupt` have a byte flipped on the way, once each (their header
-    still has the sha256 of the bytes sent)."""
+    chunks whose index is in `corrupt` have a byte flipped on the way, once each; those in `rotten`,
+    every time (the sender's copy is damaged). Headers have the sha256 of the intact bytes."""
 
     device_id = "edge-test"
 
-    def __init__(self, source: Path, budget: int | None = None, corrupt: set[int] | None = None) -> None:
-        self.source, self.budget, self.corrupt = source, budget, corrupt or set()
+    def __init__(
+        self,
+        source: Path,
+        budget: int | None = None,
+        corrupt: set[int] | None = None,
+        rotten: frozenset[int] = frozenset(),
+    ) -> None:
+        self.source, self.budget, self.corrupt, self.rotten = source, budget, corrupt or set(), rotten
         self.requests: list[ChunkRequest] = []
         self.on_chunk = None
 
@@ -57,7 +63,7 @@ class FileLink:
                 sha256=hashlib.sha256(piece).hexdigest(),
             )
             payload = bytearray(chunk_payload(header, piece))
-            if index in self.corrupt:
+            if index in self.corrupt or index in self.rotten:
                 self.corrupt.discard(index)
                 payload[-1] ^= 0xFF
             self.on_chunk(*parse_chunk(payload, "test"))
@@ -143,6 +149,14 @@ def test_a_file_served_wrong_fails_and_is_not_kept(source: Path, tmp_path: Path)
     with pytest.raises(TransferError, match="does not match the manifest's sha256"), fetcher.watching("d" * 64):
         fetcher.fetch("d" * 64, {"p": Wanted(target, "0" * 64)})
     assert not target.exists() and saved_chunks(target, CHUNK) is None  # the next attempt starts over
+
+
+def test_the_same_wrong_bytes_twice_fail_the_fetch_as_a_damaged_source(source: Path, tmp_path: Path) -> None:
+    link = FileLink(source, rotten=frozenset({5}))
+    fetcher = MqttFetcher(link, CHUNK, timeout_s=5)
+    with pytest.raises(TransferError, match="chunk 5 came again with the same bytes"), fetcher.watching("d" * 64):
+        fetcher.fetch("d" * 64, {"p": want(tmp_path / "out.bin", source)})
+    assert [r.chunks for r in link.requests] == [None, [5]]  # asked for once more, then given up on
 
 
 class SharedTopicLink(FileLink):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from slmops.controller.chunks import ChunkServer
-from slmops.controller.store import BundleStore
+from slmops.controller.store import BundleStore, hash_chunks
 from slmops.messages import ChunkRequest, MessageInvalid, bundle_topic, parse_chunk
 
 DIGEST = "ab" * 32
@@ -121,3 +121,31 @@ def test_only_files_of_the_stored_bundle_are_served(served, path: str) -> None:
         server.request("../" + DIGEST, ask("edge-1", "manifest.json"))
     broker.release()
     assert server.sent == 0
+
+
+def test_chunk_sums_computed_while_serving_are_kept_and_a_damaged_kept_file_is_not_trusted(
+    store: BundleStore,
+) -> None:
+    path = "variants/model.bin"
+    assert store.chunk_sums(DIGEST, path, CHUNK) is None  # not pushed through ingest: nothing kept
+    for damage in (None, b"\0" * 33):  # the second server finds its kept file truncated to nonsense
+        if damage is not None:
+            (store.root / "chunk-sums" / DIGEST / str(CHUNK) / path).write_bytes(damage)
+        broker = Broker()  # checks every chunk's bytes against the sha256 in its header
+        broker.release()
+        server = ChunkServer(store, broker.publish)
+        server.start()
+        try:
+            server.request(DIGEST, ask("edge-1", path))
+            assert len(broker.wait_for(6)) == 6
+        finally:
+            server.stop()
+        assert store.chunk_sums(DIGEST, path, CHUNK) == hash_chunks(store.path(DIGEST) / path, CHUNK)
+
+
+@pytest.mark.parametrize("size", [0, 1, CHUNK, CHUNK + 1])
+def test_hash_chunks_counts_chunks_as_the_chunk_server_does(tmp_path: Path, size: int) -> None:
+    data = os.urandom(size)
+    (tmp_path / "f").write_bytes(data)
+    pieces = [data[i : i + CHUNK] for i in range(0, size, CHUNK)] or [b""]
+    assert hash_chunks(tmp_path / "f", CHUNK) == [hashlib.sha256(p).digest() for p in pieces]

@@ -4,7 +4,9 @@ from pathlib import Path
 
 from sqlalchemy import inspect
 
-from slmops.bundle import Bundle, write_archive
+from slmops.bundle import Bundle, expected_members, write_archive
+from slmops.controller.store import BundleStore, hash_chunks
+from slmops.messages import DEFAULT_CHUNK_BYTES
 
 ADMIN = {"Authorization": "Bearer admin-token-0123456789"}
 READER = {"Authorization": "Bearer reader-token-0123456789"}
@@ -29,6 +31,11 @@ def test_push_registers_a_verified_bundle_once(client, archive: bytes, controlle
     assert stored(controller_config) == [summary["digest"]]
     folder = controller_config.store_dir / "bundles" / summary["digest"]
     assert (folder / "manifest.json").is_file() and (folder / "variants" / "cpu-int4" / "genai_config.json").is_file()
+
+    store, digest = BundleStore(controller_config.store_dir), summary["digest"]
+    files = ["manifest.json", "signature.json", *expected_members(Bundle.open(folder).manifest)]
+    for path in files:  # hashed on push in the agents' chunk size: sent without hashing them first
+        assert store.chunk_sums(digest, path, DEFAULT_CHUNK_BYTES) == hash_chunks(folder / path, DEFAULT_CHUNK_BYTES)
 
 
 def test_a_corrupted_archive_is_refused_with_the_reason_and_nothing_kept(
@@ -84,6 +91,7 @@ def test_delete_removes_the_files_and_every_change_is_audited(client, archive: b
     assert client.get("/v1/bundles/tiny/1.0.0", headers=ADMIN).status_code == 404
     assert client.delete("/v1/bundles/tiny/1.0.0", headers=ADMIN).status_code == 404
     assert stored(controller_config) == []
+    assert not (controller_config.store_dir / "chunk-sums" / digest).exists()
     audit = client.get("/v1/audit", headers=ADMIN).json()
     assert [(a["actor"], a["action"], a["target"]) for a in audit] == [
         ("alice", "bundle.delete", "tiny:1.0.0"),

@@ -10,6 +10,7 @@ Loading runs in a worker thread, so the API keeps answering (health says `loadin
 import logging
 import threading
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,17 +49,20 @@ class AgentServer:
         self.started_at = time.time()
         self._load_lock = threading.Lock()
 
-    def load_bundle(self, path: Path, variant_id: str | None = None, smoke_test: bool = False) -> ServedModel:
+    def load_bundle(
+        self, path: Path, variant_id: str | None = None, smoke_test: bool = False, hashed: Collection[str] = ()
+    ) -> ServedModel:
         """Verify, choose, load and switch to a bundle; raises SlmopsError when nothing can run.
 
         `variant_id` names the one variant a device slot holds. With `smoke_test` the loaded
         variant must generate, at no less than `smoke_min_speed_fraction` of its build-time
-        speed, before it replaces what is served.
+        speed, before it replaces what is served. `hashed`: files the caller checked against the
+        manifest as it wrote them (verify_bundle does not read them again).
         """
         with self._load_lock:
             self.status = Status("loading", f"loading {path}", [])
             try:
-                served = self._load(path, variant_id)
+                served = self._load(path, variant_id, hashed)
                 if smoke_test:
                     self._smoke_test(served)
             except SlmopsError as e:
@@ -85,13 +89,13 @@ class AgentServer:
         thread.start()
         return thread
 
-    def _load(self, path: Path, variant_id: str | None) -> ServedModel:
+    def _load(self, path: Path, variant_id: str | None, hashed: Collection[str]) -> ServedModel:
         keys = trusted_keys(self.config.trusted_keys)
         if variant_id is None:
             bundle = verify_bundle(path, keys)
             variant, loaded = load_best_variant(bundle, self.config, self.status.fallbacks)
         else:
-            bundle = verify_bundle(path, keys, [variant_id])
+            bundle = verify_bundle(path, keys, [variant_id], hashed)
             variant = bundle.manifest.variant(variant_id)
             loaded = LoadedVariant.load(bundle.variant_dir(variant_id), self.config.threads)
         return self._served(bundle, variant.id, variant.execution_provider, loaded)

@@ -5,10 +5,12 @@
       ─► manifest + signature from the controller's store ─► signature trusted? digest matches?
       ─► rank variants for this device (choice.py) ─► disk space for the files still missing?
       ─► download each file into slots/<digest>.partial/ (chunks over MQTT or HTTP Range: a
-         restart resumes, complete files are not fetched again), each checked against the
-         manifest's sha256 (over MQTT while it lands: no second pass)            report downloading %
-      ─► verify the slot (signature, files of that variant)                       report verifying
-      ─► rename to slots/<digest>/ ─► load + smoke test ─► engine.swap            report activating
+         restart resumes, complete files are not fetched again; what an earlier attempt left
+         that this variant does not list is removed), each checked against the manifest's
+         sha256 (over MQTT while it lands: no second pass)                       report downloading %
+      ─► rename to slots/<digest>/                                                report verifying
+      ─► verify the slot (signature, exactly the files of that variant, their sizes: their
+         sha256 were checked as they landed) ─► load + smoke test ─► engine.swap  report activating
       ─► active.json replaced atomically (the previous slot stays)                report healthy
     any failure: report failed (reason); what was served stays served
 
@@ -192,14 +194,14 @@ class Sync:
         with self._source(desired) as source:
             manifest = self._fetch_manifest(source, desired, partial)
             variant = self._choose(manifest)
-            self._download(source, desired, manifest, variant, partial)
+            hashed = self._download(source, desired, manifest, variant, partial)
         self._report(desired, "verifying", variant=variant)
         slot = self.slots.path(desired.digest)
         shutil.rmtree(slot, ignore_errors=True)
         os.replace(partial, slot)
         self._report(desired, "activating", variant=variant)
         try:
-            self.server.load_bundle(slot, variant, smoke_test=True)
+            self.server.load_bundle(slot, variant, smoke_test=True, hashed=hashed)
         except SlmopsError:
             shutil.rmtree(slot, ignore_errors=True)  # verified but unfit here: keep what is served
             raise
@@ -238,10 +240,13 @@ class Sync:
 
     def _download(
         self, source: "Source", desired: DesiredState, manifest: Manifest, variant_id: str, partial: Path
-    ) -> None:
+    ) -> set[str]:
+        """Every file of the variant into `partial`, checked against the manifest; returns their
+        bundle-relative paths."""
         files = manifest.variant(variant_id).files
         total = max(1, sum(f.size for f in files))
         targets = {f.path: partial / VARIANTS_DIR / variant_id / f.path for f in files}
+        _sweep(partial, {partial / MANIFEST_FILE, partial / SIGNATURE_FILE, *targets.values()})
         complete = {
             f.path for f in files if _size(targets[f.path]) == f.size and sha256_file(targets[f.path]) == f.sha256
         }
@@ -272,6 +277,7 @@ class Sync:
         log.info(
             "fetched %.1f MB of %s in %.2f s (%.0f MB/s)", missing / 1e6, variant_id, elapsed, missing / 1e6 / elapsed
         )
+        return {f"{VARIANTS_DIR}/{variant_id}/{f.path}" for f in files}
 
 
 class Source(Protocol):
@@ -355,6 +361,19 @@ class HttpSource:
 
     def __exit__(self, *_: object) -> None:
         self.http.close()
+
+
+def _sweep(partial: Path, keep: set[Path]) -> None:
+    """Remove what an earlier attempt left in `partial` that is not to be kept: files of a variant
+    chosen before, a checkpoint cut short (the bitmaps of files kept stay)."""
+    keep |= {bitmap_path(path) for path in keep}
+    for path in sorted(partial.rglob("*"), reverse=True):  # a folder's contents before the folder
+        if path.is_symlink() or path.is_file():
+            if path not in keep:
+                log.info("removing %s, left by an earlier attempt", path.relative_to(partial))
+                path.unlink()
+        elif not any(path.iterdir()):
+            path.rmdir()
 
 
 def _size(path: Path) -> int:

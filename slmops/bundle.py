@@ -75,11 +75,18 @@ def expected_members(manifest: Manifest, variant_ids: Collection[str] | None = N
     }
 
 
-def verify_bundle(root: Path, keys: list[Ed25519PublicKey], variant_ids: Collection[str] | None = None) -> Bundle:
+def verify_bundle(
+    root: Path,
+    keys: list[Ed25519PublicKey],
+    variant_ids: Collection[str] | None = None,
+    hashed: Collection[str] = (),
+) -> Bundle:
     """Check signature, then that the folder holds exactly the listed files with their digests.
 
     With `variant_ids` the folder is a device's slot: the signed manifest of the whole bundle,
-    and the files of those variants only.
+    and the files of those variants only. `hashed` names files (bundle-relative) the caller
+    checked against this manifest's sha256 as it wrote them: their size is checked, their
+    bytes are not read again.
     """
     bundle = Bundle.open(root)
     check_signature(bundle.manifest.canonical_bytes(), bundle.signature, keys)
@@ -98,7 +105,9 @@ def verify_bundle(root: Path, keys: list[Ed25519PublicKey], variant_ids: Collect
     present -= {MANIFEST_FILE, SIGNATURE_FILE}
     _check_file_sets(expected, present, where=str(root))
     for rel, entry in sorted(expected.items()):
-        _check_digest(rel, entry, root / rel)
+        _check_size(rel, entry, root / rel)
+        if rel not in hashed:
+            _check_digest(rel, entry, root / rel)
     return bundle
 
 
@@ -111,10 +120,12 @@ def _check_file_sets(expected: dict[str, FileEntry], present: set[str], where: s
         raise BundleFilesError(f"{where}: file(s) not listed in the manifest: {', '.join(extra)}")
 
 
-def _check_digest(rel: str, entry: FileEntry, path: Path) -> None:
-    size = path.stat().st_size
-    if size != entry.size:
+def _check_size(rel: str, entry: FileEntry, path: Path) -> None:
+    if (size := path.stat().st_size) != entry.size:
         raise BundleFilesError(f"{rel}: size {size} bytes, manifest says {entry.size}")
+
+
+def _check_digest(rel: str, entry: FileEntry, path: Path) -> None:
     digest = sha256_file(path)
     if digest != entry.sha256:
         raise BundleFilesError(f"{rel}: sha256 {digest} does not match the manifest")

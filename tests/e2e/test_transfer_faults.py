@@ -97,6 +97,10 @@ def test_a_kill_mid_download_resumes_with_the_chunks_on_disk(
     }
     assert any(any(bitmap or []) for bitmap in on_disk.values()), "no checkpoint reached the disk"
     before = len(spy.since(0))
+    left_over = [partial / "model.onnx.data.tmp", partial.parent / "cpu-fp32" / "model.onnx"]
+    for path in left_over:  # a checkpoint cut short; a variant this device chose before
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"left by an earlier attempt")
 
     agent.env["SLMOPS_AGENT_BROKER_URL"] = broker_url  # straight to the broker, unpaced, this time
     agent.start()
@@ -106,9 +110,10 @@ def test_a_kill_mid_download_resumes_with_the_chunks_on_disk(
         if request.path in on_disk:  # of the others, only the chunks the checkpoint did not claim
             bitmap = on_disk[request.path] or []
             assert request.chunks == [i for i, sha256 in enumerate(bitmap) if sha256 is None], request.path
-    assert agent.chat_model() == "tiny:1.0.0"
+    assert agent.chat_model() == "tiny:1.0.0"  # the slot holds exactly the variant's files: verified
     output = agent.stop()
     assert "resuming variants/cpu-int4/" in output, output
+    assert "removing variants/cpu-fp32/model.onnx, left by an earlier attempt" in output, output
 
 
 def test_a_broker_restart_mid_transfer_and_everyone_completes(
@@ -156,11 +161,12 @@ def test_the_agent_refuses_what_the_controller_should_not_have_served(
     digest = next(b["digest"] for b in controller.get("/v1/bundles").json() if b["version"] == "2.0.0")
     stored = tmp_path / "controller" / "store" / "bundles" / digest / "variants" / "cpu-int4" / "model.onnx.data"
     rotten = bytearray(stored.read_bytes())
-    rotten[len(rotten) // 2] ^= 0xFF  # bit rot on the controller's disk: each chunk still matches its header
+    rotten[len(rotten) // 2] ^= 0xFF  # bit rot on the controller's disk, after the chunk sums were taken
     stored.write_bytes(rotten)
     agent_process("edge-rot", broker_url, smoke_min_speed_fraction="0")
     eventually(lambda: controller.device("edge-rot").get("online"), "the agent did not join")
     controller.desire("edge-rot", "2.0.0")
     failed = eventually(lambda: controller.reported("edge-rot", "failed", "2.0.0"), "a rotten file was taken")
-    assert "does not match the manifest's sha256" in failed["reason"], failed
+    assert "came again with the same bytes" in failed["reason"], failed
+    assert "the controller's stored copy is damaged" in failed["reason"], failed
     assert controller.device("edge-rot")["serving"] is None

@@ -260,12 +260,15 @@ class MqttFetcher:
             self._fetch(digest, {path: _File(path, w, self.chunk_size, saver) for path, w in files.items()}, progress)
 
     def _fetch(self, digest: str, files: dict[str, _File], progress: Callable[[int], None] | None) -> None:
-        arrived = threading.Event()
+        changed = threading.Event()  # a file complete, failed, or with chunks to ask for again
+        landed = [time.monotonic()]  # when a chunk this fetch needed last landed (no wakeup for each)
 
         def on_chunk(header: ChunkHeader, data: memoryview) -> None:
             file = files.get(header.path)
             if file is not None and header.chunk_size == self.chunk_size and (written := file.accept(header, data)):
-                arrived.set()
+                landed[0] = time.monotonic()
+                if file.complete or file.failed is not None or file.asking_again:
+                    changed.set()
                 if progress is not None:
                     progress(written)
 
@@ -291,13 +294,15 @@ class MqttFetcher:
                         device_id=self.link.device_id, path=path, chunk_size=self.chunk_size, chunks=file.missing()
                     )
                     self.link.request_chunks(digest, request)
+                landed[0] = time.monotonic()
                 while True:
-                    arrived.clear()  # before looking: a chunk landing in between sets it again
+                    changed.clear()  # before looking: a change in between sets it again
                     if not incomplete() or asking_again():
                         break
-                    if not arrived.wait(self.timeout_s):
+                    if (quiet := time.monotonic() - landed[0]) >= self.timeout_s:
                         log.info("no chunks for %.0f s; asking again for what is missing", self.timeout_s)
                         break
+                    changed.wait(self.timeout_s - quiet)
             if waiting := incomplete():
                 raise TransferError(f"{', '.join(waiting)}: chunks still missing after {MAX_ROUNDS} requests")
             for file in files.values():

@@ -6,7 +6,8 @@ In one run, on one machine:
                     bytes in the same chunk size, QoS 1, 32 in flight: the ceiling for any MQTT
                     transfer here, to compare each MQTT row with
     MQTT, 1 agent   end to end: desired state set → the agent reports `verifying` (every file
-                    fetched and checked), read off the broker: variant bytes / that time; and the
+                    fetched and checked; the time the agent sent the report, read off the broker):
+                    variant bytes / that time; and the
                     download alone: its first request for a variant file → `verifying` (the
                     desired state's way to the device, the manifest and signature excluded);
                     the agent's peak RSS while downloading
@@ -16,9 +17,13 @@ In one run, on one machine:
     resume          an agent killed (-9) at 50 % of its download, restarted: seconds from the
                     restart (process start included) to `verifying`, and chunks published again
 
-Prints a table; writes benchmarks/results/transfer.json.
+The raw and MQTT rows are measured `--repeat` times, interleaved (raw 1, raw N, MQTT 1, MQTT N, then
+again), so that each ratio compares runs made under the same load; on a shared 2-core machine one
+run's 10-agent ratio can be 0.35 and the next 0.65. The table shows the median and the range.
 
-    python -P benchmarks/transfer.py [--agents 10] [--chunk-kib 256]
+Prints a table; writes benchmarks/results/transfer.json (every run, and the medians).
+
+    python -P benchmarks/transfer.py [--agents 10] [--chunk-kib 256] [--repeat 3]
 """
 
 import argparse
@@ -27,10 +32,12 @@ import os
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -121,10 +128,17 @@ def raw_broker(port: int, total_bytes: int, chunk: int, subscribers: int) -> flo
     return subscribers * count * chunk / elapsed / 1e6
 
 
+def sent_at(message: dict) -> float:
+    """When the agent sent a message (its `sent_at`; one clock, on one machine), not when it got here:
+    with ten agents loading models right after they report `verifying`, a report can sit for seconds
+    in a starved broker or in this process before it is read."""
+    return datetime.fromisoformat(message["sent_at"]).timestamp()
+
+
 class Reports:
     """The agents' reports and chunk requests, read off the broker as the controller gets them (no
     polling of its API): when each device first reported each status, its last download percent,
-    and when it first asked for a variant file's chunks."""
+    and when it first asked for a variant file's chunks (each as the agent sent it)."""
 
     def __init__(self, port: int) -> None:
         import paho.mqtt.client as mqtt
@@ -148,11 +162,11 @@ class Reports:
         if message.topic.endswith("/request"):
             request = json.loads(message.payload)
             if request["path"].startswith("variants/"):
-                self.asked.setdefault(request["device_id"], time.perf_counter())
+                self.asked.setdefault(request["device_id"], sent_at(request))
             return
         device, report = message.topic.split("/")[3], json.loads(message.payload)
         with self.changed:
-            self.first.setdefault((device, report["status"]), time.perf_counter())
+            self.first.setdefault((device, report["status"]), sent_at(report))
             if report["status"] == "downloading":
                 self.percent[device] = report.get("percent") or 0.0
             if report["status"] == "failed":
@@ -182,6 +196,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--agents", type=int, default=10)
     parser.add_argument("--chunk-kib", type=int, default=256)
+    parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
 
     from rich.console import Console
@@ -248,11 +263,6 @@ def main() -> None:
             httpx.post(f"{url}/v1/bundles", content=f.read(), headers=headers, timeout=300).raise_for_status()
         digest = manifest.digest
 
-        with console.status("raw broker throughput, to 1 subscriber and to N at once"):
-            report["raw_broker_mb_s"] = {
-                str(n): raw_broker(broker_port, variant_bytes, chunk, n) for n in sorted({1, args.agents})
-            }
-
         with console.status("HTTP download of the variant's files"):
             started = time.perf_counter()
             with httpx.Client(headers=headers, timeout=60) as http:
@@ -297,24 +307,25 @@ def main() -> None:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=60)
 
-        def run_agents(count: int) -> dict:
+        def run_agents(count: int, run: int) -> dict:
             sent_before = health().get("chunks_sent", 0)
-            agents = {f"bench-{count}-{i}": start_agent(f"bench-{count}-{i}") for i in range(count)}
+            agents = {f"bench-{run}-{count}-{i}": start_agent(f"bench-{run}-{count}-{i}") for i in range(count)}
             for device in agents:
                 joined(device)
-            peak_rss = 0
-            started = time.perf_counter()
+            rss: list[tuple[float, str, int]] = []  # when, whose, how much
+            started = time.time()
             desire(list(agents))
             while not all(reports.fetched(d) for d in agents):
                 if reports.reasons:
                     raise RuntimeError(f"failed: {reports.reasons}")
                 for device, proc in agents.items():
                     if not reports.fetched(device):
-                        peak_rss = max(peak_rss, psutil.Process(proc.pid).memory_info().rss)
-                if time.perf_counter() - started > 900:
+                        rss.append((time.time(), device, psutil.Process(proc.pid).memory_info().rss))
+                if time.time() - started > 900:
                     raise TimeoutError("the transfer did not finish in 15 minutes")
                 time.sleep(0.02)
             finished = max(reports.fetched(d) or 0.0 for d in agents)
+            peak_rss = max(b for at, d, b in rss if at < (reports.fetched(d) or 0.0))
             elapsed, downloading = finished - started, finished - min(reports.asked[d] for d in agents)
             for proc in agents.values():
                 stop(proc)
@@ -347,7 +358,7 @@ def main() -> None:
                 for b in (WORK / device / "slots").glob("*.partial/**/*.chunks")
             )
             sent_before = health().get("chunks_sent", 0)
-            restarted = time.perf_counter()
+            restarted = time.time()
             proc = start_agent(device)
             fetched = reports.wait(lambda: reports.fetched(device), "the restarted agent did not finish")
             stop(proc)
@@ -359,10 +370,32 @@ def main() -> None:
                 "chunks_per_agent_set": set_size,
             }
 
-        report["mqtt"] = []
-        for count in sorted({1, args.agents}):
-            with console.status(f"MQTT transfer to {count} agent(s) at once"):
-                report["mqtt"].append(run_agents(count))
+        counts = sorted({1, args.agents})
+        report["runs"] = []
+        for run in range(args.repeat):
+            measured: dict = {"raw_broker_mb_s": {}, "mqtt": []}
+            for count in counts:
+                with console.status(f"run {run + 1}/{args.repeat}: raw broker to {count} subscriber(s)"):
+                    measured["raw_broker_mb_s"][str(count)] = raw_broker(broker_port, variant_bytes, chunk, count)
+            for count in counts:
+                with console.status(f"run {run + 1}/{args.repeat}: MQTT transfer to {count} agent(s) at once"):
+                    m = run_agents(count, run)
+                raw = measured["raw_broker_mb_s"][str(count)]
+                m["vs_raw"], m["download_vs_raw"] = m["aggregate_mb_s"] / raw, m["download_aggregate_mb_s"] / raw
+                measured["mqtt"].append(m)
+            report["runs"].append(measured)
+        report["median"] = {
+            "raw_broker_mb_s": {
+                str(n): statistics.median(r["raw_broker_mb_s"][str(n)] for r in report["runs"]) for n in counts
+            },
+            "mqtt": [
+                {
+                    key: statistics.median(r["mqtt"][i][key] for r in report["runs"])
+                    for key in report["runs"][0]["mqtt"][i]
+                }
+                for i in range(len(counts))
+            ],
+        }
         with console.status("kill -9 mid-download, restart, resume"):
             report["resume"] = resume_after_kill(50.0)
         reports.close()
@@ -375,35 +408,43 @@ def main() -> None:
                 except subprocess.TimeoutExpired:
                     proc.kill()
 
+    def spread(values: list[float], digits: int = 2) -> str:
+        """median, and the range over the runs"""
+        low, mid, high = min(values), statistics.median(values), max(values)
+        return f"{mid:.{digits}f}" if len(values) == 1 else f"{mid:.{digits}f} ({low:.{digits}f}–{high:.{digits}f})"
+
+    runs = report["runs"]
     table = Table(
-        title=f"transfer of cpu-int4 ({variant_bytes / 1e6:.1f} MB), {args.chunk_kib} KiB chunks, {report['machine']}"
+        title=f"transfer of cpu-int4 ({variant_bytes / 1e6:.1f} MB), {args.chunk_kib} KiB chunks, "
+        f"{report['machine']}: median (range) of {len(runs)} run(s)"
     )
     for column in ("path", "MB/s", "vs raw broker", "seconds", "chunks published", "agent peak RSS MiB"):
         table.add_column(column, justify="left" if column == "path" else "right")
-    raw = report["raw_broker_mb_s"]
-    for n, mb_s in raw.items():
-        table.add_row(f"raw broker, paho → {n} paho subscriber(s), QoS 1", f"{mb_s:.1f}", "1.00", "", "", "")
-    for m in report["mqtt"]:
+    for n in report["median"]["raw_broker_mb_s"]:
+        raw_mb_s = [r["raw_broker_mb_s"][n] for r in runs]
+        table.add_row(f"raw broker, paho → {n} paho subscriber(s), QoS 1", spread(raw_mb_s, 0), "1", "", "", "")
+    for i, m in enumerate(report["median"]["mqtt"]):
+        each = [r["mqtt"][i] for r in runs]
         table.add_row(
             f"MQTT to {m['agents']} agent(s), aggregate: desired set → verified",
-            f"{m['aggregate_mb_s']:.1f}",
-            f"{m['aggregate_mb_s'] / raw[str(m['agents'])]:.2f}",
-            f"{m['seconds']:.2f}",
-            f"{m['chunks_published']} (one set: {m['chunks_per_agent_set']})",
+            spread([e["aggregate_mb_s"] for e in each], 0),
+            spread([e["vs_raw"] for e in each]),
+            spread([e["seconds"] for e in each]),
+            f"{m['chunks_published']:.0f} (one set: {m['chunks_per_agent_set']})",
             f"{m['agent_peak_rss_bytes_while_downloading'] / 2**20:.0f}",
         )
         table.add_row(
             "  of which the download: first variant request → verified",
-            f"{m['download_aggregate_mb_s']:.1f}",
-            f"{m['download_aggregate_mb_s'] / raw[str(m['agents'])]:.2f}",
-            f"{m['download_seconds']:.2f}",
+            spread([e["download_aggregate_mb_s"] for e in each], 0),
+            spread([e["download_vs_raw"] for e in each]),
+            spread([e["download_seconds"] for e in each]),
             "",
             "",
         )
     table.add_row(
         "HTTP from the controller's store",
-        f"{report['http_mb_s']:.1f}",
-        f"{report['http_mb_s'] / raw['1']:.2f}",
+        f"{report['http_mb_s']:.0f}",
+        f"{report['http_mb_s'] / report['median']['raw_broker_mb_s']['1']:.2f}",
         "",
         "",
         "",

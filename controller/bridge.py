@@ -1,15 +1,18 @@
 """The controller's MQTT link: one paho client, its own reconnect loop, messages to the fleet.
 
-    broker ─► slmops/v1/devices/+/birth ─► parse (validated) ─► fleet.record_birth
-           ─► slmops/v1/devices/+/state ─► parse (validated) ─► fleet.record_state
+    broker ─► slmops/v1/devices/+/birth ─► parse (validated) ─┐
+           ─► slmops/v1/devices/+/state ─► parse (validated) ─┤ recorder.py: written to the
                                          offline (a will or a goodbye) ─► its chunks are not sent
+           ─► slmops/v1/devices/+/reported ─► parse (validated) ─┤ database in its own thread,
+           ─► slmops/v1/devices/+/telemetry ─► parse (validated) ─┘ in batches; telemetry acked
+                                            (devices/{id}/telemetry_ack {up_to_seq}) once stored
            ─► slmops/v1/bundles/+/request ─► chunks.py: the chunks asked for, on bundles/+/chunk
-           ─► slmops/v1/devices/+/telemetry ─► fleet.record_telemetry (dedup on device+seq)
-                                            ─► devices/{id}/telemetry_ack {up_to_seq} once stored
+           ─► slmops/v1/devices/+/cmd_reply ─► the command waiting for it
     anything malformed: logged with the device it came from, counted, dropped; never fatal
 
 paho runs the network loop in its thread and reconnects with backoff (1 s up to 30 s);
-subscriptions are made again on every connect.
+subscriptions are made again on every connect. That thread never waits on the database: it
+also handles the broker's acks for the chunks being sent.
 """
 
 import logging
@@ -40,6 +43,7 @@ from slmops.messages import (
 
 from .chunks import ChunkServer
 from .fleet import Fleet
+from .recorder import Recorder
 from .store import BundleStore
 
 log = logging.getLogger(__name__)
@@ -63,7 +67,8 @@ class MqttBridge:
         self.address = BrokerAddress.parse(broker_url)
         self.fleet = fleet
         self.connected = False
-        self.dropped = 0
+        self.unhandled = 0
+        self.recorder = Recorder(fleet, self._acknowledge_telemetry)
         self._replies: dict[str, tuple[threading.Event, list[CommandReply]]] = {}
         self._replies_lock = threading.Lock()
         self.client = new_client(self.address, client_id, protocol, ca_file)
@@ -74,6 +79,7 @@ class MqttBridge:
         self.chunks = None if store is None else ChunkServer(store, self._publish_chunk)
 
     def start(self) -> None:
+        self.recorder.start()
         self.client.connect_async(self.address.host, self.address.port, keepalive=KEEPALIVE_S)
         self.client.loop_start()
         if self.chunks is not None:
@@ -84,10 +90,20 @@ class MqttBridge:
             self.chunks.stop()
         self.client.disconnect()
         self.client.loop_stop()
+        self.recorder.stop()
+
+    @property
+    def dropped(self) -> int:
+        """Messages not handled: malformed, failing, or refused by the database."""
+        return self.unhandled + self.recorder.failed
 
     @property
     def chunks_sent(self) -> int:
         return 0 if self.chunks is None else self.chunks.sent
+
+    def _acknowledge_telemetry(self, device_id: str, up_to_seq: int) -> None:
+        ack = TelemetryAck(up_to_seq=up_to_seq).payload()
+        self.client.publish(device_topic(device_id, "telemetry_ack"), ack, qos=1)
 
     def _publish_chunk(self, topic: str, payload: bytes) -> mqtt.MQTTMessageInfo:
         return self.client.publish(topic, payload, qos=1)
@@ -146,14 +162,16 @@ class MqttBridge:
             if not message.payload:
                 return  # a cleared retained message
             if kind == "birth":
-                self.fleet.record_birth(device_id, parse(Birth, message.payload, message.topic))
+                self.recorder.put(device_id, parse(Birth, message.payload, message.topic))
             elif kind == "state":
                 state = parse(DeviceState, message.payload, message.topic)
-                self.fleet.record_state(device_id, state)
+                self.recorder.put(device_id, state)
                 if not state.online and self.chunks is not None:
                     self.chunks.forget(device_id)
             elif kind == "reported":
-                self.fleet.record_reported(device_id, parse(Reported, message.payload, message.topic))
+                self.recorder.put(device_id, parse(Reported, message.payload, message.topic))
+            elif kind == "telemetry":
+                self.recorder.put(device_id, parse(TelemetryBatch, message.payload, message.topic))
             elif kind == "cmd_reply":
                 reply = parse(CommandReply, message.payload, message.topic)
                 with self._replies_lock:
@@ -165,15 +183,11 @@ class MqttBridge:
                 else:
                     waiter[1].append(reply)
                     waiter[0].set()
-            elif kind == "telemetry":
-                stored = self.fleet.record_telemetry(device_id, parse(TelemetryBatch, message.payload, message.topic))
-                ack = TelemetryAck(up_to_seq=stored).payload()
-                self.client.publish(device_topic(device_id, "telemetry_ack"), ack, qos=1)
             else:
                 raise MessageInvalid(f"{message.topic}: devices do not send {kind!r}")
         except MessageInvalid as e:
-            self.dropped += 1
+            self.unhandled += 1
             log.warning("dropped a message from %s: %s", sender, e)
-        except Exception:  # a database hiccup must not kill paho's network thread
-            self.dropped += 1
-            log.exception("could not record a message from %s", sender)
+        except Exception:  # a disk that fails under a chunk request must not kill paho's network thread
+            self.unhandled += 1
+            log.exception("could not handle a message from %s", sender)

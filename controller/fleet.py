@@ -21,37 +21,40 @@ from .audit import Actor
 from .db import BundleRow, DeviceRow, TelemetryRow
 from .registry import NotFound
 
+Inbound = Birth | DeviceState | Reported | TelemetryBatch
+"""What devices send that the fleet records."""
+
 
 class Fleet:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
-    def record_birth(self, device_id: str, birth: Birth) -> None:
-        with Session(self.engine) as session, session.begin():
-            device = session.get(DeviceRow, device_id) or DeviceRow(id=device_id, tags={}, groups=[])
-            device.profile = birth.profile.model_dump(mode="json")
-            device.agent_version = birth.agent_version
-            device.online = True
-            device.last_seen = datetime.now(UTC)
-            session.add(device)
+    def record(self, messages: Sequence[tuple[str, Inbound]]) -> None:
+        """What devices sent, in order, in one transaction (controller/recorder.py batches them).
 
-    def record_state(self, device_id: str, state: DeviceState) -> None:
-        """Presence; a state from a device never born yet registers it without a profile."""
+        A birth registers a device with its profile; a state, report or telemetry batch from a
+        device never born yet registers it without one. Telemetry records stored before (the
+        same device and sequence number) are skipped.
+        """
         with Session(self.engine) as session, session.begin():
-            device = session.get(DeviceRow, device_id) or DeviceRow(id=device_id, tags={}, groups=[], profile={})
-            device.online = state.online
-            if state.agent_version:
-                device.agent_version = state.agent_version
-            device.serving = state.serving.model_dump() if state.serving else None
-            device.last_seen = datetime.now(UTC)
-            session.add(device)
-
-    def record_reported(self, device_id: str, reported: Reported) -> None:
-        with Session(self.engine) as session, session.begin():
-            device = session.get(DeviceRow, device_id) or DeviceRow(id=device_id, tags={}, groups=[], profile={})
-            device.reported = reported.model_dump(mode="json", exclude={"schema_version"})
-            device.last_seen = datetime.now(UTC)
-            session.add(device)
+            for device_id, message in messages:
+                device = session.get(DeviceRow, device_id) or DeviceRow(id=device_id, tags={}, groups=[], profile={})
+                device.last_seen = datetime.now(UTC)
+                if isinstance(message, Birth):
+                    device.profile = message.profile.model_dump(mode="json")
+                    device.agent_version, device.online = message.agent_version, True
+                elif isinstance(message, DeviceState):
+                    device.online = message.online
+                    if message.agent_version:
+                        device.agent_version = message.agent_version
+                    device.serving = message.serving.model_dump() if message.serving else None
+                elif isinstance(message, Reported):
+                    device.reported = message.model_dump(mode="json", exclude={"schema_version"})
+                else:
+                    insert = sqlite_insert if self.engine.dialect.name == "sqlite" else postgresql_insert
+                    session.execute(insert(TelemetryRow).on_conflict_do_nothing(), _telemetry_rows(device_id, message))
+                session.add(device)
+                session.flush()  # the next message of this device finds the row
 
     def set_desired(self, device_ids: Sequence[str], bundle: BundleRow, actor: Actor) -> DesiredState:
         """The same desired state for every device named, in one transaction: all of them or, when
@@ -83,27 +86,6 @@ class Fleet:
         with Session(self.engine) as session:
             rows = session.scalars(select(DeviceRow).where(DeviceRow.desired.is_not(None)))
             return {row.id: DesiredState.model_validate(row.desired) for row in rows if row.desired}
-
-    def record_telemetry(self, device_id: str, batch: TelemetryBatch) -> int:
-        """Store a batch, skipping records stored before; returns the sequence number to acknowledge."""
-        rows = [
-            {
-                "device_id": device_id,
-                "seq": r.seq,
-                "created": datetime.fromtimestamp(r.created, UTC),
-                "kind": r.kind,
-                "payload": r.payload,
-                "received_at": datetime.now(UTC),
-            }
-            for r in batch.records
-        ]
-        with Session(self.engine) as session, session.begin():
-            insert = sqlite_insert if self.engine.dialect.name == "sqlite" else postgresql_insert
-            session.execute(insert(TelemetryRow).on_conflict_do_nothing(), rows)
-            device = session.get(DeviceRow, device_id) or DeviceRow(id=device_id, tags={}, groups=[], profile={})
-            device.last_seen = datetime.now(UTC)
-            session.add(device)
-        return max(r.seq for r in batch.records)
 
     def telemetry(self, device_id: str, limit: int = 100) -> list[TelemetryRow]:
         with Session(self.engine) as session:
@@ -140,3 +122,18 @@ class Fleet:
                 device.groups, change["groups"] = sorted(set(groups)), sorted(set(groups))
             audit.record(session, actor, "device.label", device_id, change)
             return device
+
+
+def _telemetry_rows(device_id: str, batch: TelemetryBatch) -> list[dict[str, Any]]:
+    received_at = datetime.now(UTC)
+    return [
+        {
+            "device_id": device_id,
+            "seq": r.seq,
+            "created": datetime.fromtimestamp(r.created, UTC),
+            "kind": r.kind,
+            "payload": r.payload,
+            "received_at": received_at,
+        }
+        for r in batch.records
+    ]

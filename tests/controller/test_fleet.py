@@ -1,20 +1,37 @@
-"""Devices over MQTT: a real Mosquitto, real paho clients, the controller's bridge and REST API."""
+"""Devices over MQTT: a real Mosquitto, real paho clients, the controller's bridge, recorder and REST API."""
 
 import json
 import logging
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
+from sqlalchemy import text
 
 from slmops.agent.hardware import probe
+from slmops.controller.db import migrate, open_database
 from slmops.controller.embedded_broker import BrokerStartError
+from slmops.controller.fleet import Fleet
+from slmops.controller.recorder import Recorder
+from slmops.controller.registry import NotFound
 from slmops.controller.service import build_app
-from slmops.messages import Birth, DeviceState, HardwareProfile, Serving, bundle_topic, device_topic
+from slmops.messages import (
+    Birth,
+    ChunkRequest,
+    DeviceState,
+    HardwareProfile,
+    Serving,
+    TelemetryBatch,
+    TelemetryRecord,
+    bundle_topic,
+    device_topic,
+)
 
 ADMIN = {"Authorization": "Bearer admin-token-0123456789"}
 READER = {"Authorization": "Bearer reader-token-0123456789"}
@@ -273,3 +290,94 @@ def test_one_bundle_desired_for_many_devices_at_once_by_id_or_group(
         e["target"] for e in fleet_client.get("/v1/audit", headers=ADMIN).json() if e["action"] == "device.desired"
     ]
     assert sorted(audited) == ["edge-5", "edge-6", "edge-7"]
+
+
+def test_chunks_are_served_while_the_database_is_locked(
+    fleet_client, publisher, mosquitto: int, archive: bytes, controller_config
+) -> None:
+    """paho's network thread never waits on the database: with every write to it held up (a long
+    transaction elsewhere), a chunk asked for still comes; the birth sent before the request is
+    written once the lock goes."""
+    digest = fleet_client.post("/v1/bundles", content=archive, headers=ADMIN).json()["digest"]
+    chunk, subscribed = threading.Event(), threading.Event()
+    watcher = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="test-chunk-watcher")
+    watcher.on_message = lambda *_: chunk.set()
+    watcher.on_subscribe = lambda *_: subscribed.set()
+    watcher.connect("127.0.0.1", mosquitto)
+    watcher.loop_start()
+    engine = open_database(controller_config.database_url)
+    try:
+        watcher.subscribe(bundle_topic(digest, "chunk"), qos=1)
+        assert subscribed.wait(10)
+        with engine.connect() as locker:
+            if engine.dialect.name == "sqlite":
+                locker.exec_driver_sql("BEGIN IMMEDIATE")  # the write lock: readers go on, writers wait
+            else:
+                locker.execute(text("LOCK TABLE device IN EXCLUSIVE MODE"))
+            publisher.publish(device_topic("edge-8", "birth"), Birth(agent_version="0.1", profile=PROFILE).payload(), 1)
+            request = ChunkRequest(device_id="edge-8", path="manifest.json", chunk_size=16 << 10)
+            publisher.publish(bundle_topic(digest, "request"), request.payload(), qos=1)
+            assert chunk.wait(10), "no chunk came while the database was locked"
+            assert device(fleet_client, "edge-8") is None  # its birth is still waiting for the lock
+            locker.rollback()
+        wait_for(lambda: device(fleet_client, "edge-8"), "the birth was not written once the lock went")
+    finally:
+        watcher.disconnect()
+        watcher.loop_stop()
+        engine.dispose()
+
+
+REFUSE_POISON = {
+    "sqlite": [
+        "CREATE TRIGGER refuse BEFORE INSERT ON device WHEN NEW.id = 'poison' BEGIN SELECT RAISE(ABORT, 'refused'); END"
+    ],
+    "postgresql": [
+        "CREATE FUNCTION refuse() RETURNS trigger AS $$ BEGIN RAISE EXCEPTION 'refused'; END $$ LANGUAGE plpgsql",
+        "CREATE TRIGGER refuse BEFORE INSERT ON device FOR EACH ROW WHEN (NEW.id = 'poison') EXECUTE FUNCTION refuse()",
+    ],
+}
+
+
+@pytest.fixture
+def refusing_fleet(controller_config) -> Iterator[Fleet]:
+    """A fleet whose database refuses the row of device `poison` (a trigger: a real refusal, as a
+    constraint or a full disk would give)."""
+    engine = open_database(controller_config.database_url)
+    migrate(engine)
+    with engine.begin() as connection:
+        for statement in REFUSE_POISON[engine.dialect.name]:
+            connection.execute(text(statement))
+    yield Fleet(engine)
+    engine.dispose()
+
+
+def telemetry(*seqs: int) -> TelemetryBatch:
+    return TelemetryBatch(
+        records=[TelemetryRecord(seq=s, created=time.time(), kind="system", payload={"n": s}) for s in seqs]
+    )
+
+
+def test_a_message_the_database_refuses_loses_only_itself(
+    refusing_fleet: Fleet, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, logger="slmops.controller.recorder")
+    fleet, acks = refusing_fleet, []
+    recorder = Recorder(fleet, lambda device, seq: acks.append((device, seq)))
+    queued = [
+        ("edge-a", Birth(agent_version="0.1.0", profile=PROFILE)),
+        ("edge-a", telemetry(1, 2, 3)),
+        ("poison", Birth(agent_version="0.1.0", profile=PROFILE)),
+        ("edge-b", DeviceState(online=True)),
+        ("edge-b", telemetry(7)),
+    ]
+    for device_id, message in queued:  # all queued before the thread starts: one batch
+        recorder.put(device_id, message)
+    recorder.start()
+    recorder.stop()  # writes what is queued first
+
+    assert fleet.device("edge-a").profile["cpu_model"] == "test CPU" and fleet.device("edge-b").online
+    assert [r.seq for r in fleet.telemetry("edge-a")] == [3, 2, 1]
+    with pytest.raises(NotFound):
+        fleet.device("poison")
+    assert recorder.failed == 1 and acks == [("edge-a", 3), ("edge-b", 7)]  # acked once stored, not before
+    assert [r.getMessage() for r in caplog.records] == ["could not record a Birth from device poison"]

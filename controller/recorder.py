@@ -1,0 +1,78 @@
+"""What devices send, written to the database off the MQTT network thread, many messages per transaction.
+
+bridge (paho's network thread) ─► Recorder.put(device, message): never waits on the database,
+    so chunk requests and the broker's acks for chunks keep flowing while a commit is under way
+recorder thread: what is queued, up to 500 messages ─► fleet.record: one transaction, in order
+    ─► a telemetry ack for each batch stored (the agent deletes only what the controller stored)
+    a transaction that fails: each message again on its own; the one that fails alone is
+    logged and counted, the others are kept
+queue full (the database far behind): put() waits, and the broker holds what comes meanwhile
+stop(): what is queued is written first
+"""
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+
+from slmops.messages import TelemetryBatch
+
+from .fleet import Fleet, Inbound
+
+log = logging.getLogger(__name__)
+
+BATCH_MESSAGES = 500
+QUEUED_MESSAGES = 10_000
+
+Received = tuple[str, Inbound]
+"""device id, what it sent"""
+
+
+class Recorder:
+    def __init__(self, fleet: Fleet, acknowledge: Callable[[str, int], None]) -> None:
+        self.fleet, self.acknowledge = fleet, acknowledge
+        self.failed = 0
+        self._queue: queue.Queue[Received | None] = queue.Queue(maxsize=QUEUED_MESSAGES)
+        self._thread = threading.Thread(target=self._run, name="slmops-recorder", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+
+    def put(self, device_id: str, message: Inbound) -> None:
+        self._queue.put((device_id, message))
+
+    def _run(self) -> None:
+        while (first := self._queue.get()) is not None:
+            batch, stopping = [first], False
+            while len(batch) < BATCH_MESSAGES:
+                try:
+                    received = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if received is None:
+                    stopping = True
+                    break
+                batch.append(received)
+            self._write(batch)
+            if stopping:
+                return
+
+    def _write(self, batch: list[Received]) -> None:
+        try:
+            self.fleet.record(batch)
+        except Exception:  # a database hiccup or a message it refuses: find which, keep the rest
+            if len(batch) > 1:
+                for received in batch:
+                    self._write([received])
+                return
+            self.failed += 1
+            device_id, message = batch[0]
+            log.exception("could not record a %s from device %s", type(message).__name__, device_id)
+            return
+        for device_id, message in batch:
+            if isinstance(message, TelemetryBatch):
+                self.acknowledge(device_id, max(r.seq for r in message.records))

@@ -198,7 +198,11 @@ class Sync:
         self._report(desired, "verifying", variant=variant)
         slot = self.slots.path(desired.digest)
         shutil.rmtree(slot, ignore_errors=True)
+        started = time.perf_counter()
+        _sync_to_disk(partial)  # whole before it is named: a power cut after active.json points at it finds it so
         os.replace(partial, slot)
+        _sync_to_disk(self.slots.root, recursive=False)
+        log.info("slot on disk in %.2f s", time.perf_counter() - started)
         self._report(desired, "activating", variant=variant)
         try:
             self.server.load_bundle(slot, variant, smoke_test=True, hashed=hashed)
@@ -361,6 +365,16 @@ class HttpSource:
 
     def __exit__(self, *_: object) -> None:
         self.http.close()
+
+
+def _sync_to_disk(folder: Path, recursive: bool = True) -> None:
+    """fsync every file under `folder` and every folder (their entries), `folder` last."""
+    for path in [*(sorted(folder.rglob("*"), reverse=True) if recursive else []), folder]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _sweep(partial: Path, keep: set[Path]) -> None:

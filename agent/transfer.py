@@ -10,9 +10,11 @@
             and with none differing the file itself was served wrong (TransferError)
         no chunk for `timeout_s` ─► request what is still missing (a lost chunk)
     every 8 MiB or half second, in a thread of its own (the receiving thread never waits for the
-    disk), and when the fetch stops: the data is fsynced, then the bitmap (<file>.chunks: the
-    chunk size, then each chunk's sha256 or zeros) that claims it is saved, so a restart asks
-    only for chunks not on disk and can still check each of them
+    disk), and when the fetch stops: the bitmap (<file>.chunks: the chunk size, then each chunk's
+    sha256 or zeros) is saved, so a restart asks only for chunks not on disk and checks them all:
+    a chunk claimed that a power cut kept from the disk, or that rotted there, is found by its
+    sha256 and asked for again (so the data needs no fsync before its bitmap: the slot is
+    fsynced once, whole, before it is activated, agent/sync.py)
 
 Chunks travel on one topic per bundle: when several devices fetch the same bundle, one
 publish reaches all of them, and each keeps the chunks of the files it is fetching.
@@ -154,8 +156,8 @@ class _File:
 
     def _read(self, index: int) -> bytes:
         assert self.fd is not None and self.file_size is not None
-        offset = index * self.chunk_size
-        return os.pread(self.fd, min(self.chunk_size, self.file_size - offset), offset)
+        offset = index * self.chunk_size  # past the end when a power cut lost the file's tail: no bytes
+        return os.pread(self.fd, max(0, min(self.chunk_size, self.file_size - offset)), offset)
 
     def _hash_ahead(self, arrived: int, data: memoryview | None) -> None:
         """Feed the file's sha256 every chunk on disk from `hashed` on; the one that just arrived
@@ -193,10 +195,8 @@ class _File:
         return self.chunk_size.to_bytes(4, "big") + b"".join(s or NO_SUM for s in self.sums)
 
     def _save(self, claimed: bytes) -> None:
-        """fsync, then the bitmap: `claimed` was taken after those chunks were written, so the bitmap
-        never claims a chunk that is not on disk, even after a power cut."""
-        assert self.fd is not None
-        os.fsync(self.fd)
+        """The bitmap: `claimed` was taken after those chunks were written (a power cut can still keep
+        them from the disk: the sha256 of each chunk claimed finds that on the restart)."""
         tmp = self.bitmap_path.with_suffix(".tmp")
         tmp.write_bytes(claimed)
         os.replace(tmp, self.bitmap_path)

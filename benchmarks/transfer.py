@@ -426,11 +426,11 @@ def main() -> None:
     for i, m in enumerate(report["median"]["mqtt"]):
         each = [r["mqtt"][i] for r in runs]
         table.add_row(
-            f"MQTT to {m['agents']} agent(s), aggregate: desired set → verified",
+            f"MQTT to {m['agents']:.0f} agent(s), aggregate: desired set → verified",
             spread([e["aggregate_mb_s"] for e in each], 0),
             spread([e["vs_raw"] for e in each]),
             spread([e["seconds"] for e in each]),
-            f"{m['chunks_published']:.0f} (one set: {m['chunks_per_agent_set']})",
+            f"{m['chunks_published']:.0f} (one set: {m['chunks_per_agent_set']:.0f})",
             f"{m['agent_peak_rss_bytes_while_downloading'] / 2**20:.0f}",
         )
         table.add_row(

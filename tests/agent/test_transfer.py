@@ -110,20 +110,30 @@ def test_a_restart_asks_only_for_the_chunks_not_on_disk(source: Path, tmp_path: 
     assert target.read_bytes() == source.read_bytes()
 
 
-def test_a_chunk_damaged_on_disk_before_a_restart_is_found_and_fetched_again(source: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("loss", "found"),
+    [("rot", [7]), ("power-cut", list(range(20, 35)))],
+    ids=["a-chunk-rots", "a-power-cut-loses-the-tail"],
+)
+def test_chunks_the_bitmap_claims_but_the_disk_lost_are_found_and_fetched_again(
+    source: Path, tmp_path: Path, loss: str, found: list[int]
+) -> None:
     target = tmp_path / "out.bin"
     fetcher = MqttFetcher(FileLink(source, budget=35), CHUNK, timeout_s=0.05)
     with pytest.raises(TransferError, match="chunks still missing"), fetcher.watching("d" * 64):
         fetcher.fetch("d" * 64, {"p": want(target, source)})
-    with target.open("r+b") as f:  # a chunk the bitmap claims rots while the agent is down
-        f.seek(7 * CHUNK + 5)
-        f.write(b"\x00rot")
+    with target.open("r+b") as f:
+        if loss == "rot":  # a chunk the bitmap claims rots while the agent is down
+            f.seek(7 * CHUNK + 5)
+            f.write(b"\x00rot")
+        else:  # the bitmap reached the disk, the last 15 chunks it claims did not (no fsync between)
+            f.truncate(20 * CHUNK)
 
     restarted = FileLink(source)
     fetcher = MqttFetcher(restarted, CHUNK, timeout_s=1)
     with fetcher.watching("d" * 64):
         fetcher.fetch("d" * 64, {"p": want(target, source)})
-    assert [r.chunks for r in restarted.requests] == [list(range(35, 41)), [7]]
+    assert [r.chunks for r in restarted.requests] == [list(range(35, 41)), found]
     assert target.read_bytes() == source.read_bytes()
 
 

@@ -144,9 +144,9 @@ def create_app(
     ) -> dict[str, Any]:
         """What the device should run; sent to it (retained) at once or when it next connects."""
         bundle = await run_in_threadpool(registry.bundle, body.bundle, body.version)
-        desired = await run_in_threadpool(fleet.set_desired, [device_id], bundle, who)
+        desired, fetching = await run_in_threadpool(fleet.set_desired, [device_id], bundle, who)
         if bridge is not None:
-            bridge.publish_desired(device_id, desired)
+            bridge.publish_desired(desired, [device_id], fetching)
         return desired.model_dump(mode="json", exclude={"schema_version", "sent_at"})
 
     @app.put("/v1/desired", status_code=202)
@@ -159,10 +159,9 @@ def create_app(
         else:
             assert body.group is not None  # the model takes exactly one of the two
             devices = await run_in_threadpool(fleet.group, body.group)
-        desired = await run_in_threadpool(fleet.set_desired, devices, bundle, who)
+        desired, fetching = await run_in_threadpool(fleet.set_desired, devices, bundle, who)
         if bridge is not None:
-            for device_id in devices:
-                bridge.publish_desired(device_id, desired)
+            bridge.publish_desired(desired, devices, fetching)
         return FleetDesired(bundle=desired.bundle, version=desired.version, digest=desired.digest, devices=devices)
 
     @app.post("/v1/devices/{device_id}/commands")

@@ -18,6 +18,7 @@ also handles the broker's acks for the chunks being sent.
 import logging
 import threading
 import uuid
+from collections.abc import Sequence
 from typing import Literal
 
 import paho.mqtt.client as mqtt
@@ -123,9 +124,13 @@ class MqttBridge:
             with self._replies_lock:
                 self._replies.pop(command.correlation_id, None)
 
-    def publish_desired(self, device_id: str, desired: DesiredState) -> None:
-        """Retained: a device that is offline now gets it when it connects."""
-        self.client.publish(device_topic(device_id, "desired"), desired.payload(), qos=1, retain=True)
+    def publish_desired(self, desired: DesiredState, device_ids: Sequence[str], fetching: Sequence[str] = ()) -> None:
+        """Retained: a device that is offline now gets it when it connects. The chunks of the bundle
+        wait a moment for the devices `fetching` it now, so that one send serves them all."""
+        if self.chunks is not None:
+            self.chunks.expect(desired.digest, fetching)
+        for device_id in device_ids:
+            self.client.publish(device_topic(device_id, "desired"), desired.payload(), qos=1, retain=True)
 
     def _on_connect(
         self, client: mqtt.Client, _userdata: object, _flags: object, reason: object, _props: object
@@ -135,7 +140,7 @@ class MqttBridge:
             return
         client.subscribe(SUBSCRIPTIONS)
         for device_id, desired in self.fleet.desired_states().items():  # a broker that restarted empty
-            self.publish_desired(device_id, desired)
+            self.publish_desired(desired, [device_id])
 
     def _on_subscribe(self, *_: object) -> None:
         """Connected for our purposes once the broker confirmed the subscriptions."""

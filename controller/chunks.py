@@ -9,18 +9,26 @@ sender thread: one chunk of each file with chunks waiting, in turn (a manifest a
     another size, computed as chunks go out and kept once the file's are complete) ─► one
     publish on bundles/{digest}/chunk, QoS 1, at most 32 awaiting the broker's ack (memory
     stays flat for any bundle size)
-a device gone offline: the chunks only it was waiting for are not sent"""
+devices told to fetch a bundle together (PUT /v1/desired, `expect`): a file's chunks wait until
+    each of them has asked for that kind of file (manifest and signature; its variant's files), or
+    for half a second at most, so that one send serves them all (otherwise each device that asks
+    late gets the chunks it missed sent again, to every device on the topic)
+a device gone offline: the chunks only it was waiting for are not sent, and it is not waited for"""
 
 import hashlib
 import logging
 import os
 import threading
+import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 import paho.mqtt.client as mqtt
 
+from slmops.bundle import MANIFEST_FILE, SIGNATURE_FILE, VARIANTS_DIR
+from slmops.errors import ManifestInvalid
+from slmops.manifest import Manifest
 from slmops.messages import ChunkHeader, ChunkRequest, MessageInvalid, bundle_topic, chunk_payload
 
 from .store import BundleStore
@@ -31,6 +39,8 @@ IN_FLIGHT_CHUNKS = 32
 """Chunk publishes awaiting the broker's ack before the next: memory stays flat for any bundle size."""
 OPEN_FILES = 32
 """Files kept open, with their chunks' sha256, after their last chunk went out."""
+GATHER_S = 0.5
+"""How long at most the chunks of a bundle wait for devices told to fetch it together."""
 
 FileKey = tuple[str, str, int]
 """digest, bundle-relative path, chunk size"""
@@ -71,6 +81,47 @@ class _ServedFile:
         return chunk_payload(header, data)
 
 
+@dataclass
+class _Gathering:
+    """Devices told to fetch a bundle together, and the files each will still ask for."""
+
+    until: float
+    choosing: set[str]
+    """not yet asked for a file of a variant: any variant's file may be theirs"""
+    pending: dict[str, set[str]]
+    """bundle-relative path → the devices that will ask for it and have not yet"""
+    variant_files: Callable[[str], list[str]]
+    """the paths of a variant's files, by variant id"""
+
+    @classmethod
+    def of(cls, device_ids: Collection[str], variant_files: Callable[[str], list[str]]) -> "_Gathering":
+        pending = {path: set(device_ids) for path in (MANIFEST_FILE, SIGNATURE_FILE)}
+        return cls(time.monotonic() + GATHER_S, set(device_ids), pending, variant_files)
+
+    def asked(self, device_id: str, path: str) -> None:
+        if device_id in self.choosing and (variant := _variant_of(path)) is not None:
+            self.choosing.discard(device_id)  # it asks for all its variant's files, one message each
+            for other in self.variant_files(variant):
+                self.pending.setdefault(other, set()).add(device_id)
+        self.pending.get(path, set()).discard(device_id)
+
+    def forget(self, device_id: str) -> None:
+        self.choosing.discard(device_id)
+        for devices in self.pending.values():
+            devices.discard(device_id)
+
+    def holds(self, path: str) -> bool:
+        return bool(self.pending.get(path)) or (_variant_of(path) is not None and bool(self.choosing))
+
+    def late(self) -> set[str]:
+        return self.choosing.union(*self.pending.values())
+
+
+def _variant_of(path: str) -> str | None:
+    parts = path.split("/")
+    return parts[1] if len(parts) > 2 and parts[0] == VARIANTS_DIR else None
+
+
 class ChunkServer:
     def __init__(self, store: BundleStore, publish: Callable[[str, bytes], mqtt.MQTTMessageInfo]) -> None:
         self.store, self.publish = store, publish
@@ -78,6 +129,7 @@ class ChunkServer:
         self._files: OrderedDict[FileKey, _ServedFile] = OrderedDict()  # open, least recently asked first
         self._turns: OrderedDict[FileKey, None] = OrderedDict()  # files with chunks waiting, whose turn first
         self._reading: FileKey | None = None  # the sender's file, never closed under it
+        self._gathering: dict[str, _Gathering] = {}  # digest → devices its chunks wait for
         self._ready = threading.Condition()
         self._running = True
         self._sender = threading.Thread(target=self._send_loop, name="slmops-chunks", daemon=True)
@@ -95,11 +147,31 @@ class ChunkServer:
                 os.close(served.fd)
             self._files.clear()
 
+    def expect(self, digest: str, device_ids: Collection[str]) -> None:
+        """These devices were told to fetch the bundle now: its chunks wait for them (GATHER_S at most)."""
+        if not device_ids:
+            return
+        try:
+            manifest = Manifest.load(self.store.path(digest) / MANIFEST_FILE)
+        except (OSError, ManifestInvalid) as e:  # not stored here: no chunks to hold
+            log.warning("cannot hold the chunks of %s for the devices told to fetch it: %s", digest[:12], e)
+            return
+
+        def variant_files(variant_id: str) -> list[str]:
+            variants = {v.id: v for v in manifest.variants}
+            files = variants[variant_id].files if variant_id in variants else []
+            return [f"{VARIANTS_DIR}/{variant_id}/{f.path}" for f in files]
+
+        with self._ready:
+            self._gathering[digest] = _Gathering.of(device_ids, variant_files)
+
     def request(self, digest: str, request: ChunkRequest) -> None:
         """Queue the chunks a device asked for; MessageInvalid when the file is not in the store."""
         key = (digest, request.path, request.chunk_size)
         with self._ready:
             served = self._open(key)
+            if (gathering := self._gathering.get(digest)) is not None:
+                gathering.asked(request.device_id, request.path)
             indices = range(served.count) if request.chunks is None else request.chunks
             for index in indices:
                 if 0 <= index < served.count:
@@ -111,6 +183,9 @@ class ChunkServer:
     def forget(self, device_id: str) -> None:
         """The device went away: what only it was waiting for is not sent."""
         with self._ready:
+            for gathering in self._gathering.values():
+                gathering.forget(device_id)
+            self._ready.notify()
             for key in list(self._turns):
                 waiting = self._files[key].waiting
                 for index, devices in list(waiting.items()):
@@ -145,14 +220,35 @@ class ChunkServer:
             os.close(self._files.pop(old).fd)
         return served
 
+    def _held(self, key: FileKey, now: float) -> float | None:
+        """Seconds the file's chunks still wait for devices told to fetch with the others; None: none."""
+        digest, path, _ = key
+        if (gathering := self._gathering.get(digest)) is None:
+            return None
+        late = gathering.late()
+        if now >= gathering.until or not late:
+            if late:
+                log.info("sending %s without waiting longer for %s", digest[:12], ", ".join(sorted(late)))
+            del self._gathering[digest]
+            return None
+        return gathering.until - now if gathering.holds(path) else None
+
     def _next(self) -> tuple[str, _ServedFile, int] | None:
         """The next chunk to send, the files taking turns; None once stopped."""
         with self._ready:
-            while self._running and not self._turns:
-                self._ready.wait()
+            while self._running:
+                now, wait = time.monotonic(), None
+                for key in self._turns:
+                    if (held := self._held(key, now)) is None:
+                        break
+                    wait = held if wait is None else min(wait, held)
+                else:
+                    self._ready.wait(wait)  # None: until a request comes
+                    continue
+                break
             if not self._running:
                 return None
-            key = self._reading = next(iter(self._turns))
+            self._reading = key
             served = self._files[key]
             index = next(iter(served.waiting))
             del served.waiting[index]

@@ -56,10 +56,12 @@ class Fleet:
                 session.add(device)
                 session.flush()  # the next message of this device finds the row
 
-    def set_desired(self, device_ids: Sequence[str], bundle: BundleRow, actor: Actor) -> DesiredState:
+    def set_desired(self, device_ids: Sequence[str], bundle: BundleRow, actor: Actor) -> tuple[DesiredState, list[str]]:
         """The same desired state for every device named, in one transaction: all of them or, when
-        one is unknown, none (NotFound)."""
+        one is unknown, none (NotFound). Returns it, and the devices that will fetch it now (online,
+        and not serving it already)."""
         desired = DesiredState(bundle=bundle.name, version=bundle.version, digest=bundle.digest)
+        fetching = []
         with Session(self.engine) as session, session.begin():
             for device_id in device_ids:
                 device = session.get(DeviceRow, device_id)
@@ -68,7 +70,10 @@ class Fleet:
                 device.desired = desired.model_dump(mode="json", exclude={"schema_version", "sent_at"})
                 device.reported = None
                 audit.record(session, actor, "device.desired", device_id, device.desired, bundle.id)
-        return desired
+                serving = device.serving or {}
+                if device.online and (serving.get("bundle"), serving.get("version")) != (bundle.name, bundle.version):
+                    fetching.append(device_id)
+        return desired, fetching
 
     def group(self, name: str) -> list[str]:
         """The ids of the devices in a group (NotFound when none is)."""

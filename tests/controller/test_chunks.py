@@ -4,12 +4,15 @@ The publish seam records what would go to the broker; the e2e tests run it again
 """
 
 import hashlib
+import io
 import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
+from slmops.controller import chunks
 from slmops.controller.chunks import ChunkServer
 from slmops.controller.store import BundleStore, hash_chunks
 from slmops.messages import ChunkRequest, MessageInvalid, bundle_topic, parse_chunk
@@ -27,12 +30,13 @@ class Broker:
     """Records each chunk published; holds the first one until `release()` so that requests made
     meanwhile queue up behind it, as they do while a real publish is under way."""
 
-    def __init__(self) -> None:
+    def __init__(self, digest: str = DIGEST) -> None:
+        self.digest = digest
         self.sent: list[tuple[str, int]] = []
         self.publishing, self.released, self.changed = threading.Event(), threading.Event(), threading.Condition()
 
     def publish(self, topic: str, payload: bytes) -> Published:
-        assert topic == bundle_topic(DIGEST, "chunk")
+        assert topic == bundle_topic(self.digest, "chunk")
         self.publishing.set()
         self.released.wait(10)
         header, data = parse_chunk(payload, topic)
@@ -149,3 +153,54 @@ def test_hash_chunks_counts_chunks_as_the_chunk_server_does(tmp_path: Path, size
     (tmp_path / "f").write_bytes(data)
     pieces = [data[i : i + CHUNK] for i in range(0, size, CHUNK)] or [b""]
     assert hash_chunks(tmp_path / "f", CHUNK) == [hashlib.sha256(p).digest() for p in pieces]
+
+
+@pytest.fixture
+def pushed(tmp_path: Path, archive: bytes, trusted):
+    """A chunk server over a store holding the tiny bundle (two variants), pushed as a user would."""
+    store = BundleStore(tmp_path / "pushed")
+    manifest, digest = store.ingest(io.BytesIO(archive), trusted)
+    broker = Broker(digest)
+    broker.release()
+    server = ChunkServer(store, broker.publish)
+    server.start()
+    yield server, broker, digest, manifest
+    server.stop()
+
+
+def int4_files(manifest) -> list[str]:
+    return [f"variants/cpu-int4/{f.path}" for f in manifest.variant("cpu-int4").files]
+
+
+def test_devices_told_together_are_waited_for_so_one_send_serves_them_all(pushed, monkeypatch) -> None:
+    """Each device asks for the manifest and signature, then for each file of the variant it chose,
+    one message per file; each file goes out once, after every device that will want it asked."""
+    monkeypatch.setattr(chunks, "GATHER_S", 30.0)  # only asking, or going offline, ends the wait here
+    server, broker, digest, manifest = pushed
+    server.expect(digest, ["edge-1", "edge-2", "edge-3", "edge-4"])
+    for device in ("edge-1", "edge-2", "edge-3"):
+        for path in ("manifest.json", "signature.json"):
+            server.request(digest, ask(device, path))
+    server.forget("edge-4")  # offline: not waited for
+    assert sorted(broker.wait_for(2)) == [("manifest.json", 0), ("signature.json", 0)]
+    files = int4_files(manifest)
+    for device in ("edge-1", "edge-2"):
+        for path in files:
+            server.request(digest, ask(device, path))
+    server.request(digest, ask("edge-3", files[0]))  # its first file: the others' requests are on their way
+    time.sleep(0.2)  # that one goes (all three asked for it), the rest wait: sent now, they would go again
+    assert broker.sent[2:] == [(files[0], 0)]
+    for path in files[1:]:
+        server.request(digest, ask("edge-3", path))
+    count = sum(-(-f.size // CHUNK) for f in manifest.variant("cpu-int4").files)
+    sent = broker.wait_for(2 + count)
+    time.sleep(0.2)
+    assert len(sent) == 2 + count and len(set(sent)) == len(sent)  # every chunk once, for all three
+
+
+def test_a_device_told_with_the_others_that_never_asks_holds_them_up_briefly(pushed, monkeypatch) -> None:
+    monkeypatch.setattr(chunks, "GATHER_S", 0.2)
+    server, broker, digest, _ = pushed
+    server.expect(digest, ["edge-1", "edge-2"])  # edge-2 serves this bundle already, say: it never asks
+    server.request(digest, ask("edge-1", "manifest.json"))
+    assert broker.wait_for(1) == [("manifest.json", 0)]

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-from slmops.bundle import MANIFEST_FILE, SIGNATURE_FILE, VARIANTS_DIR
+from slmops.bundle import MANIFEST_FILE, SIGNATURE_FILE, VARIANTS_DIR, expected_members
 from slmops.errors import SlmopsError
 from slmops.manifest import Manifest, sha256_file
 from slmops.messages import ActivationStatus, Command, CommandReply, DesiredState, Reported
@@ -281,7 +281,7 @@ class Sync:
         log.info(
             "fetched %.1f MB of %s in %.2f s (%.0f MB/s)", missing / 1e6, variant_id, elapsed, missing / 1e6 / elapsed
         )
-        return {f"{VARIANTS_DIR}/{variant_id}/{f.path}" for f in files}
+        return set(expected_members(manifest, [variant_id]))
 
 
 class Source(Protocol):

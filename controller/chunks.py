@@ -10,9 +10,10 @@ sender thread: one chunk of each file with chunks waiting, in turn (a manifest a
     publish on bundles/{digest}/chunk, QoS 1, at most 32 awaiting the broker's ack (memory
     stays flat for any bundle size)
 devices told to fetch a bundle together (PUT /v1/desired, `expect`): a file's chunks wait until
-    each of them has asked for that kind of file (manifest and signature; its variant's files), or
-    for half a second at most, so that one send serves them all (otherwise each device that asks
-    late gets the chunks it missed sent again, to every device on the topic)
+    each of them that will want it has asked for it (the manifest and signature: all of them; a
+    variant's files: those that chose it, as their first request for one of its files shows),
+    or for half a second at most, so that one send serves them all (otherwise each device that
+    asks late gets the chunks it missed sent again, to every device on the topic)
 a device gone offline: the chunks only it was waiting for are not sent, and it is not waited for"""
 
 import hashlib
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 
 import paho.mqtt.client as mqtt
 
-from slmops.bundle import MANIFEST_FILE, SIGNATURE_FILE, VARIANTS_DIR
+from slmops.bundle import MANIFEST_FILE, SIGNATURE_FILE, VARIANTS_DIR, expected_members
 from slmops.errors import ManifestInvalid
 from slmops.manifest import Manifest
 from slmops.messages import ChunkHeader, ChunkRequest, MessageInvalid, bundle_topic, chunk_payload
@@ -90,18 +91,18 @@ class _Gathering:
     """not yet asked for a file of a variant: any variant's file may be theirs"""
     pending: dict[str, set[str]]
     """bundle-relative path → the devices that will ask for it and have not yet"""
-    variant_files: Callable[[str], list[str]]
-    """the paths of a variant's files, by variant id"""
+    variant_files: dict[str, list[str]]
+    """variant id → the bundle-relative paths of its files"""
 
     @classmethod
-    def of(cls, device_ids: Collection[str], variant_files: Callable[[str], list[str]]) -> "_Gathering":
+    def of(cls, device_ids: Collection[str], variant_files: dict[str, list[str]]) -> "_Gathering":
         pending = {path: set(device_ids) for path in (MANIFEST_FILE, SIGNATURE_FILE)}
         return cls(time.monotonic() + GATHER_S, set(device_ids), pending, variant_files)
 
     def asked(self, device_id: str, path: str) -> None:
         if device_id in self.choosing and (variant := _variant_of(path)) is not None:
             self.choosing.discard(device_id)  # it asks for all its variant's files, one message each
-            for other in self.variant_files(variant):
+            for other in self.variant_files.get(variant, []):
                 self.pending.setdefault(other, set()).add(device_id)
         self.pending.get(path, set()).discard(device_id)
 
@@ -156,12 +157,7 @@ class ChunkServer:
         except (OSError, ManifestInvalid) as e:  # not stored here: no chunks to hold
             log.warning("cannot hold the chunks of %s for the devices told to fetch it: %s", digest[:12], e)
             return
-
-        def variant_files(variant_id: str) -> list[str]:
-            variants = {v.id: v for v in manifest.variants}
-            files = variants[variant_id].files if variant_id in variants else []
-            return [f"{VARIANTS_DIR}/{variant_id}/{f.path}" for f in files]
-
+        variant_files = {v.id: list(expected_members(manifest, [v.id])) for v in manifest.variants}
         with self._ready:
             self._gathering[digest] = _Gathering.of(device_ids, variant_files)
 

@@ -290,9 +290,7 @@ class MqttFetcher:
                 if not (waiting := incomplete()):
                     break
                 for path, file in waiting.items():
-                    request = ChunkRequest(
-                        device_id=self.link.device_id, path=path, chunk_size=self.chunk_size, chunks=file.missing()
-                    )
+                    request = ChunkRequest(path=path, chunk_size=self.chunk_size, chunks=file.missing())
                     self.link.request_chunks(digest, request)
                 landed[0] = time.monotonic()
                 while True:

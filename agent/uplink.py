@@ -9,9 +9,18 @@
 
 paho's loop thread reconnects with backoff (1 s up to 30 s); birth and state are published
 again on every connect. With no broker at all the agent keeps serving and queueing.
+
+Only what names this device is obeyed: a `desired`, `cmd` or `telemetry_ack` on another
+device's topic (a broker may deliver one: amqtt 0.12 sent a new client the retained messages
+of every client's subscriptions) and chunks of a bundle not being fetched are dropped before
+they are parsed. Anything a message does while it is handled on paho's thread is caught:
+a bad one is logged, counted (`dropped` in /health) and dropped, never fatal to the link.
+The client id is unique to this process (`slmops-agent-<id>-<random>`), so another client
+connecting with a guessed id cannot take this one's session over.
 """
 
 import logging
+import secrets
 import threading
 from collections.abc import Callable
 
@@ -33,10 +42,11 @@ from slmops.messages import (
     TelemetryAck,
     TelemetryBatch,
     TelemetryRecord,
-    bundle_topic,
+    chunk_topic,
     device_topic,
     parse,
     parse_chunk,
+    request_topic,
 )
 
 from . import hardware
@@ -63,13 +73,18 @@ class Uplink:
         self.device_id = config.device_id
         self.connected = threading.Event()
         self._acked = threading.Event()
+        self._acked_seq = 0
         self._stop = threading.Event()
+        self.dropped = 0
+        """Messages from the broker dropped: malformed, not for this device, or failing when handled."""
         self._announced: Serving | None = None
         self._bundles: dict[str, Callable[[ChunkHeader, memoryview], None]] = {}
         self._subacks: dict[int, threading.Event] = {}
         self._subacks_lock = threading.Lock()
         ca_file = str(config.broker_ca_file) if config.broker_ca_file else None
-        self.client = new_client(self.address, f"slmops-agent-{self.device_id}", config.broker_protocol, ca_file)
+        self.client_id = f"slmops-agent-{self.device_id}-{secrets.token_hex(4)}"
+        self.client = new_client(self.address, self.client_id, config.broker_protocol, ca_file)
+        self._own = {device_topic(self.device_id, kind): kind for kind in ("telemetry_ack", "desired", "cmd")}
         offline = DeviceState(online=False, agent_version=__version__).payload()
         self.client.will_set(device_topic(self.device_id, "state"), offline, qos=1, retain=True)
         self.client.on_connect = self._on_connect
@@ -99,9 +114,9 @@ class Uplink:
         if getattr(reason, "is_failure", False):
             log.error("the broker %s refused the connection: %s", self.address, reason)
             return
-        client.subscribe([(device_topic(self.device_id, kind), 1) for kind in ("telemetry_ack", "desired", "cmd")])
+        client.subscribe([(topic, 1) for topic in self._own])
         for digest in list(self._bundles):  # a transfer under way goes on after a reconnect
-            client.subscribe(bundle_topic(digest, "chunk"), qos=1)
+            client.subscribe(chunk_topic(digest), qos=1)
         birth = Birth(agent_version=__version__, profile=hardware.probe(self.config.data_dir))
         client.publish(device_topic(self.device_id, "birth"), birth.payload(), qos=1)
         self._publish_state()
@@ -123,17 +138,17 @@ class Uplink:
             return False
         confirmed = threading.Event()
         with self._subacks_lock:  # the SUBACK can arrive before subscribe() returns the mid it answers
-            result, mid = self.client.subscribe(bundle_topic(digest, "chunk"), qos=1)
+            result, mid = self.client.subscribe(chunk_topic(digest), qos=1)
             if result == mqtt.MQTT_ERR_SUCCESS and mid is not None:
                 self._subacks[mid] = confirmed
         return result == mqtt.MQTT_ERR_SUCCESS and confirmed.wait(self.config.transfer_timeout_s)
 
     def unwatch_bundle(self, digest: str) -> None:
         self._bundles.pop(digest, None)
-        self.client.unsubscribe(bundle_topic(digest, "chunk"))
+        self.client.unsubscribe(chunk_topic(digest))
 
     def request_chunks(self, digest: str, request: ChunkRequest) -> None:
-        self.client.publish(bundle_topic(digest, "request"), request.payload(), qos=1)
+        self.client.publish(request_topic(digest, self.device_id), request.payload(), qos=1)
 
     def _on_subscribe(self, _c: mqtt.Client, _u: object, mid: int, *_: object) -> None:
         with self._subacks_lock:
@@ -149,23 +164,29 @@ class Uplink:
 
     def _on_message(self, _c: mqtt.Client, _u: object, message: mqtt.MQTTMessage) -> None:
         try:
-            if message.topic.endswith("/chunk"):
-                on_chunk = self._bundles.get(message.topic.split("/")[3])
-                if on_chunk is not None:  # a corrupt chunk raises MessageInvalid; it is asked for again
-                    on_chunk(*parse_chunk(message.payload, message.topic))
-            elif message.topic.endswith("/telemetry_ack"):
-                ack = parse(TelemetryAck, message.payload, message.topic)
-                self.queue.ack(ack.up_to_seq)
-                self._acked.set()
-            elif message.payload and self.on_work is not None:
-                work: DesiredState | Command = (
-                    parse(Command, message.payload, message.topic)
-                    if message.topic.endswith("/cmd")
-                    else parse(DesiredState, message.payload, message.topic)
-                )
-                self.on_work(work)
+            self._handle(message.topic, message.payload)
         except MessageInvalid as e:
+            self.dropped += 1
             log.warning("dropped a message from the broker: %s", e)
+        except Exception:  # whatever handling it raised, paho's thread and the link go on
+            self.dropped += 1
+            log.exception("could not handle a message on %s; dropped it", message.topic)
+
+    def _handle(self, topic: str, payload: bytes | bytearray) -> None:
+        if topic.endswith("/chunk"):
+            parts = topic.split("/")
+            on_chunk = self._bundles.get(parts[3]) if len(parts) == 5 and topic == chunk_topic(parts[3]) else None
+            if on_chunk is not None:  # else a chunk still in flight after a fetch ended, or not ours
+                on_chunk(*parse_chunk(payload, topic))
+            return
+        kind = self._own.get(topic)
+        if kind is None:
+            raise MessageInvalid(f"{topic}: not a topic of this device ({self.device_id})")
+        if kind == "telemetry_ack":  # the sender thread deletes what it acknowledges
+            self._acked_seq = max(self._acked_seq, parse(TelemetryAck, payload, topic).up_to_seq)
+            self._acked.set()
+        elif payload and self.on_work is not None:  # an empty retained desired state: cleared
+            self.on_work(parse(Command, payload, topic) if kind == "cmd" else parse(DesiredState, payload, topic))
 
     # --- the sender thread -------------------------------------------------------------------
 
@@ -205,3 +226,5 @@ class Uplink:
         self.client.publish(device_topic(self.device_id, "telemetry"), batch.payload(), qos=1)
         if not self._acked.wait(self.config.telemetry_ack_timeout_s):
             log.info("no acknowledgement for telemetry %d-%d yet; sending again", records[0].seq, records[-1].seq)
+        elif (stored := min(self._acked_seq, records[-1].seq)) >= records[0].seq:
+            self.queue.ack(stored)  # never past what was sent: an ack cannot delete what the controller never had

@@ -154,15 +154,15 @@ class Reports:
         self.client.on_subscribe = lambda *_: subscribed.set()
         self.client.connect("127.0.0.1", port)
         self.client.loop_start()
-        self.client.subscribe([("slmops/v1/devices/+/reported", 1), ("slmops/v1/bundles/+/request", 1)])
+        self.client.subscribe([("slmops/v1/devices/+/reported", 1), ("slmops/v1/bundles/+/request/+", 1)])
         subscribed.wait(10)
         self.asked: dict[str, float] = {}
 
     def _on_message(self, _c: object, _u: object, message) -> None:
-        if message.topic.endswith("/request"):
+        if "/request/" in message.topic:
             request = json.loads(message.payload)
             if request["path"].startswith("variants/"):
-                self.asked.setdefault(request["device_id"], sent_at(request))
+                self.asked.setdefault(message.topic.split("/")[5], sent_at(request))
             return
         device, report = message.topic.split("/")[3], json.loads(message.payload)
         with self.changed:

@@ -7,17 +7,22 @@ has one shape, `{"error": {"message", "type", "code"}}`.
 import secrets
 import tempfile
 from typing import Annotated, Any
+from urllib.parse import urlsplit, urlunsplit
 
 from fastapi import Depends, FastAPI, Request
+from fastapi import Path as FastApiPath
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 
 from slmops.errors import BundleError, describe_validation
+from slmops.messages import DEVICE_ID_PATTERN
 
 from .audit import Actor
 from .bridge import MqttBridge
 from .config import ApiToken, ControllerConfig
+from .embedded_broker import EmbeddedBroker
+from .enrolment import Enrolment
 from .fleet import Fleet
 from .protocol import (
     AuditEntry,
@@ -25,6 +30,7 @@ from .protocol import (
     BundleSummary,
     CommandRequest,
     DesiredRequest,
+    DeviceEnrolment,
     DeviceLabels,
     DeviceSummary,
     FleetDesired,
@@ -45,8 +51,10 @@ def create_app(
     config: ControllerConfig,
     registry: Registry,
     fleet: Fleet,
+    enrolment: Enrolment,
     tokens: list[ApiToken],
     bridge: MqttBridge | None = None,
+    broker: EmbeddedBroker | None = None,
     lifespan: Any = None,
 ) -> FastAPI:
     app = FastAPI(
@@ -90,6 +98,7 @@ def create_app(
             "mqtt": mqtt,
             "dropped_messages": bridge.dropped if bridge else 0,
             "chunks_sent": bridge.chunks_sent if bridge else 0,
+            "embedded_broker": None if broker is None else {"running": broker.running, "restarts": broker.restarts},
         }
 
     @app.post("/v1/bundles", status_code=201, response_model=BundleSummary)
@@ -183,6 +192,23 @@ def create_app(
         if (target := registry.store.file(digest, path)) is None:
             raise ApiError(404, f"no file {path!r} in stored bundle {digest[:12]}", "not_found_error")
         return FileResponse(target)
+
+    @app.post("/v1/devices/{device_id}/enrolment", status_code=201)
+    async def enrol_device(
+        device_id: Annotated[str, FastApiPath(pattern=DEVICE_ID_PATTERN)], who: Annotated[Actor, Depends(admin)]
+    ) -> DeviceEnrolment:
+        """New broker credentials for a device (its MQTT user name is its id), replacing any it had.
+        The password is shown here once; the controller keeps only its hash."""
+        password = await run_in_threadpool(enrolment.enrol, device_id, who)
+        parts = urlsplit(config.devices_broker_url)
+        broker_url = urlunsplit(parts._replace(netloc=f"{device_id}:{password}@{parts.netloc}"))
+        return DeviceEnrolment(device_id=device_id, broker_url=broker_url, username=device_id, password=password)
+
+    @app.delete("/v1/devices/{device_id}/enrolment", status_code=204)
+    async def revoke_device(device_id: str, who: Annotated[Actor, Depends(admin)]) -> Response:
+        """The device's broker credentials are gone: the broker refuses it from now on."""
+        await run_in_threadpool(enrolment.revoke, device_id, who)
+        return Response(status_code=204)
 
     @app.patch("/v1/devices/{device_id}")
     async def label_device(device_id: str, body: DeviceLabels, who: Annotated[Actor, Depends(admin)]) -> DeviceSummary:

@@ -6,7 +6,7 @@
            ─► slmops/v1/devices/+/reported ─► parse (validated) ─┤ database in its own thread,
            ─► slmops/v1/devices/+/telemetry ─► parse (validated) ─┘ in batches; telemetry acked
                                             (devices/{id}/telemetry_ack {up_to_seq}) once stored
-           ─► slmops/v1/bundles/+/request ─► chunks.py: the chunks asked for, on bundles/+/chunk
+           ─► slmops/v1/bundles/+/request/+ ─► chunks.py: the chunks asked for, on bundles/+/chunk
            ─► slmops/v1/devices/+/cmd_reply ─► the command waiting for it
     anything malformed: logged with the device it came from, counted, dropped; never fatal
 
@@ -16,6 +16,7 @@ also handles the broker's acks for the chunks being sent.
 """
 
 import logging
+import secrets
 import threading
 import uuid
 from collections.abc import Sequence
@@ -39,6 +40,7 @@ from slmops.messages import (
     TelemetryBatch,
     device_topic,
     parse,
+    parse_request_topic,
     parse_topic,
 )
 
@@ -52,7 +54,7 @@ log = logging.getLogger(__name__)
 KEEPALIVE_S = 30
 INBOUND = ("birth", "state", "telemetry", "reported", "cmd_reply")
 """What devices send; the controller subscribes to these only."""
-SUBSCRIPTIONS = [(f"{PREFIX}/devices/+/{kind}", 1) for kind in INBOUND] + [(f"{PREFIX}/bundles/+/request", 1)]
+SUBSCRIPTIONS = [(f"{PREFIX}/devices/+/{kind}", 1) for kind in INBOUND] + [(f"{PREFIX}/bundles/+/request/+", 1)]
 
 
 class MqttBridge:
@@ -62,7 +64,6 @@ class MqttBridge:
         fleet: Fleet,
         ca_file: str | None = None,
         protocol: Literal["3.1.1", "5"] = "5",
-        client_id: str = "slmops-controller",
         store: BundleStore | None = None,
     ):
         self.address = BrokerAddress.parse(broker_url)
@@ -72,7 +73,9 @@ class MqttBridge:
         self.recorder = Recorder(fleet, self._acknowledge_telemetry)
         self._replies: dict[str, tuple[threading.Event, list[CommandReply]]] = {}
         self._replies_lock = threading.Lock()
-        self.client = new_client(self.address, client_id, protocol, ca_file)
+        # Unique to this process: a client connecting with a guessed id cannot take its session over.
+        self.client_id = f"slmops-controller-{secrets.token_hex(4)}"
+        self.client = new_client(self.address, self.client_id, protocol, ca_file)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_subscribe = self._on_subscribe
@@ -156,11 +159,12 @@ class MqttBridge:
         sender = message.topic
         try:
             if message.topic.startswith(f"{PREFIX}/bundles/"):
+                digest, device_id = parse_request_topic(message.topic)
+                sender = f"device {device_id}"
                 request = parse(ChunkRequest, message.payload, message.topic)
-                sender = f"device {request.device_id}"
                 if self.chunks is None:
                     raise MessageInvalid("this controller serves no bundle files over MQTT")
-                self.chunks.request(message.topic.split("/")[3], request)
+                self.chunks.request(digest, device_id, request)
                 return
             device_id, kind = parse_topic(message.topic)
             sender = f"device {device_id}"

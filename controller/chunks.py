@@ -30,7 +30,7 @@ import paho.mqtt.client as mqtt
 from slmops.bundle import MANIFEST_FILE, SIGNATURE_FILE, VARIANTS_DIR, expected_members
 from slmops.errors import ManifestInvalid
 from slmops.manifest import Manifest
-from slmops.messages import ChunkHeader, ChunkRequest, MessageInvalid, bundle_topic, chunk_payload
+from slmops.messages import ChunkHeader, ChunkRequest, MessageInvalid, chunk_payload, chunk_topic
 
 from .store import BundleStore
 
@@ -161,17 +161,17 @@ class ChunkServer:
         with self._ready:
             self._gathering[digest] = _Gathering.of(device_ids, variant_files)
 
-    def request(self, digest: str, request: ChunkRequest) -> None:
+    def request(self, digest: str, device_id: str, request: ChunkRequest) -> None:
         """Queue the chunks a device asked for; MessageInvalid when the file is not in the store."""
         key = (digest, request.path, request.chunk_size)
         with self._ready:
             served = self._open(key)
             if (gathering := self._gathering.get(digest)) is not None:
-                gathering.asked(request.device_id, request.path)
+                gathering.asked(device_id, request.path)
             indices = range(served.count) if request.chunks is None else request.chunks
             for index in indices:
                 if 0 <= index < served.count:
-                    served.waiting.setdefault(index, set()).add(request.device_id)
+                    served.waiting.setdefault(index, set()).add(device_id)
             if served.waiting:
                 self._turns[key] = None
                 self._ready.notify()
@@ -266,7 +266,7 @@ class ChunkServer:
             finally:
                 with self._ready:
                     self._reading = None
-            in_flight.append(self.publish(bundle_topic(digest, "chunk"), payload))
+            in_flight.append(self.publish(chunk_topic(digest), payload))
             self.sent += 1
             if len(in_flight) >= IN_FLIGHT_CHUNKS:
                 in_flight.pop(0).wait_for_publish(timeout=30)

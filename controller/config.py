@@ -6,6 +6,7 @@ slmops home. `database_url` points at PostgreSQL (postgresql+psycopg://...) in p
 
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -42,12 +43,24 @@ class ControllerConfig(BaseSettings):
     broker_protocol: Literal["3.1.1", "5"] = "5"
     """MQTT version towards an external broker (the embedded one speaks 3.1.1)."""
     embedded_broker: bool = True
-    """With no broker_url, run an MQTT broker (amqtt) inside the controller, for one host."""
+    """With no broker_url, run a Mosquitto of the controller's own (credentials, ACL), for one host."""
     embedded_broker_bind: str = Field(default="127.0.0.1:1883", pattern=r"^[^:]+:\d+$")
+    device_broker_url: str | None = Field(default=None, pattern=r"^mqtts?://[^@]*$")
+    """The broker as devices reach it, for their enrolment (no credentials in it). Unset: the
+    embedded broker's address, or broker_url without its credentials."""
 
     @property
     def database(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir / 'controller.sqlite'}"
+
+    @property
+    def devices_broker_url(self) -> str:
+        if self.device_broker_url:
+            return self.device_broker_url
+        if self.broker_url:
+            parts = urlsplit(self.broker_url)
+            return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+        return f"mqtt://{self.embedded_broker_bind}"
 
     @property
     def store_dir(self) -> Path:

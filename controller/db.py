@@ -102,6 +102,18 @@ class DeviceRow(Base):
     """Its last report on the desired state (status, percent, reason, variant)."""
 
 
+class DeviceCredentialRow(Base):
+    """A device's broker credentials (its MQTT user name is its id), made by enrolment."""
+
+    __tablename__ = "device_credential"
+
+    device_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    password_hash: Mapped[str] = mapped_column(String(256))
+    """As Mosquitto's password file holds it ($7$: PBKDF2-SHA512); the password itself is kept nowhere."""
+    enrolled_at: Mapped[datetime] = mapped_column(default=utcnow)
+    enrolled_by: Mapped[str] = mapped_column(String(128))
+
+
 class TelemetryRow(Base):
     """One telemetry record of one device; (device, seq) is unique, so a batch sent twice is stored once."""
 

@@ -1,7 +1,9 @@
 """`slmops fleet ...`: what the controller knows about the fleet, over its REST API."""
 
 import json
+import os
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -26,6 +28,8 @@ def call(method: str, url: str, token: str | None, **kwargs: Any) -> Any:
         response = httpx.request(method, url, headers={"Authorization": f"Bearer {token}"}, timeout=30, **kwargs)
     except httpx.HTTPError as e:
         fail(f"cannot reach the controller at {url}: {e}")
+    if response.status_code == 204:
+        return None
     if response.status_code >= 400:
         try:
             message = response.json()["error"]["message"]
@@ -112,3 +116,39 @@ def desire_cmd(
         f"[green]✓[/] {desired['bundle']} {desired['version']} ({desired['digest'][:12]}) desired on "
         f"{len(desired['devices'])} device(s): {', '.join(desired['devices'])}"
     )
+
+
+@app.command("enrol")
+def enrol_cmd(
+    device_id: Annotated[str, typer.Argument(help="Device id: its MQTT user name and topics.")],
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Write the agent's config lines here (mode 0600).")
+    ] = None,
+    controller: ControllerUrl = "http://127.0.0.1:8700",
+    token: Token = None,
+) -> None:
+    """New broker credentials for one device (replacing any it had). Needs an admin token.
+    The password is shown once: the controller keeps only its hash."""
+    enrolled = call("POST", f"{controller.rstrip('/')}/v1/devices/{device_id}/enrolment", token)
+    lines = (
+        f"# slmops agent enrolment of {enrolled['device_id']}: its own broker credentials; keep this file secret\n"
+        f'device_id = "{enrolled["device_id"]}"\nbroker_url = "{enrolled["broker_url"]}"\n'
+    )
+    if out is None:
+        print(lines, end="")
+        return
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(lines)
+    console.print(f"[green]✓[/] {enrolled['device_id']} enrolled: `slmops agent run --config {out}`")
+
+
+@app.command("revoke")
+def revoke_cmd(
+    device_id: Annotated[str, typer.Argument(help="Device id.")],
+    controller: ControllerUrl = "http://127.0.0.1:8700",
+    token: Token = None,
+) -> None:
+    """Remove a device's broker credentials: the broker refuses it from now on. Needs an admin token."""
+    call("DELETE", f"{controller.rstrip('/')}/v1/devices/{device_id}/enrolment", token)
+    console.print(f"[green]✓[/] {device_id}'s credentials are revoked")

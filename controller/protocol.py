@@ -136,6 +136,16 @@ class DeviceLabels(BaseModel):
     groups: list[str] | None = None
 
 
+class DeviceEnrolment(BaseModel):
+    """A device's broker credentials, shown once: the controller keeps only their hash."""
+
+    device_id: str
+    broker_url: str
+    """mqtt://<device id>:<password>@host:port: the agent's `broker_url`."""
+    username: str
+    password: str
+
+
 def error_body(message: str, type_: str, code: str | None = None) -> dict[str, Any]:
     """The one error shape of the controller's API (the agent's, without `param`)."""
     return {"error": {"message": message, "type": type_, "code": code}}

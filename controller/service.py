@@ -7,14 +7,16 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.concurrency import run_in_threadpool
 
 from slmops.signing import trusted_keys
 
-from . import embedded_broker
 from .api import create_app
 from .bridge import MqttBridge
 from .config import ApiToken, ControllerConfig
 from .db import open_database
+from .embedded_broker import EmbeddedBroker
+from .enrolment import Enrolment
 from .fleet import Fleet
 from .registry import Registry
 from .store import BundleStore
@@ -41,20 +43,23 @@ def build_app(config: ControllerConfig) -> FastAPI:
     store = BundleStore(config.store_dir)
     registry = Registry(engine, store, trusted_keys(config.trusted_keys))
     fleet = Fleet(engine)
-    bridge = None
+    broker, bridge = None, None
     if config.broker_url:
         ca_file = str(config.broker_ca_file) if config.broker_ca_file else None
         bridge = MqttBridge(config.broker_url, fleet, ca_file, config.broker_protocol, store=store)
     elif config.embedded_broker:
-        bridge = MqttBridge(f"mqtt://{config.embedded_broker_bind}", fleet, protocol="3.1.1", store=store)
+        broker = EmbeddedBroker(
+            config.data_dir / "broker", config.embedded_broker_bind, lambda: enrolment.password_hashes()
+        )
+        bridge = MqttBridge(broker.url, fleet, protocol="5", store=store)
     else:
         log.warning("no broker: the MQTT link is off (the REST API and registry work without it)")
+    enrolment = Enrolment(engine, broker.reload if broker is not None else lambda: None)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        broker = None
-        if bridge is not None and not config.broker_url:
-            broker = await embedded_broker.start(config.embedded_broker_bind)
+        if broker is not None:
+            await run_in_threadpool(broker.start)
         if bridge is not None:
             bridge.start()
         try:
@@ -63,7 +68,7 @@ def build_app(config: ControllerConfig) -> FastAPI:
             if bridge is not None:
                 bridge.stop()
             if broker is not None:
-                await broker.shutdown()
+                await run_in_threadpool(broker.stop)
             engine.dispose()
 
-    return create_app(config, registry, fleet, api_tokens(config), bridge, lifespan)
+    return create_app(config, registry, fleet, enrolment, api_tokens(config), bridge, broker, lifespan)

@@ -1,6 +1,7 @@
 """The whole fleet path on one host, on the embedded defaults (`make demo` runs it).
 
 controller (SQLite, bundle store, embedded MQTT broker) ◄── slmops bundle push
+    │ slmops fleet enrol: the device's own broker credentials  │
     │ desired state (retained)                                │
     ▼                                                         │
 agent daemon: fetch its variant, verify, smoke-test, activate ─┘ reports healthy
@@ -92,11 +93,13 @@ def main() -> None:
         subprocess.run([*SLMOPS, "bundle", "push", str(args.bundle)], env=env, check=True)
         manifest = httpx.get(f"{url}/v1/bundles", headers=headers, timeout=10).json()[0]
 
+        console.rule("slmops fleet enrol: the device's own broker credentials")
+        enrolment = work / "demo-device.toml"
+        subprocess.run([*SLMOPS, "fleet", "enrol", "demo-device", "--out", str(enrolment)], env=env, check=True)
+
         console.rule("agent daemon (slmops agent run), empty")
         agent_env = {
             **os.environ,
-            "SLMOPS_AGENT_DEVICE_ID": "demo-device",
-            "SLMOPS_AGENT_BROKER_URL": f"mqtt://127.0.0.1:{broker_port}",
             "SLMOPS_AGENT_CONTROLLER_URL": url,
             "SLMOPS_AGENT_CONTROLLER_TOKEN": token,
             "SLMOPS_AGENT_TRUSTED_KEYS": f'["{args.public_key.resolve()}"]',
@@ -106,7 +109,12 @@ def main() -> None:
         }
         agent_log = (logs / "agent.log").open("w")
         processes.append(
-            subprocess.Popen([*SLMOPS, "agent", "run"], env=agent_env, stdout=agent_log, stderr=subprocess.STDOUT)
+            subprocess.Popen(
+                [*SLMOPS, "agent", "run", "--config", str(enrolment)],
+                env=agent_env,
+                stdout=agent_log,
+                stderr=subprocess.STDOUT,
+            )
         )
         device = f"{url}/v1/devices/demo-device"
 

@@ -9,11 +9,15 @@
                                           healthy, failed (reason), rolled_back
     slmops/v1/devices/{id}/cmd            controller → agent: probe | reload | rollback, a correlation id
     slmops/v1/devices/{id}/cmd_reply      agent → controller: ok, result or error, the same id
-    (the chunked bundle transfer over MQTT follows in a later step of issue 4; files come
-    over HTTP from the controller's store meanwhile)
+    slmops/v1/bundles/{digest}/request/{id}  agent → controller: chunks of one file of a stored bundle
+    slmops/v1/bundles/{digest}/chunk         controller → agents: one chunk, its header, its bytes
 
 Every payload is JSON with `schema` = 1 and is validated on receipt: `parse` raises
 `MessageInvalid` naming the topic and every bad field, and the receiver logs and drops it.
+Nothing a sender controls can make parsing raise anything else: a payload past its kind's
+size bound is refused unread, JSON nested deeper than `MAX_JSON_DEPTH` or holding an integer
+of more than `MAX_INT_DIGITS` digits is refused (json's own limits would raise RecursionError
+or ValueError), and a device id comes from the topic, never from a payload.
 """
 
 import json
@@ -27,6 +31,16 @@ from slmops.errors import SlmopsError, describe_validation
 
 PREFIX = "slmops/v1"
 DEVICE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+
+MAX_MESSAGE_BYTES = 64 << 10
+"""Control messages (state, birth, desired, reported, cmd, cmd_reply, acks, chunk requests)."""
+MAX_TELEMETRY_BYTES = 8 << 20
+"""A telemetry batch: up to 10,000 records."""
+MAX_CHUNK_HEADER_BYTES = 4 << 10
+MAX_JSON_DEPTH = 32
+"""Objects and arrays inside each other; no message of the protocol needs more than a few."""
+MAX_INT_DIGITS = 40
+"""Digits of any integer in a payload (2**64 has 20)."""
 
 
 class MessageInvalid(SlmopsError):
@@ -158,13 +172,15 @@ DEFAULT_CHUNK_BYTES = 256 << 10
 
 
 class ChunkRequest(Message):
-    """A device asks for chunks of one file of a stored bundle (all of them when `chunks` is None)."""
+    """A device asks for chunks of one file of a stored bundle (all of them when `chunks` is None).
+    The device is the one the topic names (bundles/{digest}/request/{id}), which the broker's ACL
+    ties to its credentials."""
 
-    device_id: str = Field(pattern=DEVICE_ID_PATTERN)
     path: str = Field(min_length=1, max_length=512)
     """Bundle-relative: manifest.json, signature.json or variants/<id>/<file>."""
     chunk_size: int = Field(ge=MIN_CHUNK_BYTES, le=MAX_CHUNK_BYTES)
     chunks: list[int] | None = Field(default=None, max_length=100_000)
+    """Chunk indices (at most 100,000: 25 GB in 256 KiB chunks); None: the whole file."""
 
 
 class ChunkHeader(BaseModel):
@@ -192,13 +208,32 @@ def parse_chunk(payload: bytes | bytearray, topic: str) -> tuple[ChunkHeader, me
     the chunks it keeps, not every one on the shared topic (agent/transfer.py)."""
     if len(payload) < 4 or (size := int.from_bytes(payload[:4], "big")) > len(payload) - 4:
         raise MessageInvalid(f"{topic}: not a chunk message")
+    if size > MAX_CHUNK_HEADER_BYTES or len(payload) - 4 - size > MAX_CHUNK_BYTES:
+        raise MessageInvalid(f"{topic}: a chunk message larger than the protocol allows")
     header = parse_model(ChunkHeader, payload[4 : 4 + size], topic)
     return header, memoryview(payload)[4 + size :]
 
 
-def bundle_topic(digest: str, kind: str) -> str:
-    """slmops/v1/bundles/{digest}/request (devices → controller) or /chunk (controller → devices)."""
-    return f"{PREFIX}/bundles/{digest}/{kind}"
+def chunk_topic(digest: str) -> str:
+    """slmops/v1/bundles/{digest}/chunk: the controller's chunks of a bundle, for every device fetching it."""
+    return f"{PREFIX}/bundles/{digest}/chunk"
+
+
+def request_topic(digest: str, device_id: str) -> str:
+    """slmops/v1/bundles/{digest}/request/{id}: a device's chunk requests."""
+    return f"{PREFIX}/bundles/{digest}/request/{device_id}"
+
+
+def parse_request_topic(topic: str) -> tuple[str, str]:
+    """(digest, device id) of a chunk request's topic; MessageInvalid for anything else."""
+    parts = topic.split("/")
+    if len(parts) != 6 or "/".join(parts[:3]) != f"{PREFIX}/bundles" or parts[4] != "request":
+        raise MessageInvalid(f"{topic!r} is not a chunk request topic of protocol v1")
+    if not re.fullmatch(r"[0-9a-f]{64}", parts[3]):
+        raise MessageInvalid(f"{topic!r}: {parts[3]!r} is not a bundle digest")
+    if not re.fullmatch(DEVICE_ID_PATTERN, parts[5]):
+        raise MessageInvalid(f"{topic!r}: {parts[5]!r} is not a valid device id")
+    return parts[3], parts[5]
 
 
 M = TypeVar("M", bound=Message)
@@ -229,18 +264,57 @@ def parse_topic(topic: str) -> tuple[str, str]:
 
 
 def parse(model: type[M], payload: bytes | bytearray, topic: str) -> M:
-    return parse_model(model, payload, topic)
+    limit = MAX_TELEMETRY_BYTES if model is TelemetryBatch else MAX_MESSAGE_BYTES
+    return parse_model(model, payload, topic, limit)
 
 
 B = TypeVar("B", bound=BaseModel)
 
 
-def parse_model(model: type[B], payload: bytes | bytearray, topic: str) -> B:
+def parse_model(model: type[B], payload: bytes | bytearray, topic: str, max_bytes: int = MAX_MESSAGE_BYTES) -> B:
+    """`payload` as `model`; MessageInvalid, and nothing else, for anything that is not one."""
+    if len(payload) > max_bytes:
+        raise MessageInvalid(f"{topic}: {len(payload)} bytes, more than the {max_bytes} this kind of message may have")
+    if (depth := _nesting(payload)) > MAX_JSON_DEPTH:
+        raise MessageInvalid(f"{topic}: JSON nested {depth} deep, more than {MAX_JSON_DEPTH}")
     try:
-        data = json.loads(payload)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MessageInvalid(f"{topic}: payload is not JSON ({e})") from None
+        data = json.loads(payload, parse_int=_bounded_int, parse_constant=_not_json)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # JSONDecodeError is a ValueError
+        raise MessageInvalid(f"{topic}: payload is not JSON this protocol accepts ({e})") from None
     try:
         return model.model_validate(data)
     except ValidationError as e:
         raise MessageInvalid(f"{topic}: {describe_validation(e.errors())}") from None
+
+
+_STRUCTURE = re.compile(rb'"(?:[^"\\]++|\\.)*+"|[\[\]{}]', re.DOTALL)
+"""A JSON string (skipped whole, brackets inside it included) or a bracket."""
+
+
+def _nesting(payload: bytes | bytearray) -> int:
+    """How deep objects and arrays nest in `payload`, read off its brackets outside strings before
+    json.loads (whose C scanner recurses once per level). Payloads with few brackets skip the scan."""
+    if payload.count(b"[") + payload.count(b"{") <= MAX_JSON_DEPTH:
+        return 0
+    depth = deepest = 0
+    for match in _STRUCTURE.finditer(payload):
+        char = match.group()
+        if char in (b"[", b"{"):
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if deepest > MAX_JSON_DEPTH:
+                    break
+        elif char in (b"]", b"}"):
+            depth -= 1
+    return deepest
+
+
+def _not_json(text: str) -> None:
+    raise ValueError(f"{text} is not JSON")
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise ValueError(f"an integer of {len(text)} digits")
+    return int(text)

@@ -15,7 +15,7 @@ import pytest
 from slmops.controller import chunks
 from slmops.controller.chunks import ChunkServer
 from slmops.controller.store import BundleStore, hash_chunks
-from slmops.messages import ChunkRequest, MessageInvalid, bundle_topic, parse_chunk
+from slmops.messages import ChunkRequest, MessageInvalid, chunk_topic, parse_chunk
 
 DIGEST = "ab" * 32
 CHUNK = 16 << 10
@@ -36,7 +36,7 @@ class Broker:
         self.publishing, self.released, self.changed = threading.Event(), threading.Event(), threading.Condition()
 
     def publish(self, topic: str, payload: bytes) -> Published:
-        assert topic == bundle_topic(self.digest, "chunk")
+        assert topic == chunk_topic(self.digest)
         self.publishing.set()
         self.released.wait(10)
         header, data = parse_chunk(payload, topic)
@@ -77,15 +77,16 @@ def served(store: BundleStore):
     server.stop()
 
 
-def ask(device: str, path: str, chunks: list[int] | None = None) -> ChunkRequest:
-    return ChunkRequest(device_id=device, path=path, chunk_size=CHUNK, chunks=chunks)
+def ask(device: str, path: str, chunks: list[int] | None = None) -> tuple[str, ChunkRequest]:
+    """The arguments of ChunkServer.request after the digest: who asks, and for what."""
+    return device, ChunkRequest(path=path, chunk_size=CHUNK, chunks=chunks)
 
 
 def test_files_take_turns_so_a_small_file_is_not_stuck_behind_a_big_one(served) -> None:
     server, broker = served
-    server.request(DIGEST, ask("edge-1", "variants/model.bin"))
+    server.request(DIGEST, *ask("edge-1", "variants/model.bin"))
     broker.first_under_way()
-    server.request(DIGEST, ask("edge-2", "manifest.json"))
+    server.request(DIGEST, *ask("edge-2", "manifest.json"))
     broker.release()
     sent = broker.wait_for(7)
     assert sent.index(("manifest.json", 0)) <= 2, sent
@@ -94,10 +95,10 @@ def test_files_take_turns_so_a_small_file_is_not_stuck_behind_a_big_one(served) 
 
 def test_a_chunk_many_devices_wait_for_goes_out_once_and_a_late_device_gets_the_rest_after(served) -> None:
     server, broker = served
-    server.request(DIGEST, ask("edge-1", "variants/model.bin"))
+    server.request(DIGEST, *ask("edge-1", "variants/model.bin"))
     broker.first_under_way()  # chunk 0
     for device in ("edge-2", "edge-3"):
-        server.request(DIGEST, ask(device, "variants/model.bin"))
+        server.request(DIGEST, *ask(device, "variants/model.bin"))
     broker.release()
     sent = broker.wait_for(7)
     assert sent == [("variants/model.bin", i) for i in [0, 1, 2, 3, 4, 5, 0]]  # 0 again, for the late two
@@ -106,13 +107,13 @@ def test_a_chunk_many_devices_wait_for_goes_out_once_and_a_late_device_gets_the_
 
 def test_what_only_a_device_gone_offline_waited_for_is_not_sent(served) -> None:
     server, broker = served
-    server.request(DIGEST, ask("edge-1", "variants/model.bin"))
+    server.request(DIGEST, *ask("edge-1", "variants/model.bin"))
     broker.first_under_way()  # chunk 0
-    server.request(DIGEST, ask("edge-2", "variants/model.bin", [4]))
+    server.request(DIGEST, *ask("edge-2", "variants/model.bin", [4]))
     server.forget("edge-1")
     broker.release()
     assert broker.wait_for(2) == [("variants/model.bin", 0), ("variants/model.bin", 4)]
-    server.request(DIGEST, ask("edge-2", "manifest.json"))  # still serving afterwards
+    server.request(DIGEST, *ask("edge-2", "manifest.json"))  # still serving afterwards
     assert broker.wait_for(3)[2] == ("manifest.json", 0)
 
 
@@ -120,9 +121,9 @@ def test_what_only_a_device_gone_offline_waited_for_is_not_sent(served) -> None:
 def test_only_files_of_the_stored_bundle_are_served(served, path: str) -> None:
     server, broker = served
     with pytest.raises(MessageInvalid, match="no file"):
-        server.request(DIGEST, ask("edge-1", path))
+        server.request(DIGEST, *ask("edge-1", path))
     with pytest.raises(MessageInvalid, match="no file"):
-        server.request("../" + DIGEST, ask("edge-1", "manifest.json"))
+        server.request("../" + DIGEST, *ask("edge-1", "manifest.json"))
     broker.release()
     assert server.sent == 0
 
@@ -140,7 +141,7 @@ def test_chunk_sums_computed_while_serving_are_kept_and_a_damaged_kept_file_is_n
         server = ChunkServer(store, broker.publish)
         server.start()
         try:
-            server.request(DIGEST, ask("edge-1", path))
+            server.request(DIGEST, *ask("edge-1", path))
             assert len(broker.wait_for(6)) == 6
         finally:
             server.stop()
@@ -180,18 +181,18 @@ def test_devices_told_together_are_waited_for_so_one_send_serves_them_all(pushed
     server.expect(digest, ["edge-1", "edge-2", "edge-3", "edge-4"])
     for device in ("edge-1", "edge-2", "edge-3"):
         for path in ("manifest.json", "signature.json"):
-            server.request(digest, ask(device, path))
+            server.request(digest, *ask(device, path))
     server.forget("edge-4")  # offline: not waited for
     assert sorted(broker.wait_for(2)) == [("manifest.json", 0), ("signature.json", 0)]
     files = int4_files(manifest)
     for device in ("edge-1", "edge-2"):
         for path in files:
-            server.request(digest, ask(device, path))
-    server.request(digest, ask("edge-3", files[0]))  # its first file: the others' requests are on their way
+            server.request(digest, *ask(device, path))
+    server.request(digest, *ask("edge-3", files[0]))  # its first file: the others' requests are on their way
     time.sleep(0.2)  # that one goes (all three asked for it), the rest wait: sent now, they would go again
     assert broker.sent[2:] == [(files[0], 0)]
     for path in files[1:]:
-        server.request(digest, ask("edge-3", path))
+        server.request(digest, *ask("edge-3", path))
     count = sum(-(-f.size // CHUNK) for f in manifest.variant("cpu-int4").files)
     sent = broker.wait_for(2 + count)
     time.sleep(0.2)
@@ -202,5 +203,5 @@ def test_a_device_told_with_the_others_that_never_asks_holds_them_up_briefly(pus
     monkeypatch.setattr(chunks, "GATHER_S", 0.2)
     server, broker, digest, _ = pushed
     server.expect(digest, ["edge-1", "edge-2"])  # edge-2 serves this bundle already, say: it never asks
-    server.request(digest, ask("edge-1", "manifest.json"))
+    server.request(digest, *ask("edge-1", "manifest.json"))
     assert broker.wait_for(1) == [("manifest.json", 0)]

@@ -2,7 +2,6 @@
 
 import json
 import logging
-import socket
 import subprocess
 import sys
 import threading
@@ -14,9 +13,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from sqlalchemy import text
 
-from slmops.agent.hardware import probe
 from slmops.controller.db import migrate, open_database
-from slmops.controller.embedded_broker import BrokerStartError
 from slmops.controller.fleet import Fleet
 from slmops.controller.recorder import Recorder
 from slmops.controller.registry import NotFound
@@ -29,8 +26,9 @@ from slmops.messages import (
     Serving,
     TelemetryBatch,
     TelemetryRecord,
-    bundle_topic,
+    chunk_topic,
     device_topic,
+    request_topic,
 )
 
 ADMIN = {"Authorization": "Bearer admin-token-0123456789"}
@@ -53,7 +51,6 @@ PROFILE = HardwareProfile(
 def fleet_client(mosquitto: int, controller_config):
     from fastapi.testclient import TestClient
 
-    from slmops.controller.service import build_app
 
     config = controller_config.model_copy(update={"broker_url": f"mqtt://127.0.0.1:{mosquitto}"})
     with TestClient(build_app(config)) as client:
@@ -150,17 +147,37 @@ def test_a_device_that_dies_is_marked_offline_by_its_will(fleet_client, mosquitt
             "status: Input should be",
         ),
         (device_topic("edge-3", "cmd_reply"), b'{"schema": 1, "ok": true}', "correlation_id: Field required"),
-        (bundle_topic("ab" * 32, "request"), b"{not json", "payload is not JSON"),
+        (request_topic("ab" * 32, "edge-3"), b"{not json", "payload is not JSON"),
         (
-            bundle_topic("ab" * 32, "request"),
-            b'{"schema": 1, "device_id": "edge-3", "path": "../../admin.token", "chunk_size": 16384}',
+            request_topic("ab" * 32, "edge-3"),
+            b'{"schema": 1, "path": "../../admin.token", "chunk_size": 16384}',
             "no file '../../admin.token' in stored bundle",
         ),
         (
-            bundle_topic("ab" * 32, "request"),
-            b'{"schema": 1, "device_id": "edge-3", "path": "manifest.json", "chunk_size": 7}',
+            request_topic("ab" * 32, "edge-3"),
+            b'{"schema": 1, "path": "manifest.json", "chunk_size": 7}',
             "chunk_size: Input should be greater than or equal to 16384",
         ),
+        (request_topic("not-a-digest", "edge-3"), b"{}", "is not a bundle digest"),
+        (f"slmops/v1/bundles/{'ab' * 32}/request", b"{}", "is not a chunk request topic"),
+        # What used to raise RecursionError or ValueError on paho's thread (issue 11, finding 3)
+        *[
+            (topic, payload, reason)
+            for topic in (
+                device_topic("edge-3", "state"),
+                device_topic("edge-3", "birth"),
+                device_topic("edge-3", "telemetry"),
+                device_topic("edge-3", "reported"),
+                device_topic("edge-3", "cmd_reply"),
+                request_topic("ab" * 32, "edge-3"),
+            )
+            for payload, reason in (
+                (b"[" * 10_000 + b"]" * 10_000, "JSON nested 10000 deep"),
+                (b'{"schema": 1, "online": ' + b"7" * 5000 + b"}", "an integer of 5000 digits"),
+                (b'{"schema": 1, "x": NaN}', "NaN is not JSON"),
+            )
+        ],
+        (device_topic("edge-3", "state"), b'{"a": "' + b"x" * (70 << 10) + b'"}', "more than the 65536"),
     ],
 )
 def test_malformed_messages_are_logged_and_dropped(
@@ -208,45 +225,6 @@ def test_telemetry_is_stored_once_and_acknowledged(fleet_client, publisher) -> N
     stored = fleet_client.get("/v1/devices/edge-5/telemetry", headers=READER).json()
     assert [r["seq"] for r in stored] == [3, 2, 1] and stored[0]["payload"] == {"cpu_percent": 3}
     assert fleet_client.get("/v1/devices/nobody/telemetry", headers=READER).status_code == 404
-
-
-# --- the embedded broker (no broker_url) -------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_devices_join_through_the_embedded_broker(controller_config) -> None:
-    port = free_port()
-    config = controller_config.model_copy(update={"embedded_broker": True, "embedded_broker_bind": f"127.0.0.1:{port}"})
-    from fastapi.testclient import TestClient
-
-    with TestClient(build_app(config)) as client:
-        wait_for(lambda: client.get("/health").json()["mqtt"] == "connected", "the bridge did not connect")
-        device = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="edge-embedded")  # MQTT 3.1.1
-        device.will_set(device_topic("edge-embedded", "state"), DeviceState(online=False).payload(), qos=1, retain=True)
-        device.connect("127.0.0.1", port)
-        device.loop_start()
-        birth = Birth(agent_version="0.1.0", profile=probe())
-        device.publish(device_topic("edge-embedded", "birth"), birth.payload(), qos=1).wait_for_publish(5)
-        online = lambda: client.get("/v1/devices/edge-embedded", headers=READER).json().get("online")  # noqa: E731
-        wait_for(online, "the device did not register through the embedded broker")
-        device.loop_stop()
-        device.socket().close()  # dies without a goodbye: the embedded broker sends the will
-        wait_for(lambda: not online(), "the will did not reach the controller")
-
-
-def test_a_taken_port_is_a_clear_start_up_error(controller_config) -> None:
-    with socket.create_server(("127.0.0.1", 0)) as taken:
-        bind = f"127.0.0.1:{taken.getsockname()[1]}"
-        config = controller_config.model_copy(update={"embedded_broker": True, "embedded_broker_bind": bind})
-        from fastapi.testclient import TestClient
-
-        with pytest.raises(BrokerStartError, match="set embedded_broker_bind"), TestClient(build_app(config)):
-            pass
 
 
 def test_one_bundle_desired_for_many_devices_at_once_by_id_or_group(
@@ -307,7 +285,7 @@ def test_chunks_are_served_while_the_database_is_locked(
     watcher.loop_start()
     engine = open_database(controller_config.database_url)
     try:
-        watcher.subscribe(bundle_topic(digest, "chunk"), qos=1)
+        watcher.subscribe(chunk_topic(digest), qos=1)
         assert subscribed.wait(10)
         with engine.connect() as locker:
             if engine.dialect.name == "sqlite":
@@ -315,8 +293,8 @@ def test_chunks_are_served_while_the_database_is_locked(
             else:
                 locker.execute(text("LOCK TABLE device IN EXCLUSIVE MODE"))
             publisher.publish(device_topic("edge-8", "birth"), Birth(agent_version="0.1", profile=PROFILE).payload(), 1)
-            request = ChunkRequest(device_id="edge-8", path="manifest.json", chunk_size=16 << 10)
-            publisher.publish(bundle_topic(digest, "request"), request.payload(), qos=1)
+            request = ChunkRequest(path="manifest.json", chunk_size=16 << 10)
+            publisher.publish(request_topic(digest, "edge-8"), request.payload(), qos=1)
             assert chunk.wait(10), "no chunk came while the database was locked"
             assert device(fleet_client, "edge-8") is None  # its birth is still waiting for the lock
             locker.rollback()

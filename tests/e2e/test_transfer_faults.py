@@ -24,7 +24,7 @@ class RequestSpy:
     """Every chunk request devices publish, as the controller receives them."""
 
     def __init__(self, port: int) -> None:
-        self.requests: list[ChunkRequest] = []
+        self.requests: list[tuple[str, ChunkRequest]] = []
         self.lock = threading.Lock()
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="request-spy")
         self.client.on_message = self._on_message
@@ -32,14 +32,15 @@ class RequestSpy:
         self.client.on_subscribe = lambda *_: subscribed.set()
         self.client.connect("127.0.0.1", port)
         self.client.loop_start()
-        self.client.subscribe("slmops/v1/bundles/+/request", qos=1)
+        self.client.subscribe("slmops/v1/bundles/+/request/+", qos=1)
         assert subscribed.wait(10)
 
     def _on_message(self, _c: object, _u: object, message: mqtt.MQTTMessage) -> None:
         with self.lock:
-            self.requests.append(ChunkRequest.model_validate_json(message.payload))
+            self.requests.append((message.topic.split("/")[5], ChunkRequest.model_validate_json(message.payload)))
 
-    def since(self, start: int) -> list[ChunkRequest]:
+    def since(self, start: int) -> list[tuple[str, ChunkRequest]]:
+        """(device id, request) of each request from the start-th on."""
         with self.lock:
             return self.requests[start:]
 
@@ -105,7 +106,7 @@ def test_a_kill_mid_download_resumes_with_the_chunks_on_disk(
     agent.env["SLMOPS_AGENT_BROKER_URL"] = broker_url  # straight to the broker, unpaced, this time
     agent.start()
     eventually(lambda: controller.reported("edge-kill", "healthy", "1.0.0"), "it never became healthy", 60)
-    resumed = [r for r in spy.since(before) if r.device_id == "edge-kill" and r.path.startswith("variants/")]
+    resumed = [r for device, r in spy.since(before) if device == "edge-kill" and r.path.startswith("variants/")]
     for request in resumed:  # a file complete on disk is not asked for at all
         if request.path in on_disk:  # of the others, only the chunks the checkpoint did not claim
             bitmap = on_disk[request.path] or []

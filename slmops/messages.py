@@ -275,8 +275,8 @@ def parse_model(model: type[B], payload: bytes | bytearray, topic: str, max_byte
     """`payload` as `model`; MessageInvalid, and nothing else, for anything that is not one."""
     if len(payload) > max_bytes:
         raise MessageInvalid(f"{topic}: {len(payload)} bytes, more than the {max_bytes} this kind of message may have")
-    if (depth := _nesting(payload)) > MAX_JSON_DEPTH:
-        raise MessageInvalid(f"{topic}: JSON nested {depth} deep, more than {MAX_JSON_DEPTH}")
+    if _nesting(payload) > MAX_JSON_DEPTH:
+        raise MessageInvalid(f"{topic}: JSON nested more than {MAX_JSON_DEPTH} deep")
     try:
         data = json.loads(payload, parse_int=_bounded_int, parse_constant=_not_json)
     except (ValueError, UnicodeDecodeError, RecursionError) as e:  # JSONDecodeError is a ValueError
@@ -292,8 +292,9 @@ _STRUCTURE = re.compile(rb'"(?:[^"\\]++|\\.)*+"|[\[\]{}]', re.DOTALL)
 
 
 def _nesting(payload: bytes | bytearray) -> int:
-    """How deep objects and arrays nest in `payload`, read off its brackets outside strings before
-    json.loads (whose C scanner recurses once per level). Payloads with few brackets skip the scan."""
+    """How deep objects and arrays nest in `payload` (up to one past MAX_JSON_DEPTH), read off its
+    brackets outside strings before json.loads, whose C scanner recurses once per level. Payloads
+    with few brackets skip the scan."""
     if payload.count(b"[") + payload.count(b"{") <= MAX_JSON_DEPTH:
         return 0
     depth = deepest = 0

@@ -2,6 +2,7 @@
 
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ from slmops.agent import config as agent_config
 from slmops.agent.server import AgentServer
 from slmops.agent.telemetry import TelemetryQueue
 from slmops.agent.uplink import Uplink
+from slmops.messages import DesiredState, chunk_topic, device_topic
 
 
 @pytest.fixture
@@ -45,3 +47,59 @@ def test_watch_bundle_sees_the_broker_confirm_every_subscription(uplink: Uplink)
         contender.join()
         sys.setswitchinterval(switch)
     assert all(confirmed), f"{confirmed.count(False)} of 200 subscriptions seen as unconfirmed"
+
+
+@pytest.fixture
+def rogue(mosquitto: int):
+    """Any other client of the broker (the embedded broker's ACL keeps devices out of here)."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="rogue")
+    client.connect("127.0.0.1", mosquitto)
+    client.loop_start()
+    yield client
+    client.disconnect()
+    client.loop_stop()
+
+
+DESIRED = DesiredState(bundle="tiny", version="2.0.0", digest="ab" * 32)
+HOSTILE = [
+    b"[" * 10_000 + b"]" * 10_000,  # RecursionError in json.loads
+    b'{"schema": 1, "up_to_seq": ' + b"9" * 5000 + b"}",  # ValueError: past Python's int digits limit
+    b"\xff\xfe\x00",
+    b'{"schema": 1, "bundle": "' + b"x" * (1 << 20) + b'"}',
+    b"",
+]
+
+
+def test_hostile_payloads_on_every_topic_leave_the_link_working(uplink: Uplink, rogue) -> None:
+    """Finding 3: one 20 KB message used to kill paho's network thread; the device then never
+    again received a desired state, a command or an ack."""
+    work: list[object] = []
+    uplink.on_work = work.append
+    for kind in ("desired", "cmd", "telemetry_ack"):
+        for payload in HOSTILE:
+            rogue.publish(device_topic("uplink-test", kind), payload, qos=1).wait_for_publish(5)
+    rogue.publish(chunk_topic("cd" * 32), b"\x00\x00\x00\x05{}", qos=1).wait_for_publish(5)  # not being fetched
+    rogue.publish(device_topic("uplink-test", "desired"), DESIRED.payload(), qos=1).wait_for_publish(5)
+    deadline = time.monotonic() + 10
+    while not work and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert work == [DESIRED], "the link is dead: a valid desired state after the hostile ones was not obeyed"
+    # each hostile payload on each topic, but an empty desired or cmd is a cleared retained message
+    assert uplink.dropped == 3 * (len(HOSTILE) - 1) + 1
+    assert uplink.client.is_connected()
+
+
+def test_a_message_for_another_device_is_not_obeyed(uplink: Uplink) -> None:
+    """Finding 1: a broker may deliver another device's retained desired state (amqtt did)."""
+    import paho.mqtt.client as mqtt
+
+    work: list[object] = []
+    uplink.on_work = work.append
+    for topic in (device_topic("other", "desired"), device_topic("uplink-test-2", "cmd"), "slmops/v1/devices/x"):
+        message = mqtt.MQTTMessage(topic=topic.encode())
+        message.payload = DESIRED.payload()
+        uplink._on_message(uplink.client, None, message)
+    assert work == [] and uplink.dropped == 3

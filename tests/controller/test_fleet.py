@@ -159,7 +159,6 @@ def test_a_device_that_dies_is_marked_offline_by_its_will(fleet_client, mosquitt
             "chunk_size: Input should be greater than or equal to 16384",
         ),
         (request_topic("not-a-digest", "edge-3"), b"{}", "is not a bundle digest"),
-        (f"slmops/v1/bundles/{'ab' * 32}/request", b"{}", "is not a chunk request topic"),
         # What used to raise RecursionError or ValueError on paho's thread (issue 11, finding 3)
         *[
             (topic, payload, reason)
@@ -172,7 +171,7 @@ def test_a_device_that_dies_is_marked_offline_by_its_will(fleet_client, mosquitt
                 request_topic("ab" * 32, "edge-3"),
             )
             for payload, reason in (
-                (b"[" * 10_000 + b"]" * 10_000, "JSON nested 10000 deep"),
+                (b"[" * 10_000 + b"]" * 10_000, "JSON nested more than 32 deep"),
                 (b'{"schema": 1, "online": ' + b"7" * 5000 + b"}", "an integer of 5000 digits"),
                 (b'{"schema": 1, "x": NaN}', "NaN is not JSON"),
             )

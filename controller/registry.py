@@ -4,6 +4,7 @@ Every change goes through here, in one transaction with its audit row. Errors ca
 HTTP status the API answers with.
 """
 
+import logging
 from pathlib import Path
 from typing import IO
 
@@ -17,6 +18,8 @@ from . import audit
 from .audit import Actor
 from .db import AuditRow, BundleRow
 from .store import BundleStore
+
+log = logging.getLogger(__name__)
 
 
 class RegistryError(SlmopsError):
@@ -43,30 +46,46 @@ class Registry:
         Pushing the same content again is a no-op; other content under a name and version
         already taken is refused (versions are immutable).
         """
-        manifest, digest = self.store.ingest(archive, self.keys)
-        with Session(self.engine, expire_on_commit=False) as session, session.begin():
-            existing = session.scalars(
-                select(BundleRow).where(BundleRow.name == manifest.name, BundleRow.version == manifest.version)
-            ).one_or_none()
-            if existing is not None:
-                if existing.digest == digest:
-                    return existing, False
-                raise Conflict(
-                    f"{manifest.name} {manifest.version} is registered with other content "
-                    f"(digest {existing.digest[:12]}); versions are immutable: push a new version"
+        manifest, staging = self.store.stage(archive, self.keys)
+        digest, kept = manifest.digest, False
+        try:
+            with Session(self.engine, expire_on_commit=False) as session, session.begin():
+                existing = session.scalars(
+                    select(BundleRow).where(BundleRow.name == manifest.name, BundleRow.version == manifest.version)
+                ).one_or_none()
+                if existing is not None:
+                    if existing.digest == digest:
+                        return existing, False
+                    raise Conflict(
+                        f"{manifest.name} {manifest.version} is registered with other content "
+                        f"(digest {existing.digest[:12]}); versions are immutable: push a new version"
+                    )
+                row = BundleRow(
+                    name=manifest.name,
+                    version=manifest.version,
+                    digest=digest,
+                    size_bytes=sum(v.size_bytes for v in manifest.variants),
+                    manifest=manifest.model_dump(mode="json"),
+                    pushed_by=actor.name,
                 )
-            row = BundleRow(
-                name=manifest.name,
-                version=manifest.version,
-                digest=digest,
-                size_bytes=sum(v.size_bytes for v in manifest.variants),
-                manifest=manifest.model_dump(mode="json"),
-                pushed_by=actor.name,
-            )
-            session.add(row)
-            session.flush()
-            audit.record(session, actor, "bundle.push", f"{row.name}:{row.version}", {"digest": digest}, row.id)
+                session.add(row)
+                session.flush()
+                audit.record(session, actor, "bundle.push", f"{row.name}:{row.version}", {"digest": digest}, row.id)
+                kept = self.store.keep(manifest, staging)  # before the commit: a row never names a missing bundle
             return row, True
+        except BaseException:
+            if kept:  # the commit failed: the files go with the row
+                self.store.delete(digest)
+            raise
+        finally:
+            self.store.discard(staging)
+
+    def sweep_store(self) -> None:
+        """What the store holds beyond the registry (an interrupted push, a bundle without its row) goes."""
+        with Session(self.engine) as session:
+            registered = set(session.scalars(select(BundleRow.digest)))
+        for left in self.store.sweep(registered):
+            log.warning("removed %s from the bundle store: no registered bundle has it", left)
 
     def bundles(self) -> list[BundleRow]:
         with Session(self.engine) as session:

@@ -42,6 +42,7 @@ def build_app(config: ControllerConfig) -> FastAPI:
     engine = open_database(config.database)
     store = BundleStore(config.store_dir)
     registry = Registry(engine, store, trusted_keys(config.trusted_keys))
+    registry.sweep_store()
     fleet = Fleet(engine)
     broker, bridge = None, None
     if config.broker_url:

@@ -1,7 +1,8 @@
 """The bundle store: verified bundles as folders, addressed by their manifest digest.
 
-    incoming archive ─► verify_archive (signature, schema, every member) into incoming/<tmp>
-                     ─► rename to bundles/<digest>/   (or dropped, when that digest is stored)
+    incoming archive ─► stage: verify_archive (signature, schema, every member) into incoming/<tmp>
+                     ─► keep: rename to bundles/<digest>/ (or dropped, when that digest is stored),
+                        only once the registry takes it (a push refused with 409 leaves nothing)
 
                      ─► chunk-sums/<digest>/<chunk size>/<path>: the sha256 of each chunk of
                         each file in the agents' default chunk size, so the chunks of a bundle
@@ -9,7 +10,8 @@
 
 The digest is the sha256 of the manifest's canonical JSON; the manifest lists every
 file's sha256, so one digest names the whole content. Nothing unverified ever appears
-under bundles/.
+under bundles/. At start, `sweep` removes what an interrupted push left in incoming/ and any
+stored bundle the registry does not list.
 """
 
 import hashlib
@@ -37,20 +39,40 @@ class BundleStore:
         for folder in (self.incoming, self.bundles, self.chunk_sums_root):
             folder.mkdir(parents=True, exist_ok=True)
 
-    def ingest(self, archive: Path | IO[bytes], keys: list[Ed25519PublicKey]) -> tuple[Manifest, str]:
-        """Verify and store an archive; raises BundleError (nothing stored) when it must not be trusted."""
+    def stage(self, archive: Path | IO[bytes], keys: list[Ed25519PublicKey]) -> tuple[Manifest, Path]:
+        """Verify an archive into a staging folder (BundleError: nothing is kept). `keep` stores
+        it, `discard` drops it."""
         staging = self.incoming / uuid.uuid4().hex
-        manifest = verify_archive(archive, keys, extract_to=staging)
+        return verify_archive(archive, keys, extract_to=staging), staging
+
+    def keep(self, manifest: Manifest, staging: Path) -> bool:
+        """Store a staged bundle under its digest; False when that content was stored already."""
         digest = manifest.digest
         try:
             os.replace(staging, self.path(digest))
         except OSError:  # the same content is stored already (a rename cannot replace a full folder)
-            shutil.rmtree(staging, ignore_errors=True)
-            return manifest, digest
+            return False
         for path in [MANIFEST_FILE, SIGNATURE_FILE, *expected_members(manifest)]:
             if (stored := self.file(digest, path)) is not None:
                 self.save_chunk_sums(digest, path, DEFAULT_CHUNK_BYTES, hash_chunks(stored, DEFAULT_CHUNK_BYTES))
-        return manifest, digest
+        return True
+
+    def discard(self, staging: Path) -> None:
+        shutil.rmtree(staging, ignore_errors=True)
+
+    def sweep(self, registered: set[str]) -> list[str]:
+        """Remove what interrupted pushes left in incoming/, and the stored bundles (with their chunk
+        sums) whose digest is not `registered`; returns what was removed."""
+        removed = []
+        for left in self.incoming.iterdir():
+            shutil.rmtree(left) if left.is_dir() and not left.is_symlink() else left.unlink()
+            removed.append(f"incoming/{left.name}")
+        for folder in (self.bundles, self.chunk_sums_root):
+            for stored in folder.iterdir():
+                if stored.name not in registered:
+                    shutil.rmtree(stored, ignore_errors=True)
+                    removed.append(f"{folder.name}/{stored.name}")
+        return removed
 
     def path(self, digest: str) -> Path:
         return self.bundles / digest

@@ -160,7 +160,9 @@ def test_hash_chunks_counts_chunks_as_the_chunk_server_does(tmp_path: Path, size
 def pushed(tmp_path: Path, archive: bytes, trusted):
     """A chunk server over a store holding the tiny bundle (two variants), pushed as a user would."""
     store = BundleStore(tmp_path / "pushed")
-    manifest, digest = store.ingest(io.BytesIO(archive), trusted)
+    manifest, staging = store.stage(io.BytesIO(archive), trusted)
+    assert store.keep(manifest, staging)
+    digest = manifest.digest
     broker = Broker(digest)
     broker.release()
     server = ChunkServer(store, broker.publish)

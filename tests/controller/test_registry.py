@@ -66,13 +66,36 @@ def test_not_an_archive_at_all(client) -> None:
     assert response.status_code == 422 and "corrupt or truncated" in response.json()["error"]["message"]
 
 
-def test_versions_are_immutable(client, archive: bytes, tiny_export: Path, tmp_path: Path, signing_key) -> None:
+def test_versions_are_immutable_and_a_refused_push_stores_nothing(
+    client, archive: bytes, tiny_export: Path, tmp_path: Path, signing_key, controller_config
+) -> None:
     from slmops.build.bundle import create
 
-    assert client.post("/v1/bundles", content=archive, headers=ADMIN).status_code == 201
+    digest = client.post("/v1/bundles", content=archive, headers=ADMIN).json()["digest"]
     other = create(tiny_export, tmp_path / "other", "tiny", "1.0.0", description="other content", key=signing_key[0])
     response = client.post("/v1/bundles", content=write_archive(other, tmp_path / "o.tar").read_bytes(), headers=ADMIN)
     assert response.status_code == 409 and "versions are immutable" in response.json()["error"]["message"]
+    # Issue 11, finding 9: the refused content used to land in the store and be served from it.
+    assert stored(controller_config) == [digest]
+    assert sorted(p.name for p in (controller_config.store_dir / "chunk-sums").iterdir()) == [digest]
+    assert list((controller_config.store_dir / "incoming").iterdir()) == []
+    assert client.get(f"/v1/store/{other.manifest.digest}/manifest.json", headers=ADMIN).status_code == 404
+
+
+def test_a_restart_removes_what_an_interrupted_push_left(client, archive: bytes, controller_config) -> None:
+    from fastapi.testclient import TestClient
+
+    from slmops.controller.service import build_app
+
+    digest = client.post("/v1/bundles", content=archive, headers=ADMIN).json()["digest"]
+    store = controller_config.store_dir
+    (store / "incoming" / "5f0e1d").mkdir()  # a kill -9 during the push: the staging folder stays
+    (store / "incoming" / "5f0e1d" / "manifest.json").write_text("{}")
+    (store / "incoming" / ".5f0e1d.half").write_bytes(b"x" * 100)
+    (store / "bundles" / ("9" * 64)).mkdir()  # stored, but its registry row never committed
+    with TestClient(build_app(controller_config)):
+        assert list((store / "incoming").iterdir()) == []
+        assert stored(controller_config) == [digest]
 
 
 def test_roles_and_tokens(client, archive: bytes) -> None:

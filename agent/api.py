@@ -5,6 +5,7 @@ routes: `{"error": "..."}`), mapped in one place; FastAPI's validation errors ar
 reshaped to it. Streams end with `data: [DONE]`; an error mid-stream is a data event.
 """
 
+import asyncio
 import json
 import secrets
 from collections.abc import AsyncIterator, Callable
@@ -57,6 +58,11 @@ def create_app(server: AgentServer, lifespan: Any = None) -> FastAPI:
         if request.url.path.startswith("/api/"):
             return JSONResponse({"error": e.message}, status_code=e.status, headers=e.headers)
         return JSONResponse(error_body(e.message, e.type, e.code, e.param), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(ClientGone)
+    async def client_gone(request: Request, _e: ClientGone) -> Response:
+        server.metrics.requests.labels(request.url.path, "499").inc()  # nginx's code for it
+        return Response(status_code=499)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
@@ -145,7 +151,7 @@ def create_app(server: AgentServer, lifespan: Any = None) -> FastAPI:
                 opening={"delta": {"role": "assistant", "content": ""}},
             )
             return _sse(chunks)
-        text, finish = await _collect(first, events)
+        text, finish = await _collect(first, events, request)
         return JSONResponse(
             {
                 "id": ident,
@@ -183,7 +189,7 @@ def create_app(server: AgentServer, lifespan: Any = None) -> FastAPI:
                 opening={"text": prefix} if prefix else None,
             )
             return _sse(chunks)
-        text, finish = await _collect(first, events)
+        text, finish = await _collect(first, events, request)
         return JSONResponse(
             {
                 "id": ident,
@@ -290,7 +296,7 @@ def create_app(server: AgentServer, lifespan: Any = None) -> FastAPI:
             )
 
         if not stream:
-            text, finish = await _collect(first, events)
+            text, finish = await _collect(first, events, request)
             return JSONResponse({**final(finish), **wrap(text)})
 
         async def ndjson() -> AsyncIterator[str]:
@@ -316,14 +322,41 @@ async def _chain(first: Piece | Finish, events: AsyncIterator[Piece | Finish]) -
             yield event
 
 
-async def _collect(first: Piece | Finish, events: AsyncIterator[Piece | Finish]) -> tuple[str, Finish]:
-    parts: list[str] = []
-    async for event in _chain(first, events):
-        if isinstance(event, Piece):
-            parts.append(event.text)
-        else:
-            return "".join(parts), event
-    raise RuntimeError("generation ended without a finish event")
+async def _collect(
+    first: Piece | Finish, events: AsyncIterator[Piece | Finish], request: Request
+) -> tuple[str, Finish]:
+    """The whole answer of a non-streaming request. A client that leaves meanwhile (its request
+    body is read, so the next ASGI message is the disconnect) ends the generation at once:
+    Starlette cancels only streaming responses by itself."""
+
+    async def text() -> tuple[str, Finish]:
+        parts: list[str] = []
+        async for event in _chain(first, events):
+            if isinstance(event, Piece):
+                parts.append(event.text)
+            else:
+                return "".join(parts), event
+        raise RuntimeError("generation ended without a finish event")
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    answer, gone = asyncio.ensure_future(text()), asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait((answer, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (answer, gone):
+            task.cancel()
+        await asyncio.gather(answer, gone, return_exceptions=True)
+        await events.aclose()  # type: ignore[attr-defined]  # ends the engine job, counted as cancelled
+    if not answer.done() or answer.cancelled():
+        raise ClientGone()
+    return answer.result()
+
+
+class ClientGone(Exception):
+    """The client left before its non-streaming answer was ready; nobody is there to answer."""
 
 
 def _usage(finish: Finish) -> Usage:

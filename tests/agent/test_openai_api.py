@@ -4,6 +4,7 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 
@@ -167,6 +168,29 @@ def test_client_that_disconnects_stops_its_generation(start_agent, smollm2_bundl
     assert 'slmops_agent_generations_total{outcome="cancelled"} 1.0' in metrics
     generated = next(line for line in metrics.splitlines() if line.startswith("slmops_agent_generated_tokens_total"))
     assert float(generated.split()[1]) < 100, f"{generated}: the generation went on after the client left at 5"
+
+
+@pytest.mark.real_model
+def test_clients_that_give_up_on_non_streaming_requests_free_the_engine(start_agent, smollm2_bundle: Path) -> None:
+    """Issue 11, finding 6: eight clients that gave up after 0.5 s kept the engine busy for about
+    4 minutes (2000 forced tokens each) while a normal request timed out."""
+    agent = start_agent(smollm2_bundle, max_active_requests=4, max_queued_requests=8)
+    body = {"messages": QUESTION, "max_tokens": 2000, "ignore_eos": True, **GREEDY}
+
+    def give_up() -> None:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{agent.base_url}/chat/completions", json=body, timeout=httpx.Timeout(10, read=0.5))
+
+    clients = [threading.Thread(target=give_up) for _ in range(8)]
+    for client in clients:
+        client.start()
+    for client in clients:
+        client.join()
+    agent.wait_idle(timeout_s=5)  # 16,000 tokens would take minutes here
+    metrics = agent.http().get("/metrics").text
+    assert 'slmops_agent_generations_total{outcome="cancelled"} 8.0' in metrics
+    answered = agent.openai().chat.completions.create(messages=QUESTION, max_tokens=8, **GREEDY)
+    assert answered.choices[0].message.content
 
 
 def test_prompt_longer_than_the_context_is_a_400_naming_the_limit(agent) -> None:

@@ -39,7 +39,7 @@ from slmops.signing import Signature, check_signature, trusted_keys
 from . import choice, hardware
 from .config import AgentConfig
 from .server import AgentServer
-from .transfer import MqttFetcher, Wanted, bitmap_path, bytes_on_disk, served_wrong
+from .transfer import MAX_UNLISTED_BYTES, MqttFetcher, Wanted, bitmap_path, bytes_on_disk, served_wrong
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +226,7 @@ class Sync:
     def _fetch_manifest(self, source: "Source", desired: DesiredState, partial: Path) -> Manifest:
         for name in (MANIFEST_FILE, SIGNATURE_FILE):
             (partial / name).unlink(missing_ok=True)
-        source.fetch({name: Wanted(partial / name, None) for name in (MANIFEST_FILE, SIGNATURE_FILE)}, None)
+        source.fetch({name: Wanted(partial / name, None, None) for name in (MANIFEST_FILE, SIGNATURE_FILE)}, None)
         manifest = Manifest.load(partial / MANIFEST_FILE)
         signature = Signature.parse((partial / SIGNATURE_FILE).read_bytes(), origin=f"fetched {SIGNATURE_FILE}")
         check_signature(manifest.canonical_bytes(), signature, trusted_keys(self.config.trusted_keys))
@@ -275,7 +275,8 @@ class Sync:
                 progress["next"] = percent + REPORT_EVERY_PERCENT
 
         source.fetch(
-            {f"{VARIANTS_DIR}/{variant_id}/{f.path}": Wanted(targets[f.path], f.sha256) for f in wanted}, advance
+            {f"{VARIANTS_DIR}/{variant_id}/{f.path}": Wanted(targets[f.path], f.sha256, f.size) for f in wanted},
+            advance,
         )
         elapsed = time.perf_counter() - started
         log.info(
@@ -333,8 +334,8 @@ class HttpSource:
         )
 
     def fetch(self, files: dict[str, Wanted], progress: Callable[[int], None] | None) -> None:
-        for path, (target, sha256) in files.items():
-            self._fetch_one(path, target, progress)
+        for path, (target, sha256, size) in files.items():
+            self._fetch_one(path, target, MAX_UNLISTED_BYTES if size is None else size, progress)
             if sha256 is not None and sha256_file(target) != sha256:
                 target.unlink()
                 raise served_wrong(path)
@@ -342,7 +343,8 @@ class HttpSource:
     def on_disk(self, target: Path, size: int) -> int:
         return min(size, _size(target))  # resumed with a Range request
 
-    def _fetch_one(self, path: str, target: Path, progress: Callable[[int], None] | None) -> None:
+    def _fetch_one(self, path: str, target: Path, size: int, progress: Callable[[int], None] | None) -> None:
+        """Download `path` into `target`, at most `size` bytes (more is refused: a wrong file)."""
         target.parent.mkdir(parents=True, exist_ok=True)
         start = _size(target)
         headers = {"Range": f"bytes={start}-"} if start else {}
@@ -353,12 +355,17 @@ class HttpSource:
                 raise SyncError(f"download of {path} answered {response.status_code}")
             else:
                 with target.open("ab" if response.status_code == 206 else "wb") as f:
+                    written = f.tell()
                     for chunk in response.iter_bytes(DOWNLOAD_CHUNK_BYTES):
+                        if (written := written + len(chunk)) > size:
+                            f.close()
+                            target.unlink()
+                            raise served_wrong(path)
                         f.write(chunk)
                         if progress is not None:
                             progress(len(chunk))
                 return
-        self._fetch_one(path, target, progress)  # start over from byte 0
+        self._fetch_one(path, target, size, progress)  # start over from byte 0
 
     def __enter__(self) -> "HttpSource":
         return self

@@ -4,10 +4,15 @@
         each chunk still needed: written at its offset, marked with the sha256 it came with;
         the file's own sha256 advances in order over what has landed (no second pass over it)
         (chunks already held, or of other files, are dropped unread: the topic is shared)
+        a chunk is kept only when its header matches what was asked for: the path, this fetch's
+            chunk size, and the count, file size and chunk length the manifest's size gives (a
+            forged header cannot make the agent allocate or write past the file it expects)
         every chunk on disk ─► the file's sha256 against the manifest's: equal, the file is done;
             else each chunk against the sha256 it came with: the ones that differ are asked for
-            again (the same wrong bytes twice: the controller's copy is damaged, TransferError),
-            and with none differing the file itself was served wrong (TransferError)
+            again (the same wrong bytes twice: the controller's copy is damaged, TransferError);
+            with none differing, a chunk was forged with a sha256 of its own, or the file itself
+            was served wrong: the whole file is asked for again, and the same chunks once more
+            mean the controller's file is wrong (TransferError)
         no chunk for `timeout_s` ─► request what is still missing (a lost chunk)
     every 8 MiB or half second, in a thread of its own (the receiving thread never waits for the
     disk), and when the fetch stops: the bitmap (<file>.chunks: the chunk size, then each chunk's
@@ -38,6 +43,10 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_EVERY_S, CHECKPOINT_EVERY_BYTES = 0.5, 8 << 20
 MAX_ROUNDS = 20
+MAX_UNLISTED_BYTES = 4 << 20
+"""The largest manifest or signature accepted: files the manifest cannot give a size for."""
+MAX_WHOLE_REFETCHES = 2
+"""Times a file whose every chunk matched its own sha256, but not the manifest's, is fetched again."""
 SUM_BYTES = 32
 NO_SUM = bytes(SUM_BYTES)
 
@@ -52,10 +61,17 @@ def served_wrong(path: str) -> TransferError:
 
 
 class Wanted(NamedTuple):
-    """A file to fetch: where it goes, and the sha256 it must have (None: each chunk's is checked)."""
+    """A file to fetch: where it goes, the sha256 and size it must have (None: the manifest and its
+    signature, which have neither yet: each chunk's sha256 is checked, the size bounded)."""
 
     target: Path
     sha256: str | None
+    size: int | None
+
+
+def chunk_count(size: int, chunk_size: int) -> int:
+    """Chunks of a `size`-byte file; an empty file is one empty chunk."""
+    return max(1, -(-size // chunk_size))
 
 
 def bitmap_path(target: Path) -> Path:
@@ -63,15 +79,26 @@ def bitmap_path(target: Path) -> Path:
     return target.with_name(target.name + ".chunks")
 
 
-def saved_chunks(target: Path, chunk_size: int) -> list[bytes | None] | None:
+def saved_chunks(target: Path, chunk_size: int, size: int | None) -> list[bytes | None] | None:
     """The sha256 of each chunk an interrupted fetch of `target` left on disk (None: not there);
-    None when it left no bitmap, or one for another chunk size (the file is fetched again)."""
+    None when it left no bitmap, or one for another chunk size or another file size than `size`
+    (None: at most MAX_UNLISTED_BYTES): the file is fetched again. A bitmap is read only once its
+    own size shows it fits."""
     bitmap = bitmap_path(target)
-    if not (bitmap.is_file() and target.is_file()):
+    try:
+        if not target.is_file():
+            return None
+        bitmap_bytes = bitmap.stat().st_size
+    except OSError:
         return None
-    saved = bitmap.read_bytes()
+    fits = (
+        bitmap_bytes == 4 + SUM_BYTES * chunk_count(size, chunk_size)
+        if size is not None
+        else bitmap_bytes <= 4 + SUM_BYTES * chunk_count(MAX_UNLISTED_BYTES, chunk_size)
+    )
+    saved = bitmap.read_bytes() if fits else b""
     if len(saved) < 4 or (len(saved) - 4) % SUM_BYTES or int.from_bytes(saved[:4], "big") != chunk_size:
-        log.info("%s was left in another chunk size or is damaged; fetching it again", bitmap.name)
+        log.info("%s is for another chunk size or file, or damaged; fetching the file again", bitmap.name)
         return None
     sums = [saved[i : i + SUM_BYTES] for i in range(4, len(saved), SUM_BYTES)]
     return [None if s == NO_SUM else s for s in sums]
@@ -79,7 +106,7 @@ def saved_chunks(target: Path, chunk_size: int) -> list[bytes | None] | None:
 
 def bytes_on_disk(target: Path, chunk_size: int, size: int) -> int:
     """How much of a `size`-byte file a fetch interrupted before has already put in `target`."""
-    saved = saved_chunks(target, chunk_size)
+    saved = saved_chunks(target, chunk_size, size)
     return 0 if saved is None else min(size, sum(s is not None for s in saved) * chunk_size)
 
 
@@ -102,9 +129,12 @@ class _File:
     def __init__(self, path: str, wanted: Wanted, chunk_size: int, saver: ThreadPoolExecutor) -> None:
         self.path, self.sha256, self.chunk_size, self.saver = path, wanted.sha256, chunk_size, saver
         self.target, self.bitmap_path = wanted.target, bitmap_path(wanted.target)
-        self.count: int | None = None
-        self.file_size: int | None = None
-        self.sums: list[bytes | None] = []  # None: that chunk is not on disk
+        self.size = wanted.size  # None: known from the first chunk kept, at most MAX_UNLISTED_BYTES
+        self.count: int | None = None if wanted.size is None else chunk_count(wanted.size, chunk_size)
+        self.file_size: int | None = None  # from the chunks' headers, or what a resumed file holds
+        self.sums: list[bytes | None] = [] if self.count is None else [None] * self.count  # None: not on disk
+        self.refused = 0  # chunks whose header did not match what was asked for
+        self.whole_refetches: list[list[bytes | None]] = []  # each chunk's sha256, each time all matched
         self.digest, self.hashed = hashlib.sha256(), 0
         self.complete, self.asking_again = False, False
         self.damaged: dict[int, bytes] = {}  # chunk index → the sha256 of the wrong bytes it came with
@@ -114,7 +144,7 @@ class _File:
         self.checkpointed_at, self.unsaved_bytes = time.monotonic(), 0
         wanted.target.parent.mkdir(parents=True, exist_ok=True)
         flags = os.O_RDWR | os.O_CREAT
-        if (saved := saved_chunks(wanted.target, chunk_size)) is not None:
+        if (saved := saved_chunks(wanted.target, chunk_size, wanted.size)) is not None:
             self.count, self.sums = len(saved), saved
             log.info("resuming %s: %d of %d chunks on disk", path, len(saved) - saved.count(None), len(saved))
         else:
@@ -127,17 +157,48 @@ class _File:
                 self._check()
 
     def missing(self) -> list[int] | None:
-        return None if self.count is None else [i for i, sha256 in enumerate(self.sums) if sha256 is None]
+        """The chunks to ask for; None: all of them (nothing of the file is on disk)."""
+        missing = [i for i, sha256 in enumerate(self.sums) if sha256 is None]
+        return None if self.count is None or len(missing) == self.count else missing
+
+    def _fits(self, header: ChunkHeader, length: int) -> bool:
+        """The header is one of the chunks asked for: this file's size, count and chunk length."""
+        size = self.size if self.size is not None else header.file_size
+        if size > MAX_UNLISTED_BYTES and self.size is None:
+            return False
+        count = chunk_count(size, self.chunk_size)
+        expected = min(self.chunk_size, size - header.index * self.chunk_size)
+        return (
+            header.file_size == size
+            and header.count == count
+            and (self.count is None or count == self.count)
+            and header.index < count
+            and length == max(0, expected)
+        )
 
     def accept(self, header: ChunkHeader, data: memoryview) -> int:
         """Write a chunk this file still needs; returns the bytes newly written."""
         with self.lock:
-            if self.fd is None or (self.count is not None and header.count != self.count):
+            if self.fd is None:
                 return 0
-            if header.index >= header.count or (self.count is not None and self.sums[header.index] is not None):
+            if not self._fits(header, len(data)):
+                self.refused += 1
+                if self.refused in (1, 10, 100, 1000):
+                    log.warning(
+                        "refused %d chunk(s) of %s whose header does not match the file asked for (last: %d of %d, "
+                        "%d bytes of a %d-byte file)",
+                        self.refused,
+                        self.path,
+                        header.index,
+                        header.count,
+                        len(data),
+                        header.file_size,
+                    )
                 return 0
-            if self.count is None:
-                self.count, self.sums = header.count, [None] * header.count
+            if self.count is None:  # the first chunk of a manifest or signature gives its size
+                self.size, self.count, self.sums = header.file_size, header.count, [None] * header.count
+            if self.sums[header.index] is not None:
+                return 0
             self.file_size = header.file_size
             os.pwrite(self.fd, data, header.index * self.chunk_size)
             self.sums[header.index] = bytes.fromhex(header.sha256)
@@ -176,8 +237,19 @@ class _File:
         actual = {i: hashlib.sha256(self._read(i)).digest() for i in range(self.count)}
         bad = [i for i, sha256 in actual.items() if sha256 != self.sums[i]]
         if not bad:
-            self.complete = self.sha256 is None  # no sha256 to compare with: every chunk checked
-            self.failed = None if self.complete else served_wrong(self.path)
+            if self.sha256 is None:  # no sha256 to compare with: every chunk checked
+                self.complete = True
+                return
+            # Every chunk as its header said, not the file the manifest names: a chunk forged with a
+            # sha256 of its own, or a wrong file. The whole file again tells which (bounded).
+            received = list(self.sums)
+            if received in self.whole_refetches or len(self.whole_refetches) >= MAX_WHOLE_REFETCHES:
+                self.failed = served_wrong(self.path)
+                return
+            log.warning("%s does not match the manifest's sha256; asking for all of it again", self.path)
+            self.whole_refetches.append(received)
+            self.sums = [None] * self.count
+            self.digest, self.hashed, self.asking_again = hashlib.sha256(), 0, True
             return
         if again := [i for i in bad if self.damaged.get(i) == actual[i]]:
             self.failed = TransferError(

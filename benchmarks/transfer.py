@@ -192,6 +192,15 @@ class Reports:
         self.client.loop_stop()
 
 
+def target_size(target: Path) -> int:
+    """The manifest's size of a file being fetched into a partial slot (slots/<digest>.partial/variants/<id>/<file>)."""
+    from slmops.manifest import Manifest
+
+    slot, variant = target.parents[2], target.parent.name
+    files = Manifest.load(slot / "manifest.json").variant(variant).files
+    return next(f.size for f in files if f.path == target.name)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--agents", type=int, default=10)
@@ -351,11 +360,11 @@ def main() -> None:
             proc.wait()
             killed_at = reports.percent[device]
             claimed = sum(
-                sum(
-                    sha256 is not None
-                    for sha256 in saved_chunks(b.with_name(b.name.removesuffix(".chunks")), chunk) or []
+                sum(sha256 is not None for sha256 in saved_chunks(target, chunk, target_size(target)) or [])
+                for target in (
+                    b.with_name(b.name.removesuffix(".chunks"))
+                    for b in (WORK / device / "slots").glob("*.partial/**/*.chunks")
                 )
-                for b in (WORK / device / "slots").glob("*.partial/**/*.chunks")
             )
             sent_before = health().get("chunks_sent", 0)
             restarted = time.time()

@@ -16,6 +16,7 @@ from slmops.agent.transfer import MqttFetcher, TransferError, Wanted, saved_chun
 from slmops.messages import ChunkHeader, ChunkRequest, MessageInvalid, chunk_payload, parse_chunk
 
 CHUNK = 16 << 10
+SIZE = 40 * CHUNK + 123
 
 
 class FileLink:
@@ -72,13 +73,14 @@ class FileLink:
 @pytest.fixture
 def source(tmp_path: Path) -> Path:
     path = tmp_path / "weights.bin"
-    path.write_bytes(os.urandom(40 * CHUNK + 123))  # 41 chunks, the last one short
+    path.write_bytes(os.urandom(SIZE))  # 41 chunks, the last one short
     return path
 
 
-def want(target: Path, source: Path | None) -> Wanted:
-    """`target`, to hold what `source` holds (None: no file sha256 to check, as for a manifest)."""
-    return Wanted(target, None if source is None else hashlib.sha256(source.read_bytes()).hexdigest())
+def want(target: Path, source: Path, listed: bool = True) -> Wanted:
+    """`target`, to hold what `source` holds; not `listed`: no sha256 or size to check, as for a manifest."""
+    data = source.read_bytes()
+    return Wanted(target, hashlib.sha256(data).hexdigest(), len(data)) if listed else Wanted(target, None, None)
 
 
 def test_a_whole_file_arrives_intact(source: Path, tmp_path: Path) -> None:
@@ -98,9 +100,9 @@ def test_a_restart_asks_only_for_the_chunks_not_on_disk(source: Path, tmp_path: 
     fetcher = MqttFetcher(dying, CHUNK, timeout_s=0.05)
     with pytest.raises(TransferError, match="chunks still missing"), fetcher.watching("d" * 64):
         fetcher.fetch("d" * 64, {"p": want(target, source)})
-    saved = saved_chunks(target, CHUNK)
+    saved = saved_chunks(target, CHUNK, SIZE)
     assert saved is not None and [s is not None for s in saved] == [True] * 35 + [False] * 6
-    assert saved_chunks(target, 2 * CHUNK) is None  # another chunk size: nothing on disk counts
+    assert saved_chunks(target, 2 * CHUNK, SIZE) is None  # another chunk size: nothing on disk counts
 
     restarted = FileLink(source)
     fetcher = MqttFetcher(restarted, CHUNK, timeout_s=1)
@@ -145,7 +147,7 @@ def test_a_corrupt_chunk_is_refused_and_asked_for_again(
     link = FileLink(source, corrupt={3, 40})
     fetcher = MqttFetcher(link, CHUNK, timeout_s=5)  # asked for again at once, not after the timeout
     with fetcher.watching("d" * 64):
-        fetcher.fetch("d" * 64, {"p": want(tmp_path / "out.bin", source if file_sha256 else None)})
+        fetcher.fetch("d" * 64, {"p": want(tmp_path / "out.bin", source, listed=file_sha256)})
     refused = [r.getMessage() for r in caplog.records]
     assert refused == [f"chunk {i} of p does not match its sha256; asking for it again" for i in (3, 40)]
     assert [r.chunks for r in link.requests] == [None, [3, 40]]
@@ -157,8 +159,8 @@ def test_a_file_served_wrong_fails_and_is_not_kept(source: Path, tmp_path: Path)
     target = tmp_path / "out.bin"
     fetcher = MqttFetcher(FileLink(source), CHUNK, timeout_s=1)
     with pytest.raises(TransferError, match="does not match the manifest's sha256"), fetcher.watching("d" * 64):
-        fetcher.fetch("d" * 64, {"p": Wanted(target, "0" * 64)})
-    assert not target.exists() and saved_chunks(target, CHUNK) is None  # the next attempt starts over
+        fetcher.fetch("d" * 64, {"p": Wanted(target, "0" * 64, source.stat().st_size)})
+    assert not target.exists() and saved_chunks(target, CHUNK, SIZE) is None  # the next attempt starts over
 
 
 def test_the_same_wrong_bytes_twice_fail_the_fetch_as_a_damaged_source(source: Path, tmp_path: Path) -> None:
@@ -212,3 +214,69 @@ def test_a_chunk_message_is_parsed_without_copying_its_bytes() -> None:
     assert parsed == header and isinstance(data, memoryview) and data == piece
     with pytest.raises(MessageInvalid, match="not a chunk message"):
         parse_chunk(b"\x00\x00\xff\xff{}", "slmops/v1/bundles/x/chunk")
+
+
+class ForgingLink(FileLink):
+    """Before the real chunks of each request, what a client publishing on the chunk topic forged
+    (issue 11, finding 5): a first chunk claiming 50,000,000 chunks, a short one, and for a file
+    the manifest lists (`listed`), one of a larger file and — once — a last chunk of the right
+    shape with other bytes and their own sha256. (A manifest, which has no size to check yet,
+    takes its size from its first chunk within MAX_UNLISTED_BYTES; its signature and digest are
+    what guard it.)"""
+
+    def __init__(self, source: Path, listed: bool) -> None:
+        super().__init__(source)
+        self.listed, self.forge_last = listed, listed
+
+    def request_chunks(self, digest, request: ChunkRequest) -> None:
+        count = -(-SIZE // CHUNK)
+        x = b"x" * CHUNK
+        forged = [
+            (_header(request.path, x, count=50_000_000).model_copy(update={"file_size": 50_000_000 * CHUNK}), x),
+            (_header(request.path, b"x", count=count).model_copy(update={"file_size": SIZE}), b"x"),
+        ]
+        if self.listed:
+            forged.append((_header(request.path, x, count=count + 1).model_copy(update={"file_size": SIZE + CHUNK}), x))
+        if self.forge_last:
+            self.forge_last = False
+            tail = os.urandom(SIZE - (count - 1) * CHUNK)
+            header = _header(request.path, tail, count=count).model_copy(update={"index": count - 1, "file_size": SIZE})
+            forged.append((header, tail))
+        for header, piece in forged:
+            self.on_chunk(*parse_chunk(chunk_payload(header, piece), "test"))
+        super().request_chunks(digest, request)
+
+
+@pytest.mark.parametrize("listed", [True, False], ids=["variant-file", "manifest"])
+def test_forged_chunks_allocate_nothing_and_the_fetch_succeeds(source: Path, tmp_path: Path, listed: bool) -> None:
+    import tracemalloc
+
+    link = ForgingLink(source, listed)
+    fetcher = MqttFetcher(link, CHUNK, timeout_s=5)
+    tracemalloc.start()
+    try:
+        with fetcher.watching("d" * 64):
+            fetcher.fetch("d" * 64, {"p": want(tmp_path / "out.bin", source, listed=listed)})
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert (tmp_path / "out.bin").read_bytes() == source.read_bytes()
+    assert peak < 16 << 20, f"{peak / 2**20:.0f} MiB allocated (a list of 50,000,000 chunks is 400 MB)"
+    if listed:  # the forged last chunk matched its own sha256, not the manifest's: all of it again
+        again = link.requests[1].chunks  # (but the real last chunk, which landed after the reset)
+        assert len(link.requests) == 2 and again == list(range(40)), again
+
+
+def test_a_poisoned_bitmap_is_not_read_and_the_file_starts_over(source: Path, tmp_path: Path) -> None:
+    """The 1.6 GB bitmap a forged count left used to poison every later attempt at the version."""
+    target = tmp_path / "out.bin"
+    target.write_bytes(b"left")
+    with (tmp_path / "out.bin.chunks").open("wb") as bitmap:
+        bitmap.write(CHUNK.to_bytes(4, "big"))
+        bitmap.truncate(1_600_000_000)  # sparse: nothing is written, but reading it would take 1.6 GB
+    assert saved_chunks(target, CHUNK, SIZE) is None
+    link = FileLink(source)
+    fetcher = MqttFetcher(link, CHUNK, timeout_s=1)
+    with fetcher.watching("d" * 64):
+        fetcher.fetch("d" * 64, {"p": want(target, source)})
+    assert target.read_bytes() == source.read_bytes() and [r.chunks for r in link.requests] == [None]

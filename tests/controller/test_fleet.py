@@ -51,7 +51,6 @@ PROFILE = HardwareProfile(
 def fleet_client(mosquitto: int, controller_config):
     from fastapi.testclient import TestClient
 
-
     config = controller_config.model_copy(update={"broker_url": f"mqtt://127.0.0.1:{mosquitto}"})
     with TestClient(build_app(config)) as client:
         wait_for(lambda: client.get("/health").json()["mqtt"] == "connected", "the bridge did not connect")

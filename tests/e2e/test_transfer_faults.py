@@ -14,6 +14,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from slmops.agent.transfer import saved_chunks
+from slmops.manifest import Manifest
 from slmops.messages import ChunkRequest
 
 CHUNK = str(16 << 10)
@@ -91,9 +92,11 @@ def test_a_kill_mid_download_resumes_with_the_chunks_on_disk(
     eventually(lambda: downloading(controller, "edge-kill", 40), "the download did not get under way", 60)
     agent.stop(signal.SIGKILL)
 
-    partial = next((tmp_path / "agent-edge-kill" / "slots").glob("*.partial")) / "variants" / "cpu-int4"
+    slot = next((tmp_path / "agent-edge-kill" / "slots").glob("*.partial"))
+    partial = slot / "variants" / "cpu-int4"
+    sizes = {f.path: f.size for f in Manifest.load(slot / "manifest.json").variant("cpu-int4").files}
     on_disk = {
-        f"variants/cpu-int4/{target.name}": saved_chunks(target, int(CHUNK))
+        f"variants/cpu-int4/{target.name}": saved_chunks(target, int(CHUNK), sizes[target.name])
         for target in (b.with_name(b.name.removesuffix(".chunks")) for b in partial.glob("*.chunks"))
     }
     assert any(any(bitmap or []) for bitmap in on_disk.values()), "no checkpoint reached the disk"

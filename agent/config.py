@@ -13,7 +13,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from slmops import paths
-from slmops.messages import DEFAULT_CHUNK_BYTES, DEVICE_ID_PATTERN, MAX_CHUNK_BYTES, MIN_CHUNK_BYTES
+from slmops.messages import DEFAULT_CHUNK_BYTES, DEVICE_ID_PATTERN, ChunkSize
 from slmops.settings import ConfigError, load_settings
 
 ProviderName = Literal["cpu", "cuda", "dml", "webgpu", "qnn", "openvino", "coreml", "tensorrt", "trt-rtx", "rocm"]
@@ -60,7 +60,8 @@ class AgentConfig(BaseSettings):
     """A bundle folder to serve at start when no fleet-activated slot exists yet."""
     transfer: Literal["mqtt", "http"] = "mqtt"
     """How desired bundles arrive: chunks over MQTT, or HTTP from controller_url."""
-    chunk_size_bytes: int = Field(default=DEFAULT_CHUNK_BYTES, ge=MIN_CHUNK_BYTES, le=MAX_CHUNK_BYTES)
+    chunk_size_bytes: ChunkSize = DEFAULT_CHUNK_BYTES
+    """A power of two from 16 KiB to 4 MiB."""
     transfer_timeout_s: float = Field(default=10.0, gt=0)
     """Without a chunk for this long, the missing chunks are requested again."""
     controller_url: str | None = Field(default=None, pattern=r"^https?://")

@@ -110,12 +110,17 @@ def bytes_on_disk(target: Path, chunk_size: int, size: int) -> int:
     return 0 if saved is None else min(size, sum(s is not None for s in saved) * chunk_size)
 
 
+OnChunk = Callable[[ChunkHeader, memoryview], None]
+OnRefused = Callable[[str, str], None]
+"""path, reason: the controller will not serve that file (devices/{id}/fetch_refused)"""
+
+
 class ChunkLink(Protocol):
     """What the fetcher needs of the MQTT client (agent/uplink.py provides it)."""
 
     device_id: str
 
-    def watch_bundle(self, digest: str, on_chunk: Callable[[ChunkHeader, memoryview], None]) -> bool: ...
+    def watch_bundle(self, digest: str, on_chunk: OnChunk, on_refused: OnRefused) -> bool: ...
 
     def unwatch_bundle(self, digest: str) -> None: ...
 
@@ -310,11 +315,12 @@ class MqttFetcher:
 
     def __init__(self, link: ChunkLink, chunk_size: int, timeout_s: float) -> None:
         self.link, self.chunk_size, self.timeout_s = link, chunk_size, timeout_s
-        self._current: Callable[[ChunkHeader, memoryview], None] | None = None
+        self._current: OnChunk | None = None
+        self._refused: OnRefused | None = None
 
     @contextmanager
     def watching(self, digest: str) -> Iterator[None]:
-        if not self.link.watch_bundle(digest, self._dispatch):
+        if not self.link.watch_bundle(digest, self._dispatch, self._refuse):
             log.warning("the broker has not confirmed the subscription to %s's chunks yet", digest[:12])
         try:
             yield
@@ -324,6 +330,10 @@ class MqttFetcher:
     def _dispatch(self, header: ChunkHeader, data: memoryview) -> None:
         if (handler := self._current) is not None:
             handler(header, data)
+
+    def _refuse(self, path: str, reason: str) -> None:
+        if (handler := self._refused) is not None:
+            handler(path, reason)
 
     def fetch(self, digest: str, files: dict[str, Wanted], progress: Callable[[int], None] | None = None) -> None:
         """Fetch bundle-relative files into their targets, all asked for at once (one round trip,
@@ -344,6 +354,11 @@ class MqttFetcher:
                 if progress is not None:
                     progress(written)
 
+        def on_refused(path: str, reason: str) -> None:
+            if (file := files.get(path)) is not None:
+                file.failed = TransferError(f"the controller will not serve {path}: {reason}")
+                changed.set()
+
         def incomplete() -> dict[str, _File]:
             for file in files.values():
                 if file.failed is not None:
@@ -356,7 +371,7 @@ class MqttFetcher:
                 file.asking_again = False
             return bool(again)
 
-        self._current = on_chunk
+        self._current, self._refused = on_chunk, on_refused
         try:
             for _ in range(MAX_ROUNDS):
                 if not (waiting := incomplete()):
@@ -378,6 +393,6 @@ class MqttFetcher:
             for file in files.values():
                 file.finish()
         finally:
-            self._current = None
+            self._current = self._refused = None
             for file in files.values():
                 file.close()

@@ -30,12 +30,12 @@ from slmops import __version__
 from slmops.broker import BrokerAddress, new_client
 from slmops.messages import (
     Birth,
-    ChunkHeader,
     ChunkRequest,
     Command,
     CommandReply,
     DesiredState,
     DeviceState,
+    FetchRefused,
     MessageInvalid,
     Reported,
     Serving,
@@ -53,6 +53,7 @@ from . import hardware
 from .config import AgentConfig
 from .server import AgentServer
 from .telemetry import TelemetryQueue
+from .transfer import OnChunk, OnRefused
 
 log = logging.getLogger(__name__)
 
@@ -78,13 +79,15 @@ class Uplink:
         self.dropped = 0
         """Messages from the broker dropped: malformed, not for this device, or failing when handled."""
         self._announced: Serving | None = None
-        self._bundles: dict[str, Callable[[ChunkHeader, memoryview], None]] = {}
+        self._bundles: dict[str, tuple[OnChunk, OnRefused]] = {}  # digest → the fetch's handlers
         self._subacks: dict[int, threading.Event] = {}
         self._subacks_lock = threading.Lock()
         ca_file = str(config.broker_ca_file) if config.broker_ca_file else None
         self.client_id = f"slmops-agent-{self.device_id}-{secrets.token_hex(4)}"
         self.client = new_client(self.address, self.client_id, config.broker_protocol, ca_file)
-        self._own = {device_topic(self.device_id, kind): kind for kind in ("telemetry_ack", "desired", "cmd")}
+        self._own = {
+            device_topic(self.device_id, kind): kind for kind in ("telemetry_ack", "desired", "cmd", "fetch_refused")
+        }
         offline = DeviceState(online=False, agent_version=__version__).payload()
         self.client.will_set(device_topic(self.device_id, "state"), offline, qos=1, retain=True)
         self.client.on_connect = self._on_connect
@@ -130,10 +133,11 @@ class Uplink:
 
     # --- bundle transfer (agent/transfer.py's ChunkLink) ----------------------------------
 
-    def watch_bundle(self, digest: str, on_chunk: Callable[[ChunkHeader, memoryview], None]) -> bool:
-        """Receive a bundle's chunks; True once the broker confirmed the subscription, False when it
-        did not within the transfer timeout (a reconnect subscribes again; requests are repeated)."""
-        self._bundles[digest] = on_chunk
+    def watch_bundle(self, digest: str, on_chunk: OnChunk, on_refused: OnRefused) -> bool:
+        """Receive a bundle's chunks, and the controller's refusals of its requests; True once the
+        broker confirmed the subscription, False when it did not within the transfer timeout (a
+        reconnect subscribes again; requests are repeated)."""
+        self._bundles[digest] = (on_chunk, on_refused)
         if not self.connected.wait(self.config.transfer_timeout_s):
             return False
         confirmed = threading.Event()
@@ -175,9 +179,9 @@ class Uplink:
     def _handle(self, topic: str, payload: bytes | bytearray) -> None:
         if topic.endswith("/chunk"):
             parts = topic.split("/")
-            on_chunk = self._bundles.get(parts[3]) if len(parts) == 5 and topic == chunk_topic(parts[3]) else None
-            if on_chunk is not None:  # else a chunk still in flight after a fetch ended, or not ours
-                on_chunk(*parse_chunk(payload, topic))
+            fetch = self._bundles.get(parts[3]) if len(parts) == 5 and topic == chunk_topic(parts[3]) else None
+            if fetch is not None:  # else a chunk still in flight after a fetch ended, or not ours
+                fetch[0](*parse_chunk(payload, topic))
             return
         kind = self._own.get(topic)
         if kind is None:
@@ -185,6 +189,10 @@ class Uplink:
         if kind == "telemetry_ack":  # the sender thread deletes what it acknowledges
             self._acked_seq = max(self._acked_seq, parse(TelemetryAck, payload, topic).up_to_seq)
             self._acked.set()
+        elif kind == "fetch_refused":
+            refused = parse(FetchRefused, payload, topic)
+            if (fetch := self._bundles.get(refused.digest)) is not None:
+                fetch[1](refused.path, refused.reason)
         elif payload and self.on_work is not None:  # an empty retained desired state: cleared
             self.on_work(parse(Command, payload, topic) if kind == "cmd" else parse(DesiredState, payload, topic))
 

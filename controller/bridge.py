@@ -7,6 +7,7 @@
            ─► slmops/v1/devices/+/telemetry ─► parse (validated) ─┘ in batches; telemetry acked
                                             (devices/{id}/telemetry_ack {up_to_seq}) once stored
            ─► slmops/v1/bundles/+/request/+ ─► chunks.py: the chunks asked for, on bundles/+/chunk
+                                              (none such: devices/{id}/fetch_refused, the reason)
            ─► slmops/v1/devices/+/cmd_reply ─► the command waiting for it
     anything malformed: logged with the device it came from, counted, dropped; never fatal
 
@@ -34,6 +35,7 @@ from slmops.messages import (
     CommandReply,
     DesiredState,
     DeviceState,
+    FetchRefused,
     MessageInvalid,
     Reported,
     TelemetryAck,
@@ -44,7 +46,7 @@ from slmops.messages import (
     parse_topic,
 )
 
-from .chunks import ChunkServer
+from .chunks import ChunkServer, FileNotServed
 from .fleet import Fleet
 from .recorder import Recorder
 from .store import BundleStore
@@ -164,7 +166,12 @@ class MqttBridge:
                 request = parse(ChunkRequest, message.payload, message.topic)
                 if self.chunks is None:
                     raise MessageInvalid("this controller serves no bundle files over MQTT")
-                self.chunks.request(digest, device_id, request)
+                try:
+                    self.chunks.request(digest, device_id, request)
+                except FileNotServed as e:  # the device's fetch fails at once, with the reason
+                    refused = FetchRefused(digest=digest, path=request.path[:512], reason=str(e)[:1024])
+                    self.client.publish(device_topic(device_id, "fetch_refused"), refused.payload(), qos=1)
+                    raise
                 return
             device_id, kind = parse_topic(message.topic)
             sender = f"device {device_id}"

@@ -14,7 +14,9 @@ devices told to fetch a bundle together (PUT /v1/desired, `expect`): a file's ch
     variant's files: those that chose it, as their first request for one of its files shows),
     or for half a second at most, so that one send serves them all (otherwise each device that
     asks late gets the chunks it missed sent again, to every device on the topic)
-a device gone offline: the chunks only it was waiting for are not sent, and it is not waited for"""
+a device gone offline: the chunks only it was waiting for are not sent, and it is not waited for
+a device asking in another chunk size (a power of two: nine sizes at most) no longer waits for
+    that bundle's chunks in the size it asked in before: one device, one send of each file"""
 
 import hashlib
 import logging
@@ -123,6 +125,10 @@ def _variant_of(path: str) -> str | None:
     return parts[1] if len(parts) > 2 and parts[0] == VARIANTS_DIR else None
 
 
+class FileNotServed(MessageInvalid):
+    """A request for a file the store does not hold: the device is told (fetch_refused)."""
+
+
 class ChunkServer:
     def __init__(self, store: BundleStore, publish: Callable[[str, bytes], mqtt.MQTTMessageInfo]) -> None:
         self.store, self.publish = store, publish
@@ -166,6 +172,7 @@ class ChunkServer:
         key = (digest, request.path, request.chunk_size)
         with self._ready:
             served = self._open(key)
+            self._drop_other_sizes(digest, device_id, request.chunk_size)
             if (gathering := self._gathering.get(digest)) is not None:
                 gathering.asked(device_id, request.path)
             indices = range(served.count) if request.chunks is None else request.chunks
@@ -176,6 +183,20 @@ class ChunkServer:
                 self._turns[key] = None
                 self._ready.notify()
 
+    def _drop_other_sizes(self, digest: str, device_id: str, chunk_size: int) -> None:
+        """The device asks in `chunk_size` now: what it waits for of the bundle in others goes."""
+        for key in [k for k in self._turns if k[0] == digest and k[2] != chunk_size]:
+            self._unwait(key, device_id)
+
+    def _unwait(self, key: FileKey, device_id: str) -> None:
+        waiting = self._files[key].waiting
+        for index, devices in list(waiting.items()):
+            devices.discard(device_id)
+            if not devices:
+                del waiting[index]
+        if not waiting:
+            del self._turns[key]
+
     def forget(self, device_id: str) -> None:
         """The device went away: what only it was waiting for is not sent."""
         with self._ready:
@@ -183,13 +204,7 @@ class ChunkServer:
                 gathering.forget(device_id)
             self._ready.notify()
             for key in list(self._turns):
-                waiting = self._files[key].waiting
-                for index, devices in list(waiting.items()):
-                    devices.discard(device_id)
-                    if not devices:
-                        del waiting[index]
-                if not waiting:
-                    del self._turns[key]
+                self._unwait(key, device_id)
 
     def _open(self, key: FileKey) -> _ServedFile:
         if (served := self._files.get(key)) is not None:
@@ -197,7 +212,7 @@ class ChunkServer:
             return served
         digest, path, chunk_size = key
         if (target := self.store.file(digest, path)) is None:
-            raise MessageInvalid(f"no file {path!r} in stored bundle {digest[:12]}")
+            raise FileNotServed(f"no file {path!r} in stored bundle {digest[:12]}")
         fd = os.open(target, os.O_RDONLY)
         size = os.fstat(fd).st_size
         count = max(1, -(-size // chunk_size))

@@ -9,6 +9,7 @@
                                           healthy, failed (reason), rolled_back
     slmops/v1/devices/{id}/cmd            controller → agent: probe | reload | rollback, a correlation id
     slmops/v1/devices/{id}/cmd_reply      agent → controller: ok, result or error, the same id
+    slmops/v1/devices/{id}/fetch_refused  controller → agent: a chunk request it will not serve, why
     slmops/v1/bundles/{digest}/request/{id}  agent → controller: chunks of one file of a stored bundle
     slmops/v1/bundles/{digest}/chunk         controller → agents: one chunk, its header, its bytes
 
@@ -23,9 +24,9 @@ or ValueError), and a device id comes from the topic, never from a payload.
 import json
 import re
 from datetime import UTC, datetime
-from typing import Literal, TypeVar
+from typing import Annotated, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from slmops.errors import SlmopsError, describe_validation
 
@@ -171,6 +172,17 @@ DEFAULT_CHUNK_BYTES = 256 << 10
 """The agents' chunk size unless configured; the controller hashes bundles in it when they are pushed."""
 
 
+def check_chunk_size(size: int) -> int:
+    """A power of two from 16 KiB to 4 MiB: nine sizes in all, so requests in ever new chunk sizes
+    cannot make the controller open, hash and send a bundle over and over."""
+    if not (MIN_CHUNK_BYTES <= size <= MAX_CHUNK_BYTES and size & (size - 1) == 0):
+        raise ValueError(f"a chunk size is a power of two from {MIN_CHUNK_BYTES} to {MAX_CHUNK_BYTES} bytes")
+    return size
+
+
+ChunkSize = Annotated[int, AfterValidator(check_chunk_size)]
+
+
 class ChunkRequest(Message):
     """A device asks for chunks of one file of a stored bundle (all of them when `chunks` is None).
     The device is the one the topic names (bundles/{digest}/request/{id}), which the broker's ACL
@@ -178,7 +190,7 @@ class ChunkRequest(Message):
 
     path: str = Field(min_length=1, max_length=512)
     """Bundle-relative: manifest.json, signature.json or variants/<id>/<file>."""
-    chunk_size: int = Field(ge=MIN_CHUNK_BYTES, le=MAX_CHUNK_BYTES)
+    chunk_size: ChunkSize
     chunks: list[int] | None = Field(default=None, max_length=100_000)
     """Chunk indices (at most 100,000: 25 GB in 256 KiB chunks); None: the whole file."""
 
@@ -191,9 +203,19 @@ class ChunkHeader(BaseModel):
     path: str
     index: int = Field(ge=0)
     count: int = Field(ge=1)
-    chunk_size: int = Field(ge=MIN_CHUNK_BYTES, le=MAX_CHUNK_BYTES)
+    chunk_size: ChunkSize
     file_size: int = Field(ge=0)
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class FetchRefused(Message):
+    """The controller will not serve what a device asked for (devices/{id}/fetch_refused): no such
+    stored bundle or file. The device's fetch fails at once with the reason, instead of asking
+    again and again."""
+
+    digest: str = Field(pattern=r"^[0-9a-f]{64}$")
+    path: str = Field(max_length=512)
+    reason: str = Field(max_length=1024)
 
 
 def chunk_payload(header: ChunkHeader, data: bytes) -> bytes:
@@ -246,6 +268,7 @@ KINDS: dict[str, type[Message]] = {
     "reported": Reported,
     "cmd": Command,
     "cmd_reply": CommandReply,
+    "fetch_refused": FetchRefused,
 }
 
 

@@ -8,6 +8,7 @@ production. tests/e2e/test_fleet_link.py runs the transfer over a real Mosquitto
 import hashlib
 import logging
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -35,10 +36,10 @@ class FileLink:
     ) -> None:
         self.source, self.budget, self.corrupt, self.rotten = source, budget, corrupt or set(), rotten
         self.requests: list[ChunkRequest] = []
-        self.on_chunk = None
+        self.on_chunk = self.on_refused = None
 
-    def watch_bundle(self, digest, on_chunk) -> bool:
-        self.on_chunk = on_chunk
+    def watch_bundle(self, digest, on_chunk, on_refused) -> bool:
+        self.on_chunk, self.on_refused = on_chunk, on_refused
         return True
 
     def unwatch_bundle(self, digest) -> None:
@@ -280,3 +281,22 @@ def test_a_poisoned_bitmap_is_not_read_and_the_file_starts_over(source: Path, tm
     with fetcher.watching("d" * 64):
         fetcher.fetch("d" * 64, {"p": want(target, source)})
     assert target.read_bytes() == source.read_bytes() and [r.chunks for r in link.requests] == [None]
+
+
+class RefusingLink(FileLink):
+    """A controller that does not hold the bundle: it answers each request with fetch_refused."""
+
+    def request_chunks(self, digest, request: ChunkRequest) -> None:
+        self.requests.append(request)
+        self.on_refused(request.path, f"no file {request.path!r} in stored bundle {digest[:12]}")
+
+
+def test_a_refused_request_fails_the_fetch_at_once(source: Path, tmp_path: Path) -> None:
+    """Finding 8: a desired state for a digest the controller does not hold used to block the
+    agent's worker for 20 rounds of the transfer timeout (204 s)."""
+    link = RefusingLink(source)
+    fetcher = MqttFetcher(link, CHUNK, timeout_s=30)
+    started = time.monotonic()
+    with pytest.raises(TransferError, match=r"will not serve manifest\.json: no file"), fetcher.watching("d" * 64):
+        fetcher.fetch("d" * 64, {"manifest.json": want(tmp_path / "manifest.json", source, listed=False)})
+    assert time.monotonic() - started < 30 and len(link.requests) == 1

@@ -41,7 +41,9 @@ def test_watch_bundle_sees_the_broker_confirm_every_subscription(uplink: Uplink)
     sys.setswitchinterval(1e-6)  # and the GIL changes hands as often as it can: the race shows up
     contender.start()
     try:
-        confirmed = [uplink.watch_bundle(f"{i:064x}", lambda header, data: None) for i in range(200)]
+        confirmed = [
+            uplink.watch_bundle(f"{i:064x}", lambda header, data: None, lambda path, reason: None) for i in range(200)
+        ]
     finally:
         done.set()
         contender.join()

@@ -117,6 +117,22 @@ def test_what_only_a_device_gone_offline_waited_for_is_not_sent(served) -> None:
     assert broker.wait_for(3)[2] == ("manifest.json", 0)
 
 
+def test_a_device_asking_in_another_chunk_size_no_longer_waits_in_the_first(served) -> None:
+    """Finding 8: 200 requests in distinct chunk sizes queued the bundle 200 times over. Chunk sizes
+    are powers of two (nine in all), and a device waits in one of them at a time."""
+    server, broker = served
+    server.request(DIGEST, *ask("edge-1", "manifest.json"))  # holds the sender while the rest queues
+    broker.first_under_way()
+    server.request(DIGEST, *ask("edge-1", "variants/model.bin"))
+    bigger = ChunkRequest(path="variants/model.bin", chunk_size=2 * CHUNK)
+    server.request(DIGEST, "edge-1", bigger)
+    broker.release()
+    broker.wait_for(4)
+    time.sleep(0.2)  # nothing more comes
+    assert broker.sent == [("manifest.json", 0)] + [("variants/model.bin", i) for i in range(3)]  # 3 of 2×CHUNK
+    assert server.sent == 4
+
+
 @pytest.mark.parametrize("path", ["../../admin.token", "variants", "nothing.json", "/etc/passwd"])
 def test_only_files_of_the_stored_bundle_are_served(served, path: str) -> None:
     server, broker = served

@@ -155,7 +155,12 @@ def test_a_device_that_dies_is_marked_offline_by_its_will(fleet_client, mosquitt
         (
             request_topic("ab" * 32, "edge-3"),
             b'{"schema": 1, "path": "manifest.json", "chunk_size": 7}',
-            "chunk_size: Input should be greater than or equal to 16384",
+            "chunk_size: Value error, a chunk size is a power of two from 16384 to 4194304 bytes",
+        ),
+        (
+            request_topic("ab" * 32, "edge-3"),
+            b'{"schema": 1, "path": "manifest.json", "chunk_size": 65537}',
+            "a chunk size is a power of two",
         ),
         (request_topic("not-a-digest", "edge-3"), b"{}", "is not a bundle digest"),
         # What used to raise RecursionError or ValueError on paho's thread (issue 11, finding 3)
@@ -188,6 +193,23 @@ def test_malformed_messages_are_logged_and_dropped(
     # still running, still correct
     publisher.publish(device_topic("edge-3", "state"), DeviceState(online=True).payload(), qos=1)
     wait_for(lambda: device(fleet_client, "edge-3"), "a valid message after a bad one was not recorded")
+
+
+def test_a_request_for_what_is_not_stored_is_refused_to_the_device(fleet_client, publisher) -> None:
+    """The device's fetch fails at once with the reason (finding 8: it waited 20 rounds)."""
+    from slmops.messages import FetchRefused, parse
+
+    refusals: list[FetchRefused] = []
+    subscribed = threading.Event()
+    publisher.on_subscribe = lambda *_: subscribed.set()
+    publisher.on_message = lambda _c, _u, m: refusals.append(parse(FetchRefused, m.payload, m.topic))
+    publisher.subscribe(device_topic("edge-9", "fetch_refused"), qos=1)
+    assert subscribed.wait(5)
+    request = ChunkRequest(path="manifest.json", chunk_size=256 << 10)
+    publisher.publish(request_topic("cd" * 32, "edge-9"), request.payload(), qos=1)
+    wait_for(lambda: refusals, "no fetch_refused came back")
+    assert (refusals[0].digest, refusals[0].path) == ("cd" * 32, "manifest.json")
+    assert "no file 'manifest.json' in stored bundle cdcdcdcdcdcd" in refusals[0].reason
 
 
 def test_operators_label_devices_and_it_is_audited(fleet_client, publisher) -> None:

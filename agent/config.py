@@ -68,6 +68,10 @@ class AgentConfig(BaseSettings):
     """Where desired bundles are downloaded from with transfer = http (the controller's /v1/store)."""
     controller_token: str | None = None
     """A reader token of the controller, for downloads."""
+    retry_min_s: float = Field(default=5.0, gt=0)
+    """A desired state that failed (a full disk, a lost link, a failed smoke test) is tried again
+    after this, then after twice as long each time, up to retry_max_s."""
+    retry_max_s: float = Field(default=300.0, gt=0)
     disk_reserve_bytes: int = Field(default=64 * 2**20, ge=0)
     """Free disk a download must leave; a bundle that does not fit is a reported failure."""
     smoke_test_tokens: int = Field(default=16, ge=1, le=512)

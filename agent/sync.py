@@ -12,7 +12,11 @@
       ─► verify the slot (signature, exactly the files of that variant, their sizes: their
          sha256 were checked as they landed) ─► load + smoke test ─► engine.swap  report activating
       ─► active.json replaced atomically (the previous slot stays)                report healthy
-    any failure: report failed (reason); what was served stays served
+    any failure: report failed (reason); what was served stays served, and unless the bundle
+    itself is at fault (signature, digest, no variant fits here) the same desired state is tried
+    again after a backoff (retry_min_s, doubling up to retry_max_s): a full disk, a lost link
+    or a refused smoke test may pass later
+    a newer desired state replaces a queued or retried older one; only its partial slot is kept
 
 A `kill -9` at any point leaves active.json naming a complete, verified slot (old or new):
 the slot is renamed into place before active.json points at it, and active.json is
@@ -22,16 +26,16 @@ replaced with os.replace.
 import json
 import logging
 import os
-import queue
 import shutil
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
 from slmops.bundle import MANIFEST_FILE, SIGNATURE_FILE, VARIANTS_DIR, expected_members
-from slmops.errors import SlmopsError
+from slmops.errors import BundleError, SlmopsError
 from slmops.manifest import Manifest, sha256_file
 from slmops.messages import ActivationStatus, Command, CommandReply, DesiredState, Reported
 from slmops.signing import Signature, check_signature, trusted_keys
@@ -48,7 +52,12 @@ REPORT_EVERY_PERCENT = 5.0
 
 
 class SyncError(SlmopsError):
-    pass
+    """A desired state that failed here, and may pass when tried again."""
+
+
+class Unfit(SyncError):
+    """A desired state this device cannot take whatever is tried: the bundle is at fault or fits nowhere
+    here. It is not tried again until another desired state comes."""
 
 
 class Slots:
@@ -107,29 +116,74 @@ class Sync:
         self.config, self.server, self.report, self.reply = config, server, report, reply
         self.fetcher = fetcher
         self.slots = Slots(config.data_dir)
-        self._work: queue.Queue[DesiredState | Command | None] = queue.Queue()
+        self._queue: deque[DesiredState | Command] = deque()
+        self._retry: tuple[DesiredState, float] | None = None  # a failed desired state, and when to try again
+        self._failures = 0  # in a row, for the backoff
+        self._changed = threading.Condition()
+        self._stopping = False
         self._thread = threading.Thread(target=self._run, name="slmops-sync", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
-        self._work.put(None)
+        with self._changed:
+            self._stopping = True
+            self._changed.notify()
         self._thread.join(timeout=30)
 
     def submit(self, work: DesiredState | Command) -> None:
-        self._work.put(work)
+        """Queue work (from paho's thread: returns at once). A desired state replaces every older one
+        not yet begun, and a retry waiting: only the newest is what the device should run."""
+        with self._changed:
+            if isinstance(work, DesiredState):
+                for older in [w for w in self._queue if isinstance(w, DesiredState)]:
+                    self._queue.remove(older)
+                    log.info(
+                        "desired %s %s is superseded by %s %s", older.bundle, older.version, work.bundle, work.version
+                    )
+                self._retry, self._failures = None, 0
+            self._queue.append(work)
+            self._changed.notify()
+
+    def _next(self) -> DesiredState | Command | None:
+        with self._changed:
+            while not self._stopping:
+                if self._queue:
+                    return self._queue.popleft()
+                if self._retry is not None and (wait := self._retry[1] - time.monotonic()) <= 0:
+                    desired, self._retry = self._retry[0], None
+                    log.info("trying desired %s %s again", desired.bundle, desired.version)
+                    return desired
+                self._changed.wait(None if self._retry is None else wait)
+            return None
 
     def _run(self) -> None:
-        while (work := self._work.get()) is not None:
-            if isinstance(work, Command):
-                self.reply(self.run_command(work))
-                continue
+        while (work := self._next()) is not None:
             try:
-                self.apply(work)
-            except Exception as e:  # the reason goes to the controller; the worker goes on
-                log.warning("desired %s %s failed: %s", work.bundle, work.version, e)
-                self._report(work, "failed", reason=str(e))
+                if isinstance(work, Command):
+                    self.reply(self.run_command(work))
+                else:
+                    self._apply_or_report(work)
+            except Exception:  # the worker outlives whatever one piece of work does
+                log.exception("the sync worker could not finish %s", type(work).__name__)
+
+    def _apply_or_report(self, desired: DesiredState) -> None:
+        try:
+            self.apply(desired)
+        except Exception as e:  # the reason goes to the controller; the worker goes on
+            reason = str(e) or type(e).__name__
+            if not isinstance(e, Unfit | BundleError):
+                self._failures += 1
+                delay = min(self.config.retry_max_s, self.config.retry_min_s * 2 ** (self._failures - 1))
+                with self._changed:
+                    if not any(isinstance(w, DesiredState) for w in self._queue):  # else a newer one is next
+                        self._retry = (desired, time.monotonic() + delay)
+                reason += f" (trying again in {delay:.0f} s)"
+            log.warning("desired %s %s failed: %s", desired.bundle, desired.version, reason)
+            self._report(desired, "failed", reason=reason)
+        else:
+            self._failures = 0
 
     def run_command(self, command: Command) -> CommandReply:
         try:
@@ -185,6 +239,7 @@ class Sync:
         if current is not None and current.manifest.digest == desired.digest:
             self._report(desired, "healthy", variant=current.variant_id)
             return
+        self._sweep_partials(keep=desired.digest)
         self._report(desired, "downloading", percent=0.0)
         log.info(
             "fetching %s:%s (%s) over %s", desired.bundle, desired.version, desired.digest[:12], self.config.transfer
@@ -214,6 +269,13 @@ class Sync:
         )
         self._report(desired, "healthy", variant=variant)
 
+    def _sweep_partials(self, keep: str) -> None:
+        """Partial slots of other desired states go: only the one being applied may resume."""
+        for partial in self.slots.root.glob("*.partial"):
+            if partial.name != f"{keep}.partial":
+                log.info("removing %s, a partial slot of an earlier desired state", partial.name)
+                shutil.rmtree(partial, ignore_errors=True)
+
     def _source(self, desired: DesiredState) -> "Source":
         if self.config.transfer == "mqtt":
             if self.fetcher is None:
@@ -231,7 +293,7 @@ class Sync:
         signature = Signature.parse((partial / SIGNATURE_FILE).read_bytes(), origin=f"fetched {SIGNATURE_FILE}")
         check_signature(manifest.canonical_bytes(), signature, trusted_keys(self.config.trusted_keys))
         if manifest.digest != desired.digest:
-            raise SyncError(f"the manifest served for {desired.digest[:12]} has another digest")
+            raise Unfit(f"the manifest served for {desired.digest[:12]} has another digest")
         return manifest
 
     def _choose(self, manifest: Manifest) -> str:
@@ -239,7 +301,7 @@ class Sync:
         usable = [c for c in candidates if c.usable]
         if not usable:
             reasons = "; ".join(f"{c.variant.id}: {c.reason}" for c in candidates)
-            raise SyncError(f"no variant of {manifest.name} can run here ({reasons})")
+            raise Unfit(f"no variant of {manifest.name} can run here ({reasons})")
         return usable[0].variant.id
 
     def _download(

@@ -7,11 +7,14 @@
 
 Bounds: records older than the retention window go first; past `max_rows`, the
 oldest records of the lowest priority go next (system samples before inference
-summaries). Every drop is counted, and the count travels in the next record so the
-receiving side knows what it did not get.
+summaries). A full disk applies the same order: the oldest tenth of the lowest priority
+goes to make room, and a record that still does not fit is dropped. Every drop is
+counted, and the count travels in the next record so the receiving side knows what it
+did not get. The collector thread outlives any one failed sample.
 """
 
 import json
+import logging
 import sqlite3
 import statistics
 import threading
@@ -40,6 +43,7 @@ CREATE INDEX IF NOT EXISTS record_priority ON record (priority, seq);
 CREATE TABLE IF NOT EXISTS counter (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
 PRIORITY = {"system": 0, "inference": 1, "event": 2}
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,7 @@ class TelemetryQueue:
         self.max_rows = max_rows
         self.retention_s = retention_s
         self._lock = threading.Lock()
+        self._lost = 0  # records a full disk dropped that no counter row holds yet
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
@@ -73,10 +78,35 @@ class TelemetryQueue:
                 raise
             self._db.execute("COMMIT")
 
-    def append(self, kind: str, payload: dict[str, Any], created: float | None = None) -> int:
-        """Store one record durably and return its sequence number."""
+    def append(self, kind: str, payload: dict[str, Any], created: float | None = None) -> int | None:
+        """Store one record durably and return its sequence number; None when the disk is full even
+        after making room (the record is dropped and counted)."""
         created = time.time() if created is None else created
+        try:
+            return self._append(kind, payload, created)
+        except sqlite3.OperationalError as e:
+            if not _disk_full(e):
+                raise
+        try:
+            with self._transaction() as db:
+                made_room = db.execute(
+                    "DELETE FROM record WHERE seq IN (SELECT seq FROM record ORDER BY priority, seq LIMIT "
+                    "(SELECT COUNT(*) / 10 + 1 FROM record))"
+                ).rowcount
+            self._lost += made_room
+            log.warning("the disk is full: dropped the %d oldest telemetry records of the lowest priority", made_room)
+            return self._append(kind, payload, created)
+        except sqlite3.OperationalError as e:
+            if not _disk_full(e):
+                raise
+            self._lost += 1
+            log.warning("the disk is full: dropped a %s telemetry record (%d dropped so far)", kind, self._lost)
+            return None
+
+    def _append(self, kind: str, payload: dict[str, Any], created: float) -> int:
         with self._transaction() as db:
+            if self._lost:  # what a full disk dropped, counted once a record fits again
+                self._add_dropped(db, self._lost)
             dropped = self._counter(db, "dropped_unreported")
             if dropped:
                 payload = {**payload, "dropped_before": dropped}
@@ -87,7 +117,8 @@ class TelemetryQueue:
             )
             self._enforce_bounds(db, now=created)
             assert cursor.lastrowid is not None
-            return cursor.lastrowid
+        self._lost = 0
+        return cursor.lastrowid
 
     def _enforce_bounds(self, db: sqlite3.Connection, now: float) -> None:
         expired = db.execute("DELETE FROM record WHERE created < ?", (now - self.retention_s,)).rowcount
@@ -96,14 +127,17 @@ class TelemetryQueue:
             db.execute(
                 "DELETE FROM record WHERE seq IN (SELECT seq FROM record ORDER BY priority, seq LIMIT ?)", (excess,)
             )
-        dropped = expired + max(excess, 0)
-        if dropped:
-            for name in ("dropped_total", "dropped_unreported"):
-                db.execute(
-                    "INSERT INTO counter (name, value) VALUES (?, ?) "
-                    "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
-                    (name, dropped),
-                )
+        if dropped := expired + max(excess, 0):
+            self._add_dropped(db, dropped)
+
+    @staticmethod
+    def _add_dropped(db: sqlite3.Connection, dropped: int) -> None:
+        for name in ("dropped_total", "dropped_unreported"):
+            db.execute(
+                "INSERT INTO counter (name, value) VALUES (?, ?) "
+                "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
+                (name, dropped),
+            )
 
     @staticmethod
     def _counter(db: sqlite3.Connection, name: str) -> int:
@@ -147,6 +181,10 @@ class TelemetryQueue:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def _disk_full(error: sqlite3.OperationalError) -> bool:
+    return "disk is full" in str(error) or "disk I/O error" in str(error)
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -196,7 +234,10 @@ class TelemetryCollector:
 
     def _run(self) -> None:
         while not self._stop.wait(self.config.telemetry_interval_s):
-            self.collect()
+            try:
+                self.collect()
+            except Exception:  # a sample that fails is logged; the next one is taken as usual
+                log.exception("could not take a telemetry sample")
 
     def collect(self) -> None:
         self.queue.append("system", system_sample(self.config.data_dir))

@@ -55,6 +55,10 @@ class TransferError(SlmopsError):
     pass
 
 
+class DiskFull(TransferError):
+    """A chunk could not be written (ENOSPC, EIO): what landed before is kept for the next attempt."""
+
+
 def served_wrong(path: str) -> TransferError:
     """Every byte arrived as sent, yet the file is not the one the manifest names."""
     return TransferError(f"{path}: the fetched file does not match the manifest's sha256")
@@ -205,7 +209,11 @@ class _File:
             if self.sums[header.index] is not None:
                 return 0
             self.file_size = header.file_size
-            os.pwrite(self.fd, data, header.index * self.chunk_size)
+            try:
+                os.pwrite(self.fd, data, header.index * self.chunk_size)
+            except OSError as e:  # a full disk: this fetch fails with the reason, and is tried again later
+                self.failed = DiskFull(f"cannot write {self.path}: {e.strerror or e}")
+                return 0
             self.sums[header.index] = bytes.fromhex(header.sha256)
             self._hash_ahead(header.index, data)
             if self.hashed == self.count:
@@ -275,8 +283,12 @@ class _File:
         """The bitmap: `claimed` was taken after those chunks were written (a power cut can still keep
         them from the disk: the sha256 of each chunk claimed finds that on the restart)."""
         tmp = self.bitmap_path.with_suffix(".tmp")
-        tmp.write_bytes(claimed)
-        os.replace(tmp, self.bitmap_path)
+        try:
+            tmp.write_bytes(claimed)
+            os.replace(tmp, self.bitmap_path)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
 
     def _settle(self) -> None:
         if self.checkpoint is not None:
@@ -300,11 +312,13 @@ class _File:
                 return
             try:
                 self._settle()
-                if self.failed is not None:
+                if self.failed is not None and not isinstance(self.failed, DiskFull):
                     self.target.unlink(missing_ok=True)
                     self.bitmap_path.unlink(missing_ok=True)
                 elif self.count is not None:
                     self._save(self._bitmap())
+            except OSError as e:  # a full disk: without its bitmap the file starts over next time
+                log.warning("cannot save which chunks of %s are on disk: %s", self.path, e.strerror or e)
             finally:
                 os.close(self.fd)
                 self.fd = None
@@ -347,12 +361,14 @@ class MqttFetcher:
 
         def on_chunk(header: ChunkHeader, data: memoryview) -> None:
             file = files.get(header.path)
-            if file is not None and header.chunk_size == self.chunk_size and (written := file.accept(header, data)):
+            if file is None or header.chunk_size != self.chunk_size:
+                return
+            if written := file.accept(header, data):
                 landed[0] = time.monotonic()
-                if file.complete or file.failed is not None or file.asking_again:
-                    changed.set()
                 if progress is not None:
                     progress(written)
+            if file.complete or file.failed is not None or file.asking_again:
+                changed.set()
 
         def on_refused(path: str, reason: str) -> None:
             if (file := files.get(path)) is not None:

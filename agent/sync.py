@@ -1,7 +1,9 @@
 """Following the desired state: fetch the one variant this device runs, verify it, switch to it.
 
     desired {bundle, version, digest}
-      ─► already active? report healthy
+      ─► already served? report healthy
+      ─► its slot still here (the previous one, or the active one when something else was loaded)?
+         verify it whole, load + smoke test, switch back                          report healthy
       ─► manifest + signature from the controller's store ─► signature trusted? digest matches?
       ─► rank variants for this device (choice.py) ─► disk space for the files still missing?
       ─► download each file into slots/<digest>.partial/ (chunks over MQTT or HTTP Range: a
@@ -88,8 +90,11 @@ class Slots:
         return self._read()["previous"]
 
     def set_active(self, record: dict[str, str]) -> None:
-        """Point at a complete slot, atomically; keep it and the previous one, drop older slots."""
-        previous = self.active()
+        """Point at a complete slot, atomically; keep it and the previous one, drop older slots.
+        Pointing at the active slot again keeps the previous one as it is."""
+        slots = self._read()
+        active = slots["active"]
+        previous = slots["previous"] if active is not None and active["digest"] == record["digest"] else active
         tmp = self.active_file.with_suffix(".tmp")
         with tmp.open("w") as f:
             json.dump({"active": record, "previous": previous}, f)
@@ -239,6 +244,8 @@ class Sync:
         if current is not None and current.manifest.digest == desired.digest:
             self._report(desired, "healthy", variant=current.variant_id)
             return
+        if self._activate_kept_slot(desired):
+            return
         self._sweep_partials(keep=desired.digest)
         self._report(desired, "downloading", percent=0.0)
         log.info(
@@ -268,6 +275,27 @@ class Sync:
             {"digest": desired.digest, "variant": variant, "bundle": desired.bundle, "version": desired.version}
         )
         self._report(desired, "healthy", variant=variant)
+
+    def _activate_kept_slot(self, desired: DesiredState) -> bool:
+        """A desired state whose slot is still here (the previous one; or the active one when the
+        device was made to serve something else): switch back to it, verified whole, without a
+        download. A slot that no longer verifies is removed and fetched again."""
+        kept = [r for r in (self.slots.active(), self.slots.previous()) if r and r["digest"] == desired.digest]
+        if not kept or not self.slots.path(desired.digest).is_dir():
+            return False
+        record = kept[0]
+        self._report(desired, "activating", variant=record["variant"])
+        try:
+            self.server.load_bundle(self.slots.path(desired.digest), record["variant"], smoke_test=True)
+        except SlmopsError as e:
+            log.warning(
+                "the kept slot of %s %s does not load (%s); fetching it again", desired.bundle, desired.version, e
+            )
+            shutil.rmtree(self.slots.path(desired.digest), ignore_errors=True)
+            return False
+        self.slots.set_active(record)
+        self._report(desired, "healthy", variant=record["variant"])
+        return True
 
     def _sweep_partials(self, keep: str) -> None:
         """Partial slots of other desired states go: only the one being applied may resume."""

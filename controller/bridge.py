@@ -72,7 +72,9 @@ class MqttBridge:
         self.fleet = fleet
         self.connected = False
         self.unhandled = 0
-        self.recorder = Recorder(fleet, self._acknowledge_telemetry)
+        self.recorder = Recorder(
+            fleet, self._acknowledge_telemetry, lambda device, desired: self.publish_desired(desired, [device])
+        )
         self._replies: dict[str, tuple[threading.Event, list[CommandReply]]] = {}
         self._replies_lock = threading.Lock()
         # Unique to this process: a client connecting with a guessed id cannot take its session over.

@@ -29,13 +29,20 @@ class Fleet:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
-    def record(self, messages: Sequence[tuple[str, Inbound]]) -> None:
+    def record(self, messages: Sequence[tuple[str, Inbound]]) -> list[tuple[str, DesiredState]]:
         """What devices sent, in order, in one transaction (controller/recorder.py batches them).
+        Returns the devices that drifted, with the desired state to assert again.
 
         A birth registers a device with its profile; a state, report or telemetry batch from a
         device never born yet registers it without one. Telemetry records stored before (the
-        same device and sequence number) are skipped.
+        same device and sequence number) are skipped. A report on another bundle than the one
+        desired (an attempt superseded since) is not kept as the device's report, except a
+        rollback, which the operator asked for. A device that reached its desired state (reported
+        healthy) and now serves something else has drifted (someone loaded another bundle on it,
+        or a broker let a forged desired state through): it is audited, and told its desired
+        state again.
         """
+        drifted: list[tuple[str, DesiredState]] = []
         with Session(self.engine) as session, session.begin():
             for device_id, message in messages:
                 device = session.get(DeviceRow, device_id) or DeviceRow(id=device_id, tags={}, groups=[], profile={})
@@ -48,13 +55,20 @@ class Fleet:
                     if message.agent_version:
                         device.agent_version = message.agent_version
                     device.serving = message.serving.model_dump() if message.serving else None
+                    # offline (the will, a goodbye), it serves nothing to compare
+                    if message.online and (desired := _drift(device)) is not None:
+                        drifted.append((device_id, desired))
+                        audit.record(session, CONTROLLER, "device.drift", device_id, drift_detail(device) or {})
                 elif isinstance(message, Reported):
-                    device.reported = message.model_dump(mode="json", exclude={"schema_version"})
+                    wanted = (device.desired or {}).get("digest")
+                    if message.status == "rolled_back" or wanted in (None, message.digest):
+                        device.reported = message.model_dump(mode="json", exclude={"schema_version"})
                 else:
                     insert = sqlite_insert if self.engine.dialect.name == "sqlite" else postgresql_insert
                     session.execute(insert(TelemetryRow).on_conflict_do_nothing(), _telemetry_rows(device_id, message))
                 session.add(device)
                 session.flush()  # the next message of this device finds the row
+        return drifted
 
     def set_desired(self, device_ids: Sequence[str], bundle: BundleRow, actor: Actor) -> tuple[DesiredState, list[str]]:
         """The same desired state for every device named, in one transaction: all of them or, when
@@ -127,6 +141,25 @@ class Fleet:
                 device.groups, change["groups"] = sorted(set(groups)), sorted(set(groups))
             audit.record(session, actor, "device.label", device_id, change)
             return device
+
+
+CONTROLLER = Actor("controller", "admin")
+"""The actor of what the controller does by itself (drift)."""
+
+
+def drift_detail(device: DeviceRow) -> dict[str, Any] | None:
+    """What a device serves against its desired state, when it reached that state and serves something
+    else now; None otherwise (still on its way, failed, rolled back on command, or in step)."""
+    desired, reported, serving = device.desired, device.reported or {}, device.serving or {}
+    if not desired or reported.get("status") != "healthy" or reported.get("digest") != desired.get("digest"):
+        return None
+    if (serving.get("bundle"), serving.get("version")) == (desired["bundle"], desired["version"]):
+        return None
+    return {"desired": f"{desired['bundle']} {desired['version']}", "serving": serving or None}
+
+
+def _drift(device: DeviceRow) -> DesiredState | None:
+    return None if drift_detail(device) is None else DesiredState.model_validate(device.desired)
 
 
 def _telemetry_rows(device_id: str, batch: TelemetryBatch) -> list[dict[str, Any]]:

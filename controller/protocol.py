@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from slmops.messages import CommandName
 
 from .db import AuditRow, BundleRow, DeviceRow, TelemetryRow
+from .fleet import drift_detail
 
 
 class BundleSummary(BaseModel):
@@ -64,6 +65,8 @@ class DeviceSummary(BaseModel):
     profile: dict[str, Any]
     desired: dict[str, Any] | None
     reported: dict[str, Any] | None
+    drift: dict[str, Any] | None = None
+    """Set when the device reached its desired state and serves something else now (it is told again)."""
 
     @classmethod
     def of(cls, row: DeviceRow) -> "DeviceSummary":
@@ -79,6 +82,7 @@ class DeviceSummary(BaseModel):
             profile=row.profile,
             desired=row.desired,
             reported=row.reported,
+            drift=drift_detail(row),
         )
 
 

@@ -4,6 +4,7 @@ bridge (paho's network thread) ─► Recorder.put(device, message): never waits
     so chunk requests and the broker's acks for chunks keep flowing while a commit is under way
 recorder thread: what is queued, up to 500 messages ─► fleet.record: one transaction, in order
     ─► a telemetry ack for each batch stored (the agent deletes only what the controller stored)
+    ─► a device found drifted from its desired state is sent that state again (retained)
     a transaction that fails: each message again on its own; the one that fails alone is
     logged and counted, the others are kept
 queue full (the database far behind): put() waits, and the broker holds what comes meanwhile
@@ -15,7 +16,7 @@ import queue
 import threading
 from collections.abc import Callable
 
-from slmops.messages import TelemetryBatch
+from slmops.messages import DesiredState, TelemetryBatch
 
 from .fleet import Fleet, Inbound
 
@@ -29,8 +30,14 @@ Received = tuple[str, Inbound]
 
 
 class Recorder:
-    def __init__(self, fleet: Fleet, acknowledge: Callable[[str, int], None]) -> None:
-        self.fleet, self.acknowledge = fleet, acknowledge
+    def __init__(
+        self,
+        fleet: Fleet,
+        acknowledge: Callable[[str, int], None],
+        reassert: Callable[[str, DesiredState], None] = lambda _device, _desired: None,
+    ) -> None:
+        """`reassert`: a device that drifted from its desired state is sent it again."""
+        self.fleet, self.acknowledge, self.reassert = fleet, acknowledge, reassert
         self.failed = 0
         self._queue: queue.Queue[Received | None] = queue.Queue(maxsize=QUEUED_MESSAGES)
         self._thread = threading.Thread(target=self._run, name="slmops-recorder", daemon=True)
@@ -63,7 +70,7 @@ class Recorder:
 
     def _write(self, batch: list[Received]) -> None:
         try:
-            self.fleet.record(batch)
+            drifted = self.fleet.record(batch)
         except Exception:  # a database hiccup or a message it refuses: find which, keep the rest
             if len(batch) > 1:
                 for received in batch:
@@ -76,3 +83,8 @@ class Recorder:
         for device_id, message in batch:
             if isinstance(message, TelemetryBatch):
                 self.acknowledge(device_id, max(r.seq for r in message.records))
+        for device_id, desired in drifted:
+            log.warning(
+                "%s serves other than its desired %s %s; telling it again", device_id, desired.bundle, desired.version
+            )
+            self.reassert(device_id, desired)

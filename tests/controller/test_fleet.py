@@ -290,6 +290,52 @@ def test_one_bundle_desired_for_many_devices_at_once_by_id_or_group(
     assert sorted(audited) == ["edge-5", "edge-6", "edge-7"]
 
 
+def test_a_device_that_drifts_from_its_desired_state_is_told_again_and_flagged(
+    fleet_client, publisher, mosquitto: int, archive: bytes
+) -> None:
+    """Finding 2: a forged desired state downgraded a device, served within 3 s, and the controller
+    never noticed. Now what a device serves is compared with what it was told to."""
+    from slmops.messages import Reported
+
+    publisher.publish(device_topic("edge-d", "birth"), Birth(agent_version="0.1", profile=PROFILE).payload(), qos=1)
+    wait_for(lambda: device(fleet_client, "edge-d"), "no device")
+    pushed = fleet_client.post("/v1/bundles", content=archive, headers=ADMIN).json()
+    desired_messages: list[bytes] = []
+    watcher = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="test-drift-watcher")
+    watcher.on_message = lambda _c, _u, m: desired_messages.append(m.payload)
+    watcher.connect("127.0.0.1", mosquitto)
+    watcher.loop_start()
+    watcher.subscribe(device_topic("edge-d", "desired"), qos=1)
+    try:
+        body = {"bundle": pushed["name"], "version": pushed["version"]}
+        assert fleet_client.put("/v1/devices/edge-d/desired", json=body, headers=ADMIN).status_code == 202
+        wait_for(lambda: len(desired_messages) == 1, "the desired state was not published")
+
+        def report(status: str, digest: str) -> None:
+            message = Reported(bundle="tiny", version="1.0.0", digest=digest, status=status, variant="cpu-int4")
+            publisher.publish(device_topic("edge-d", "reported"), message.payload(), qos=1)
+
+        report("failed", "ef" * 32)  # a superseded attempt's last word is not the device's report
+        report("healthy", pushed["digest"])
+        wait_for(lambda: (device(fleet_client, "edge-d")["reported"] or {}).get("status") == "healthy", "no report")
+        serving = Serving(bundle="tiny", version="1.0.0", variant="cpu-int4", provider="cpu")
+        publisher.publish(device_topic("edge-d", "state"), DeviceState(online=True, serving=serving).payload(), 1)
+        time.sleep(0.3)
+        assert device(fleet_client, "edge-d")["drift"] is None and len(desired_messages) == 1  # in step
+
+        older = Serving(bundle="tiny", version="0.9.0", variant="cpu-int4", provider="cpu")
+        publisher.publish(device_topic("edge-d", "state"), DeviceState(online=True, serving=older).payload(), 1)
+        wait_for(lambda: len(desired_messages) == 2, "the drifted device was not told its desired state again")
+        assert json.loads(desired_messages[1])["digest"] == pushed["digest"]
+        flagged = device(fleet_client, "edge-d")
+        assert flagged["drift"] == {"desired": "tiny 1.0.0", "serving": older.model_dump()}
+        audited = [e for e in fleet_client.get("/v1/audit", headers=ADMIN).json() if e["action"] == "device.drift"]
+        assert [(e["actor"], e["target"]) for e in audited] == [("controller", "edge-d")]
+    finally:
+        watcher.disconnect()
+        watcher.loop_stop()
+
+
 def test_chunks_are_served_while_the_database_is_locked(
     fleet_client, publisher, mosquitto: int, archive: bytes, controller_config
 ) -> None:

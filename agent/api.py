@@ -8,9 +8,9 @@ reshaped to it. Streams end with `data: [DONE]`; an error mid-stream is a data e
 import asyncio
 import json
 import secrets
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from slmops.errors import describe_validation
+from slmops.supervision import Supervised
 
 from .engine import ServedModel
 from .protocol import (
@@ -37,8 +38,15 @@ from .server import AgentServer
 from .serving import Finish, Piece, RequestError, Serving
 
 
-def create_app(server: AgentServer, lifespan: Any = None) -> FastAPI:
-    """The HTTP app over `server`; `lifespan` starts and stops what lives beside it (telemetry)."""
+class FleetLink(Protocol):
+    def status(self) -> dict[str, object]: ...
+
+
+def create_app(
+    server: AgentServer, lifespan: Any = None, link: FleetLink | None = None, threads: Sequence[Supervised] = ()
+) -> FastAPI:
+    """The HTTP app over `server`; `lifespan` starts and stops what lives beside it (telemetry);
+    /health shows the fleet `link` and the worker `threads`."""
     app = FastAPI(title="slmops agent", description="OpenAI- and Ollama-compatible local inference", lifespan=lifespan)
     serving = Serving(server.engine, server.config, server.metrics)
 
@@ -79,6 +87,8 @@ def create_app(server: AgentServer, lifespan: Any = None) -> FastAPI:
             "state": server.status.state,
             "message": server.status.message,
             "fallbacks": server.status.fallbacks,
+            "fleet_link": None if link is None else link.status(),
+            "threads": {thread.name: thread.status() for thread in threads},
         }
         if model is None:
             return JSONResponse(body, status_code=503)

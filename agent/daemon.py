@@ -79,5 +79,7 @@ def run(config: AgentConfig, bundle: Path | None = None) -> None:
             server.close()
             err_console.print("stopped: requests drained, telemetry closed")
 
-    web = uvicorn.Config(create_app(server, lifespan), log_level="warning", timeout_graceful_shutdown=30)
+    threads = [collector.thread, *([uplink.sender, sync.thread] if uplink is not None and sync is not None else [])]
+    app = create_app(server, lifespan, uplink, threads)
+    web = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=30)
     uvicorn.Server(web).run(sockets=[listener])

@@ -41,6 +41,7 @@ from slmops.errors import BundleError, SlmopsError
 from slmops.manifest import Manifest, sha256_file
 from slmops.messages import ActivationStatus, Command, CommandReply, DesiredState, Reported
 from slmops.signing import Signature, check_signature, trusted_keys
+from slmops.supervision import Supervised
 
 from . import choice, hardware
 from .config import AgentConfig
@@ -126,16 +127,16 @@ class Sync:
         self._failures = 0  # in a row, for the backoff
         self._changed = threading.Condition()
         self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="slmops-sync", daemon=True)
+        self.thread = Supervised("slmops-sync", self._run)
 
     def start(self) -> None:
-        self._thread.start()
+        self.thread.start()
 
     def stop(self) -> None:
         with self._changed:
             self._stopping = True
             self._changed.notify()
-        self._thread.join(timeout=30)
+        self.thread.join(timeout=30)
 
     def submit(self, work: DesiredState | Command) -> None:
         """Queue work (from paho's thread: returns at once). A desired state replaces every older one

@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
+from slmops.supervision import Supervised
+
 if TYPE_CHECKING:
     from .config import AgentConfig
     from .server import AgentServer
@@ -220,16 +222,15 @@ class TelemetryCollector:
         self.config = config
         self.queue = TelemetryQueue(config.telemetry_db, config.telemetry_max_rows, config.telemetry_retention_s)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="slmops-telemetry", daemon=True)
+        self.thread = Supervised("slmops-telemetry", self._run)
 
     def start(self) -> None:
         psutil.cpu_percent(interval=None)  # prime: the first reading is relative to this one
-        self._thread.start()
+        self.thread.start()
 
     def stop(self) -> None:
         self._stop.set()
-        if self._thread.ident is not None:
-            self._thread.join(timeout=10)
+        self.thread.join(timeout=10)
         self.queue.close()
 
     def _run(self) -> None:

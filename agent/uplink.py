@@ -48,6 +48,7 @@ from slmops.messages import (
     parse_chunk,
     request_topic,
 )
+from slmops.supervision import Supervised
 
 from . import hardware
 from .config import AgentConfig
@@ -78,6 +79,8 @@ class Uplink:
         self._stop = threading.Event()
         self.dropped = 0
         """Messages from the broker dropped: malformed, not for this device, or failing when handled."""
+        self.refused = ""
+        """Why the broker refused the last connection (bad credentials, ...); empty once one is accepted."""
         self._announced: Serving | None = None
         self._bundles: dict[str, tuple[OnChunk, OnRefused]] = {}  # digest → the fetch's handlers
         self._subacks: dict[int, threading.Event] = {}
@@ -94,12 +97,22 @@ class Uplink:
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
         self.client.on_subscribe = self._on_subscribe
-        self._sender = threading.Thread(target=self._send_loop, name="slmops-uplink", daemon=True)
+        self.sender = Supervised("slmops-uplink", self._send_loop)
 
     def start(self) -> None:
         self.client.connect_async(self.address.host, self.address.port, keepalive=KEEPALIVE_S)
         self.client.loop_start()
-        self._sender.start()
+        self.sender.start()
+
+    def status(self) -> dict[str, object]:
+        """The link as it is, for /health: paho's own view of the connection, not just the last event."""
+        return {
+            "broker": str(self.address),
+            "client_id": self.client_id,
+            "connected": self.connected.is_set() and self.client.is_connected(),
+            "refused": self.refused or None,
+            "dropped_messages": self.dropped,
+        }
 
     def stop(self) -> None:
         """Say goodbye (state offline, retained), then disconnect: the will is for dying without one."""
@@ -109,14 +122,16 @@ class Uplink:
             self.client.publish(device_topic(self.device_id, "state"), offline, qos=1, retain=True).wait_for_publish(5)
         self.client.disconnect()
         self.client.loop_stop()
-        self._sender.join(timeout=10)
+        self.sender.join(timeout=10)
 
     # --- paho's thread -----------------------------------------------------------------------
 
     def _on_connect(self, client: mqtt.Client, _u: object, _f: object, reason: object, _p: object) -> None:
         if getattr(reason, "is_failure", False):
+            self.refused = str(reason)
             log.error("the broker %s refused the connection: %s", self.address, reason)
             return
+        self.refused = ""
         client.subscribe([(topic, 1) for topic in self._own])
         for digest in list(self._bundles):  # a transfer under way goes on after a reconnect
             client.subscribe(chunk_topic(digest), qos=1)

@@ -99,6 +99,7 @@ def create_app(
             "dropped_messages": bridge.dropped if bridge else 0,
             "chunks_sent": bridge.chunks_sent if bridge else 0,
             "embedded_broker": None if broker is None else {"running": broker.running, "restarts": broker.restarts},
+            "threads": {} if bridge is None else {thread.name: thread.status() for thread in bridge.threads},
         }
 
     @app.post("/v1/bundles", status_code=201, response_model=BundleSummary)

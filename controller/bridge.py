@@ -45,6 +45,7 @@ from slmops.messages import (
     parse_request_topic,
     parse_topic,
 )
+from slmops.supervision import Supervised
 
 from .chunks import ChunkServer, FileNotServed
 from .fleet import Fleet
@@ -99,6 +100,10 @@ class MqttBridge:
         self.client.disconnect()
         self.client.loop_stop()
         self.recorder.stop()
+
+    @property
+    def threads(self) -> list[Supervised]:
+        return [self.recorder.thread, *([] if self.chunks is None else [self.chunks.sender])]
 
     @property
     def dropped(self) -> int:

@@ -33,6 +33,7 @@ from slmops.bundle import MANIFEST_FILE, SIGNATURE_FILE, VARIANTS_DIR, expected_
 from slmops.errors import ManifestInvalid
 from slmops.manifest import Manifest
 from slmops.messages import ChunkHeader, ChunkRequest, MessageInvalid, chunk_payload, chunk_topic
+from slmops.supervision import Supervised
 
 from .store import BundleStore
 
@@ -139,16 +140,16 @@ class ChunkServer:
         self._gathering: dict[str, _Gathering] = {}  # digest → devices its chunks wait for
         self._ready = threading.Condition()
         self._running = True
-        self._sender = threading.Thread(target=self._send_loop, name="slmops-chunks", daemon=True)
+        self.sender = Supervised("slmops-chunks", self._send_loop)
 
     def start(self) -> None:
-        self._sender.start()
+        self.sender.start()
 
     def stop(self) -> None:
         with self._ready:
             self._running = False
             self._ready.notify()
-        self._sender.join(timeout=10)
+        self.sender.join(timeout=10)
         with self._ready:
             for served in self._files.values():
                 os.close(served.fd)

@@ -13,10 +13,10 @@ stop(): what is queued is written first
 
 import logging
 import queue
-import threading
 from collections.abc import Callable
 
 from slmops.messages import DesiredState, TelemetryBatch
+from slmops.supervision import Supervised
 
 from .fleet import Fleet, Inbound
 
@@ -40,14 +40,14 @@ class Recorder:
         self.fleet, self.acknowledge, self.reassert = fleet, acknowledge, reassert
         self.failed = 0
         self._queue: queue.Queue[Received | None] = queue.Queue(maxsize=QUEUED_MESSAGES)
-        self._thread = threading.Thread(target=self._run, name="slmops-recorder", daemon=True)
+        self.thread = Supervised("slmops-recorder", self._run)
 
     def start(self) -> None:
-        self._thread.start()
+        self.thread.start()
 
     def stop(self) -> None:
         self._queue.put(None)
-        self._thread.join(timeout=30)
+        self.thread.join(timeout=30)
 
     def put(self, device_id: str, message: Inbound) -> None:
         self._queue.put((device_id, message))

@@ -36,6 +36,7 @@ class BrokerAddress:
         return cls(parts.hostname, parts.port or (8883 if tls else 1883), tls, parts.username, parts.password)
 
     def __str__(self) -> str:
+        """host:port: what logs and /health show (never the credentials)."""
         return f"{self.host}:{self.port}"
 
 

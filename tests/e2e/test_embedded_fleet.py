@@ -4,6 +4,7 @@ credentials (`slmops fleet enrol`), each a real process (issue 11, findings 1, 2
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -72,7 +73,8 @@ def test_enrolled_agents_apply_only_their_own_desired_states(
             )
 
         # Finding 1: on amqtt, a third device fetched and activated the other two's bundles in turn.
-        third = agent_process("edge-c", enrol(env, "edge-c", tmp_path), smoke_min_speed_fraction="0")
+        third_url = enrol(env, "edge-c", tmp_path)
+        third = agent_process("edge-c", third_url, smoke_min_speed_fraction="0")
         eventually(lambda: device("edge-c").get("online"), "edge-c did not join")
         eventually(lambda: (health(third.port).get("fleet_link") or {}).get("connected"), "edge-c's link is not up")
         impostor = agent_process("edge-d", enrol(env, "edge-d", tmp_path).replace("edge-d:", "edge-d:x"))
@@ -86,4 +88,5 @@ def test_enrolled_agents_apply_only_their_own_desired_states(
         assert link["connected"] and link["client_id"].startswith("slmops-agent-edge-c-")
         output = third.stop()
         assert "fetching" not in output, output
+        assert urlsplit(third_url).password not in output  # credentials stay out of the logs
         assert not device("edge-d")  # never got in

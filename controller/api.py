@@ -16,11 +16,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 
 from slmops.errors import BundleError, describe_validation
-from slmops.messages import DEVICE_ID_PATTERN
+from slmops.messages import DEVICE_ID_PATTERN, DesiredState
 
 from .audit import Actor
 from .bridge import MqttBridge
 from .config import ApiToken, ControllerConfig
+from .db import BundleRow
 from .embedded_broker import EmbeddedBroker
 from .enrolment import Enrolment
 from .fleet import Fleet
@@ -90,6 +91,16 @@ def create_app(
         message = describe_validation(e.errors(), skip=1, root="body")
         return JSONResponse(error_body(message, "invalid_request_error"), status_code=400)
 
+    async def desire(device_ids: list[str], bundle: BundleRow, who: Actor) -> DesiredState:
+        """Store the desired state of these devices (all or none), let the embedded broker's ACL give
+        them the bundle's chunks, and publish it to them."""
+        desired, fetching = await run_in_threadpool(fleet.set_desired, device_ids, bundle, who)
+        if broker is not None:
+            await run_in_threadpool(broker.reload)
+        if bridge is not None:
+            bridge.publish_desired(desired, device_ids, fetching)
+        return desired
+
     @app.get("/health")
     async def health() -> dict[str, Any]:
         mqtt = "off" if bridge is None else "connected" if bridge.connected else "disconnected"
@@ -154,9 +165,7 @@ def create_app(
     ) -> dict[str, Any]:
         """What the device should run; sent to it (retained) at once or when it next connects."""
         bundle = await run_in_threadpool(registry.bundle, body.bundle, body.version)
-        desired, fetching = await run_in_threadpool(fleet.set_desired, [device_id], bundle, who)
-        if bridge is not None:
-            bridge.publish_desired(desired, [device_id], fetching)
+        desired = await desire([device_id], bundle, who)
         return desired.model_dump(mode="json", exclude={"schema_version", "sent_at"})
 
     @app.put("/v1/desired", status_code=202)
@@ -169,9 +178,7 @@ def create_app(
         else:
             assert body.group is not None  # the model takes exactly one of the two
             devices = await run_in_threadpool(fleet.group, body.group)
-        desired, fetching = await run_in_threadpool(fleet.set_desired, devices, bundle, who)
-        if bridge is not None:
-            bridge.publish_desired(desired, devices, fetching)
+        desired = await desire(devices, bundle, who)
         return FleetDesired(bundle=desired.bundle, version=desired.version, digest=desired.digest, devices=devices)
 
     @app.post("/v1/devices/{device_id}/commands")

@@ -6,10 +6,13 @@
                                      enrolled device's (controller/enrolment.py), PBKDF2-SHA512
                     acl              mosquitto.acl beside this module: the one deploy/ ships, each
                                      device on its own topics, only the controller writing desired
-                                     states, commands, acks and chunks
+                                     states, commands, acks and chunks; stricter than a static file
+                                     can be on bundles: a device reads the chunks of, and asks for
+                                     chunks of, only the bundle it is told to run
                     mosquitto.db     retained messages (desired states, presence) across restarts
-    enrolment changed ─► passwd written again ─► SIGHUP: Mosquitto reads passwd and acl again
-                         and disconnects clients they no longer allow
+    enrolment or desired states changed ─► passwd and acl written again ─► SIGHUP: Mosquitto
+                         reads them again (within a millisecond here) and disconnects clients
+                         they no longer allow
     the child exits ─► the supervisor thread starts it again (1 s, doubling up to 30 s), logged
 
 Why Mosquitto and not amqtt, the embedded broker before: amqtt 0.12.1 sends a client that
@@ -41,7 +44,7 @@ from pathlib import Path
 import psutil
 
 from slmops.errors import SlmopsError
-from slmops.messages import MAX_TELEMETRY_BYTES
+from slmops.messages import MAX_TELEMETRY_BYTES, chunk_topic, request_topic
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +89,16 @@ def find_mosquitto() -> str:
 class EmbeddedBroker:
     """A Mosquitto child process: `start`, `reload` (new credentials), `stop`; restarted when it dies."""
 
-    def __init__(self, folder: Path, bind: str, device_passwords: Callable[[], Iterable[tuple[str, str]]]) -> None:
-        """`device_passwords`: (device id, password hash) of every enrolled device."""
-        self.folder, self.device_passwords = folder, device_passwords
+    def __init__(
+        self,
+        folder: Path,
+        bind: str,
+        device_passwords: Callable[[], Iterable[tuple[str, str]]],
+        device_bundles: Callable[[], Iterable[tuple[str, str]]] = list,
+    ) -> None:
+        """`device_passwords`: (device id, password hash) of every enrolled device;
+        `device_bundles`: (device id, digest) of every desired state."""
+        self.folder, self.device_passwords, self.device_bundles = folder, device_passwords, device_bundles
         host, _, port = bind.rpartition(":")
         self.host, self.port = host, int(port)
         self.controller_password = secrets.token_urlsafe(32)
@@ -117,14 +127,17 @@ class EmbeddedBroker:
         self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._write_config()
         self._write_passwords()
+        self._write_acl()
         with self._lock:
             self._process = self._launch(binary)
         self._supervisor.start()
         log.info("embedded MQTT broker (Mosquitto, pid %d) listening on %s:%d", self.pid, self.host, self.port)
 
     def reload(self) -> None:
-        """Enrolments changed: write the password file again and have Mosquitto read it."""
+        """Enrolments or desired states changed: write the password file and the ACL again and
+        have Mosquitto read them (before a desired state is published, so its chunks may flow)."""
         self._write_passwords()
+        self._write_acl()
         with self._lock:
             if self._process is not None and self._process.poll() is None:
                 self._process.send_signal(signal.SIGHUP)
@@ -201,7 +214,6 @@ class EmbeddedBroker:
 
     def _write_config(self) -> None:
         folder = self.folder
-        (folder / "acl").write_text(acl_text())
         (folder / "mosquitto.conf").write_text(
             "# Written by the slmops controller at every start; edits are lost.\n"
             "per_listener_settings false\n"
@@ -224,9 +236,29 @@ class EmbeddedBroker:
 
     def _write_passwords(self) -> None:
         entries = [(CONTROLLER_USER, password_hash(self.controller_password)), *self.device_passwords()]
-        passwd = self.folder / "passwd"
-        tmp = passwd.with_name(f".passwd.{secrets.token_hex(4)}")
+        self._replace("passwd", "".join(f"{user}:{hashed}\n" for user, hashed in entries))
+
+    def _write_acl(self) -> None:
+        self._replace("acl", device_bundle_acl(self.device_bundles()))
+
+    def _replace(self, name: str, text: str) -> None:
+        """Write a file Mosquitto reads whole or not at all (a reload never sees half of it)."""
+        tmp = self.folder / f".{name}.{secrets.token_hex(4)}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
-            f.writelines(f"{user}:{hashed}\n" for user, hashed in entries)
-        os.replace(tmp, passwd)
+            f.write(text)
+        os.replace(tmp, self.folder / name)
+
+
+def device_bundle_acl(device_bundles: Iterable[tuple[str, str]]) -> str:
+    """The shipped ACL with its bundle patterns (any device, any bundle) narrowed to one section
+    per device: the chunks of the bundle it is told to run, and requests for them."""
+    lines = [line for line in acl_text().splitlines() if not (line.startswith("pattern") and "/bundles/" in line)]
+    lines.append("\n# Bundle transfer, per device: only the bundle it is told to run.")
+    for device_id, digest in sorted(device_bundles):
+        lines += [
+            f"user {device_id}",
+            f"topic read {chunk_topic(digest)}",
+            f"topic write {request_topic(digest, device_id)}",
+        ]
+    return "\n".join(lines) + "\n"

@@ -50,7 +50,10 @@ def build_app(config: ControllerConfig) -> FastAPI:
         bridge = MqttBridge(config.broker_url, fleet, ca_file, config.broker_protocol, store=store)
     elif config.embedded_broker:
         broker = EmbeddedBroker(
-            config.data_dir / "broker", config.embedded_broker_bind, lambda: enrolment.password_hashes()
+            config.data_dir / "broker",
+            config.embedded_broker_bind,
+            lambda: enrolment.password_hashes(),
+            lambda: [(device_id, desired.digest) for device_id, desired in fleet.desired_states().items()],
         )
         bridge = MqttBridge(broker.url, fleet, protocol="5", store=store)
     else:

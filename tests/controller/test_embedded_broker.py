@@ -66,6 +66,7 @@ class Device:
     """A paho client as a device would be: MQTT 5 (reason codes show what the broker refused)."""
 
     def __init__(self, port: int, username: str | None, password: str | None, client_id: str = "") -> None:
+        self.username = username
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
         if username is not None:
             self.client.username_pw_set(username, password)
@@ -184,6 +185,31 @@ def test_a_device_cannot_publish_for_another_device_or_as_the_controller(embedde
     finally:
         a.close()
         b.close()
+
+
+def test_a_device_reads_and_asks_for_the_chunks_of_only_the_bundle_it_is_told_to_run(embedded, archive: bytes) -> None:
+    client, port = embedded
+    pushed = client.post("/v1/bundles", content=archive, headers=ADMIN).json()
+    digest, other = pushed["digest"], "cd" * 32
+    told, idle = connect(port, enrol(client, "edge-a")), connect(port, enrol(client, "edge-b"))
+    try:
+        for device in (told, idle):
+            device.publish(device_topic(device.username, "state"), DeviceState(online=True).payload())
+        wait_for(lambda: client.get("/v1/devices/edge-b", headers=READER).status_code == 200, "no devices")
+        body = {"bundle": pushed["name"], "version": pushed["version"], "devices": ["edge-a"]}
+        assert client.put("/v1/desired", json=body, headers=ADMIN).status_code == 202
+        request = ChunkRequest(path="manifest.json", chunk_size=16 << 10).payload()
+        assert idle.publish(request_topic(digest, "edge-b"), request).getName() == "Not authorized"
+        assert told.publish(request_topic(other, "edge-a"), request).getName() == "Not authorized"
+        for device in (told, idle):
+            device.subscribe(chunk_topic(digest))
+        assert not told.publish(request_topic(digest, "edge-a"), request).is_failure
+        wait_for(lambda: any(topic == chunk_topic(digest) for topic, _ in told.received), "edge-a got no chunk")
+        time.sleep(0.3)
+        assert idle.received == []
+    finally:
+        told.close()
+        idle.close()
 
 
 def test_a_new_device_gets_no_other_devices_retained_desired_states(embedded, archive: bytes) -> None:

@@ -180,16 +180,17 @@ class Sync:
         except Exception as e:  # the reason goes to the controller; the worker goes on
             reason = str(e) or type(e).__name__
             if not isinstance(e, Unfit | BundleError):
-                self._failures += 1
-                delay = min(self.config.retry_max_s, self.config.retry_min_s * 2 ** (self._failures - 1))
                 with self._changed:
+                    self._failures += 1
+                    delay = min(self.config.retry_max_s, self.config.retry_min_s * 2 ** (self._failures - 1))
                     if not any(isinstance(w, DesiredState) for w in self._queue):  # else a newer one is next
                         self._retry = (desired, time.monotonic() + delay)
                 reason += f" (trying again in {delay:.0f} s)"
             log.warning("desired %s %s failed: %s", desired.bundle, desired.version, reason)
             self._report(desired, "failed", reason=reason)
         else:
-            self._failures = 0
+            with self._changed:
+                self._failures = 0
 
     def run_command(self, command: Command) -> CommandReply:
         try:

@@ -117,6 +117,15 @@ def connect(port: int, enrolment: dict[str, Any]) -> Device:
     return device
 
 
+def assert_heard(client: TestClient, device: Device) -> None:
+    """The device's birth reaches the controller's registry (then the device disconnects)."""
+    try:
+        device.publish(device_topic(device.username, "birth"), Birth(agent_version="0.1", profile=probe()).payload())
+        wait_for(lambda: client.get(f"/v1/devices/{device.username}", headers=READER).status_code == 200, "deaf")
+    finally:
+        device.close()
+
+
 def test_the_embedded_broker_runs_the_acl_deploy_ships() -> None:
     assert (REPO / "deploy" / "mosquitto" / "slmops.acl").read_text() == acl_text()
 
@@ -246,12 +255,7 @@ def test_a_client_id_impostor_does_not_deafen_the_controller(embedded) -> None:
         impostor = Device(port, None, None, client_id)
         assert not impostor.connected
         impostor.close()
-    device = connect(port, enrol(client, "edge-a"))
-    try:
-        device.publish(device_topic("edge-a", "birth"), Birth(agent_version="0.1", profile=probe()).payload())
-        wait_for(lambda: client.get("/v1/devices/edge-a", headers=READER).status_code == 200, "the controller is deaf")
-    finally:
-        device.close()
+    assert_heard(client, connect(port, enrol(client, "edge-a")))
 
 
 def test_the_broker_is_started_again_when_it_dies_and_the_link_comes_back(embedded) -> None:
@@ -262,12 +266,7 @@ def test_the_broker_is_started_again_when_it_dies_and_the_link_comes_back(embedd
     mosquitto[0].send_signal(signal.SIGKILL)
     wait_for(lambda: client.get("/health").json()["embedded_broker"]["restarts"] == 1, "not restarted", 20)
     wait_for(lambda: client.get("/health").json()["mqtt"] == "connected", "the bridge did not reconnect", 40)
-    device = connect(port, device_enrolment)  # the enrolment survived the restart
-    try:
-        device.publish(device_topic("edge-a", "birth"), Birth(agent_version="0.1", profile=probe()).payload())
-        wait_for(lambda: client.get("/v1/devices/edge-a", headers=READER).status_code == 200, "not recorded")
-    finally:
-        device.close()
+    assert_heard(client, connect(port, device_enrolment))  # the enrolment survived the restart
 
 
 def test_devices_join_and_their_will_reaches_the_controller(embedded) -> None:

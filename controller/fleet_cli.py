@@ -64,7 +64,8 @@ def devices_cmd(
         serving = d["serving"] or {}
         table.add_row(
             d["id"],
-            "[green]online[/]" if d["online"] else "[red]offline[/]",
+            ("[green]online[/]" if d["online"] else "[red]offline[/]")
+            + (" [yellow]drift[/]" if d.get("drift") else ""),
             f"{serving['bundle']} {serving['version']} {serving['variant']}" if serving else "–",
             serving.get("provider", "–"),
             d["agent_version"] or "–",

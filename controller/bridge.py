@@ -47,7 +47,7 @@ from slmops.messages import (
 )
 from slmops.supervision import Supervised
 
-from .chunks import ChunkServer, FileNotServed
+from .chunks import DEVICE_BUDGET_BYTES, ChunkServer, Refused
 from .fleet import Fleet
 from .recorder import Recorder
 from .store import BundleStore
@@ -68,6 +68,7 @@ class MqttBridge:
         ca_file: str | None = None,
         protocol: Literal["3.1.1", "5"] = "5",
         store: BundleStore | None = None,
+        device_chunk_budget_bytes: int = DEVICE_BUDGET_BYTES,
     ):
         self.address = BrokerAddress.parse(broker_url)
         self.fleet = fleet
@@ -85,7 +86,7 @@ class MqttBridge:
         self.client.on_disconnect = self._on_disconnect
         self.client.on_subscribe = self._on_subscribe
         self.client.on_message = self._on_message
-        self.chunks = None if store is None else ChunkServer(store, self._publish_chunk)
+        self.chunks = None if store is None else ChunkServer(store, self._publish_chunk, device_chunk_budget_bytes)
 
     def start(self) -> None:
         self.recorder.start()
@@ -175,7 +176,7 @@ class MqttBridge:
                     raise MessageInvalid("this controller serves no bundle files over MQTT")
                 try:
                     self.chunks.request(digest, device_id, request)
-                except FileNotServed as e:  # the device's fetch fails at once, with the reason
+                except Refused as e:  # the device's fetch fails at once, with the reason
                     refused = FetchRefused(digest=digest, path=request.path[:512], reason=str(e)[:1024])
                     self.client.publish(device_topic(device_id, "fetch_refused"), refused.payload(), qos=1)
                     raise

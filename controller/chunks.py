@@ -16,7 +16,10 @@ devices told to fetch a bundle together (PUT /v1/desired, `expect`): a file's ch
     asks late gets the chunks it missed sent again, to every device on the topic)
 a device gone offline: the chunks only it was waiting for are not sent, and it is not waited for
 a device asking in another chunk size (a power of two: nine sizes at most) no longer waits for
-    that bundle's chunks in the size it asked in before: one device, one send of each file"""
+    that bundle's chunks in the size it asked in before: one device, one send of each file
+each device has a budget of chunk bytes it may ask for (DEVICE_BUDGET_BYTES, refilled over an
+    hour): past it, its requests are refused (fetch_refused) until the budget refills, so no
+    device can make the controller send a bundle over and over"""
 
 import hashlib
 import logging
@@ -46,6 +49,11 @@ OPEN_FILES = 32
 GATHER_S = 0.5
 """How long at most the chunks of a bundle wait for devices told to fetch it together."""
 
+DEVICE_BUDGET_BYTES = 8 << 30
+"""Chunk bytes one device may ask for at once, refilled at this much per hour: a 3B-parameter
+int4 variant (about 2 GB) fetched from scratch four times over, and no more."""
+BUDGET_REFILL_S = 3600.0
+
 FileKey = tuple[str, str, int]
 """digest, bundle-relative path, chunk size"""
 
@@ -67,6 +75,10 @@ class _ServedFile:
     @property
     def count(self) -> int:
         return len(self.sums)
+
+    def length(self, index: int) -> int:
+        """Bytes of chunk `index` (the last one may be short; an empty file is one empty chunk)."""
+        return max(0, min(self.chunk_size, self.size - index * self.chunk_size))
 
     def payload(self, index: int) -> bytes:
         data = os.pread(self.fd, self.chunk_size, index * self.chunk_size)
@@ -126,14 +138,38 @@ def _variant_of(path: str) -> str | None:
     return parts[1] if len(parts) > 2 and parts[0] == VARIANTS_DIR else None
 
 
-class FileNotServed(MessageInvalid):
-    """A request for a file the store does not hold: the device is told (fetch_refused)."""
+class Refused(MessageInvalid):
+    """A request this server will not serve (a file the store does not hold, a device past its
+    budget): the device is told why (fetch_refused)."""
+
+
+@dataclass
+class _Budget:
+    """A device's chunk bytes left to ask for, as of `at` (a token bucket)."""
+
+    left: float
+    at: float
+
+    def take(self, wanted: int, capacity: int) -> bool:
+        now = time.monotonic()
+        self.left = min(capacity, self.left + capacity * (now - self.at) / BUDGET_REFILL_S)
+        self.at = now
+        if wanted > self.left:
+            return False
+        self.left -= wanted
+        return True
 
 
 class ChunkServer:
-    def __init__(self, store: BundleStore, publish: Callable[[str, bytes], mqtt.MQTTMessageInfo]) -> None:
-        self.store, self.publish = store, publish
+    def __init__(
+        self,
+        store: BundleStore,
+        publish: Callable[[str, bytes], mqtt.MQTTMessageInfo],
+        device_budget_bytes: int = DEVICE_BUDGET_BYTES,
+    ) -> None:
+        self.store, self.publish, self.device_budget_bytes = store, publish, device_budget_bytes
         self.sent = 0
+        self._budgets: dict[str, _Budget] = {}
         self._files: OrderedDict[FileKey, _ServedFile] = OrderedDict()  # open, least recently asked first
         self._turns: OrderedDict[FileKey, None] = OrderedDict()  # files with chunks waiting, whose turn first
         self._reading: FileKey | None = None  # the sender's file, never closed under it
@@ -173,13 +209,21 @@ class ChunkServer:
         key = (digest, request.path, request.chunk_size)
         with self._ready:
             served = self._open(key)
+            indices = [
+                i for i in (range(served.count) if request.chunks is None else request.chunks) if 0 <= i < served.count
+            ]
+            wanted = sum(served.length(i) for i in indices if device_id not in served.waiting.get(i, ()))
+            budget = self._budgets.setdefault(device_id, _Budget(self.device_budget_bytes, time.monotonic()))
+            if not budget.take(wanted, self.device_budget_bytes):
+                raise Refused(
+                    f"{device_id} asked for more than {self.device_budget_bytes >> 20} MiB of chunks within the "
+                    f"hour ({wanted >> 20} MiB more now); ask again later"
+                )
             self._drop_other_sizes(digest, device_id, request.chunk_size)
             if (gathering := self._gathering.get(digest)) is not None:
                 gathering.asked(device_id, request.path)
-            indices = range(served.count) if request.chunks is None else request.chunks
             for index in indices:
-                if 0 <= index < served.count:
-                    served.waiting.setdefault(index, set()).add(device_id)
+                served.waiting.setdefault(index, set()).add(device_id)
             if served.waiting:
                 self._turns[key] = None
                 self._ready.notify()
@@ -213,7 +257,7 @@ class ChunkServer:
             return served
         digest, path, chunk_size = key
         if (target := self.store.file(digest, path)) is None:
-            raise FileNotServed(f"no file {path!r} in stored bundle {digest[:12]}")
+            raise Refused(f"no file {path!r} in stored bundle {digest[:12]}")
         fd = os.open(target, os.O_RDONLY)
         size = os.fstat(fd).st_size
         count = max(1, -(-size // chunk_size))

@@ -14,6 +14,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from slmops import paths
 from slmops.settings import ConfigError, load_settings
 
+from .chunks import DEVICE_BUDGET_BYTES
+
 __all__ = ["ApiToken", "ConfigError", "ControllerConfig", "load"]
 
 
@@ -45,6 +47,9 @@ class ControllerConfig(BaseSettings):
     embedded_broker: bool = True
     """With no broker_url, run a Mosquitto of the controller's own (credentials, ACL), for one host."""
     embedded_broker_bind: str = Field(default="127.0.0.1:1883", pattern=r"^[^:]+:\d+$")
+    device_chunk_budget_bytes: int = Field(default=DEVICE_BUDGET_BYTES, ge=1 << 20)
+    """Chunk bytes one device may ask for, refilled at this much per hour; past it its requests are
+    refused until it refills (no device can make the controller send a bundle over and over)."""
     device_broker_url: str | None = Field(default=None, pattern=r"^mqtts?://[^@]*$")
     """The broker as devices reach it, for their enrolment (no credentials in it). Unset: the
     embedded broker's address, or broker_url without its credentials."""

@@ -44,10 +44,10 @@ def build_app(config: ControllerConfig) -> FastAPI:
     registry = Registry(engine, store, trusted_keys(config.trusted_keys))
     registry.sweep_store()
     fleet = Fleet(engine)
-    broker, bridge = None, None
+    broker, bridge, budget = None, None, config.device_chunk_budget_bytes
     if config.broker_url:
         ca_file = str(config.broker_ca_file) if config.broker_ca_file else None
-        bridge = MqttBridge(config.broker_url, fleet, ca_file, config.broker_protocol, store=store)
+        bridge = MqttBridge(config.broker_url, fleet, ca_file, config.broker_protocol, store, budget)
     elif config.embedded_broker:
         broker = EmbeddedBroker(
             config.data_dir / "broker",
@@ -55,7 +55,7 @@ def build_app(config: ControllerConfig) -> FastAPI:
             lambda: enrolment.password_hashes(),
             lambda: [(device_id, desired.digest) for device_id, desired in fleet.desired_states().items()],
         )
-        bridge = MqttBridge(broker.url, fleet, protocol="5", store=store)
+        bridge = MqttBridge(broker.url, fleet, protocol="5", store=store, device_chunk_budget_bytes=budget)
     else:
         log.warning("no broker: the MQTT link is off (the REST API and registry work without it)")
     enrolment = Enrolment(engine, broker.reload if broker is not None else lambda: None)

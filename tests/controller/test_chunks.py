@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from slmops.controller import chunks
-from slmops.controller.chunks import ChunkServer
+from slmops.controller.chunks import ChunkServer, Refused
 from slmops.controller.store import BundleStore, hash_chunks
 from slmops.messages import ChunkRequest, MessageInvalid, chunk_topic, parse_chunk
 
@@ -131,6 +131,26 @@ def test_a_device_asking_in_another_chunk_size_no_longer_waits_in_the_first(serv
     time.sleep(0.2)  # nothing more comes
     assert broker.sent == [("manifest.json", 0)] + [("variants/model.bin", i) for i in range(3)]  # 3 of 2×CHUNK
     assert server.sent == 4
+
+
+def test_a_device_past_its_budget_is_refused_and_others_are_served(store: BundleStore) -> None:
+    """Finding 8: requests made the controller queue a bundle over and over (17 GB for 23.6 KB)."""
+    broker = Broker()
+    broker.release()
+    server = ChunkServer(store, broker.publish, device_budget_bytes=8 * CHUNK)  # a whole model.bin, and 2 chunks
+    server.start()
+    try:
+        server.request(DIGEST, *ask("edge-1", "variants/model.bin"))
+        broker.wait_for(6)
+        with pytest.raises(Refused, match="edge-1 asked for more than 0 MiB of chunks within the hour"):
+            server.request(DIGEST, *ask("edge-1", "variants/model.bin"))  # all of it again
+        server.request(DIGEST, *ask("edge-1", "variants/model.bin", [2, 3]))  # what is left of its budget
+        server.request(DIGEST, *ask("edge-2", "variants/model.bin"))  # another device has its own
+        broker.wait_for(12)  # chunks 2 and 3 go out once for both
+        time.sleep(0.2)
+        assert server.sent == 12
+    finally:
+        server.stop()
 
 
 @pytest.mark.parametrize("path", ["../../admin.token", "variants", "nothing.json", "/etc/passwd"])

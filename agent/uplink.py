@@ -132,14 +132,19 @@ class Uplink:
             log.error("the broker %s refused the connection: %s", self.address, reason)
             return
         self.refused = ""
-        client.subscribe([(topic, 1) for topic in self._own])
+        with self._subacks_lock:  # connected once the broker confirmed this device's own topics
+            result, mid = client.subscribe([(topic, 1) for topic in self._own])
+            if result == mqtt.MQTT_ERR_SUCCESS and mid is not None:
+                self._subacks[mid] = self.connected
         for digest in list(self._bundles):  # a transfer under way goes on after a reconnect
             client.subscribe(chunk_topic(digest), qos=1)
-        birth = Birth(agent_version=__version__, profile=hardware.probe(self.config.data_dir))
-        client.publish(device_topic(self.device_id, "birth"), birth.payload(), qos=1)
-        self._publish_state()
-        self.connected.set()
         log.info("connected to the broker at %s as %s", self.address, self.device_id)
+        try:
+            birth = Birth(agent_version=__version__, profile=hardware.probe(self.config.data_dir))
+            client.publish(device_topic(self.device_id, "birth"), birth.payload(), qos=1)
+        except Exception:  # the link is up without it; the next connect announces the device again
+            log.exception("could not announce this device's hardware (birth)")
+        self._publish_state()
 
     def _on_disconnect(self, *_: object) -> None:
         if self.connected.is_set() and not self._stop.is_set():

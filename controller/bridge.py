@@ -152,7 +152,12 @@ class MqttBridge:
             log.error("the broker %s refused the connection: %s", self.address, reason)
             return
         client.subscribe(SUBSCRIPTIONS)
-        for device_id, desired in self.fleet.desired_states().items():  # a broker that restarted empty
+        try:
+            desired_states = self.fleet.desired_states()
+        except Exception:  # the database is down: the link is up; the next reconnect publishes them
+            log.exception("could not read the desired states to publish them again")
+            return
+        for device_id, desired in desired_states.items():  # a broker that restarted empty
             self.publish_desired(desired, [device_id])
 
     def _on_subscribe(self, *_: object) -> None:

@@ -7,6 +7,7 @@ Sockets get TCP_NODELAY: a chunk request or a one-chunk file is a small write, a
 Nagle's algorithm meeting delayed ACKs held each such round trip for 40 to 90 ms.
 """
 
+import logging
 import socket
 import ssl
 from dataclasses import dataclass
@@ -55,6 +56,10 @@ def new_client(
         client.tls_set(ca_certs=ca_file, tls_version=ssl.PROTOCOL_TLS_CLIENT)
     client.reconnect_delay_set(min_delay=RECONNECT_MIN_S, max_delay=RECONNECT_MAX_S)
     client.on_socket_open = _no_delay
+    # The net under our callbacks, which catch what they expect: an exception that still escapes
+    # one is logged by paho (with its traceback) instead of ending its network thread.
+    client.suppress_exceptions = True
+    client.enable_logger(logging.getLogger("slmops.mqtt"))
     return client
 
 

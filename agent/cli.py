@@ -51,7 +51,7 @@ def chat_cmd(
                 err_console.print(f"[yellow]fell back: {note}[/]")
         else:
             loaded = LoadedVariant.load(bundle.variant_dir(variant))
-    except (SlmopsError, KeyError) as e:
+    except SlmopsError as e:
         fail(str(e))
     ids = loaded.encode(loaded.chat_prompt([{"role": "user", "content": prompt}]))
     sampling = Sampling(repetition_penalty=repetition_penalty)

@@ -65,10 +65,18 @@ class AgentServer:
                 served = self._load(path, variant_id, hashed)
                 if smoke_test:
                     self._smoke_test(served)
-            except SlmopsError as e:
-                self.status = Status(
-                    "failed" if self.engine.current is None else "ready", str(e), self.status.fallbacks
+            except Exception as e:  # any failure, ours or onnxruntime's: the status says what is served
+                reason = str(e) if isinstance(e, SlmopsError) else f"{type(e).__name__}: {e}"
+                current = self.engine.current
+                self.status = (
+                    Status("failed", reason, self.status.fallbacks)
+                    if current is None
+                    else Status(
+                        "ready", f"serving {current.model_id}; {path} not loaded: {reason}", self.status.fallbacks
+                    )
                 )
+                if not isinstance(e, SlmopsError):
+                    raise SlmopsError(reason) from e
                 raise
             self.engine.swap(served)
             self.metrics.serving(served.bundle, served.version, served.variant_id, served.provider)

@@ -91,7 +91,7 @@ def verify_bundle(
     bundle = Bundle.open(root)
     check_signature(bundle.manifest.canonical_bytes(), bundle.signature, keys)
     for variant_id in variant_ids or ():
-        bundle.manifest.variant(variant_id)  # KeyError names a variant the manifest does not have
+        bundle.manifest.variant(variant_id)  # UnknownVariant names a variant the manifest does not have
     expected = expected_members(bundle.manifest, variant_ids)
     present: set[str] = set()
     for dirpath, dirnames, filenames in os.walk(root):

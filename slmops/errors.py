@@ -5,6 +5,7 @@
     │   ├── ManifestInvalid         manifest.json missing, not JSON, or failing the schema
     │   ├── SignatureError          no signature, a bad one, or a key we do not trust
     │   ├── BundleFilesError        missing, extra, or altered files
+    │   ├── UnknownVariant          a variant id the manifest does not list
     │   └── UnsafeArchive           members with `..`, absolute paths, links or devices
     ├── TargetError                 a target unknown, or not buildable on this machine
     ├── ModelSourceError            a model that cannot be found or materialized
@@ -34,6 +35,10 @@ class SignatureError(BundleError):
 
 
 class BundleFilesError(BundleError):
+    pass
+
+
+class UnknownVariant(BundleError):
     pass
 
 

@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from slmops.errors import ManifestInvalid, describe_validation
+from slmops.errors import ManifestInvalid, UnknownVariant, describe_validation
 
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -136,7 +136,7 @@ class Manifest(Strict):
         for v in self.variants:
             if v.id == variant_id:
                 return v
-        raise KeyError(f"bundle {self.name} {self.version} has no variant {variant_id!r}")
+        raise UnknownVariant(f"bundle {self.name} {self.version} has no variant {variant_id!r}")
 
     def canonical_bytes(self) -> bytes:
         return canonical_json(self.model_dump(mode="json"))

@@ -108,3 +108,26 @@ def test_a_bad_bundle_is_refused_and_the_old_one_keeps_serving(
     assert "genai_config.json: size 2 bytes, manifest says" in health["message"]
     missing = http.post("/admin/load", json={"bundle": str(bundle_dir / "nowhere")})
     assert missing.status_code == 400 and "not a bundle folder" in missing.json()["error"]["message"]
+
+
+def test_a_load_that_fails_with_any_exception_leaves_a_true_status(
+    start_agent, session_bundle: Path, signing_key, tmp_path: Path
+) -> None:
+    """Issue 12: a variant the manifest does not list raised KeyError, which load_bundle did not
+    catch: the status stayed at `loading` and /admin/load answered 409 until another load worked."""
+    from slmops.agent import config as agent_config
+
+    server = AgentServer(agent_config.load(trusted_keys=[signing_key[1]], data_dir=tmp_path))
+    try:
+        with pytest.raises(SlmopsError, match="has no variant 'npu-int4'"):
+            server.load_bundle(session_bundle, "npu-int4")
+        assert server.status.state == "failed" and "has no variant 'npu-int4'" in server.status.message
+    finally:
+        server.close()
+
+    agent = start_agent(session_bundle)
+    loader = agent.server.load_bundle_in_background(session_bundle, "npu-int4")
+    loader.join(timeout=30)
+    health = agent.http().get("/health").json()
+    assert health["state"] == "ready" and "not loaded: bundle tiny 1.0.0 has no variant 'npu-int4'" in health["message"]
+    assert agent.http().post("/admin/load", json={"bundle": str(session_bundle)}).status_code == 202  # not 409

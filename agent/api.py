@@ -7,6 +7,7 @@ reshaped to it. Streams end with `data: [DONE]`; an error mid-stream is a data e
 
 import asyncio
 import json
+import logging
 import secrets
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime
@@ -16,6 +17,8 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from slmops.errors import describe_validation
 from slmops.supervision import Supervised
@@ -40,6 +43,9 @@ from .serving import Finish, Piece, RequestError, Serving
 
 class FleetLink(Protocol):
     def status(self) -> dict[str, object]: ...
+
+
+log = logging.getLogger(__name__)
 
 
 def create_app(
@@ -78,6 +84,26 @@ def create_app(
         param = ".".join(str(p) for p in first["loc"][1:]) or None
         message = describe_validation(e.errors(), skip=1, root="body")
         return await request_error(request, RequestError(400, message, "invalid_request_error", None, param))
+
+    @app.exception_handler(ValidationError)
+    async def model_error(request: Request, e: ValidationError) -> JSONResponse:
+        """A request field that passed the route's model but not a model built from it (Ollama's options)."""
+        param = ".".join(str(p) for p in e.errors()[0]["loc"]) or None
+        return await request_error(
+            request, RequestError(400, describe_validation(e.errors()), "invalid_request_error", None, param)
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        """Starlette's own answers (no such route, a method the route does not take) in the envelope."""
+        return await request_error(request, RequestError(e.status_code, str(e.detail), "invalid_request_error"))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, e: Exception) -> JSONResponse:
+        log.error("%s %s failed", request.method, request.url.path, exc_info=e)
+        return await request_error(
+            request, RequestError(500, "internal error; the agent's log has the details", "server_error")
+        )
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -267,7 +293,7 @@ def create_app(
                 *([{"role": "system", "content": body.system}] if body.system else []),
                 {"role": "user", "content": body.prompt},
             ]
-            prompt = model.variant.chat_prompt(messages)
+            prompt = serving.template(model, messages)
         return await _ollama(request, model, prompt, body.options, body.stream, lambda text: {"response": text})
 
     async def _ollama(
@@ -421,7 +447,10 @@ async def _guard(body: AsyncIterator[str], ollama: bool = False) -> AsyncIterato
     try:
         async for part in body:
             yield part
-    except RequestError as e:
+    except Exception as e:  # the status line is sent: the error goes as the stream's last event
+        if not isinstance(e, RequestError):
+            log.error("a stream failed after it began", exc_info=e)
+            e = RequestError(500, "internal error; the agent's log has the details", "server_error")
         if ollama:
             yield json.dumps({"error": e.message}) + "\n"
         else:

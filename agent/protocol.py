@@ -37,6 +37,9 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+INT32_MAX = 2**31 - 1
+
+
 class SamplingFields(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -44,8 +47,10 @@ class SamplingFields(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)
-    top_k: int = Field(default=0, ge=0)
-    seed: int | None = None
+    top_k: int = Field(default=0, ge=0, le=INT32_MAX)
+    """0: no top-k; past the vocabulary it means the whole vocabulary."""
+    seed: int | None = Field(default=None, ge=-INT32_MAX - 1, le=INT32_MAX)
+    """onnxruntime-genai takes a 32-bit seed."""
     stop: str | list[str] | None = None
     ignore_eos: bool = False
     """vLLM's and llama.cpp's extension: generate exactly max_tokens (benchmarks)."""
@@ -129,8 +134,8 @@ class OllamaOptions(BaseModel):
 
     temperature: float = Field(default=0.8, ge=0, le=2)
     top_p: float = Field(default=0.9, gt=0, le=1)
-    top_k: int = Field(default=40, ge=0)
-    seed: int | None = None
+    top_k: int = Field(default=40, ge=0, le=INT32_MAX)
+    seed: int | None = Field(default=None, ge=-INT32_MAX - 1, le=INT32_MAX)
     num_predict: int | None = Field(default=None, ge=-2)
     """Ollama: -1 unlimited, -2 fill the context; here both mean the agent's default_max_tokens."""
     stop: list[str] | None = None

@@ -50,7 +50,9 @@ class Sampling:
     repetition_penalty: float = 1.0
     """> 1 discourages tokens already in the sequence (1.1 stops small models looping)."""
 
-    def search_options(self) -> dict[str, float | int | bool]:
+    def search_options(self, vocab_size: int | None = None) -> dict[str, float | int | bool]:
+        """onnxruntime-genai's search options; a top_k past `vocab_size` means all of it (onnxruntime-genai
+        refuses one larger)."""
         options: dict[str, float | int | bool] = {"do_sample": self.temperature > 0}
         if self.repetition_penalty != 1.0:
             options["repetition_penalty"] = self.repetition_penalty
@@ -58,7 +60,7 @@ class Sampling:
             return options
         options.update(temperature=self.temperature, top_p=self.top_p)
         if self.top_k > 0:
-            options["top_k"] = self.top_k
+            options["top_k"] = self.top_k if vocab_size is None else min(self.top_k, vocab_size)
         if self.seed is not None:
             options["random_seed"] = self.seed
         return options
@@ -71,6 +73,7 @@ class LoadedVariant:
     tokenizer: "og.Tokenizer"
     context_length: int
     eos_token_ids: frozenset[int] = field(default_factory=frozenset)
+    vocab_size: int | None = None
 
     @classmethod
     def load(cls, path: Path, threads: int | None = None) -> "LoadedVariant":
@@ -100,6 +103,7 @@ class LoadedVariant:
             tokenizer=og.Tokenizer(model),
             context_length=int(config["model"]["context_length"]),
             eos_token_ids=frozenset(eos if isinstance(eos, list) else [eos]),
+            vocab_size=int(config["model"]["vocab_size"]) if "vocab_size" in config["model"] else None,
         )
 
     def chat_prompt(self, messages: list[dict[str, str]]) -> str:
@@ -167,7 +171,10 @@ class Generation:
 
         params = og.GeneratorParams(variant.model)
         params.set_search_options(
-            max_length=total, min_length=total if sampling.ignore_eos else 0, batch_size=1, **sampling.search_options()
+            max_length=total,
+            min_length=total if sampling.ignore_eos else 0,
+            batch_size=1,
+            **sampling.search_options(variant.vocab_size),
         )
         self._generator = og.Generator(variant.model, params)
         self._prompt = prompt_ids

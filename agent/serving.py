@@ -66,7 +66,13 @@ class Serving:
 
     def chat_prompt(self, model: ServedModel, messages: list[ChatMessage]) -> str:
         roles = {"developer": "system"}
-        return model.variant.chat_prompt([{"role": roles.get(m.role, m.role), "content": m.text()} for m in messages])
+        return self.template(model, [{"role": roles.get(m.role, m.role), "content": m.text()} for m in messages])
+
+    def template(self, model: ServedModel, messages: list[dict[str, str]]) -> str:
+        """Messages through the model's chat template; text that is not valid Unicode is a 400."""
+        for message in messages:
+            _check_unicode(message["content"], "messages")
+        return model.variant.chat_prompt(messages)
 
     async def generate(
         self,
@@ -75,7 +81,10 @@ class Serving:
         fields: SamplingFields,
         requested_max: int | None,
     ) -> AsyncIterator[Piece | Finish]:
+        _check_unicode(prompt, "prompt")
         prompt_ids = model.variant.encode(prompt)
+        if not prompt_ids:
+            raise RequestError(400, "the prompt is empty", "invalid_request_error", None, "prompt")
         context = model.variant.context_length
         if len(prompt_ids) >= context:
             raise RequestError(
@@ -165,6 +174,16 @@ class Serving:
             total,
             queued_s=max(0.0, total - stats.total_s),
         )
+
+
+def _check_unicode(text: str, param: str) -> None:
+    """JSON can carry a lone surrogate ("\\ud800") that UTF-8, the tokenizer and the template refuse."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RequestError(
+            400, f"{param}: not valid Unicode text ({e.reason})", "invalid_request_error", None, param
+        ) from None
 
 
 class StopMatcher:

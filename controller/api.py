@@ -4,16 +4,18 @@ Auth: `Authorization: Bearer <token>`; readers may GET, admins may change. Every
 has one shape, `{"error": {"message", "type", "code"}}`.
 """
 
+import logging
 import secrets
 import tempfile
 from typing import Annotated, Any
 from urllib.parse import urlsplit, urlunsplit
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi import Path as FastApiPath
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from slmops.errors import BundleError, describe_validation
 from slmops.messages import DEVICE_ID_PATTERN, DesiredState
@@ -40,6 +42,10 @@ from .protocol import (
     error_body,
 )
 from .registry import Registry, RegistryError
+
+log = logging.getLogger(__name__)
+
+Limit = Annotated[int, Query(ge=1, le=100_000, description="How many, newest first (at most 100,000).")]
 
 
 class ApiError(Exception):
@@ -90,6 +96,16 @@ def create_app(
     async def validation_error(_request: Request, e: RequestValidationError) -> JSONResponse:
         message = describe_validation(e.errors(), skip=1, root="body")
         return JSONResponse(error_body(message, "invalid_request_error"), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, e: StarletteHTTPException) -> JSONResponse:
+        """Starlette's own answers (no such route, a method the route does not take) in the envelope."""
+        return JSONResponse(error_body(str(e.detail), "invalid_request_error"), status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, e: Exception) -> JSONResponse:
+        log.error("%s %s failed", request.method, request.url.path, exc_info=e)
+        return JSONResponse(error_body("internal error; the controller's log has the details", "server_error"), 500)
 
     async def desire(device_ids: list[str], bundle: BundleRow, who: Actor) -> DesiredState:
         """Store the desired state of these devices (all or none), let the embedded broker's ACL give
@@ -154,7 +170,7 @@ def create_app(
         return DeviceSummary.of(await run_in_threadpool(fleet.device, device_id))
 
     @app.get("/v1/devices/{device_id}/telemetry", dependencies=[Depends(actor)])
-    async def device_telemetry(device_id: str, limit: int = 100) -> list[TelemetryEntry]:
+    async def device_telemetry(device_id: str, limit: Limit = 100) -> list[TelemetryEntry]:
         """The newest telemetry records the device sent, newest first."""
         await run_in_threadpool(fleet.device, device_id)  # 404 for an unknown device
         return [TelemetryEntry.of(row) for row in await run_in_threadpool(fleet.telemetry, device_id, limit)]
@@ -224,7 +240,7 @@ def create_app(
         return DeviceSummary.of(await run_in_threadpool(fleet.label, device_id, who, body.tags, body.groups))
 
     @app.get("/v1/audit", dependencies=[Depends(admin)])
-    async def audit(limit: int = 100) -> list[AuditEntry]:
+    async def audit(limit: Limit = 100) -> list[AuditEntry]:
         return [AuditEntry.of(row) for row in await run_in_threadpool(registry.audit_log, limit)]
 
     return app

@@ -80,9 +80,11 @@ class BundleStore:
     def file(self, digest: str, path: str) -> Path | None:
         """A file of a stored bundle by its bundle-relative path; None for anything else (no such
         bundle or file, a folder, a path that climbs out of the bundle)."""
+        if not digest.isalnum() or "\x00" in path:  # a NUL cannot name a file (and os calls refuse it)
+            return None
         root = self.path(digest).resolve()
         target = (root / path).resolve()
-        return target if digest.isalnum() and target.is_relative_to(root) and target.is_file() else None
+        return target if target.is_relative_to(root) and target.is_file() else None
 
     def chunk_sums(self, digest: str, path: str, chunk_size: int) -> list[bytes] | None:
         """The sha256 of each chunk of a stored file kept by `save_chunk_sums`; None when none are

@@ -168,8 +168,9 @@ def _safe_member(member: tarfile.TarInfo) -> str:
 def _read_small(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
     if member.size > MAX_METADATA_BYTES:
         raise ManifestInvalid(f"{member.name} is {member.size} bytes; refusing to read so much metadata")
-    f = tar.extractfile(member)
-    assert f is not None  # _safe_member admitted only regular files here
+    f = tar.extractfile(member) if member.isfile() else None
+    if f is None:
+        raise ManifestInvalid(f"archive member {member.name!r} is a folder; it must be a file")
     return f.read()
 
 

@@ -151,7 +151,7 @@ class Manifest(Strict):
         """Parse manifest bytes, reporting every schema problem with its field."""
         try:
             data = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (ValueError, RecursionError) as e:  # not JSON, nested past the parser's depth, huge integers
             raise ManifestInvalid(f"{origin} is not valid JSON: {e}") from None
         try:
             return cls.model_validate(data)

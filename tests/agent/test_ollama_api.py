@@ -63,6 +63,13 @@ def test_bad_requests_get_ollama_errors(agent) -> None:
     assert wrong_model.status_code == 404 and "not served here" in wrong_model.json()["error"]
     too_long = http.post("/api/generate", json={"prompt": "word " * 2100, "raw": True, "stream": False})
     assert too_long.status_code == 400 and "2048 tokens" in too_long.json()["error"]
+    # issue 12's hostile run: these answered a plain-text 500
+    for options in ({"stop": ["a", "b", "c", "d", "e"]}, {"stop": [""]}):
+        refused = http.post("/api/generate", json={"prompt": "hi", "stream": False, "options": options})
+        assert refused.status_code == 400 and "stop takes up to 4 non-empty sequences" in refused.json()["error"]
+    surrogate = b'{"prompt": "\\ud800", "stream": false}'
+    refused = http.post("/api/generate", content=surrogate, headers={"content-type": "application/json"})
+    assert refused.status_code == 400 and "not valid Unicode" in refused.json()["error"]
 
 
 def test_unlimited_num_predict_is_bounded_by_the_agents_default(start_agent, session_bundle: Path) -> None:

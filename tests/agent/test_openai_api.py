@@ -226,6 +226,41 @@ def test_malformed_requests_are_400_in_openai_shape(agent, body: bytes, param: s
     assert agent.http().get("/health").status_code == 200  # and the server is still fine
 
 
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [  # issue 12's hostile run: each of these answered 500
+        ("/v1/completions", b'{"prompt": ""}', "prompt"),
+        ("/v1/completions", b'{"prompt": "hi", "top_k": 9223372036854775808}', "top_k"),
+        ("/v1/completions", b'{"prompt": "hi", "seed": 18446744073709551616}', "seed"),
+        ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\ud800"}]}', "messages"),
+        ("/v1/completions", b'{"prompt": "\\ud800"}', "prompt"),
+        ("/v1/completions", b'\xff\xfe{"prompt": "hi"}', None),
+    ],
+)
+def test_client_mistakes_that_were_500s_are_400s(agent, path: str, body: bytes, param: str | None) -> None:
+    response = agent.http().post(path, content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["message"]
+    if param:
+        assert error["param"] == param
+
+
+def test_a_top_k_past_the_vocabulary_means_all_of_it(agent) -> None:
+    """onnxruntime-genai refuses a top_k larger than the vocabulary (49,152 here): it was a 500."""
+    sampled = agent.openai().completions.create(
+        model="", prompt="hi", max_tokens=2, temperature=1, extra_body={"top_k": 49_153}
+    )
+    assert sampled.choices[0].finish_reason == "length"
+
+
+def test_answers_outside_the_routes_are_in_the_one_error_shape(agent) -> None:
+    http = agent.http()
+    for response, status in ((http.get("/nope"), 404), (http.delete("/v1/models"), 405)):
+        assert response.status_code == status
+        assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+
 def test_unknown_model_is_a_404(agent) -> None:
     with pytest.raises(openai.NotFoundError, match="not served here"):
         agent.openai().chat.completions.create(messages=QUESTION, model="gpt-4o", max_tokens=2)

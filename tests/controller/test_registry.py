@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import pytest
 from sqlalchemy import inspect
 
 from slmops.bundle import Bundle, expected_members, write_archive
@@ -59,6 +60,51 @@ def test_a_bundle_signed_by_an_unknown_key_is_refused(client, bundle_dir: Path, 
     archive = write_archive(signed, tmp_path / "stranger.tar").read_bytes()
     response = client.post("/v1/bundles", content=archive, headers=ADMIN)
     assert response.status_code == 422 and response.json()["error"]["code"] == "SignatureError"
+
+
+def tar_of(*members: tuple[str, bytes | None]) -> bytes:
+    """An archive of these members (None: a folder), as a hostile client would make it."""
+    import io
+    import tarfile
+
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            if data is None:
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            else:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("archive_bytes", "reason"),
+    [  # issue 12's hostile run: each of these answered 500
+        (tar_of(("manifest.json", b"[" * 10_000 + b"]" * 10_000)), "is not valid JSON"),
+        (tar_of(("manifest.json", b'{"schema_version": ' + b"9" * 5000 + b"}")), "is not valid JSON"),
+        (tar_of(("manifest.json", None)), "is a folder; it must be a file"),
+    ],
+    ids=["nested-10000-deep", "a-5000-digit-integer", "manifest-is-a-folder"],
+)
+def test_a_hostile_manifest_is_refused_with_the_reason(client, archive_bytes: bytes, reason: str) -> None:
+    response = client.post("/v1/bundles", content=archive_bytes, headers=ADMIN)
+    assert response.status_code == 422 and reason in response.json()["error"]["message"], response.text
+
+
+def test_client_mistakes_outside_the_bundles_are_4xx_in_the_one_error_shape(client, archive: bytes) -> None:
+    digest = client.post("/v1/bundles", content=archive, headers=ADMIN).json()["digest"]
+    for response, status in (
+        (client.get("/v1/audit?limit=99999999999999999999", headers=ADMIN), 400),  # was SQLite's OverflowError
+        (client.get("/v1/audit?limit=0", headers=ADMIN), 400),
+        (client.get(f"/v1/store/{digest}/manifest.json%00.txt", headers=ADMIN), 404),  # was a 500
+        (client.get("/v1/nowhere", headers=ADMIN), 404),
+        (client.put("/v1/bundles", headers=ADMIN), 405),
+    ):
+        assert response.status_code == status, response.text
+        assert set(response.json()["error"]) == {"message", "type", "code"}
 
 
 def test_not_an_archive_at_all(client) -> None:

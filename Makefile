@@ -49,7 +49,8 @@ system-packages:
 demo: install
 	$(VENV)/bin/slmops build model fetch smollm2-135m-instruct
 	$(VENV)/bin/slmops build export smollm2-135m-instruct --target cpu-int4 -o $(DEMO_DIR)/build --force
-	$(VENV)/bin/slmops build evaluate $(DEMO_DIR)/build/variants/cpu-int4 --min-tokens-per-s 20
+	# figures only: the demo shows speed, it does not fail on a slow or busy machine
+	$(VENV)/bin/slmops build evaluate $(DEMO_DIR)/build/variants/cpu-int4
 	test -f $(DEMO_DIR)/keys/demo.key || $(VENV)/bin/slmops bundle keygen $(DEMO_DIR)/keys/demo
 	$(VENV)/bin/slmops bundle create $(DEMO_DIR)/build -o $(DEMO_DIR)/bundle --name smollm2-135m-instruct \
 	    --version 1.0.0 --key $(DEMO_DIR)/keys/demo.key --archive $(DEMO_DIR)/smollm2-135m-instruct-1.0.0.tar --force

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
 app = typer.Typer(
     help="The device side: pick the variant that fits this device and serve it locally "
-    "(OpenAI and Ollama APIs), offline. The fleet daemon arrives in a later issue.",
+    "(OpenAI and Ollama APIs), offline; `agent run` also joins the fleet and follows its desired state.",
     no_args_is_help=True,
 )
 

@@ -3,7 +3,7 @@
     collector (every telemetry_interval_s) ─► system sample (psutil)      priority 0
                                             ─► inference window (metrics)  priority 1
         ─► TelemetryQueue (SQLite, WAL, synchronous=FULL: a committed record survives kill -9)
-        ─► read in sequence order by the uplink (MQTT, next issue), deleted only on `ack`
+        ─► read in sequence order by the uplink (MQTT), deleted only on `ack`
 
 Bounds: records older than the retention window go first; past `max_rows`, the
 oldest records of the lowest priority go next (system samples before inference

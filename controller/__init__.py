@@ -1,1 +1,1 @@
-"""The fleet service: REST API, registry, rollout engine, MQTT bridge, storage (issue 4)."""
+"""The fleet service: REST API, registry, fleet, MQTT bridge, chunk serving, embedded broker, storage."""

@@ -10,8 +10,8 @@ from slmops.terminal import err_console, fail
 
 app = typer.Typer(
     help="The fleet controller: bundle registry and device fleet with a REST API (OpenAPI docs at /docs), "
-    "on SQLite or PostgreSQL, linked to the devices over MQTT. Desired state, bundle transfer and rollouts "
-    "arrive in later steps of issue 4.",
+    "on SQLite or PostgreSQL, linked to the devices over MQTT (an embedded Mosquitto by default): desired "
+    "state, bundle transfer as chunks, commands, telemetry.",
     no_args_is_help=True,
 )
 

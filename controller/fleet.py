@@ -97,8 +97,12 @@ class Fleet:
         return members
 
     def record_command(self, device_id: str, command: str, actor: Actor) -> None:
+        """Audit a command before it is sent. A rollback ends what the device's last report said of its
+        desired state: what it serves next is the operator's doing, not drift."""
         with Session(self.engine) as session, session.begin():
             audit.record(session, actor, "device.command", device_id, {"command": command})
+            if command == "rollback" and (device := session.get(DeviceRow, device_id)) is not None:
+                device.reported = None
 
     def desired_states(self) -> dict[str, DesiredState]:
         """Every device's desired state, to publish again after a reconnect."""

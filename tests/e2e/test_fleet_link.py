@@ -131,6 +131,7 @@ def test_commands_probe_rollback_and_reload(fleet, two_versions, agent_process, 
     assert rollback["ok"] and rollback["result"]["serving"] == "tiny:1.0.0", rollback
     assert agent.chat_model() == "tiny:1.0.0"
     eventually(lambda: controller.reported("edge-cmd", "rolled_back", "1.0.0"), "the rollback was not reported")
+    assert controller.device("edge-cmd")["drift"] is None  # the operator's rollback is not drift
     assert controller.command("edge-cmd", "reload").json()["result"]["serving"] == "tiny:1.0.0"
     assert controller.command("nobody", "probe").status_code == 404
     audit = [e["action"] for e in controller.get("/v1/audit").json()]

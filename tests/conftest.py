@@ -19,6 +19,17 @@ TEST_HOME = REPO / ".slmops-test-home"
 os.environ["SLMOPS_HOME"] = str(TEST_HOME)
 
 
+REAL_MODEL_TIMEOUT_S = 900
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests on the real model may take longer than the 120 s default: the first pays for
+    materializing and exporting SmolLM2 on a fresh clone."""
+    for item in items:
+        if item.get_closest_marker("real_model") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(REAL_MODEL_TIMEOUT_S))
+
+
 @pytest.fixture(scope="session")
 def tiny_model() -> Path:
     from slmops.build import models

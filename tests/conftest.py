@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 TEST_HOME = REPO / ".slmops-test-home"
@@ -112,11 +113,7 @@ class Mosquitto:
     """A Mosquitto broker of our own on a free loopback port; it can be stopped and started again."""
 
     def __init__(self, folder: Path) -> None:
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.conf = folder / "mosquitto.conf"
         self.conf.write_text(
             f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\nset_tcp_nodelay true\n"
@@ -182,7 +179,7 @@ def postgres() -> Iterator[str]:
     # Not under pytest's tmp folder: as root, the server runs as `postgres` (initdb refuses
     # root), which cannot enter root's 0700 pytest folders.
     bin_dir, root = postgres_bin(), Path(tempfile.mkdtemp(prefix="slmops-postgres-"))
-    data, port = root / "data", _free_port()
+    data, port = root / "data", free_port()
     as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
     if as_postgres:
         shutil.chown(root, "postgres")
@@ -202,14 +199,6 @@ def postgres() -> Iterator[str]:
     finally:
         subprocess.run([*as_postgres, bin_dir / "pg_ctl", "-D", data, "-m", "immediate", "stop"], capture_output=True)
         shutil.rmtree(root, ignore_errors=True)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

@@ -3,13 +3,13 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
+from support import free_port
 
 BLOCKER = """
 import importlib.abc, sys
@@ -40,12 +40,6 @@ def test_agent_modules_import_without_ml_frameworks() -> None:
     script = BLOCKER + f"import slmops.cli\nfrom slmops.agent import {modules}\nprint('ok')"
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False)
     assert result.stdout.strip() == "ok", result.stderr
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_serve_runs_as_its_own_process_without_ml_frameworks(session_bundle: Path, signing_key, tmp_path: Path) -> None:

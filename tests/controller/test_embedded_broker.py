@@ -16,6 +16,7 @@ import pytest
 from fastapi.testclient import TestClient
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
+from support import free_port, wait_for
 
 from slmops.agent.hardware import probe
 from slmops.controller.embedded_broker import BrokerStartError, acl_text
@@ -36,20 +37,6 @@ from slmops.messages import (
 ADMIN = {"Authorization": "Bearer admin-token-0123456789"}
 READER = {"Authorization": "Bearer reader-token-0123456789"}
 REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(condition: Any, what: str, timeout_s: float = 10) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while not (result := condition()):
-        assert time.monotonic() < deadline, what
-        time.sleep(0.05)
-    return result
 
 
 @pytest.fixture

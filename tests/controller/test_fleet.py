@@ -12,6 +12,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from sqlalchemy import text
+from support import wait_for
 
 from slmops.controller.db import migrate, open_database
 from slmops.controller.fleet import Fleet
@@ -65,14 +66,6 @@ def publisher(mosquitto: int):
     yield client
     client.disconnect()
     client.loop_stop()
-
-
-def wait_for(condition, what: str, timeout_s: float = 10):
-    deadline = time.monotonic() + timeout_s
-    while not (result := condition()):
-        assert time.monotonic() < deadline, what
-        time.sleep(0.05)
-    return result
 
 
 def device(client, device_id: str) -> dict | None:

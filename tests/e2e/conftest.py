@@ -3,7 +3,6 @@
 import functools
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,14 +15,9 @@ from typing import Any
 import httpx
 import pytest
 from link_proxy import LinkProxy
+from support import free_port, wait_for
 
 SLMOPS = [sys.executable, "-P", "-m", "slmops"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager
@@ -126,18 +120,14 @@ def agent_process(tmp_path: Path, signing_key) -> Iterator[Callable[..., AgentPr
             agent.stop(signal.SIGKILL)
 
 
-def wait_for(condition: Callable[[], Any], what: str, timeout_s: float = 30) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while not (result := condition()):
-        assert time.monotonic() < deadline, what
-        time.sleep(0.1)
-    return result
-
-
 @pytest.fixture
 def eventually() -> Callable[..., Any]:
     """eventually(condition, what, timeout_s=30): poll until truthy, or fail saying `what`."""
-    return wait_for
+
+    def poll(condition: Callable[[], Any], what: str, timeout_s: float = 30) -> Any:
+        return wait_for(condition, what, timeout_s, poll_s=0.1)
+
+    return poll
 
 
 class Controller:

@@ -281,15 +281,16 @@ class Sync:
     def _activate_kept_slot(self, desired: DesiredState) -> bool:
         """A desired state whose slot is still here (the previous one; or the active one when the
         device was made to serve something else): switch back to it, verified whole, without a
-        download. A slot that no longer verifies is removed and fetched again."""
+        download and, as a rollback, without a smoke test (it served here before). A slot that no
+        longer verifies is removed and fetched again; any other failure is the desired state's."""
         kept = [r for r in (self.slots.active(), self.slots.previous()) if r and r["digest"] == desired.digest]
         if not kept or not self.slots.path(desired.digest).is_dir():
             return False
         record = kept[0]
         self._report(desired, "activating", variant=record["variant"])
         try:
-            self.server.load_bundle(self.slots.path(desired.digest), record["variant"], smoke_test=True)
-        except SlmopsError as e:
+            self.server.load_bundle(self.slots.path(desired.digest), record["variant"])
+        except BundleError as e:
             log.warning(
                 "the kept slot of %s %s does not load (%s); fetching it again", desired.bundle, desired.version, e
             )

@@ -8,7 +8,9 @@
                    no ack in time ─► the same batch again (the controller keeps each seq once)
 
 paho's loop thread reconnects with backoff (1 s up to 30 s); birth and state are published
-again on every connect. With no broker at all the agent keeps serving and queueing.
+again on every connect (from the sender thread: the birth probes the hardware). With no broker
+at all the agent keeps serving and queueing. Credentials the broker refuses (bad password, not
+authorized, banned) stop the link with an error saying what to do; serving goes on.
 
 Only what names this device is obeyed: a `desired`, `cmd` or `telemetry_ack` on another
 device's topic (a broker may deliver one: amqtt 0.12 sent a new client the retained messages
@@ -27,7 +29,7 @@ from collections.abc import Callable
 import paho.mqtt.client as mqtt
 
 from slmops import __version__
-from slmops.broker import BrokerAddress, new_client
+from slmops.broker import BrokerAddress, new_client, refused_for_good
 from slmops.messages import (
     Birth,
     ChunkRequest,
@@ -76,6 +78,7 @@ class Uplink:
         self.connected = threading.Event()
         self._acked = threading.Event()
         self._acked_seq = 0
+        self._announce = threading.Event()  # set on every connect: birth and state are due
         self._stop = threading.Event()
         self.dropped = 0
         """Messages from the broker dropped: malformed, not for this device, or failing when handled."""
@@ -129,7 +132,18 @@ class Uplink:
     def _on_connect(self, client: mqtt.Client, _u: object, _f: object, reason: object, _p: object) -> None:
         if getattr(reason, "is_failure", False):
             self.refused = str(reason)
-            log.error("the broker %s refused the connection: %s", self.address, reason)
+            if refused_for_good(reason):  # retrying cannot help: stop, and say what to do
+                log.error(
+                    "the broker %s refused %s: %s; the fleet link stops (serving goes on) until the device is "
+                    "enrolled again (slmops fleet enrol %s) and the agent restarted",
+                    self.address,
+                    self.device_id,
+                    reason,
+                    self.device_id,
+                )
+                client.disconnect()
+            else:
+                log.error("the broker %s refused the connection: %s; trying again", self.address, reason)
             return
         self.refused = ""
         with self._subacks_lock:  # connected once the broker confirmed this device's own topics
@@ -139,12 +153,7 @@ class Uplink:
         for digest in list(self._bundles):  # a transfer under way goes on after a reconnect
             client.subscribe(chunk_topic(digest), qos=1)
         log.info("connected to the broker at %s as %s", self.address, self.device_id)
-        try:
-            birth = Birth(agent_version=__version__, profile=hardware.probe(self.config.data_dir))
-            client.publish(device_topic(self.device_id, "birth"), birth.payload(), qos=1)
-        except Exception:  # the link is up without it; the next connect announces the device again
-            log.exception("could not announce this device's hardware (birth)")
-        self._publish_state()
+        self._announce.set()  # birth (a hardware probe: nvidia-smi, disks) and state, from the sender thread
 
     def _on_disconnect(self, *_: object) -> None:
         if self.connected.is_set() and not self._stop.is_set():
@@ -241,7 +250,12 @@ class Uplink:
                 self._stop.wait(self.config.telemetry_ack_timeout_s)
 
     def _send_once(self) -> None:
-        if self._serving() != self._announced:
+        if self._announce.is_set():  # cleared once announced: a probe that fails is tried again
+            birth = Birth(agent_version=__version__, profile=hardware.probe(self.config.data_dir))
+            self.client.publish(device_topic(self.device_id, "birth"), birth.payload(), qos=1)
+            self._publish_state()
+            self._announce.clear()
+        elif self._serving() != self._announced:
             self._publish_state()
         records = self.queue.pending(limit=self.config.telemetry_batch_records)
         if not records:

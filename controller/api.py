@@ -123,6 +123,7 @@ def create_app(
         return {
             "status": "ok",
             "mqtt": mqtt,
+            "mqtt_refused": (bridge.refused or None) if bridge else None,
             "dropped_messages": bridge.dropped if bridge else 0,
             "chunks_sent": bridge.chunks_sent if bridge else 0,
             "embedded_broker": None if broker is None else {"running": broker.running, "restarts": broker.restarts},

@@ -25,7 +25,7 @@ from typing import Literal
 
 import paho.mqtt.client as mqtt
 
-from slmops.broker import BrokerAddress, new_client
+from slmops.broker import BrokerAddress, new_client, refused_for_good
 from slmops.messages import (
     PREFIX,
     Birth,
@@ -73,6 +73,8 @@ class MqttBridge:
         self.address = BrokerAddress.parse(broker_url)
         self.fleet = fleet
         self.connected = False
+        self.refused = ""
+        """Why the broker refused the last connection; empty once one is accepted."""
         self.unhandled = 0
         self.recorder = Recorder(
             fleet, self._acknowledge_telemetry, lambda device, desired: self.publish_desired(desired, [device])
@@ -149,15 +151,31 @@ class MqttBridge:
         self, client: mqtt.Client, _userdata: object, _flags: object, reason: object, _props: object
     ) -> None:
         if getattr(reason, "is_failure", False):
-            log.error("the broker %s refused the connection: %s", self.address, reason)
+            self.refused = str(reason)
+            if refused_for_good(reason):  # retrying cannot help: stop, and say what to do
+                log.error(
+                    "the broker %s refused the controller: %s; the MQTT link stops (the REST API goes on): "
+                    "fix broker_url's credentials and restart",
+                    self.address,
+                    reason,
+                )
+                client.disconnect()
+            else:
+                log.error("the broker %s refused the connection: %s; trying again", self.address, reason)
             return
+        self.refused = ""
         client.subscribe(SUBSCRIPTIONS)
+        # The desired states come from the database, which paho's thread never waits on.
+        threading.Thread(target=self._publish_all_desired, name="slmops-republish", daemon=True).start()
+
+    def _publish_all_desired(self) -> None:
+        """After a connect: every desired state again, for a broker that restarted without them."""
         try:
             desired_states = self.fleet.desired_states()
         except Exception:  # the database is down: the link is up; the next reconnect publishes them
             log.exception("could not read the desired states to publish them again")
             return
-        for device_id, desired in desired_states.items():  # a broker that restarted empty
+        for device_id, desired in desired_states.items():
             self.publish_desired(desired, [device_id])
 
     def _on_subscribe(self, *_: object) -> None:

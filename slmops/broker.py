@@ -18,6 +18,23 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 RECONNECT_MIN_S, RECONNECT_MAX_S = 1, 30
+REFUSED_FOR_GOOD = frozenset(
+    {
+        "Bad user name or password",
+        "Not authorized",
+        "Banned",
+        "Bad authentication method",
+        "Client identifier not valid",
+    }
+)
+"""CONNACK answers that no retry can change (Home Assistant's rule: do not hammer a broker with
+credentials it refused); a daemon stops its link on one and says why."""
+
+
+def refused_for_good(reason: object) -> bool:
+    """Whether a CONNACK's reason code (paho's ReasonCode, MQTT 3.1.1 codes mapped onto 5's) is one
+    that retrying cannot fix."""
+    return bool(getattr(reason, "is_failure", False)) and str(reason) in REFUSED_FOR_GOOD
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@ credentials (`slmops fleet enrol`), each a real process (issue 11, findings 1, 2
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -90,3 +91,6 @@ def test_enrolled_agents_apply_only_their_own_desired_states(
         assert "fetching" not in output, output
         assert urlsplit(third_url).password not in output  # credentials stay out of the logs
         assert not device("edge-d")  # never got in
+        time.sleep(3)  # paho would have retried twice by now (1 s, then 2 s)
+        refusals = impostor.stop()
+        assert refusals.count("the fleet link stops") == 1, refusals  # refused credentials are not retried

@@ -131,9 +131,23 @@ class ChunkLink(Protocol):
     def request_chunks(self, digest: str, request: ChunkRequest) -> None: ...
 
 
+class FileStatus(NamedTuple):
+    """Where one file's fetch stands, read under its lock."""
+
+    complete: bool
+    failed: TransferError | None
+
+
 class _File:
     """One file being fetched: its data file, the sha256 each chunk on disk came with, and the
-    file's own sha256 so far (over chunks 0 … hashed-1)."""
+    file's own sha256 so far (over chunks 0 … hashed-1).
+
+    Written by paho's thread (`accept`, `refuse`), read and checked by the fetch's thread (`status`,
+    `missing`, `take_ask_again`, `check_chunks`): every field under `lock`. The network thread only
+    writes chunks and advances the file's sha256 as they land; when every chunk is on disk and the
+    sha256 differs from the manifest's, checking each chunk (reading the whole file back) is left
+    to the fetch's thread.
+    """
 
     def __init__(self, path: str, wanted: Wanted, chunk_size: int, saver: ThreadPoolExecutor) -> None:
         self.path, self.sha256, self.chunk_size, self.saver = path, wanted.sha256, chunk_size, saver
@@ -146,6 +160,7 @@ class _File:
         self.whole_refetches: list[list[bytes | None]] = []  # each chunk's sha256, each time all matched
         self.digest, self.hashed = hashlib.sha256(), 0
         self.complete, self.asking_again = False, False
+        self.unchecked = False  # every chunk on disk, the file's sha256 not the manifest's: check each chunk
         self.damaged: dict[int, bytes] = {}  # chunk index → the sha256 of the wrong bytes it came with
         self.failed: TransferError | None = None
         self.lock = threading.Lock()
@@ -163,12 +178,28 @@ class _File:
             self.file_size = os.fstat(self.fd).st_size  # through the last chunk written: enough to read back
             if None not in saved:  # killed before the file was found complete: check it now
                 self._hash_ahead(-1, None)
-                self._check()
+                self._check_digest()
+                self.check_chunks()
 
     def missing(self) -> list[int] | None:
         """The chunks to ask for; None: all of them (nothing of the file is on disk)."""
-        missing = [i for i, sha256 in enumerate(self.sums) if sha256 is None]
-        return None if self.count is None or len(missing) == self.count else missing
+        with self.lock:
+            missing = [i for i, sha256 in enumerate(self.sums) if sha256 is None]
+            return None if self.count is None or len(missing) == self.count else missing
+
+    def status(self) -> FileStatus:
+        with self.lock:
+            return FileStatus(self.complete, self.failed)
+
+    def take_ask_again(self) -> bool:
+        """Whether chunks found wrong are to be asked for again (once: the flag is taken)."""
+        with self.lock:
+            again, self.asking_again = self.asking_again, False
+            return again
+
+    def refuse(self, reason: str) -> None:
+        with self.lock:
+            self.failed = TransferError(f"the controller will not serve {self.path}: {reason}")
 
     def _fits(self, header: ChunkHeader, length: int) -> bool:
         """The header is one of the chunks asked for: this file's size, count and chunk length."""
@@ -185,47 +216,53 @@ class _File:
             and length == max(0, expected)
         )
 
-    def accept(self, header: ChunkHeader, data: memoryview) -> int:
-        """Write a chunk this file still needs; returns the bytes newly written."""
+    def accept(self, header: ChunkHeader, data: memoryview) -> tuple[int, bool]:
+        """Write a chunk this file still needs; returns the bytes newly written, and whether the
+        fetch's thread has something to do (the file complete, failed, to check or to ask again)."""
         with self.lock:
-            if self.fd is None:
-                return 0
-            if not self._fits(header, len(data)):
-                self.refused += 1
-                if self.refused in (1, 10, 100, 1000):
-                    log.warning(
-                        "refused %d chunk(s) of %s whose header does not match the file asked for (last: %d of %d, "
-                        "%d bytes of a %d-byte file)",
-                        self.refused,
-                        self.path,
-                        header.index,
-                        header.count,
-                        len(data),
-                        header.file_size,
-                    )
-                return 0
-            if self.count is None:  # the first chunk of a manifest or signature gives its size
-                self.size, self.count, self.sums = header.file_size, header.count, [None] * header.count
-            if self.sums[header.index] is not None:
-                return 0
-            self.file_size = header.file_size
-            try:
-                os.pwrite(self.fd, data, header.index * self.chunk_size)
-            except OSError as e:  # a full disk: this fetch fails with the reason, and is tried again later
-                self.failed = DiskFull(f"cannot write {self.path}: {e.strerror or e}")
-                return 0
-            self.sums[header.index] = bytes.fromhex(header.sha256)
-            self._hash_ahead(header.index, data)
-            if self.hashed == self.count:
-                self._check()
-            self.unsaved_bytes += len(data)
-            due = (
-                self.unsaved_bytes >= CHECKPOINT_EVERY_BYTES
-                or time.monotonic() - self.checkpointed_at >= CHECKPOINT_EVERY_S
-            )
-            if due and (self.checkpoint is None or self.checkpoint.done()):
-                self.checkpoint = self.saver.submit(self._save, self._bitmap())
-                self.checkpointed_at, self.unsaved_bytes = time.monotonic(), 0
+            written = self._accept(header, data)
+            return written, self.complete or self.failed is not None or self.unchecked or self.asking_again
+
+    def _accept(self, header: ChunkHeader, data: memoryview) -> int:
+        """`accept` under the lock."""
+        if self.fd is None:
+            return 0
+        if not self._fits(header, len(data)):
+            self.refused += 1
+            if self.refused in (1, 10, 100, 1000):
+                log.warning(
+                    "refused %d chunk(s) of %s whose header does not match the file asked for (last: %d of %d, "
+                    "%d bytes of a %d-byte file)",
+                    self.refused,
+                    self.path,
+                    header.index,
+                    header.count,
+                    len(data),
+                    header.file_size,
+                )
+            return 0
+        if self.count is None:  # the first chunk of a manifest or signature gives its size
+            self.size, self.count, self.sums = header.file_size, header.count, [None] * header.count
+        if self.sums[header.index] is not None:
+            return 0
+        self.file_size = header.file_size
+        try:
+            os.pwrite(self.fd, data, header.index * self.chunk_size)
+        except OSError as e:  # a full disk: this fetch fails with the reason, and is tried again later
+            self.failed = DiskFull(f"cannot write {self.path}: {e.strerror or e}")
+            return 0
+        self.sums[header.index] = bytes.fromhex(header.sha256)
+        self._hash_ahead(header.index, data)
+        if self.hashed == self.count:
+            self._check_digest()
+        self.unsaved_bytes += len(data)
+        due = (
+            self.unsaved_bytes >= CHECKPOINT_EVERY_BYTES
+            or time.monotonic() - self.checkpointed_at >= CHECKPOINT_EVERY_S
+        )
+        if due and (self.checkpoint is None or self.checkpoint.done()):
+            self.checkpoint = self.saver.submit(self._save, self._bitmap())
+            self.checkpointed_at, self.unsaved_bytes = time.monotonic(), 0
         return len(data)
 
     def _read(self, index: int) -> bytes:
@@ -241,12 +278,23 @@ class _File:
             self.digest.update(data if self.hashed == arrived and data is not None else self._read(self.hashed))
             self.hashed += 1
 
-    def _check(self) -> None:
-        """Every chunk is on disk: is it the file the manifest names?"""
-        assert self.count is not None
+    def _check_digest(self) -> None:
+        """Every chunk is on disk: the file the manifest names, or chunks to check one by one?"""
         if self.sha256 is not None and self.digest.hexdigest() == self.sha256:
             self.complete = True
-            return
+        else:
+            self.unchecked = True
+
+    def check_chunks(self) -> None:
+        """A file whose sha256 did not match (or that has none to compare with): each chunk against
+        the sha256 it came with (the fetch's thread: this reads the whole file back)."""
+        with self.lock:
+            if self.unchecked and self.fd is not None:
+                self.unchecked = False
+                self._check_chunks()
+
+    def _check_chunks(self) -> None:
+        assert self.count is not None
         actual = {i: hashlib.sha256(self._read(i)).digest() for i in range(self.count)}
         bad = [i for i, sha256 in actual.items() if sha256 != self.sums[i]]
         if not bad:
@@ -359,33 +407,36 @@ class MqttFetcher:
         changed = threading.Event()  # a file complete, failed, or with chunks to ask for again
         landed = [time.monotonic()]  # when a chunk this fetch needed last landed (no wakeup for each)
 
-        def on_chunk(header: ChunkHeader, data: memoryview) -> None:
+        def on_chunk(header: ChunkHeader, data: memoryview) -> None:  # paho's thread
             file = files.get(header.path)
             if file is None or header.chunk_size != self.chunk_size:
                 return
-            if written := file.accept(header, data):
+            written, look = file.accept(header, data)
+            if written:
                 landed[0] = time.monotonic()
                 if progress is not None:
                     progress(written)
-            if file.complete or file.failed is not None or file.asking_again:
+            if look:
                 changed.set()
 
-        def on_refused(path: str, reason: str) -> None:
+        def on_refused(path: str, reason: str) -> None:  # paho's thread
             if (file := files.get(path)) is not None:
-                file.failed = TransferError(f"the controller will not serve {path}: {reason}")
+                file.refuse(reason)
                 changed.set()
 
         def incomplete() -> dict[str, _File]:
-            for file in files.values():
-                if file.failed is not None:
-                    raise file.failed
-            return {path: file for path, file in files.items() if not file.complete}
+            waiting = {}
+            for path, file in files.items():
+                file.check_chunks()  # here, not on paho's thread: it reads the whole file back
+                complete, failed = file.status()
+                if failed is not None:
+                    raise failed
+                if not complete:
+                    waiting[path] = file
+            return waiting
 
         def asking_again() -> bool:
-            again = [file for file in files.values() if file.asking_again]
-            for file in again:
-                file.asking_again = False
-            return bool(again)
+            return any([file.take_ask_again() for file in files.values()])  # every flag taken
 
         self._current, self._refused = on_chunk, on_refused
         try:

@@ -264,8 +264,7 @@ def test_forged_chunks_allocate_nothing_and_the_fetch_succeeds(source: Path, tmp
     assert (tmp_path / "out.bin").read_bytes() == source.read_bytes()
     assert peak < 16 << 20, f"{peak / 2**20:.0f} MiB allocated (a list of 50,000,000 chunks is 400 MB)"
     if listed:  # the forged last chunk matched its own sha256, not the manifest's: all of it again
-        again = link.requests[1].chunks  # (but the real last chunk, which landed after the reset)
-        assert len(link.requests) == 2 and again == list(range(40)), again
+        assert [r.chunks for r in link.requests] == [None, None]
 
 
 def test_a_poisoned_bitmap_is_not_read_and_the_file_starts_over(source: Path, tmp_path: Path) -> None:

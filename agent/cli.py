@@ -36,8 +36,8 @@ def chat_cmd(
 ) -> None:
     """Verify a bundle, then answer one chat message from it (greedy), streaming the reply."""
     from slmops.agent import config as agent_config
-    from slmops.agent.runtime import LoadedVariant, Sampling
-    from slmops.agent.server import load_best_variant
+    from slmops.agent.host import load_best_variant
+    from slmops.agent.serve.runtime import LoadedVariant, Sampling
     from slmops.bundle import verify_bundle
     from slmops.signing import trusted_keys
 

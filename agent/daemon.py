@@ -19,10 +19,10 @@ import uvicorn
 from slmops.errors import SlmopsError
 from slmops.terminal import err_console
 
-from .api import create_app
 from .config import AgentConfig
-from .server import AgentServer
-from .sync import Slots
+from .fleet.slots import Slots
+from .host import ModelHost
+from .serve.api import create_app
 from .telemetry import TelemetryCollector
 
 
@@ -37,13 +37,13 @@ def run(config: AgentConfig, bundle: Path | None = None) -> None:
     except OSError as e:
         raise PortTaken(f"cannot listen on {config.host}:{config.port}: {e.strerror or e}") from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    server = AgentServer(config)
+    server = ModelHost(config)
     collector = TelemetryCollector(server, config)
     uplink, sync = None, None
     if config.broker_url:
-        from .sync import Sync
-        from .transfer import MqttFetcher
-        from .uplink import Uplink
+        from .fleet.sync import Sync
+        from .fleet.transfer import MqttFetcher
+        from .fleet.uplink import Uplink
 
         uplink = Uplink(config, server, collector.queue)
         fetcher = MqttFetcher(uplink, config.chunk_size_bytes, config.transfer_timeout_s)
@@ -57,7 +57,7 @@ def run(config: AgentConfig, bundle: Path | None = None) -> None:
         if bundle is not None:
             server.load_bundle_in_background(bundle)
         elif active is not None:  # what the fleet activated last, verified again as it loads
-            server.load_bundle_in_background(slots.path(active["digest"]), active["variant"])
+            server.load_bundle_in_background(slots.path(active.digest), active.variant)
         elif config.bundle is not None:
             server.load_bundle_in_background(config.bundle)
         collector.start()
@@ -65,7 +65,7 @@ def run(config: AgentConfig, bundle: Path | None = None) -> None:
             sync.start()
         if uplink is not None:
             uplink.start()
-        what = bundle or (active and f"slot {active['bundle']} {active['version']}") or config.bundle or "nothing yet"
+        what = bundle or (active and f"slot {active.bundle} {active.version}") or config.bundle or "nothing yet"
         fleet = f", fleet link {uplink.address} as {config.device_id}" if uplink else ""  # no password in logs
         err_console.print(f"serving {what} on http://{config.host}:{config.port}/v1 (health: /health){fleet}")
         try:

@@ -31,7 +31,7 @@ from slmops.supervision import Supervised
 
 if TYPE_CHECKING:
     from .config import AgentConfig
-    from .server import AgentServer
+    from .host import ModelHost
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS record (
@@ -217,7 +217,7 @@ def system_sample(data_dir: Path) -> dict[str, Any]:
 class TelemetryCollector:
     """Samples the system and the server's inference window into the queue at a fixed interval."""
 
-    def __init__(self, server: "AgentServer", config: "AgentConfig") -> None:
+    def __init__(self, server: "ModelHost", config: "AgentConfig") -> None:
         self.server = server
         self.config = config
         self.queue = TelemetryQueue(config.telemetry_db, config.telemetry_max_rows, config.telemetry_retention_s)

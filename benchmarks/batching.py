@@ -62,7 +62,7 @@ def og_engine(
 def interleaved(
     variant: Path, threads: int, prompt_ids: list[int], requests: int, new_tokens: int
 ) -> tuple[float, float]:
-    from slmops.agent.runtime import LoadedVariant, Sampling
+    from slmops.agent.serve.runtime import LoadedVariant, Sampling
 
     loaded = LoadedVariant.load(variant, threads)
     started = time.perf_counter()
@@ -89,7 +89,7 @@ def main() -> None:
     from rich.table import Table
 
     from slmops.agent import hardware
-    from slmops.agent.runtime import LoadedVariant
+    from slmops.agent.serve.runtime import LoadedVariant
     from slmops.build.evaluate import BENCH_PROMPT
 
     variant = RESULTS / "export" / "variants" / "cpu-int4"

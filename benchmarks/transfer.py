@@ -212,7 +212,7 @@ def main() -> None:
     from rich.table import Table
 
     from slmops.agent import hardware
-    from slmops.agent.transfer import saved_chunks
+    from slmops.agent.fleet.transfer import saved_chunks
     from slmops.bundle import Bundle, write_archive
 
     console = Console()

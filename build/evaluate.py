@@ -23,7 +23,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from slmops.agent import hardware
-from slmops.agent.runtime import GenerationStats, LoadedVariant
+from slmops.agent.serve.runtime import GenerationStats, LoadedVariant
 from slmops.bundle import VARIANTS_DIR
 from slmops.errors import GateFailed, SlmopsError
 from slmops.manifest import Evaluation

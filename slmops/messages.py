@@ -227,7 +227,7 @@ def chunk_payload(header: ChunkHeader, data: bytes) -> bytes:
 def parse_chunk(payload: bytes | bytearray, topic: str) -> tuple[ChunkHeader, memoryview]:
     """Header and bytes of a chunk message. The bytes are a view into `payload`, not a copy (a copy
     of each 256 KiB chunk cost as much as its sha256), and not checked here: a receiver checks only
-    the chunks it keeps, not every one on the shared topic (agent/transfer.py)."""
+    the chunks it keeps, not every one on the shared topic (agent/fleet/transfer.py)."""
     if len(payload) < 4 or (size := int.from_bytes(payload[:4], "big")) > len(payload) - 4:
         raise MessageInvalid(f"{topic}: not a chunk message")
     if size > MAX_CHUNK_HEADER_BYTES or len(payload) - 4 - size > MAX_CHUNK_BYTES:

@@ -96,13 +96,13 @@ def message(topic: str, payload: bytes) -> mqtt.MQTTMessage:
 @pytest.fixture(scope="module")
 def uplink(tmp_path_factory: pytest.TempPathFactory):
     from slmops.agent import config as agent_config
-    from slmops.agent.server import AgentServer
+    from slmops.agent.fleet.uplink import Uplink
+    from slmops.agent.host import ModelHost
     from slmops.agent.telemetry import TelemetryQueue
-    from slmops.agent.uplink import Uplink
 
     folder = tmp_path_factory.mktemp("fuzz-agent")
     config = agent_config.load(device_id="edge-fuzz", broker_url="mqtt://127.0.0.1:9", data_dir=folder)
-    server = AgentServer(config)
+    server = ModelHost(config)
     link = Uplink(config, server, TelemetryQueue(folder / "telemetry.db"))
     yield link
     server.close()
@@ -143,7 +143,7 @@ def test_a_fetch_takes_only_chunks_of_the_file_it_asked_for(
     tmp_path: Path, index: int, count: int, file_size: int, chunk_exp: int, length: int, listed: bool
 ) -> None:
     """The chunk handler behind the agent's chunk topic, with headers of any shape."""
-    from slmops.agent.transfer import Wanted, _File
+    from slmops.agent.fleet.transfer import Wanted, _File
 
     size, chunk = 40_000, 16 << 10
     data = bytes(length)

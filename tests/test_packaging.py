@@ -79,7 +79,8 @@ def test_wheel_holds_the_packages_and_nothing_is_written_into_build(tmp_path: Pa
         "slmops/cli.py",
         "slmops/bundle.py",
         "slmops/build/export.py",
-        "slmops/agent/runtime.py",
+        "slmops/agent/serve/runtime.py",
+        "slmops/agent/fleet/sync.py",
         "slmops/controller/__init__.py",
         "slmops/build/data/heldout.txt",
     ):

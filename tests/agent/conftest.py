@@ -16,13 +16,13 @@ import pytest
 import uvicorn
 
 from slmops.agent import config as agent_config
-from slmops.agent.api import create_app
-from slmops.agent.server import AgentServer
+from slmops.agent.host import ModelHost
+from slmops.agent.serve.api import create_app
 
 
 @dataclass
 class RunningAgent:
-    server: AgentServer
+    server: ModelHost
     url: str
     clients: list = field(default_factory=list)
 
@@ -57,7 +57,7 @@ def start_agent(signing_key: tuple[Path, Path], tmp_path: Path) -> Iterator[Call
     def start(bundle: Path | None = None, **overrides) -> RunningAgent:
         overrides.setdefault("trusted_keys", [signing_key[1]])
         overrides.setdefault("data_dir", tmp_path / f"agent-{len(started)}")
-        server = AgentServer(agent_config.load(**overrides))
+        server = ModelHost(agent_config.load(**overrides))
         if bundle is not None:
             server.load_bundle(bundle)
         sock = socket.socket()

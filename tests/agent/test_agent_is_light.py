@@ -36,8 +36,13 @@ def test_agent_chats_without_ml_frameworks(session_bundle: Path, signing_key) ->
 
 
 def test_agent_modules_import_without_ml_frameworks() -> None:
-    modules = "api, server, engine, serving, telemetry, hardware, choice, config, runtime, uplink, sync, daemon, cli"
-    script = BLOCKER + f"import slmops.cli\nfrom slmops.agent import {modules}\nprint('ok')"
+    modules = [
+        *("host", "telemetry", "hardware", "choice", "config", "daemon", "cli"),
+        *("serve.api", "serve.engine", "serve.serving", "serve.runtime", "serve.metrics", "serve.protocol"),
+        *("fleet.uplink", "fleet.sync", "fleet.slots", "fleet.transfer"),
+    ]
+    imports = "\n".join(f"import slmops.agent.{m}" for m in modules)
+    script = BLOCKER + f"import slmops.cli\n{imports}\nprint('ok')"
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False)
     assert result.stdout.strip() == "ok", result.stderr
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from slmops.agent.runtime import GenerationStats, LoadedVariant, RuntimeLoadError
+from slmops.agent.serve.runtime import GenerationStats, LoadedVariant, RuntimeLoadError
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from slmops.agent.runtime import LoadedVariant
+from slmops.agent.serve.runtime import LoadedVariant
 from slmops.build.export import BuildRecord, QuantOptions, Recipe, export
 from slmops.errors import ModelSourceError, TargetError
 

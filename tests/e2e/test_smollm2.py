@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from slmops.agent.runtime import LoadedVariant
+from slmops.agent.serve.runtime import LoadedVariant
 from slmops.build import models
 from slmops.build.bundle import create
 from slmops.bundle import verify_archive

@@ -13,7 +13,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from slmops.agent.transfer import saved_chunks
+from slmops.agent.fleet.transfer import saved_chunks
 from slmops.manifest import Manifest
 from slmops.messages import ChunkRequest
 

@@ -25,7 +25,6 @@ the slot is renamed into place before active.json points at it, and active.json 
 replaced with os.replace.
 """
 
-import json
 import logging
 import os
 import shutil
@@ -43,9 +42,10 @@ from slmops.messages import ActivationStatus, Command, CommandReply, DesiredStat
 from slmops.signing import Signature, check_signature, trusted_keys
 from slmops.supervision import Supervised
 
-from . import choice, hardware
-from .config import AgentConfig
-from .server import AgentServer
+from .. import choice, hardware
+from ..config import AgentConfig
+from ..host import ModelHost
+from .slots import Slot, Slots
 from .transfer import MAX_UNLISTED_BYTES, MqttFetcher, Wanted, bitmap_path, bytes_on_disk, served_wrong
 
 log = logging.getLogger(__name__)
@@ -63,58 +63,13 @@ class Unfit(SyncError):
     here. It is not tried again until another desired state comes."""
 
 
-class Slots:
-    """data_dir/slots/<digest>/ (verified), <digest>.partial/ (downloading), active.json."""
-
-    def __init__(self, data_dir: Path) -> None:
-        self.root = data_dir / "slots"
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.active_file = data_dir / "active.json"
-
-    def path(self, digest: str) -> Path:
-        return self.root / digest
-
-    def partial(self, digest: str) -> Path:
-        return self.root / f"{digest}.partial"
-
-    def _read(self) -> dict[str, dict[str, str] | None]:
-        try:
-            return dict(json.loads(self.active_file.read_text()))
-        except (FileNotFoundError, ValueError):
-            return {"active": None, "previous": None}
-
-    def active(self) -> dict[str, str] | None:
-        """{digest, variant, bundle, version} of the slot to serve, or None."""
-        return self._read()["active"]
-
-    def previous(self) -> dict[str, str] | None:
-        return self._read()["previous"]
-
-    def set_active(self, record: dict[str, str]) -> None:
-        """Point at a complete slot, atomically; keep it and the previous one, drop older slots.
-        Pointing at the active slot again keeps the previous one as it is."""
-        slots = self._read()
-        active = slots["active"]
-        previous = slots["previous"] if active is not None and active["digest"] == record["digest"] else active
-        tmp = self.active_file.with_suffix(".tmp")
-        with tmp.open("w") as f:
-            json.dump({"active": record, "previous": previous}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.active_file)
-        keep = {record["digest"], previous["digest"] if previous else ""}
-        for slot in self.root.iterdir():
-            if slot.is_dir() and not slot.name.endswith(".partial") and slot.name not in keep:
-                shutil.rmtree(slot, ignore_errors=True)
-
-
 class Sync:
     """One worker thread applying desired states and commands in order, one at a time."""
 
     def __init__(
         self,
         config: AgentConfig,
-        server: AgentServer,
+        server: ModelHost,
         report: Callable[[Reported], None],
         reply: Callable[[CommandReply], None],
         fetcher: MqttFetcher | None = None,
@@ -205,10 +160,10 @@ class Sync:
             return CommandReply(correlation_id=command.correlation_id, ok=False, error=str(e))
         return CommandReply(correlation_id=command.correlation_id, ok=True, result=result)
 
-    def _serve(self, record: dict[str, str] | None, missing: str) -> dict[str, object]:
+    def _serve(self, record: Slot | None, missing: str) -> dict[str, object]:
         if record is None:
             raise SyncError(missing)
-        served = self.server.load_bundle(self.slots.path(record["digest"]), record["variant"])
+        served = self.server.load_bundle(self.slots.path(record.digest), record.variant)
         return {"serving": served.model_id, "variant": served.variant_id, "provider": served.provider}
 
     def _rollback(self) -> dict[str, object]:
@@ -217,8 +172,8 @@ class Sync:
         result = self._serve(previous, "there is no previous slot to roll back to")
         assert previous is not None
         self.slots.set_active(previous)
-        desired = DesiredState(bundle=previous["bundle"], version=previous["version"], digest=previous["digest"])
-        self._report(desired, "rolled_back", variant=previous["variant"])
+        desired = DesiredState(bundle=previous.bundle, version=previous.version, digest=previous.digest)
+        self._report(desired, "rolled_back", variant=previous.variant)
         return result
 
     def _report(
@@ -274,7 +229,7 @@ class Sync:
             shutil.rmtree(slot, ignore_errors=True)  # verified but unfit here: keep what is served
             raise
         self.slots.set_active(
-            {"digest": desired.digest, "variant": variant, "bundle": desired.bundle, "version": desired.version}
+            Slot(digest=desired.digest, variant=variant, bundle=desired.bundle, version=desired.version)
         )
         self._report(desired, "healthy", variant=variant)
 
@@ -283,13 +238,13 @@ class Sync:
         device was made to serve something else): switch back to it, verified whole, without a
         download and, as a rollback, without a smoke test (it served here before). A slot that no
         longer verifies is removed and fetched again; any other failure is the desired state's."""
-        kept = [r for r in (self.slots.active(), self.slots.previous()) if r and r["digest"] == desired.digest]
+        kept = [r for r in (self.slots.active(), self.slots.previous()) if r and r.digest == desired.digest]
         if not kept or not self.slots.path(desired.digest).is_dir():
             return False
         record = kept[0]
-        self._report(desired, "activating", variant=record["variant"])
+        self._report(desired, "activating", variant=record.variant)
         try:
-            self.server.load_bundle(self.slots.path(desired.digest), record["variant"])
+            self.server.load_bundle(self.slots.path(desired.digest), record.variant)
         except BundleError as e:
             log.warning(
                 "the kept slot of %s %s does not load (%s); fetching it again", desired.bundle, desired.version, e
@@ -297,7 +252,7 @@ class Sync:
             shutil.rmtree(self.slots.path(desired.digest), ignore_errors=True)
             return False
         self.slots.set_active(record)
-        self._report(desired, "healthy", variant=record["variant"])
+        self._report(desired, "healthy", variant=record.variant)
         return True
 
     def _sweep_partials(self, keep: str) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from slmops.agent import hardware
-from slmops.agent.server import AgentServer
+from slmops.agent.host import ModelHost
 from slmops.errors import SlmopsError
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -38,7 +38,7 @@ def test_a_variant_that_fails_to_load_falls_back_to_the_next(
 def test_a_device_with_no_usable_variant_says_why(signing_key, gpu_and_cpu_bundle: Path, tmp_path: Path) -> None:
     from slmops.agent import config as agent_config
 
-    server = AgentServer(agent_config.load(trusted_keys=[signing_key[1]], data_dir=tmp_path, forbid_providers=["cpu"]))
+    server = ModelHost(agent_config.load(trusted_keys=[signing_key[1]], data_dir=tmp_path, forbid_providers=["cpu"]))
     try:
         with pytest.raises(
             SlmopsError, match=r"no variant of tiny-gpu can run here .*cpu-int4: provider cpu is forbidden"
@@ -117,7 +117,7 @@ def test_a_load_that_fails_with_any_exception_leaves_a_true_status(
     catch: the status stayed at `loading` and /admin/load answered 409 until another load worked."""
     from slmops.agent import config as agent_config
 
-    server = AgentServer(agent_config.load(trusted_keys=[signing_key[1]], data_dir=tmp_path))
+    server = ModelHost(agent_config.load(trusted_keys=[signing_key[1]], data_dir=tmp_path))
     try:
         with pytest.raises(SlmopsError, match="has no variant 'npu-int4'"):
             server.load_bundle(session_bundle, "npu-int4")

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from slmops.errors import SlmopsError
 
-from .hardware import inference_threads
+from ..hardware import inference_threads
 
 if TYPE_CHECKING:
     import onnxruntime_genai as og

@@ -52,10 +52,10 @@ from slmops.messages import (
 )
 from slmops.supervision import Supervised
 
-from . import hardware
-from .config import AgentConfig
-from .server import AgentServer
-from .telemetry import TelemetryQueue
+from .. import hardware
+from ..config import AgentConfig
+from ..host import ModelHost
+from ..telemetry import TelemetryQueue
 from .transfer import OnChunk, OnRefused
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ class Uplink:
     def __init__(
         self,
         config: AgentConfig,
-        server: AgentServer,
+        server: ModelHost,
         queue: TelemetryQueue,
         on_work: Callable[[DesiredState | Command], None] | None = None,
     ) -> None:
@@ -160,7 +160,7 @@ class Uplink:
             log.warning("lost the broker at %s; serving on, queueing telemetry", self.address)
         self.connected.clear()
 
-    # --- bundle transfer (agent/transfer.py's ChunkLink) ----------------------------------
+    # --- bundle transfer (agent/fleet/transfer.py's ChunkLink) ----------------------------
 
     def watch_bundle(self, digest: str, on_chunk: OnChunk, on_refused: OnRefused) -> bool:
         """Receive a bundle's chunks, and the controller's refusals of its requests; True once the

@@ -3,8 +3,8 @@
 from pathlib import Path
 
 from slmops.agent import config as agent_config
-from slmops.agent.server import AgentServer
-from slmops.agent.sync import Sync
+from slmops.agent.fleet.sync import Sync
+from slmops.agent.host import ModelHost
 from slmops.messages import Command, CommandReply, DesiredState, Reported
 
 SENT_AT = DesiredState(bundle="-", version="-", digest="0" * 64).sent_at
@@ -18,7 +18,7 @@ def make_sync(tmp_path: Path, **settings: object) -> tuple[Sync, list[Reported]]
     config = agent_config.load(data_dir=tmp_path, **settings)
     reports: list[Reported] = []
     replies: list[CommandReply] = []
-    return Sync(config, AgentServer(config), reports.append, replies.append), reports
+    return Sync(config, ModelHost(config), reports.append, replies.append), reports
 
 
 def test_a_newer_desired_state_replaces_the_queued_ones(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@
     sha256 or zeros) is saved, so a restart asks only for chunks not on disk and checks them all:
     a chunk claimed that a power cut kept from the disk, or that rotted there, is found by its
     sha256 and asked for again (so the data needs no fsync before its bitmap: the slot is
-    fsynced once, whole, before it is activated, agent/sync.py)
+    fsynced once, whole, before it is activated, agent/fleet/sync.py)
 
 Chunks travel on one topic per bundle: when several devices fetch the same bundle, one
 publish reaches all of them, and each keeps the chunks of the files it is fetching.
@@ -120,7 +120,7 @@ OnRefused = Callable[[str, str], None]
 
 
 class ChunkLink(Protocol):
-    """What the fetcher needs of the MQTT client (agent/uplink.py provides it)."""
+    """What the fetcher needs of the MQTT client (agent/fleet/uplink.py provides it)."""
 
     device_id: str
 

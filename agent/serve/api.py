@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from slmops.errors import describe_validation
 from slmops.supervision import Supervised
 
+from ..host import ModelHost
 from .engine import ServedModel
 from .protocol import (
     ChatCompletionRequest,
@@ -37,7 +38,6 @@ from .protocol import (
     error_body,
     now,
 )
-from .server import AgentServer
 from .serving import Finish, Piece, RequestError, Serving
 
 
@@ -49,9 +49,9 @@ log = logging.getLogger(__name__)
 
 
 def create_app(
-    server: AgentServer, lifespan: Any = None, link: FleetLink | None = None, threads: Sequence[Supervised] = ()
+    server: ModelHost, lifespan: Any = None, link: FleetLink | None = None, threads: Sequence[Supervised] = ()
 ) -> FastAPI:
-    """The HTTP app over `server`; `lifespan` starts and stops what lives beside it (telemetry);
+    """The HTTP app over the model `server` hosts; `lifespan` starts and stops what lives beside it (telemetry);
     /health shows the fleet `link` and the worker `threads`."""
     app = FastAPI(title="slmops agent", description="OpenAI- and Ollama-compatible local inference", lifespan=lifespan)
     serving = Serving(server.engine, server.config, server.metrics)

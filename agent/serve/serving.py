@@ -12,7 +12,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from .config import AgentConfig
+from ..config import AgentConfig
 from .engine import Engine, Job, QueueFull, ServedModel
 from .metrics import AgentMetrics
 from .protocol import ChatMessage, SamplingFields

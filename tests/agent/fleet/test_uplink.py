@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from slmops.agent import config as agent_config
-from slmops.agent.server import AgentServer
+from slmops.agent.fleet.uplink import Uplink
+from slmops.agent.host import ModelHost
 from slmops.agent.telemetry import TelemetryQueue
-from slmops.agent.uplink import Uplink
 from slmops.messages import DesiredState, chunk_topic, device_topic
 
 
@@ -19,7 +19,7 @@ def uplink(mosquitto: int, tmp_path: Path):
     config = agent_config.load(
         device_id="uplink-test", broker_url=f"mqtt://127.0.0.1:{mosquitto}", data_dir=tmp_path, transfer_timeout_s=2
     )
-    server = AgentServer(config)
+    server = ModelHost(config)
     link = Uplink(config, server, TelemetryQueue(tmp_path / "telemetry.db"))
     link.start()
     assert link.connected.wait(10), "the uplink did not connect"

@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 
-from slmops.agent.runtime import LoadedVariant
+from slmops.agent.serve.runtime import LoadedVariant
 
 GREEDY = {"temperature": 0, "model": ""}
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]

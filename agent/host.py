@@ -21,9 +21,9 @@ from slmops.signing import trusted_keys
 
 from . import choice, hardware
 from .config import AgentConfig
-from .engine import Engine, ServedModel
-from .metrics import AgentMetrics
-from .runtime import GenerationStats, LoadedVariant, RuntimeLoadError
+from .serve.engine import Engine, ServedModel
+from .serve.metrics import AgentMetrics
+from .serve.runtime import GenerationStats, LoadedVariant, RuntimeLoadError
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ class Status:
     """Variants that failed to load, with the reason, before the one now served."""
 
 
-class AgentServer:
+class ModelHost:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self.metrics = AgentMetrics()

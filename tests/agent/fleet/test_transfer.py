@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from slmops.agent.transfer import MqttFetcher, TransferError, Wanted, saved_chunks
+from slmops.agent.fleet.transfer import MqttFetcher, TransferError, Wanted, saved_chunks
 from slmops.messages import ChunkHeader, ChunkRequest, MessageInvalid, chunk_payload, parse_chunk
 
 CHUNK = 16 << 10
@@ -144,7 +144,7 @@ def test_chunks_the_bitmap_claims_but_the_disk_lost_are_found_and_fetched_again(
 def test_a_corrupt_chunk_is_refused_and_asked_for_again(
     source: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, file_sha256: bool
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="slmops.agent.transfer")
+    caplog.set_level(logging.WARNING, logger="slmops.agent.fleet.transfer")
     link = FileLink(source, corrupt={3, 40})
     fetcher = MqttFetcher(link, CHUNK, timeout_s=5)  # asked for again at once, not after the timeout
     with fetcher.watching("d" * 64):

@@ -54,6 +54,7 @@ def run(config: AgentConfig, bundle: Path | None = None) -> None:
 
     @asynccontextmanager
     async def lifespan(_app: object) -> AsyncIterator[None]:
+        server.start()
         if bundle is not None:
             server.load_bundle_in_background(bundle)
         elif active is not None:  # what the fleet activated last, verified again as it loads

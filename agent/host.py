@@ -49,6 +49,10 @@ class ModelHost:
         self.started_at = time.time()
         self._load_lock = threading.Lock()
 
+    def start(self) -> None:
+        """Start generating: the engine's scheduler thread."""
+        self.engine.start()
+
     def load_bundle(
         self, path: Path, variant_id: str | None = None, smoke_test: bool = False, hashed: Collection[str] = ()
     ) -> ServedModel:

@@ -83,6 +83,9 @@ class Engine:
         self._running = True
         self._recent_request_s: deque[float] = deque(maxlen=20)
         self._thread = threading.Thread(target=self._run, name="slmops-engine", daemon=True)
+
+    def start(self) -> None:
+        """Start the scheduler thread (nothing runs before: a constructed engine is inert)."""
         self._thread.start()
 
     # --- public ---------------------------------------------------------------------------
@@ -103,6 +106,8 @@ class Engine:
 
     def submit(self, job: Job) -> ServedModel:
         with self._wake:
+            if not self._thread.is_alive():
+                raise RuntimeError("the engine is not running (start() it first)")
             if self.current is None:
                 raise RuntimeError("no model is loaded yet")
             if self._in_flight >= self.max_active + self.max_queued:
@@ -117,7 +122,8 @@ class Engine:
         with self._wake:
             self._running = False
             self._wake.notify()
-        self._thread.join(timeout=10)
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
 
     # --- scheduler thread -------------------------------------------------------------------
 

@@ -58,6 +58,7 @@ def start_agent(signing_key: tuple[Path, Path], tmp_path: Path) -> Iterator[Call
         overrides.setdefault("trusted_keys", [signing_key[1]])
         overrides.setdefault("data_dir", tmp_path / f"agent-{len(started)}")
         server = ModelHost(agent_config.load(**overrides))
+        server.start()
         if bundle is not None:
             server.load_bundle(bundle)
         sock = socket.socket()

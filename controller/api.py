@@ -69,9 +69,9 @@ def create_app(
     )
 
     def actor(request: Request) -> Actor:
-        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")  # "Bearer <token>", nothing else
         for t in tokens:
-            if given and secrets.compare_digest(given.encode(), t.token.encode()):
+            if scheme == "Bearer" and given and secrets.compare_digest(given.encode(), t.token.encode()):
                 return Actor(t.name, t.role)
         raise ApiError(401, "missing or unknown API token (Authorization: Bearer ...)", "authentication_error")
 

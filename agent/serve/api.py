@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -56,15 +56,8 @@ def create_app(
     app = FastAPI(title="slmops agent", description="OpenAI- and Ollama-compatible local inference", lifespan=lifespan)
     serving = Serving(server.engine, server.config, server.metrics)
 
-    def authorize(request: Request) -> None:
-        key = server.config.api_key
-        if key is None:
-            return
-        given = request.headers.get("authorization", "")
-        if not secrets.compare_digest(given.encode(), f"Bearer {key}".encode()):
-            raise RequestError(
-                401, "missing or wrong API key (Authorization: Bearer ...)", "invalid_request_error", "invalid_api_key"
-            )
+    if server.config.api_key is not None:
+        app.add_middleware(ApiKeyGate, key=server.config.api_key, metrics=server.metrics)
 
     @app.exception_handler(RequestError)
     async def request_error(request: Request, e: RequestError) -> JSONResponse:
@@ -130,7 +123,7 @@ def create_app(
         )
         return JSONResponse(body)
 
-    @app.post("/admin/load", dependencies=[Depends(authorize)], status_code=202)
+    @app.post("/admin/load", status_code=202)
     async def admin_load(body: LoadRequest) -> dict[str, Any]:
         """Switch to another bundle (hot swap): in-flight requests finish on the current model."""
         if not body.bundle.is_dir():
@@ -140,13 +133,13 @@ def create_app(
         server.load_bundle_in_background(body.bundle)
         return {"status": "loading", "bundle": str(body.bundle)}
 
-    @app.get("/metrics", dependencies=[Depends(authorize)])
+    @app.get("/metrics")
     async def metrics() -> Response:
         server.metrics.queue_depth.set(server.engine.queue_depth)
         server.metrics.active.set(server.engine.active_count)
         return PlainTextResponse(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models", dependencies=[Depends(authorize)])
+    @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         model = server.engine.current
         data = (
@@ -168,10 +161,10 @@ def create_app(
         )
         return {"object": "list", "data": data}
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
+    @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         model = serving.model(body.model)
-        prompt = serving.chat_prompt(model, body.messages)
+        prompt = await asyncio.to_thread(serving.chat_prompt, model, body.messages)  # off the event loop
         events = serving.generate(model, prompt, body, body.requested_max_tokens)
         first = await _first(events)  # errors before the first token still get a status code
         ident, created = completion_id("chatcmpl"), now()
@@ -206,7 +199,7 @@ def create_app(
             }
         )
 
-    @app.post("/v1/completions", dependencies=[Depends(authorize)])
+    @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         model = serving.model(body.model)
         events = serving.generate(model, body.prompt_text, body, body.requested_max_tokens)
@@ -239,7 +232,7 @@ def create_app(
 
     # --- Ollama ---------------------------------------------------------------------------
 
-    @app.get("/api/tags", dependencies=[Depends(authorize)])
+    @app.get("/api/tags")
     async def ollama_tags() -> dict[str, Any]:
         model = server.engine.current
         if model is None:
@@ -270,10 +263,10 @@ def create_app(
 
         return {"version": __version__}
 
-    @app.post("/api/chat", dependencies=[Depends(authorize)])
+    @app.post("/api/chat")
     async def ollama_chat(body: OllamaChatRequest, request: Request) -> Response:
         model = serving.model(body.model)
-        prompt = serving.chat_prompt(model, body.messages)
+        prompt = await asyncio.to_thread(serving.chat_prompt, model, body.messages)  # off the event loop
         return await _ollama(
             request,
             model,
@@ -283,7 +276,7 @@ def create_app(
             lambda text: {"message": {"role": "assistant", "content": text}},
         )
 
-    @app.post("/api/generate", dependencies=[Depends(authorize)])
+    @app.post("/api/generate")
     async def ollama_generate(body: OllamaGenerateRequest, request: Request) -> Response:
         model = serving.model(body.model)
         if body.raw:
@@ -293,7 +286,7 @@ def create_app(
                 *([{"role": "system", "content": body.system}] if body.system else []),
                 {"role": "user", "content": body.prompt},
             ]
-            prompt = serving.template(model, messages)
+            prompt = await asyncio.to_thread(serving.template, model, messages)
         return await _ollama(request, model, prompt, body.options, body.stream, lambda text: {"response": text})
 
     async def _ollama(
@@ -345,6 +338,30 @@ def create_app(
         return StreamingResponse(_guard(ndjson(), ollama=True), media_type="application/x-ndjson")
 
     return app
+
+
+class ApiKeyGate:
+    """With an api_key set, every path but /health needs `Authorization: Bearer <key>`: the API,
+    /metrics, /admin, and the OpenAPI document and its pages. Plain ASGI (not BaseHTTPMiddleware),
+    so streams and the disconnects that cancel them pass through untouched."""
+
+    def __init__(self, app: Any, key: str, metrics: Any) -> None:
+        self.app, self.expected, self.metrics = app, f"Bearer {key}".encode(), metrics
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] == "/health":
+            return await self.app(scope, receive, send)
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        if secrets.compare_digest(given, self.expected):
+            return await self.app(scope, receive, send)
+        message = "missing or wrong API key (Authorization: Bearer ...)"
+        self.metrics.requests.labels(scope["path"], "401").inc()
+        body = (
+            {"error": message}
+            if scope["path"].startswith("/api/")
+            else error_body(message, "invalid_request_error", "invalid_api_key", None)
+        )
+        await JSONResponse(body, status_code=401)(scope, receive, send)
 
 
 async def _first(events: AsyncIterator[Piece | Finish]) -> Piece | Finish:

@@ -146,6 +146,8 @@ def test_a_restart_removes_what_an_interrupted_push_left(client, archive: bytes,
 
 def test_roles_and_tokens(client, archive: bytes) -> None:
     assert client.get("/v1/bundles").status_code == 401
+    bare = {"Authorization": ADMIN["Authorization"].removeprefix("Bearer ")}
+    assert client.get("/v1/bundles", headers=bare).status_code == 401  # was accepted without "Bearer "
     assert client.get("/v1/bundles", headers={"Authorization": "Bearer nope"}).status_code == 401
     refused = client.post("/v1/bundles", content=archive, headers=READER)
     assert refused.status_code == 403 and "reader" in refused.json()["error"]["message"]

@@ -273,6 +273,13 @@ def test_api_key_is_required_when_configured(start_agent, session_bundle: Path) 
     assert caught.value.status_code == 401
     assert agent.http().get("/v1/models").status_code == 401
     assert agent.openai(api_key="s3cret").chat.completions.create(messages=QUESTION, max_tokens=2, **GREEDY).choices
+    http = agent.http()
+    for path in ("/docs", "/openapi.json", "/metrics", "/nowhere"):  # the docs were open without the key
+        assert http.get(path).status_code == 401, path
+    assert http.get("/v1/models", headers={"Authorization": "s3cret"}).status_code == 401  # a bare key: no
+    assert http.get("/openapi.json", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    assert http.get("/health").status_code == 200
+    assert http.post("/api/tags").json() == {"error": "missing or wrong API key (Authorization: Bearer ...)"}
     assert agent.http().get("/health").status_code == 200  # health stays open for supervisors
 
 

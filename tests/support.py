@@ -1,4 +1,5 @@
-"""Helpers every test folder uses: a free loopback port, and polling with a deadline.
+"""Helpers every test folder uses: a free loopback port, polling with a deadline, and a synthetic
+signed bundle.
 
 Importable as `support` from any test (tests/conftest.py puts this folder on sys.path).
 """
@@ -6,7 +7,11 @@ Importable as `support` from any test (tests/conftest.py puts this folder on sys
 import socket
 import time
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from slmops.bundle import Bundle
 
 
 def free_port() -> int:
@@ -23,3 +28,57 @@ def wait_for(condition: Callable[[], Any], what: str, timeout_s: float = 10, pol
         assert time.monotonic() < deadline, what
         time.sleep(poll_s)
     return result
+
+
+def synthetic_bundle(
+    out: Path,
+    key: Path,
+    name: str = "tiny",
+    version: str = "1.0.0",
+    description: str = "",
+    variants: tuple[str, ...] = ("cpu-int4", "cpu-fp32"),
+) -> "Bundle":
+    """A signed bundle of small random files with a real manifest and signature: for the tests of
+    the bundle format, the registry, the store and the transfer, which need no model that loads
+    (and so no torch to export one)."""
+    import json
+    import os
+    from datetime import UTC, datetime
+
+    from slmops.bundle import VARIANTS_DIR, Bundle
+    from slmops.manifest import FileEntry, Manifest, Source, Variant, sha256_file
+    from slmops.signing import load_private_key
+    from slmops.targets import target
+
+    entries = []
+    for index, variant_id in enumerate(variants):
+        folder = out / VARIANTS_DIR / variant_id
+        folder.mkdir(parents=True)
+        (folder / "genai_config.json").write_text(json.dumps({"model": {"context_length": 2048, "type": "llama"}}))
+        (folder / "model.onnx").write_bytes(os.urandom(5_000))
+        (folder / "model.onnx.data").write_bytes(os.urandom(300_000 + 1000 * index))  # two 256 KiB chunks
+        (folder / "chat_template.jinja").write_text("{{ messages }}")
+        files = [FileEntry(path=p.name, size=p.stat().st_size, sha256=sha256_file(p)) for p in sorted(folder.iterdir())]
+        t = target(variant_id)
+        entries.append(
+            Variant(
+                id=variant_id,
+                execution_provider=t.execution_provider,
+                device_class=t.device_class,
+                precision=t.precision,
+                files=files,
+                min_memory_bytes=64 << 20,
+                context_length=2048,
+            )
+        )
+    manifest = Manifest(
+        name=name,
+        version=version,
+        created=datetime.now(UTC).replace(microsecond=0),
+        description=description,
+        source=Source(model="synthetic", digest="0" * 64),
+        recipe_digest="0" * 64,
+        variants=entries,
+    )
+    manifest.write(out / "manifest.json")
+    return Bundle.open(out).sign(load_private_key(key))

@@ -31,11 +31,14 @@ def controller_config(database_url: str, tmp_path: Path, signing_key):
 
 
 @pytest.fixture(scope="session")
-def archive(session_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> bytes:
-    """The tiny bundle as a pushable archive."""
-    from slmops.bundle import Bundle, write_archive
+def archive(signing_key, tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    """A synthetic signed bundle (two variants of random files) as a pushable archive: no torch needed."""
+    from support import synthetic_bundle
 
-    return write_archive(Bundle.open(session_bundle), tmp_path_factory.mktemp("archive") / "tiny.tar").read_bytes()
+    from slmops.bundle import write_archive
+
+    folder = tmp_path_factory.mktemp("archive")
+    return write_archive(synthetic_bundle(folder / "tiny", signing_key[0]), folder / "tiny.tar").read_bytes()
 
 
 @pytest.fixture

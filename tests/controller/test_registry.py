@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import inspect
+from support import synthetic_bundle
 
 from slmops.bundle import Bundle, expected_members, write_archive
 from slmops.controller.store import BundleStore, hash_chunks
@@ -52,11 +53,11 @@ def test_a_corrupted_archive_is_refused_with_the_reason_and_nothing_kept(
     assert stored(controller_config) == [] and list((controller_config.store_dir / "incoming").iterdir()) == []
 
 
-def test_a_bundle_signed_by_an_unknown_key_is_refused(client, bundle_dir: Path, tmp_path: Path) -> None:
-    from slmops.signing import generate_keypair, load_private_key
+def test_a_bundle_signed_by_an_unknown_key_is_refused(client, tmp_path: Path) -> None:
+    from slmops.signing import generate_keypair
 
     stranger, _ = generate_keypair(tmp_path / "stranger")
-    signed = Bundle.open(bundle_dir).sign(load_private_key(stranger))
+    signed = synthetic_bundle(tmp_path / "bundle", stranger)
     archive = write_archive(signed, tmp_path / "stranger.tar").read_bytes()
     response = client.post("/v1/bundles", content=archive, headers=ADMIN)
     assert response.status_code == 422 and response.json()["error"]["code"] == "SignatureError"
@@ -113,12 +114,10 @@ def test_not_an_archive_at_all(client) -> None:
 
 
 def test_versions_are_immutable_and_a_refused_push_stores_nothing(
-    client, archive: bytes, tiny_export: Path, tmp_path: Path, signing_key, controller_config
+    client, archive: bytes, tmp_path: Path, signing_key, controller_config
 ) -> None:
-    from slmops.build.bundle import create
-
     digest = client.post("/v1/bundles", content=archive, headers=ADMIN).json()["digest"]
-    other = create(tiny_export, tmp_path / "other", "tiny", "1.0.0", description="other content", key=signing_key[0])
+    other = synthetic_bundle(tmp_path / "other", signing_key[0], description="other content")
     response = client.post("/v1/bundles", content=write_archive(other, tmp_path / "o.tar").read_bytes(), headers=ADMIN)
     assert response.status_code == 409 and "versions are immutable" in response.json()["error"]["message"]
     # Issue 11, finding 9: the refused content used to land in the store and be served from it.

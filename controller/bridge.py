@@ -25,7 +25,7 @@ from typing import Literal
 
 import paho.mqtt.client as mqtt
 
-from slmops.broker import BrokerAddress, new_client, refused_for_good
+from slmops.broker import BrokerAddress, new_client, refused
 from slmops.messages import (
     PREFIX,
     Birth,
@@ -151,17 +151,8 @@ class MqttBridge:
         self, client: mqtt.Client, _userdata: object, _flags: object, reason: object, _props: object
     ) -> None:
         if getattr(reason, "is_failure", False):
-            self.refused = str(reason)
-            if refused_for_good(reason):  # retrying cannot help: stop, and say what to do
-                log.error(
-                    "the broker %s refused the controller: %s; the MQTT link stops (the REST API goes on): "
-                    "fix broker_url's credentials and restart",
-                    self.address,
-                    reason,
-                )
-                client.disconnect()
-            else:
-                log.error("the broker %s refused the connection: %s; trying again", self.address, reason)
+            fix = "the REST API goes on; fix broker_url's credentials and restart the controller"
+            self.refused = refused(client, self.address, reason, fix)
             return
         self.refused = ""
         client.subscribe(SUBSCRIPTIONS)

@@ -17,6 +17,8 @@ from urllib.parse import urlsplit
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+log = logging.getLogger(__name__)
+
 RECONNECT_MIN_S, RECONNECT_MAX_S = 1, 30
 REFUSED_FOR_GOOD = frozenset(
     {
@@ -35,6 +37,17 @@ def refused_for_good(reason: object) -> bool:
     """Whether a CONNACK's reason code (paho's ReasonCode, MQTT 3.1.1 codes mapped onto 5's) is one
     that retrying cannot fix."""
     return bool(getattr(reason, "is_failure", False)) and str(reason) in REFUSED_FOR_GOOD
+
+
+def refused(client: mqtt.Client, address: "BrokerAddress", reason: object, fix: str) -> str:
+    """A CONNACK that refused the connection (from on_connect): the link stops for good, logged with
+    `fix`, when retrying cannot help; otherwise paho tries again. Returns the reason, for /health."""
+    if refused_for_good(reason):
+        log.error("the broker %s refused the connection: %s; the link stops: %s", address, reason, fix)
+        client.disconnect()
+    else:
+        log.error("the broker %s refused the connection: %s; trying again", address, reason)
+    return str(reason)
 
 
 @dataclass(frozen=True)

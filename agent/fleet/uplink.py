@@ -29,7 +29,7 @@ from collections.abc import Callable
 import paho.mqtt.client as mqtt
 
 from slmops import __version__
-from slmops.broker import BrokerAddress, new_client, refused_for_good
+from slmops.broker import BrokerAddress, new_client, refused
 from slmops.messages import (
     Birth,
     ChunkRequest,
@@ -131,19 +131,8 @@ class Uplink:
 
     def _on_connect(self, client: mqtt.Client, _u: object, _f: object, reason: object, _p: object) -> None:
         if getattr(reason, "is_failure", False):
-            self.refused = str(reason)
-            if refused_for_good(reason):  # retrying cannot help: stop, and say what to do
-                log.error(
-                    "the broker %s refused %s: %s; the fleet link stops (serving goes on) until the device is "
-                    "enrolled again (slmops fleet enrol %s) and the agent restarted",
-                    self.address,
-                    self.device_id,
-                    reason,
-                    self.device_id,
-                )
-                client.disconnect()
-            else:
-                log.error("the broker %s refused the connection: %s; trying again", self.address, reason)
+            fix = f"serving goes on; enrol {self.device_id} again (slmops fleet enrol) and restart the agent"
+            self.refused = refused(client, self.address, reason, fix)
             return
         self.refused = ""
         with self._subacks_lock:  # connected once the broker confirmed this device's own topics

@@ -93,4 +93,4 @@ def test_enrolled_agents_apply_only_their_own_desired_states(
         assert not device("edge-d")  # never got in
         time.sleep(3)  # paho would have retried twice by now (1 s, then 2 s)
         refusals = impostor.stop()
-        assert refusals.count("the fleet link stops") == 1, refusals  # refused credentials are not retried
+        assert refusals.count("the link stops") == 1, refusals  # refused credentials are not retried

@@ -161,6 +161,20 @@ def mosquitto(broker: Mosquitto) -> int:
     return broker.port
 
 
+@pytest.fixture
+def publisher(mosquitto: int):
+    """A plain paho client of the test's Mosquitto (anonymous: no ACL), connected and looping."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="test-publisher")
+    client.connect("127.0.0.1", mosquitto)
+    client.loop_start()
+    yield client
+    client.disconnect()
+    client.loop_stop()
+
+
 # --- PostgreSQL ----------------------------------------------------------------------------
 # This machine's PostgreSQL binaries on a free port with a data folder of our own (initdb),
 # never the system's instance.

@@ -58,16 +58,6 @@ def fleet_client(mosquitto: int, controller_config):
         yield client
 
 
-@pytest.fixture
-def publisher(mosquitto: int):
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="test-publisher")
-    client.connect("127.0.0.1", mosquitto)
-    client.loop_start()
-    yield client
-    client.disconnect()
-    client.loop_stop()
-
-
 def device(client, device_id: str) -> dict | None:
     response = client.get(f"/v1/devices/{device_id}", headers=READER)
     return response.json() if response.status_code == 200 else None

@@ -52,17 +52,9 @@ def test_watch_bundle_sees_the_broker_confirm_every_subscription(uplink: Uplink)
 
 
 @pytest.fixture
-def rogue(mosquitto: int):
+def rogue(publisher):
     """Any other client of the broker (the embedded broker's ACL keeps devices out of here)."""
-    import paho.mqtt.client as mqtt
-    from paho.mqtt.enums import CallbackAPIVersion
-
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="rogue")
-    client.connect("127.0.0.1", mosquitto)
-    client.loop_start()
-    yield client
-    client.disconnect()
-    client.loop_stop()
+    return publisher
 
 
 DESIRED = DesiredState(bundle="tiny", version="2.0.0", digest="ab" * 32)

@@ -35,7 +35,7 @@ import paho.mqtt.client as mqtt
 from slmops.bundle import MANIFEST_FILE, SIGNATURE_FILE, VARIANTS_DIR, expected_members
 from slmops.errors import ManifestInvalid
 from slmops.manifest import Manifest
-from slmops.messages import ChunkHeader, ChunkRequest, MessageInvalid, chunk_payload, chunk_topic
+from slmops.messages import ChunkHeader, ChunkRequest, MessageInvalid, chunk_count, chunk_payload, chunk_topic
 from slmops.supervision import Supervised
 
 from .store import BundleStore
@@ -260,7 +260,7 @@ class ChunkServer:
             raise Refused(f"no file {path!r} in stored bundle {digest[:12]}")
         fd = os.open(target, os.O_RDONLY)
         size = os.fstat(fd).st_size
-        count = max(1, -(-size // chunk_size))
+        count = chunk_count(size, chunk_size)
         kept = self.store.chunk_sums(digest, path, chunk_size)
         sums: list[bytes | None] = list(kept) if kept is not None and len(kept) == count else [None] * count
 

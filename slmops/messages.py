@@ -218,6 +218,11 @@ class FetchRefused(Message):
     reason: str = Field(max_length=1024)
 
 
+def chunk_count(size: int, chunk_size: int) -> int:
+    """Chunks of a `size`-byte file, as both sides count them; an empty file is one empty chunk."""
+    return max(1, -(-size // chunk_size))
+
+
 def chunk_payload(header: ChunkHeader, data: bytes) -> bytes:
     """4-byte big-endian header length, the header's JSON, the raw bytes (no base64)."""
     head = header.model_dump_json().encode()

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import NamedTuple, Protocol
 
 from slmops.errors import SlmopsError
-from slmops.messages import ChunkHeader, ChunkRequest
+from slmops.messages import ChunkHeader, ChunkRequest, chunk_count
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +71,6 @@ class Wanted(NamedTuple):
     target: Path
     sha256: str | None
     size: int | None
-
-
-def chunk_count(size: int, chunk_size: int) -> int:
-    """Chunks of a `size`-byte file; an empty file is one empty chunk."""
-    return max(1, -(-size // chunk_size))
 
 
 def bitmap_path(target: Path) -> Path:

@@ -20,9 +20,8 @@
     or a refused smoke test may pass later
     a newer desired state replaces a queued or retried older one; only its partial slot is kept
 
-A `kill -9` at any point leaves active.json naming a complete, verified slot (old or new):
-the slot is renamed into place before active.json points at it, and active.json is
-replaced with os.replace.
+The slot is renamed into place before active.json points at it, so a `kill -9` at any point
+leaves a complete, verified slot served (agent/fleet/slots.py).
 """
 
 import logging

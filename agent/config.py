@@ -13,8 +13,9 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from slmops import paths
+from slmops.errors import ConfigError
 from slmops.messages import DEFAULT_CHUNK_BYTES, DEVICE_ID_PATTERN, ChunkSize
-from slmops.settings import ConfigError, load_settings
+from slmops.settings import load_settings
 
 ProviderName = Literal["cpu", "cuda", "dml", "webgpu", "qnn", "openvino", "coreml", "tensorrt", "trt-rtx", "rocm"]
 

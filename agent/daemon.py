@@ -16,7 +16,7 @@ from pathlib import Path
 
 import uvicorn
 
-from slmops.errors import SlmopsError
+from slmops.errors import PortTaken
 from slmops.terminal import err_console
 
 from .config import AgentConfig
@@ -24,10 +24,6 @@ from .fleet.slots import Slots
 from .host import ModelHost
 from .serve.api import create_app
 from .telemetry import TelemetryCollector
-
-
-class PortTaken(SlmopsError):
-    pass
 
 
 def run(config: AgentConfig, bundle: Path | None = None) -> None:

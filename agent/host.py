@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from slmops.bundle import Bundle, verify_bundle
-from slmops.errors import SlmopsError
+from slmops.errors import RuntimeLoadError, SlmopsError
 from slmops.manifest import Variant
 from slmops.signing import trusted_keys
 
@@ -23,7 +23,7 @@ from . import choice, hardware
 from .config import AgentConfig
 from .serve.engine import Engine, ServedModel
 from .serve.metrics import AgentMetrics
-from .serve.runtime import GenerationStats, LoadedVariant, RuntimeLoadError
+from .serve.runtime import GenerationStats, LoadedVariant
 
 log = logging.getLogger(__name__)
 

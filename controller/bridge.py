@@ -26,6 +26,7 @@ from typing import Literal
 import paho.mqtt.client as mqtt
 
 from slmops.broker import BrokerAddress, new_client, refused
+from slmops.errors import Unanswered
 from slmops.messages import (
     PREFIX,
     Birth,
@@ -125,7 +126,7 @@ class MqttBridge:
         return self.client.publish(topic, payload, qos=1)
 
     def command(self, device_id: str, name: CommandName, timeout_s: float) -> CommandReply:
-        """Send a command and wait for the reply with the same correlation id (TimeoutError without one)."""
+        """Send a command and wait for the reply with the same correlation id (Unanswered without one)."""
         command = Command(correlation_id=uuid.uuid4().hex, command=name)
         waiter: tuple[threading.Event, list[CommandReply]] = (threading.Event(), [])
         with self._replies_lock:
@@ -133,7 +134,7 @@ class MqttBridge:
         try:
             self.client.publish(device_topic(device_id, "cmd"), command.payload(), qos=1)
             if not waiter[0].wait(timeout_s):
-                raise TimeoutError(f"{device_id} did not answer {name} within {timeout_s:g} s")
+                raise Unanswered(f"{device_id} did not answer {name} within {timeout_s:g} s")
             return waiter[1][0]
         finally:
             with self._replies_lock:

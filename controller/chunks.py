@@ -33,9 +33,9 @@ from dataclasses import dataclass, field
 import paho.mqtt.client as mqtt
 
 from slmops.bundle import MANIFEST_FILE, SIGNATURE_FILE, VARIANTS_DIR, expected_members
-from slmops.errors import ManifestInvalid
+from slmops.errors import ManifestInvalid, MessageInvalid
 from slmops.manifest import Manifest
-from slmops.messages import ChunkHeader, ChunkRequest, MessageInvalid, chunk_count, chunk_payload, chunk_topic
+from slmops.messages import ChunkHeader, ChunkRequest, chunk_count, chunk_payload, chunk_topic
 from slmops.supervision import Supervised
 
 from .store import BundleStore

@@ -12,7 +12,8 @@ from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from slmops import paths
-from slmops.settings import ConfigError, load_settings
+from slmops.errors import ConfigError
+from slmops.settings import load_settings
 
 from .chunks import DEVICE_BUDGET_BYTES
 

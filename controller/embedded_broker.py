@@ -43,7 +43,7 @@ from pathlib import Path
 
 import psutil
 
-from slmops.errors import SlmopsError
+from slmops.errors import BrokerStartError
 from slmops.messages import MAX_TELEMETRY_BYTES, chunk_topic, request_topic
 
 log = logging.getLogger(__name__)
@@ -56,10 +56,6 @@ MAX_PACKET_BYTES = MAX_TELEMETRY_BYTES + (64 << 10)
 """The largest message the protocol has, a telemetry batch, and room for its MQTT framing."""
 PBKDF2_ITERATIONS = 101
 """Mosquitto's own default: passwords here are 32 random bytes, so iterations add nothing."""
-
-
-class BrokerStartError(SlmopsError):
-    pass
 
 
 def password_hash(password: str) -> str:

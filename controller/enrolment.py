@@ -14,11 +14,12 @@ from collections.abc import Callable
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
+from slmops.errors import NotFound, Rejected
+
 from . import audit
 from .audit import Actor
 from .db import DeviceCredentialRow
 from .embedded_broker import CONTROLLER_USER, password_hash
-from .registry import NotFound, RegistryError
 
 
 class Enrolment:
@@ -29,7 +30,7 @@ class Enrolment:
     def enrol(self, device_id: str, actor: Actor) -> str:
         """New credentials for `device_id` (replacing any it had); returns the password."""
         if device_id == CONTROLLER_USER:
-            raise RegistryError(f"{CONTROLLER_USER!r} is the controller's own broker user; name the device otherwise")
+            raise Rejected(f"{CONTROLLER_USER!r} is the controller's own broker user; name the device otherwise")
         password = secrets.token_urlsafe(32)
         with Session(self.engine) as session, session.begin():
             row = session.get(DeviceCredentialRow, device_id)

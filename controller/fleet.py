@@ -14,12 +14,12 @@ from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
+from slmops.errors import NotFound
 from slmops.messages import Birth, DesiredState, DeviceState, Reported, TelemetryBatch
 
 from . import audit
 from .audit import Actor
 from .db import BundleRow, DeviceRow, TelemetryRow
-from .registry import NotFound
 
 Inbound = Birth | DeviceState | Reported | TelemetryBatch
 """What devices send that the fleet records."""

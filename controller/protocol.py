@@ -5,7 +5,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from slmops.messages import CommandName
+from slmops.messages import CommandName, CommandReply, DesiredState
 
 from .db import AuditRow, BundleRow, DeviceRow, TelemetryRow
 from .fleet import drift_detail
@@ -150,6 +150,43 @@ class DeviceEnrolment(BaseModel):
     password: str
 
 
-def error_body(message: str, type_: str, code: str | None = None) -> dict[str, Any]:
-    """The one error shape of the controller's API (the agent's, without `param`)."""
-    return {"error": {"message": message, "type": type_, "code": code}}
+class DesiredView(BaseModel):
+    """A device's desired state, as it was stored and published."""
+
+    bundle: str
+    version: str
+    digest: str
+
+    @classmethod
+    def of(cls, desired: DesiredState) -> "DesiredView":
+        return cls(bundle=desired.bundle, version=desired.version, digest=desired.digest)
+
+
+class CommandAnswer(BaseModel):
+    """The device's reply to a command."""
+
+    correlation_id: str
+    ok: bool
+    result: dict[str, Any]
+    error: str
+
+    @classmethod
+    def of(cls, reply: CommandReply) -> "CommandAnswer":
+        return cls(correlation_id=reply.correlation_id, ok=reply.ok, result=reply.result, error=reply.error)
+
+
+class BrokerHealth(BaseModel):
+    running: bool
+    restarts: int
+
+
+class ControllerHealth(BaseModel):
+    status: str = "ok"
+    mqtt: str
+    """off (no broker configured), connected or disconnected."""
+    mqtt_refused: str | None
+    """Why the broker refused the controller's credentials, when it did."""
+    dropped_messages: int
+    chunks_sent: int
+    embedded_broker: BrokerHealth | None
+    threads: dict[str, dict[str, Any]]

@@ -12,26 +12,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from slmops.errors import SlmopsError
+from slmops.errors import Conflict, NotFound
 
 from . import audit
 from .audit import Actor
-from .db import AuditRow, BundleRow
+from .db import AuditRow, BundleRow, DeviceRow
 from .store import BundleStore
 
 log = logging.getLogger(__name__)
-
-
-class RegistryError(SlmopsError):
-    status = 400
-
-
-class NotFound(RegistryError):
-    status = 404
-
-
-class Conflict(RegistryError):
-    status = 409
 
 
 class Registry:
@@ -101,6 +89,7 @@ class Registry:
         return row
 
     def delete(self, name: str, version: str, actor: Actor) -> None:
+        """Unregister a bundle and drop its files; refused (Conflict) while a device is told to run it."""
         with Session(self.engine) as session, session.begin():
             row = session.scalars(
                 select(BundleRow).where(BundleRow.name == name, BundleRow.version == version)
@@ -108,6 +97,9 @@ class Registry:
             if row is None:
                 raise NotFound(f"no bundle {name} {version} in the registry")
             digest = row.digest
+            desired = session.scalars(select(DeviceRow).where(DeviceRow.desired.is_not(None)))
+            if wanted_by := sorted(d.id for d in desired if d.desired and d.desired.get("digest") == digest):
+                raise Conflict(f"{name} {version} is the desired state of {', '.join(wanted_by)}")
             audit.record(session, actor, "bundle.delete", f"{name}:{version}", {"digest": digest})
             session.delete(row)
         self.store.delete(digest)

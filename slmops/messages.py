@@ -28,7 +28,7 @@ from typing import Annotated, Literal, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
-from slmops.errors import SlmopsError, describe_validation
+from slmops.errors import MessageInvalid, describe_validation
 
 PREFIX = "slmops/v1"
 DEVICE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
@@ -42,10 +42,6 @@ MAX_JSON_DEPTH = 32
 """Objects and arrays inside each other; no message of the protocol needs more than a few."""
 MAX_INT_DIGITS = 40
 """Digits of any integer in a payload (2**64 has 20)."""
-
-
-class MessageInvalid(SlmopsError):
-    pass
 
 
 class Accelerator(BaseModel):

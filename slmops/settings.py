@@ -14,13 +14,9 @@ from typing import Any, TypeVar
 from pydantic import ValidationError
 from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource
 
-from slmops.errors import SlmopsError, describe_validation
+from slmops.errors import ConfigError, describe_validation
 
 S = TypeVar("S", bound=BaseSettings)
-
-
-class ConfigError(SlmopsError):
-    pass
 
 
 def load_settings(cls: type[S], config_file: Path | None, overrides: dict[str, Any], what: str) -> S:

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Protocol
 
 from slmops.bundle import MANIFEST_FILE, SIGNATURE_FILE, VARIANTS_DIR, expected_members
-from slmops.errors import BundleError, SlmopsError
+from slmops.errors import BundleError, SlmopsError, SyncError, Unfit
 from slmops.manifest import Manifest, sha256_file
 from slmops.messages import ActivationStatus, Command, CommandReply, DesiredState, Reported
 from slmops.signing import Signature, check_signature, trusted_keys
@@ -51,15 +51,6 @@ log = logging.getLogger(__name__)
 
 DOWNLOAD_CHUNK_BYTES = 1 << 20
 REPORT_EVERY_PERCENT = 5.0
-
-
-class SyncError(SlmopsError):
-    """A desired state that failed here, and may pass when tried again."""
-
-
-class Unfit(SyncError):
-    """A desired state this device cannot take whatever is tried: the bundle is at fault or fits nowhere
-    here. It is not tried again until another desired state comes."""
 
 
 class Sync:

@@ -36,7 +36,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
-from slmops.errors import SlmopsError
+from slmops.errors import DiskFull, TransferError
 from slmops.messages import ChunkHeader, ChunkRequest, chunk_count
 
 log = logging.getLogger(__name__)
@@ -49,14 +49,6 @@ MAX_WHOLE_REFETCHES = 2
 """Times a file whose every chunk matched its own sha256, but not the manifest's, is fetched again."""
 SUM_BYTES = 32
 NO_SUM = bytes(SUM_BYTES)
-
-
-class TransferError(SlmopsError):
-    pass
-
-
-class DiskFull(TransferError):
-    """A chunk could not be written (ENOSPC, EIO): what landed before is kept for the next attempt."""
 
 
 def served_wrong(path: str) -> TransferError:

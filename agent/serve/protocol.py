@@ -121,9 +121,58 @@ def now() -> int:
     return int(time.time())
 
 
-def error_body(message: str, type_: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
-    """The one error shape of the OpenAI-compatible API."""
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "slmops"
+    bundle: str
+    version: str
+    variant: str
+    provider: str
+    context_length: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: str
+    logprobs: None = None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    finish_reason: str
+    logprobs: None = None
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
 
 
 # --- Ollama ------------------------------------------------------------------------------
@@ -166,7 +215,85 @@ class OllamaGenerateRequest(BaseModel):
     options: OllamaOptions = OllamaOptions()
 
 
+class OllamaModelDetails(BaseModel):
+    format: str
+    family: str
+    parameter_size: str
+    quantization_level: str
+
+
+class OllamaModel(BaseModel):
+    name: str
+    model: str
+    modified_at: str
+    size: int
+    digest: str
+    details: OllamaModelDetails
+
+
+class OllamaTags(BaseModel):
+    models: list[OllamaModel]
+
+
+class OllamaVersion(BaseModel):
+    version: str
+
+
+class OllamaMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class OllamaAnswer(BaseModel):
+    """The last (or only) line of an Ollama answer: the figures, in nanoseconds."""
+
+    model: str
+    created_at: str
+    done: Literal[True] = True
+    done_reason: str
+    total_duration: int
+    load_duration: int
+    prompt_eval_count: int
+    prompt_eval_duration: int
+    eval_count: int
+    eval_duration: int
+
+
+class OllamaChatAnswer(OllamaAnswer):
+    message: OllamaMessage
+
+
+class OllamaGenerateAnswer(OllamaAnswer):
+    response: str
+
+
 # --- slmops ------------------------------------------------------------------------------
+
+
+class Health(BaseModel):
+    """What the agent is doing: 200 while it serves a model, 503 (same shape) while it does not."""
+
+    status: Literal["ok", "empty", "loading", "ready", "failed"]
+    """ok when a model serves; otherwise the loader's state."""
+    state: Literal["empty", "loading", "ready", "failed"]
+    message: str
+    fallbacks: list[str]
+    """Variants tried and passed over on the last load, with why."""
+    fleet_link: dict[str, Any] | None
+    """The MQTT link's state; null when the agent runs without a fleet."""
+    threads: dict[str, dict[str, Any]]
+    model: str | None = None
+    bundle: str | None = None
+    version: str | None = None
+    variant: str | None = None
+    provider: str | None = None
+    queue_depth: int | None = None
+    active_requests: int | None = None
+
+
+class LoadAccepted(BaseModel):
+    status: Literal["loading"] = "loading"
+    bundle: str
 
 
 class LoadRequest(BaseModel):

@@ -11,16 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from slmops.errors import SlmopsError
+from slmops.errors import RuntimeLoadError
 
 from ..hardware import inference_threads
 
 if TYPE_CHECKING:
     import onnxruntime_genai as og
-
-
-class RuntimeLoadError(SlmopsError):
-    """The variant cannot run here (missing files, or its execution provider is unavailable)."""
 
 
 @dataclass

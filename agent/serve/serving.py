@@ -12,20 +12,13 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from slmops.errors import HttpError
+
 from ..config import AgentConfig
 from .engine import Engine, Job, QueueFull, ServedModel
 from .metrics import AgentMetrics
 from .protocol import ChatMessage, SamplingFields
 from .runtime import Sampling
-
-
-class RequestError(Exception):
-    """An error the client caused or must handle, with its HTTP status and OpenAI error type."""
-
-    def __init__(self, status: int, message: str, type_: str, code: str | None = None, param: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
-        self.headers: dict[str, str] = {}
 
 
 @dataclass
@@ -53,9 +46,9 @@ class Serving:
     def model(self, requested: str) -> ServedModel:
         model = self.engine.current
         if model is None:
-            raise RequestError(503, "the model is still loading", "service_unavailable", "model_loading")
+            raise HttpError(503, "the model is still loading", "service_unavailable", "model_loading")
         if requested and requested not in (model.model_id, model.bundle, "default"):
-            raise RequestError(
+            raise HttpError(
                 404,
                 f"model {requested!r} is not served here; this agent serves {model.model_id!r}",
                 "invalid_request_error",
@@ -84,10 +77,10 @@ class Serving:
         _check_unicode(prompt, "prompt")
         prompt_ids = await asyncio.to_thread(model.variant.encode, prompt)  # a 20 MB prompt took the loop for 2 s
         if not prompt_ids:
-            raise RequestError(400, "the prompt is empty", "invalid_request_error", None, "prompt")
+            raise HttpError(400, "the prompt is empty", "invalid_request_error", None, "prompt")
         context = model.variant.context_length
         if len(prompt_ids) >= context:
-            raise RequestError(
+            raise HttpError(
                 400,
                 f"the prompt has {len(prompt_ids)} tokens; this model's context is {context} tokens",
                 "invalid_request_error",
@@ -96,7 +89,7 @@ class Serving:
             )
         room = context - len(prompt_ids)
         if requested_max is not None and requested_max > room:
-            raise RequestError(
+            raise HttpError(
                 400,
                 f"this model's context is {context} tokens; the prompt has {len(prompt_ids)} and max_tokens "
                 f"asks for {requested_max} more",
@@ -118,9 +111,8 @@ class Serving:
             self.engine.submit(job)
         except QueueFull as e:
             self.metrics.error("queue_full")
-            refusal = RequestError(429, str(e), "rate_limit_exceeded", "queue_full")
-            refusal.headers["Retry-After"] = str(e.retry_after_s)
-            raise refusal from None
+            headers = {"Retry-After": str(e.retry_after_s)}
+            raise HttpError(429, str(e), "rate_limit_exceeded", "queue_full", headers=headers) from None
         started = time.perf_counter()
         stops = StopMatcher(fields.stop_sequences)
         finish: str | None = None
@@ -150,7 +142,7 @@ class Serving:
                 if joined := "".join(text):
                     yield Piece(joined)
             if error is not None:
-                raise RequestError(500, f"generation failed: {error}", "server_error")
+                raise HttpError(500, f"generation failed: {error}", "server_error")
         finally:
             # Also reached when the client left (GeneratorExit, CancelledError): the engine
             # drops the job at its next turn, and the request is counted as cancelled.
@@ -181,7 +173,7 @@ def _check_unicode(text: str, param: str) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise RequestError(
+        raise HttpError(
             400, f"{param}: not valid Unicode text ({e.reason})", "invalid_request_error", None, param
         ) from None
 

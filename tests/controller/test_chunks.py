@@ -15,7 +15,8 @@ import pytest
 from slmops.controller import chunks
 from slmops.controller.chunks import ChunkServer, Refused
 from slmops.controller.store import BundleStore, hash_chunks
-from slmops.messages import ChunkRequest, MessageInvalid, chunk_topic, parse_chunk
+from slmops.errors import MessageInvalid
+from slmops.messages import ChunkRequest, chunk_topic, parse_chunk
 
 DIGEST = "ab" * 32
 CHUNK = 16 << 10

@@ -19,8 +19,9 @@ from paho.mqtt.reasoncodes import ReasonCode
 from support import free_port, wait_for
 
 from slmops.agent.hardware import probe
-from slmops.controller.embedded_broker import BrokerStartError, acl_text
+from slmops.controller.embedded_broker import acl_text
 from slmops.controller.service import build_app
+from slmops.errors import BrokerStartError
 from slmops.messages import (
     Birth,
     ChunkHeader,

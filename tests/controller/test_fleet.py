@@ -17,8 +17,8 @@ from support import wait_for
 from slmops.controller.db import migrate, open_database
 from slmops.controller.fleet import Fleet
 from slmops.controller.recorder import Recorder
-from slmops.controller.registry import NotFound
 from slmops.controller.service import build_app
+from slmops.errors import NotFound
 from slmops.messages import (
     Birth,
     ChunkRequest,

@@ -105,7 +105,7 @@ def test_client_mistakes_outside_the_bundles_are_4xx_in_the_one_error_shape(clie
         (client.put("/v1/bundles", headers=ADMIN), 405),
     ):
         assert response.status_code == status, response.text
-        assert set(response.json()["error"]) == {"message", "type", "code"}
+        assert set(response.json()["error"]) == {"message", "type", "param", "code"}
 
 
 def test_not_an_archive_at_all(client) -> None:

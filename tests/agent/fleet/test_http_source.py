@@ -15,8 +15,9 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 from support import free_port, wait_for
 
-from slmops.agent.fleet.sync import HttpSource, SyncError
-from slmops.agent.fleet.transfer import TransferError, Wanted
+from slmops.agent.fleet.sync import HttpSource
+from slmops.agent.fleet.transfer import Wanted
+from slmops.errors import SyncError, TransferError
 
 DIGEST = "ab" * 32
 TOKEN = "reader-token-0123456789"

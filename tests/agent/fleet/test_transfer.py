@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from slmops.agent.fleet.transfer import MqttFetcher, TransferError, Wanted, saved_chunks
-from slmops.messages import ChunkHeader, ChunkRequest, MessageInvalid, chunk_payload, parse_chunk
+from slmops.agent.fleet.transfer import MqttFetcher, Wanted, saved_chunks
+from slmops.errors import MessageInvalid, TransferError
+from slmops.messages import ChunkHeader, ChunkRequest, chunk_payload, parse_chunk
 
 CHUNK = 16 << 10
 SIZE = 40 * CHUNK + 123

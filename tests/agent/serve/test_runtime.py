@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from slmops.agent.serve.runtime import GenerationStats, LoadedVariant, RuntimeLoadError
+from slmops.agent.serve.runtime import GenerationStats, LoadedVariant
+from slmops.errors import RuntimeLoadError
 
 
 @pytest.fixture(scope="module")

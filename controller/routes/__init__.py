@@ -1,0 +1,50 @@
+"""The controller's REST surfaces, one router each: bundles, devices, desired states, the bundle
+store, audit, health. Handlers reach the registry and the fleet through `app.state`, and who
+asks through `Reader` / `Admin` (`Authorization: Bearer <token>`; readers may GET, admins change)."""
+
+import secrets
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+
+from slmops.errors import HttpError
+
+from ..audit import Actor
+from ..config import ApiToken, ControllerConfig
+from ..control import FleetControl
+from ..enrolment import Enrolment
+from ..fleet import Fleet
+from ..registry import Registry
+
+
+def _actor(request: Request) -> Actor:
+    tokens: list[ApiToken] = request.app.state.tokens
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")  # "Bearer <token>", nothing else
+    for t in tokens:
+        if scheme == "Bearer" and given and secrets.compare_digest(given.encode(), t.token.encode()):
+            return Actor(t.name, t.role)
+    raise HttpError(401, "missing or unknown API token (Authorization: Bearer ...)", "authentication_error")
+
+
+def _admin(who: Annotated[Actor, Depends(_actor)]) -> Actor:
+    if who.role != "admin":
+        raise HttpError(403, f"{who.name} is a reader; this needs an admin token", "permission_error")
+    return who
+
+
+def _state(name: str) -> Any:
+    """A dependency on what `create_app` put in `app.state` under `name`."""
+
+    def get(request: Request) -> object:
+        return getattr(request.app.state, name)
+
+    return Depends(get)
+
+
+Reader = Annotated[Actor, Depends(_actor)]
+Admin = Annotated[Actor, Depends(_admin)]
+Config = Annotated[ControllerConfig, _state("config")]
+RegistryOf = Annotated[Registry, _state("registry")]
+FleetOf = Annotated[Fleet, _state("fleet")]
+ControlOf = Annotated[FleetControl, _state("control")]
+EnrolmentOf = Annotated[Enrolment, _state("enrolment")]

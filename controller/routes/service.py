@@ -1,0 +1,32 @@
+"""The controller's own surface: /health and the audit log."""
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
+from fastapi.concurrency import run_in_threadpool
+
+from slmops.http import error_responses
+
+from ..protocol import AuditEntry, BrokerHealth, ControllerHealth
+from . import Admin, RegistryOf
+
+router = APIRouter(tags=["controller"], responses=error_responses(400, 401, 403, 404, 500))
+Limit = Annotated[int, Query(ge=1, le=100_000, description="How many, newest first (at most 100,000).")]
+
+
+@router.get("/health")
+async def health(request: Request) -> ControllerHealth:
+    bridge, broker = request.app.state.bridge, request.app.state.broker
+    return ControllerHealth(
+        mqtt="off" if bridge is None else "connected" if bridge.connected else "disconnected",
+        mqtt_refused=(bridge.refused or None) if bridge else None,
+        dropped_messages=bridge.dropped if bridge else 0,
+        chunks_sent=bridge.chunks_sent if bridge else 0,
+        embedded_broker=None if broker is None else BrokerHealth(running=broker.running, restarts=broker.restarts),
+        threads={} if bridge is None else {thread.name: thread.status() for thread in bridge.threads},
+    )
+
+
+@router.get("/v1/audit")
+async def audit(_who: Admin, registry: RegistryOf, limit: Limit = 100) -> list[AuditEntry]:
+    return [AuditEntry.of(row) for row in await run_in_threadpool(registry.audit_log, limit)]

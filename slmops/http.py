@@ -14,8 +14,10 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from .errors import (
     BundleError,
@@ -72,7 +74,7 @@ def http_error(e: Exception, service: str) -> HttpError:
             param = ".".join(str(p) for p in e.errors()[0]["loc"]) or None
             return HttpError(400, describe_validation(e.errors()), "invalid_request_error", None, param)
         case StarletteHTTPException():  # Starlette's own: no such route, a method the route does not take
-            return HttpError(e.status_code, str(e.detail), "invalid_request_error")
+            return HttpError(e.status_code, str(e.detail), "invalid_request_error", headers=dict(e.headers or {}))
         case NotFound():
             return HttpError(404, str(e), "not_found_error", type(e).__name__)
         case Conflict():
@@ -100,6 +102,8 @@ def install_errors(
 
     async def handle(request: Request, e: Exception) -> JSONResponse:
         answer = http_error(e, service)
+        if answer.status == 405:  # Starlette's Allow names one route's methods; the path may have more
+            answer.headers["Allow"] = ", ".join(_allowed_methods(request))
         if answered is not None:
             answered(request, answer.status)
         if ollama_prefix is not None and request.url.path.startswith(ollama_prefix):
@@ -110,6 +114,14 @@ def install_errors(
     # middleware, which answers, then re-raises for the server's log.
     for kind in (RequestValidationError, ValidationError, StarletteHTTPException, SlmopsError, Exception):
         app.add_exception_handler(kind, handle)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        if isinstance(route, APIRoute) and route.matches(request.scope)[0] != Match.NONE:
+            methods |= route.methods
+    return sorted(methods)
 
 
 def error_responses(*statuses: int, ollama: bool = False) -> dict[int | str, dict[str, Any]]:

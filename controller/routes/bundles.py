@@ -15,7 +15,27 @@ from . import Admin, Config, Reader, RegistryOf
 router = APIRouter(prefix="/v1/bundles", tags=["bundles"], responses=error_responses(400, 401, 403, 404, 500))
 
 
-@router.post("", status_code=201, response_model=BundleSummary, responses=error_responses(409, 413, 422))
+ARCHIVE = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            kind: {"schema": {"type": "string", "format": "binary"}}
+            for kind in ("application/x-tar", "application/octet-stream")
+        },
+    }
+}
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=BundleSummary,
+    responses={
+        200: {"model": BundleSummary, "description": "It was registered already"},
+        **error_responses(409, 413, 422),
+    },
+    openapi_extra=ARCHIVE,
+)
 async def push(request: Request, who: Admin, config: Config, registry: RegistryOf) -> Response:
     """Upload a bundle archive (the body is the .tar); 201 when new, 200 when it was there already."""
     with tempfile.TemporaryFile(dir=config.store_dir) as upload:  # on disk: bundles are large

@@ -23,10 +23,22 @@ from ..protocol import (
 )
 from . import Host, ServingOf
 
+SSE_EVENT = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "data": {
+            "type": "string",
+            "description": "A JSON chunk (chat.completion.chunk or text_completion), the error envelope "
+            "when generation fails after the stream began, or [DONE] last",
+        },
+        "event": {"type": "string"},
+    },
+}
 STREAMED = {
     200: {
-        "content": {"text/event-stream": {"schema": {"type": "string"}}},
-        "description": "The answer; with `stream: true`, chunks as server-sent events ending with `data: [DONE]`",
+        "content": {"text/event-stream": {"schema": SSE_EVENT}},
+        "description": "The answer; with `stream: true`, server-sent events ending with `data: [DONE]`",
     }
 }
 router = APIRouter(prefix="/v1", tags=["OpenAI"], responses=error_responses(400, 401, 404, 429, 500, 503))

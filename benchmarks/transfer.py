@@ -13,7 +13,7 @@ In one run, on one machine:
                     the agent's peak RSS while downloading
     MQTT, N agents  N agents at once: N × variant bytes / time until the last one is done, and how
                     many chunks the controller published (shared: about one set, not N)
-    HTTP            the same files from the controller's store with httpx
+    HTTP            the same files from the controller's store, streamed by slmops.client
     resume          an agent killed (-9) at 50 % of its download, restarted: seconds from the
                     restart (process start included) to `verifying`, and chunks published again
 
@@ -40,7 +40,6 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-import httpx
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -214,6 +213,8 @@ def main() -> None:
     from slmops.agent import hardware
     from slmops.agent.fleet.transfer import saved_chunks
     from slmops.bundle import Bundle, write_archive
+    from slmops.client import ControllerClient
+    from slmops.errors import ControllerError
 
     console = Console()
     shutil.rmtree(WORK, ignore_errors=True)
@@ -258,27 +259,25 @@ def main() -> None:
             )
         )
 
-        def health() -> dict:
-            try:
-                return httpx.get(f"{url}/health", timeout=2).json()
-            except httpx.TransportError:
-                return {}
+        anonymous = ControllerClient(url)
 
-        wait_for(lambda: health().get("mqtt") == "connected", "the controller did not start", 60)
-        token = (WORK / "controller" / "admin.token").read_text().strip()
-        headers = {"Authorization": f"Bearer {token}"}
-        archive = write_archive(Bundle.open(bundle_dir), WORK / "bundle.tar")
-        with archive.open("rb") as f:
-            httpx.post(f"{url}/v1/bundles", content=f.read(), headers=headers, timeout=300).raise_for_status()
+        def connected() -> bool:
+            try:
+                return anonymous.health().mqtt == "connected"
+            except ControllerError:
+                return False
+
+        wait_for(connected, "the controller did not start", 60)
+        controller = ControllerClient(url, (WORK / "controller" / "admin.token").read_text().strip(), timeout_s=60)
+        controller.push(write_archive(Bundle.open(bundle_dir), WORK / "bundle.tar"))
         digest = manifest.digest
 
         with console.status("HTTP download of the variant's files"):
             started = time.perf_counter()
-            with httpx.Client(headers=headers, timeout=60) as http:
-                for entry in variant.files:
-                    with http.stream("GET", f"{url}/v1/store/{digest}/variants/cpu-int4/{entry.path}") as r:
-                        for _ in r.iter_bytes(1 << 20):
-                            pass
+            for entry in variant.files:  # streamed, as an agent's HTTP source reads them
+                with controller.http.stream("GET", f"/v1/store/{digest}/variants/cpu-int4/{entry.path}") as r:
+                    for _ in r.iter_bytes(1 << 20):
+                        pass
             report["http_mb_s"] = variant_bytes / (time.perf_counter() - started) / 1e6
 
         reports = Reports(broker_port)
@@ -302,22 +301,25 @@ def main() -> None:
 
         def joined(device: str) -> None:
             def online() -> bool:
-                response = httpx.get(f"{url}/v1/devices/{device}", headers=headers, timeout=5)
-                return response.status_code == 200 and response.json()["online"]
+                try:
+                    return controller.device(device).online
+                except ControllerError as e:
+                    if e.status != 404:  # not there until its birth message
+                        raise
+                    return False
 
             wait_for(online, f"{device} did not join", 120)
 
         def desire(devices: list[str]) -> None:
             """One call for all of them (`slmops fleet desire`), as an operator rolls a bundle out."""
-            body = {"bundle": manifest.name, "version": manifest.version, "devices": devices}
-            httpx.put(f"{url}/v1/desired", json=body, headers=headers, timeout=10).raise_for_status()
+            controller.desire_many(manifest.name, manifest.version, devices)
 
         def stop(proc: subprocess.Popen) -> None:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=60)
 
         def run_agents(count: int, run: int) -> dict:
-            sent_before = health().get("chunks_sent", 0)
+            sent_before = anonymous.health().chunks_sent
             agents = {f"bench-{run}-{count}-{i}": start_agent(f"bench-{run}-{count}-{i}") for i in range(count)}
             for device in agents:
                 joined(device)
@@ -345,7 +347,7 @@ def main() -> None:
                 "per_agent_mb_s": variant_bytes / elapsed / 1e6,
                 "download_seconds": downloading,
                 "download_aggregate_mb_s": count * variant_bytes / downloading / 1e6,
-                "chunks_published": health().get("chunks_sent", 0) - sent_before,
+                "chunks_published": anonymous.health().chunks_sent - sent_before,
                 "chunks_per_agent_set": set_size,
                 "agent_peak_rss_bytes_while_downloading": peak_rss,
             }
@@ -366,7 +368,7 @@ def main() -> None:
                     for b in (WORK / device / "slots").glob("*.partial/**/*.chunks")
                 )
             )
-            sent_before = health().get("chunks_sent", 0)
+            sent_before = anonymous.health().chunks_sent
             restarted = time.time()
             proc = start_agent(device)
             fetched = reports.wait(lambda: reports.fetched(device), "the restarted agent did not finish")
@@ -375,7 +377,7 @@ def main() -> None:
                 "killed_at_percent": killed_at,
                 "chunks_claimed_on_disk": claimed,
                 "seconds_from_restart_to_fetched": fetched - restarted,
-                "chunks_published_after_restart": health().get("chunks_sent", 0) - sent_before,
+                "chunks_published_after_restart": anonymous.health().chunks_sent - sent_before,
                 "chunks_per_agent_set": set_size,
             }
 

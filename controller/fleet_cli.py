@@ -2,13 +2,19 @@
 
 import json
 import os
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 
 from slmops.terminal import console, fail
+
+if TYPE_CHECKING:
+    from slmops.client import ControllerClient
+
+T = TypeVar("T")
 
 app = typer.Typer(
     help="Fleet operations against a running controller (its REST API): devices, their labels, desired state.",
@@ -19,28 +25,26 @@ ControllerUrl = Annotated[str, typer.Option(envvar="SLMOPS_CONTROLLER_URL", help
 Token = Annotated[str | None, typer.Option(envvar="SLMOPS_TOKEN", help="API token (reader or admin).")]
 
 
-def call(method: str, url: str, token: str | None, **kwargs: Any) -> Any:
-    import httpx
+def client(url: str, token: str | None) -> "ControllerClient":
+    from slmops.client import ControllerClient
 
     if token is None:
         fail("no API token: pass --token or set SLMOPS_TOKEN", code=2)
+    return ControllerClient(url, token)
+
+
+def answer(call: Callable[[], T]) -> T:
+    """The call's typed answer; a refusal or no answer at all ends the command with its message."""
+    from slmops.errors import ControllerError
+
     try:
-        response = httpx.request(method, url, headers={"Authorization": f"Bearer {token}"}, timeout=30, **kwargs)
-    except httpx.HTTPError as e:
-        fail(f"cannot reach the controller at {url}: {e}")
-    if response.status_code == 204:
-        return None
-    if response.status_code >= 400:
-        try:
-            message = response.json()["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            message = response.text
-        fail(f"the controller answered {response.status_code}: {message}")
-    return response.json()
+        return call()
+    except ControllerError as e:
+        fail(e.message if e.status is None else f"the controller answered {e.status}: {e.message}")
 
 
-def _ago(timestamp: str) -> str:
-    seconds = (datetime.now(UTC) - datetime.fromisoformat(timestamp)).total_seconds()
+def _ago(timestamp: datetime) -> str:
+    seconds = (datetime.now(UTC) - timestamp).total_seconds()
     return f"{seconds:.0f} s ago" if seconds < 120 else f"{seconds / 60:.0f} min ago"
 
 
@@ -53,24 +57,24 @@ def devices_cmd(
     """Devices with their online state, what they serve and when they were last seen."""
     from rich.table import Table
 
-    devices = call("GET", f"{controller.rstrip('/')}/v1/devices", token)
+    with client(controller, token) as api:
+        devices = answer(api.devices)
     if as_json:
-        print(json.dumps(devices, indent=2))
+        print(json.dumps([d.model_dump(mode="json") for d in devices], indent=2))
         return
     table = Table(title=f"{len(devices)} devices")
     for column in ("device", "state", "serving", "provider", "agent", "groups", "last seen"):
         table.add_column(column)
     for d in devices:
-        serving = d["serving"] or {}
+        serving = d.serving or {}
         table.add_row(
-            d["id"],
-            ("[green]online[/]" if d["online"] else "[red]offline[/]")
-            + (" [yellow]drift[/]" if d.get("drift") else ""),
+            d.id,
+            ("[green]online[/]" if d.online else "[red]offline[/]") + (" [yellow]drift[/]" if d.drift else ""),
             f"{serving['bundle']} {serving['version']} {serving['variant']}" if serving else "–",
             serving.get("provider", "–"),
-            d["agent_version"] or "–",
-            ", ".join(d["groups"]) or "–",
-            _ago(d["last_seen"]),
+            d.agent_version or "–",
+            ", ".join(d.groups) or "–",
+            _ago(d.last_seen),
         )
     console.print(table)
 
@@ -84,17 +88,14 @@ def label_cmd(
     token: Token = None,
 ) -> None:
     """Set a device's tags and groups (what rollouts select on). Needs an admin token."""
-    body: dict[str, Any] = {}
-    if tag is not None:
-        if any("=" not in t for t in tag):
-            fail("--tag takes key=value", code=2)
-        body["tags"] = dict(t.split("=", 1) for t in tag)
-    if group is not None:
-        body["groups"] = group
-    if not body:
+    if tag is not None and any("=" not in t for t in tag):
+        fail("--tag takes key=value", code=2)
+    if tag is None and group is None:
         fail("nothing to change: give --tag and/or --group", code=2)
-    device = call("PATCH", f"{controller.rstrip('/')}/v1/devices/{device_id}", token, json=body)
-    console.print(f"[green]✓[/] {device['id']}: tags {device['tags']}, groups {device['groups']}")
+    tags = None if tag is None else dict(t.split("=", 1) for t in tag)
+    with client(controller, token) as api:
+        device = answer(lambda: api.label(device_id, tags, group))
+    console.print(f"[green]✓[/] {device.id}: tags {device.tags}, groups {device.groups}")
 
 
 @app.command("desire")
@@ -110,12 +111,11 @@ def desire_cmd(
     Needs an admin token; `slmops fleet devices` then shows them fetch and switch."""
     if (device is None) == (group is None):
         fail("give --device (repeatable) or --group", code=2)
-    body: dict[str, Any] = {"bundle": bundle, "version": version}
-    body.update({"devices": device} if device is not None else {"group": group})
-    desired = call("PUT", f"{controller.rstrip('/')}/v1/desired", token, json=body)
+    with client(controller, token) as api:
+        desired = answer(lambda: api.desire_many(bundle, version, device, group))
     console.print(
-        f"[green]✓[/] {desired['bundle']} {desired['version']} ({desired['digest'][:12]}) desired on "
-        f"{len(desired['devices'])} device(s): {', '.join(desired['devices'])}"
+        f"[green]✓[/] {desired.bundle} {desired.version} ({desired.digest[:12]}) desired on "
+        f"{len(desired.devices)} device(s): {', '.join(desired.devices)}"
     )
 
 
@@ -130,10 +130,11 @@ def enrol_cmd(
 ) -> None:
     """New broker credentials for one device (replacing any it had). Needs an admin token.
     The password is shown once: the controller keeps only its hash."""
-    enrolled = call("POST", f"{controller.rstrip('/')}/v1/devices/{device_id}/enrolment", token)
+    with client(controller, token) as api:
+        enrolled = answer(lambda: api.enrol(device_id))
     lines = (
-        f"# slmops agent enrolment of {enrolled['device_id']}: its own broker credentials; keep this file secret\n"
-        f'device_id = "{enrolled["device_id"]}"\nbroker_url = "{enrolled["broker_url"]}"\n'
+        f"# slmops agent enrolment of {enrolled.device_id}: its own broker credentials; keep this file secret\n"
+        f'device_id = "{enrolled.device_id}"\nbroker_url = "{enrolled.broker_url}"\n'
     )
     if out is None:
         print(lines, end="")
@@ -141,7 +142,7 @@ def enrol_cmd(
     fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(lines)
-    console.print(f"[green]✓[/] {enrolled['device_id']} enrolled: `slmops agent run --config {out}`")
+    console.print(f"[green]✓[/] {enrolled.device_id} enrolled: `slmops agent run --config {out}`")
 
 
 @app.command("revoke")
@@ -151,5 +152,6 @@ def revoke_cmd(
     token: Token = None,
 ) -> None:
     """Remove a device's broker credentials: the broker refuses it from now on. Needs an admin token."""
-    call("DELETE", f"{controller.rstrip('/')}/v1/devices/{device_id}/enrolment", token)
+    with client(controller, token) as api:
+        answer(lambda: api.revoke(device_id))
     console.print(f"[green]✓[/] {device_id}'s credentials are revoked")

@@ -1,14 +1,14 @@
-"""Request and response models of the controller's REST API."""
+"""Request and response models of the controller's REST API (slmops.client reads its answers into them)."""
 
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from slmops.messages import CommandName, CommandReply, DesiredState
 
-from .db import AuditRow, BundleRow, DeviceRow, TelemetryRow
-from .fleet import drift_detail
+if TYPE_CHECKING:  # the models stand alone: slmops.client uses them without the database layer
+    from .db import AuditRow, BundleRow, DeviceRow, TelemetryRow
 
 
 class BundleSummary(BaseModel):
@@ -21,7 +21,7 @@ class BundleSummary(BaseModel):
     pushed_by: str
 
     @classmethod
-    def of(cls, row: BundleRow) -> "BundleSummary":
+    def of(cls, row: "BundleRow") -> "BundleSummary":
         return cls(
             name=row.name,
             version=row.version,
@@ -37,7 +37,7 @@ class BundleDetail(BundleSummary):
     manifest: dict[str, Any]
 
     @classmethod
-    def of(cls, row: BundleRow) -> "BundleDetail":
+    def of(cls, row: "BundleRow") -> "BundleDetail":
         return cls(**BundleSummary.of(row).model_dump(), manifest=row.manifest)
 
 
@@ -49,7 +49,7 @@ class AuditEntry(BaseModel):
     detail: dict[str, Any]
 
     @classmethod
-    def of(cls, row: AuditRow) -> "AuditEntry":
+    def of(cls, row: "AuditRow") -> "AuditEntry":
         return cls(at=row.at, actor=row.actor, action=row.action, target=row.target, detail=row.detail)
 
 
@@ -69,7 +69,9 @@ class DeviceSummary(BaseModel):
     """Set when the device reached its desired state and serves something else now (it is told again)."""
 
     @classmethod
-    def of(cls, row: DeviceRow) -> "DeviceSummary":
+    def of(cls, row: "DeviceRow") -> "DeviceSummary":
+        from .fleet import drift_detail
+
         return cls(
             id=row.id,
             online=row.online,
@@ -93,7 +95,7 @@ class TelemetryEntry(BaseModel):
     payload: dict[str, Any]
 
     @classmethod
-    def of(cls, row: TelemetryRow) -> "TelemetryEntry":
+    def of(cls, row: "TelemetryRow") -> "TelemetryEntry":
         return cls(seq=row.seq, created=row.created, kind=row.kind, payload=row.payload)
 
 

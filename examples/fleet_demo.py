@@ -20,10 +20,12 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 from openai import OpenAI
 from rich.console import Console
 from rich.table import Table
+
+from slmops.client import ControllerClient
+from slmops.errors import ControllerError
 
 SLMOPS = [sys.executable, "-P", "-m", "slmops"]
 console = Console()
@@ -41,8 +43,9 @@ def wait_for(condition, what: str, timeout_s: float = 120):
         try:
             if result := condition():
                 return result
-        except httpx.TransportError:
-            pass
+        except ControllerError as e:
+            if e.status is not None:
+                sys.exit(f"demo failed: {e}")
         if time.monotonic() > deadline:
             sys.exit(f"demo failed: {what}")
         time.sleep(0.2)
@@ -81,17 +84,16 @@ def main() -> None:
                 stderr=subprocess.STDOUT,
             )
         )
-        wait_for(
-            lambda: httpx.get(f"{url}/health", timeout=2).json()["mqtt"] == "connected", "the controller did not start"
-        )
+        with ControllerClient(url) as anonymous:
+            wait_for(lambda: anonymous.health().mqtt == "connected", "the controller did not start")
         token = (work / "controller" / "admin.token").read_text().strip()
         env["SLMOPS_TOKEN"] = token
-        headers = {"Authorization": f"Bearer {token}"}
+        controller = ControllerClient(url, token)
         console.print(f"controller on {url} (docs: {url}/docs), broker on 127.0.0.1:{broker_port}")
 
         console.rule("slmops bundle push")
         subprocess.run([*SLMOPS, "bundle", "push", str(args.bundle)], env=env, check=True)
-        manifest = httpx.get(f"{url}/v1/bundles", headers=headers, timeout=10).json()[0]
+        pushed = controller.bundles()[0]
 
         console.rule("slmops fleet enrol: the device's own broker credentials")
         enrolment = work / "demo-device.toml"
@@ -116,18 +118,21 @@ def main() -> None:
                 stderr=subprocess.STDOUT,
             )
         )
-        device = f"{url}/v1/devices/demo-device"
+        device = "demo-device"
 
         def status() -> dict:
-            response = httpx.get(device, headers=headers, timeout=5)
-            return response.json() if response.status_code == 200 else {}
+            try:
+                return controller.device(device).model_dump()
+            except ControllerError as e:
+                if e.status != 404:  # not there until its birth message
+                    raise
+                return {}
 
         wait_for(lambda: status().get("online"), "the agent did not join the fleet")
         console.print("demo-device is online (birth and presence over MQTT)")
 
-        console.rule(f"desired state: {manifest['name']} {manifest['version']}")
-        body = {"bundle": manifest["name"], "version": manifest["version"]}
-        httpx.put(f"{device}/desired", json=body, headers=headers, timeout=10).raise_for_status()
+        console.rule(f"desired state: {pushed.name} {pushed.version}")
+        controller.desire(device, pushed.name, pushed.version)
         seen = None
         deadline = time.monotonic() + 300
         while (reported := status().get("reported") or {}).get("status") not in ("healthy", "failed"):
@@ -164,18 +169,18 @@ def main() -> None:
         console.rule("slmops fleet devices")
 
         def chat_counted() -> bool:
-            records = httpx.get(f"{device}/telemetry", headers=headers, timeout=5).json()
-            return any(r["kind"] == "inference" and r["payload"]["requests"] >= 1 for r in records)
+            records = controller.telemetry(device)
+            return any(r.kind == "inference" and r.payload["requests"] >= 1 for r in records)
 
         wait_for(chat_counted, "the chat never showed in the telemetry")
         subprocess.run([*SLMOPS, "fleet", "devices"], env=env, check=True)
-        records = httpx.get(f"{device}/telemetry?limit=6", headers=headers, timeout=5).json()
+        records = controller.telemetry(device, limit=6)
         table = Table(title="telemetry stored by the controller (newest first)")
         for column in ("seq", "kind", "figures"):
             table.add_column(column)
         for r in records:
-            figures = {k: v for k, v in r["payload"].items() if v is not None and k in KEY_FIGURES}
-            table.add_row(str(r["seq"]), r["kind"], ", ".join(f"{k}={_short(v)}" for k, v in figures.items()))
+            figures = {k: v for k, v in r.payload.items() if v is not None and k in KEY_FIGURES}
+            table.add_row(str(r.seq), r.kind, ", ".join(f"{k}={_short(v)}" for k, v in figures.items()))
         console.print(table)
         console.print(f"logs in {logs}")
     finally:

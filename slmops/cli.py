@@ -155,10 +155,11 @@ def push_cmd(
     """Upload a bundle to the controller, which verifies signature and digests before registering it."""
     import tempfile
 
-    import httpx
     from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
     from slmops.bundle import Bundle, write_archive
+    from slmops.client import ControllerClient
+    from slmops.errors import ControllerError
 
     if token is None:
         fail("no API token: pass --token or set SLMOPS_TOKEN", code=2)
@@ -167,47 +168,31 @@ def push_cmd(
             archive = path if path.is_file() else write_archive(Bundle.open(path), Path(scratch) / "bundle.tar")
         except SlmopsError as e:
             fail(str(e))
-        size = archive.stat().st_size
-        with Progress(
-            *Progress.get_default_columns()[:1],
-            BarColumn(),
-            DownloadColumn(),
-            TransferSpeedColumn(),
-            console=err_console,
-            transient=True,
-        ) as progress:
-            task = progress.add_task(f"pushing {path.name}", total=size)
-
-            def body():
-                with archive.open("rb") as f:
-                    while chunk := f.read(1 << 20):
-                        progress.advance(task, len(chunk))
-                        yield chunk
-
+        with (
+            Progress(
+                *Progress.get_default_columns()[:1],
+                BarColumn(),
+                DownloadColumn(),
+                TransferSpeedColumn(),
+                console=err_console,
+                transient=True,
+            ) as progress,
+            ControllerClient(controller, token) as client,
+        ):
+            task = progress.add_task(f"pushing {path.name}", total=archive.stat().st_size)
             try:
-                response = httpx.post(
-                    f"{controller.rstrip('/')}/v1/bundles",
-                    content=body(),
-                    headers={
-                        "Authorization": f"Bearer {token}",
-                        "Content-Type": "application/x-tar",
-                        "Content-Length": str(size),
-                    },
-                    timeout=httpx.Timeout(30, read=600),
-                )
-            except httpx.HTTPError as e:
-                fail(f"cannot reach the controller at {controller}: {e}")
-    reply = response.json() if response.headers.get("content-type", "").startswith("application/json") else {}
-    if response.status_code >= 400:
-        message = reply.get("error", {}).get("message") or response.text
-        if as_json:
-            print(json.dumps({"ok": False, "status": response.status_code, "error": message}))
-        fail(f"the controller refused {path.name} ({response.status_code}): {message}")
+                summary, new = client.push(archive, lambda sent: progress.advance(task, sent))
+            except ControllerError as e:
+                if as_json:
+                    print(json.dumps({"ok": False, "status": e.status, "error": e.message}))
+                if e.status is None:
+                    fail(e.message)
+                fail(f"the controller refused {path.name} ({e.status}): {e.message}")
     if as_json:
-        print(json.dumps({"ok": True, "new": response.status_code == 201, **reply}))
+        print(json.dumps({"ok": True, "new": new, **summary.model_dump(mode="json")}))
         return
-    state = "registered" if response.status_code == 201 else "already registered"
-    console.print(f"[green]✓[/] {reply['name']} {reply['version']} {state} (digest {reply['digest'][:12]})")
+    state = "registered" if new else "already registered"
+    console.print(f"[green]✓[/] {summary.name} {summary.version} {state} (digest {summary.digest[:12]})")
 
 
 @bundle_app.command("inspect")

@@ -24,7 +24,8 @@
     │   └── Conflict                ... clashing with the state it would change (409)
     ├── Unavailable                 a part the request needs is not there now: the MQTT link (503)
     │   └── Unanswered              ... or a device did not answer in time (504)
-    └── HttpError                   an answer with its own status, error type and headers
+    ├── HttpError                   an answer with its own status, error type and headers
+    └── ControllerError             the controller refused a client's request, or could not be reached
 
 `slmops.http` maps them to HTTP statuses in one place. Messages name the thing and the
 reason, so the CLI prints them as they are.
@@ -147,6 +148,15 @@ class HttpError(SlmopsError):
         super().__init__(message)
         self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
         self.headers = headers or {}
+
+
+class ControllerError(SlmopsError):
+    """What `slmops.client` raises: the controller's error envelope (status, type, code and its
+    message), or `status` None when no answer came."""
+
+    def __init__(self, message: str, status: int | None = None, type_: str = "", code: str | None = None) -> None:
+        super().__init__(message)
+        self.message, self.status, self.type, self.code = message, status, type_, code
 
 
 def describe_validation(errors: "Iterable[Mapping[str, Any]]", skip: int = 0, root: str = "(root)") -> str:

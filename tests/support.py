@@ -5,6 +5,7 @@ Importable as `support` from any test (tests/conftest.py puts this folder on sys
 """
 
 import socket
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -12,6 +13,10 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from slmops.bundle import Bundle
+
+
+SLMOPS = [sys.executable, "-P", "-m", "slmops"]
+"""The CLI, as a test runs it in a process of its own."""
 
 
 def free_port() -> int:
@@ -89,7 +94,6 @@ def conformance_run(openapi_url: str, token: str, out: Path, seconds: int = 45) 
     every check but positive_data_acceptance (a schema cannot say "devices or group, not both",
     so it generates bodies the service rightly refuses). Returns the exit code and the report."""
     import subprocess
-    import sys
 
     command = [
         str(Path(sys.executable).with_name("schemathesis")),

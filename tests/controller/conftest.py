@@ -1,6 +1,7 @@
 """Controllers on real databases: SQLite files, and the PostgreSQL server of tests/conftest.py
 (each test gets a fresh database in it)."""
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -49,3 +50,27 @@ def client(controller_config):
 
     with TestClient(build_app(controller_config)) as c:
         yield c
+
+
+@pytest.fixture
+def live_controller(controller_config) -> Iterator[str]:
+    """The controller of `controller_config` serving real HTTP on a free loopback port; its URL."""
+    import socket
+    import threading
+
+    import uvicorn
+    from support import wait_for
+
+    from slmops.controller.service import build_app
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    web = uvicorn.Server(uvicorn.Config(build_app(controller_config), log_level="warning"))
+    thread = threading.Thread(target=web.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: web.started, "the controller did not start")
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        web.should_exit = True
+        thread.join(timeout=10)

@@ -4,7 +4,6 @@ import functools
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -14,10 +13,9 @@ from typing import Any
 
 import httpx
 import pytest
+from controller_under_test import Controller
 from link_proxy import LinkProxy
-from support import free_port, wait_for
-
-SLMOPS = [sys.executable, "-P", "-m", "slmops"]
+from support import SLMOPS, free_port, wait_for
 
 
 @contextmanager
@@ -130,48 +128,6 @@ def eventually() -> Callable[..., Any]:
     return poll
 
 
-class Controller:
-    """REST calls to the controller under test, with its admin token."""
-
-    def __init__(self, url: str, token: str) -> None:
-        self.url, self.token, self.headers = url, token, {"Authorization": f"Bearer {token}"}
-
-    def get(self, path: str) -> httpx.Response:
-        return httpx.get(f"{self.url}{path}", headers=self.headers, timeout=10)
-
-    def device(self, device_id: str) -> dict:
-        response = self.get(f"/v1/devices/{device_id}")
-        return response.json() if response.status_code == 200 else {}
-
-    def telemetry_seqs(self, device_id: str) -> list[int]:
-        response = self.get(f"/v1/devices/{device_id}/telemetry?limit=100000")
-        return sorted(r["seq"] for r in response.json()) if response.status_code == 200 else []
-
-    def desire(self, device_id: str, version: str) -> None:
-        body = {"bundle": "tiny", "version": version}
-        response = httpx.put(f"{self.url}/v1/devices/{device_id}/desired", json=body, headers=self.headers, timeout=10)
-        assert response.status_code == 202, response.text
-
-    def desire_at_once(self, device_ids: list[str], version: str) -> None:
-        """`slmops fleet desire`: one call sets it for all of them, as an operator rolls a bundle out."""
-        devices = [arg for device_id in device_ids for arg in ("--device", device_id)]
-        env = {**os.environ, "SLMOPS_CONTROLLER_URL": self.url, "SLMOPS_TOKEN": self.token}
-        done = subprocess.run(
-            [*SLMOPS, "fleet", "desire", "tiny", version, *devices], env=env, capture_output=True, text=True
-        )
-        assert done.returncode == 0 and f"desired on {len(device_ids)} device(s)" in done.stdout, done
-
-    def reported(self, device_id: str, status: str, version: str) -> dict:
-        """The device's last report if it has this status for this version, else {}."""
-        r = self.device(device_id).get("reported") or {}
-        return r if r.get("status") == status and r.get("version") == version else {}
-
-    def command(self, device_id: str, command: str, timeout_s: float = 30) -> httpx.Response:
-        body = {"command": command, "timeout_s": timeout_s}
-        url = f"{self.url}/v1/devices/{device_id}/commands"
-        return httpx.post(url, json=body, headers=self.headers, timeout=timeout_s + 10)
-
-
 @pytest.fixture
 def fleet(controller_process, broker, signing_key, request: pytest.FixtureRequest):
     """A controller linked to a fresh broker, on SQLite or (parametrized) PostgreSQL; yields
@@ -181,7 +137,9 @@ def fleet(controller_process, broker, signing_key, request: pytest.FixtureReques
     if getattr(request, "param", "sqlite") == "postgresql":
         args += ["--database-url", request.getfixturevalue("postgres_database")]
     with controller_process(*args) as (url, env):
-        yield Controller(url, env["SLMOPS_TOKEN"]), broker_url
+        controller = Controller(url, env["SLMOPS_TOKEN"])
+        yield controller, broker_url
+        controller.api.close()
 
 
 @pytest.fixture
@@ -193,9 +151,8 @@ def two_versions(fleet, tiny_export: Path, signing_key, tmp_path: Path) -> None:
     controller, _ = fleet
     for version in ("1.0.0", "2.0.0"):
         bundle = create(tiny_export, tmp_path / version, "tiny", version, key=signing_key[0], variant_ids=["cpu-int4"])
-        archive = write_archive(bundle, tmp_path / f"{version}.tar").read_bytes()
-        pushed = httpx.post(f"{controller.url}/v1/bundles", content=archive, headers=controller.headers, timeout=30)
-        assert pushed.status_code == 201, pushed.text
+        _, new = controller.api.push(write_archive(bundle, tmp_path / f"{version}.tar"))
+        assert new
 
 
 @pytest.fixture

@@ -2,13 +2,11 @@
 
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
-
-SLMOPS = [sys.executable, "-P", "-m", "slmops"]
+from support import SLMOPS
 
 
 def test_push_a_bundle_to_a_running_controller(

@@ -2,14 +2,14 @@
 credentials (`slmops fleet enrol`), each a real process (issue 11, findings 1, 2 and 4)."""
 
 import subprocess
-import sys
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
-
-SLMOPS = [sys.executable, "-P", "-m", "slmops"]
+import pytest
+from controller_under_test import Controller
+from support import SLMOPS
 
 
 def enrol(env: dict[str, str], device_id: str, tmp_path: Path) -> str:
@@ -41,7 +41,14 @@ def push(env: dict[str, str], bundle: Path) -> None:
 
 
 def test_enrolled_agents_apply_only_their_own_desired_states(
-    controller_process, agent_process, session_bundle: Path, tiny_export: Path, signing_key, tmp_path: Path, eventually
+    controller_process,
+    agent_process,
+    session_bundle: Path,
+    tiny_export: Path,
+    signing_key,
+    tmp_path: Path,
+    eventually,
+    request: pytest.FixtureRequest,
 ) -> None:
     from slmops.build.bundle import create
 
@@ -49,20 +56,15 @@ def test_enrolled_agents_apply_only_their_own_desired_states(
     with controller_process("-k", str(signing_key[1])) as (url, env):
         push(env, session_bundle)
         push(env, tmp_path / "v2")
-        headers = {"Authorization": f"Bearer {env['SLMOPS_TOKEN']}"}
-
-        def device(device_id: str) -> dict:
-            response = httpx.get(f"{url}/v1/devices/{device_id}", headers=headers, timeout=10)
-            return response.json() if response.status_code == 200 else {}
+        controller = Controller(url, env["SLMOPS_TOKEN"])
+        request.addfinalizer(controller.api.close)
+        device = controller.device
 
         agents = {}
         for device_id, version in (("edge-a", "1.0.0"), ("edge-b", "2.0.0")):
             agents[device_id] = agent_process(device_id, enrol(env, device_id, tmp_path), smoke_min_speed_fraction="0")
             eventually(lambda d=device_id: device(d).get("online"), f"{device_id} did not join")
-            body = {"bundle": "tiny", "version": version}
-            httpx.put(
-                f"{url}/v1/devices/{device_id}/desired", json=body, headers=headers, timeout=10
-            ).raise_for_status()
+            controller.desire(device_id, version)
         for device_id, version in (("edge-a", "1.0.0"), ("edge-b", "2.0.0")):
             eventually(
                 lambda d=device_id, v=version: (

@@ -8,10 +8,11 @@ desired state into A/B slots, and answer commands.
 import signal
 from pathlib import Path
 
-import httpx
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
+
+from slmops.errors import ControllerError
 
 
 @pytest.mark.parametrize("fleet", ["sqlite", "postgresql"], indirect=True)
@@ -41,10 +42,10 @@ def test_a_broker_restart_loses_no_telemetry(fleet, broker, agent_process, sessi
     agent_process("edge-restart", broker_url, bundle=str(session_bundle))
     eventually(lambda: len(controller.telemetry_seqs("edge-restart")) >= 4, "telemetry did not flow")
     broker.stop()
-    eventually(lambda: controller.get("/health").json()["mqtt"] == "disconnected", "the controller did not notice")
+    eventually(lambda: controller.api.health().mqtt == "disconnected", "the controller did not notice")
     during = len(controller.telemetry_seqs("edge-restart"))
     broker.start()  # empty: no retained messages survive (persistence off)
-    eventually(lambda: controller.get("/health").json()["mqtt"] == "connected", "the controller did not reconnect", 60)
+    eventually(lambda: controller.api.health().mqtt == "connected", "the controller did not reconnect", 60)
     eventually(lambda: len(controller.telemetry_seqs("edge-restart")) >= during + 10, "telemetry did not resume", 60)
     device = controller.device("edge-restart")
     assert device["online"] and device["serving"]["bundle"] == "tiny"
@@ -60,7 +61,7 @@ def test_desired_state_is_fetched_verified_smoke_tested_and_activated(
         "edge-ab",
         broker_url,
         controller_url=controller.url,
-        controller_token=controller.headers["Authorization"].removeprefix("Bearer "),
+        controller_token=controller.token,
         smoke_min_speed_fraction="0.05",
     )
     eventually(lambda: controller.device("edge-ab").get("online"), "the agent did not join")
@@ -68,11 +69,12 @@ def test_desired_state_is_fetched_verified_smoke_tested_and_activated(
     controller.desire("edge-ab", "1.0.0")
     healthy = eventually(lambda: controller.reported("edge-ab", "healthy", "1.0.0"), "v1 never became healthy")
     assert healthy["variant"] == "cpu-int4"
-    assert controller.get("/health").json()["chunks_sent"] > 0  # the files came as chunks over MQTT
+    assert controller.api.health().chunks_sent > 0  # the files came as chunks over MQTT
     eventually(lambda: (controller.device("edge-ab")["serving"] or {}).get("version") == "1.0.0", "state shows no v1")
     assert agent.chat_model() == "tiny:1.0.0"
-    refused = httpx.delete(f"{controller.url}/v1/bundles/tiny/1.0.0", headers=controller.headers, timeout=10)
-    assert refused.status_code == 409 and "edge-ab" in refused.json()["error"]["message"]
+    with pytest.raises(ControllerError) as refused:
+        controller.api.delete_bundle("tiny", "1.0.0")
+    assert refused.value.status == 409 and "edge-ab" in refused.value.message
 
     agent.stop()
     # Restarted with an impossible speed bar: it serves the active slot again, and refuses v2.
@@ -115,7 +117,7 @@ def test_commands_probe_rollback_and_reload(fleet, two_versions, agent_process, 
         broker_url,
         transfer="http",  # the plain download, the alternative to chunks over MQTT
         controller_url=controller.url,
-        controller_token=controller.headers["Authorization"].removeprefix("Bearer "),
+        controller_token=controller.token,
         smoke_min_speed_fraction="0",
     )
     eventually(lambda: controller.device("edge-cmd").get("online"), "the agent did not join")
@@ -123,24 +125,27 @@ def test_commands_probe_rollback_and_reload(fleet, two_versions, agent_process, 
         controller.desire("edge-cmd", version)
         eventually(lambda v=version: controller.reported("edge-cmd", "healthy", v), f"{version} never became healthy")
     assert agent.chat_model() == "tiny:2.0.0"
-    assert controller.get("/health").json()["chunks_sent"] == 0
+    assert controller.api.health().chunks_sent == 0
 
-    probe = controller.command("edge-cmd", "probe")
-    assert probe.status_code == 200 and probe.json()["ok"] and probe.json()["result"]["cpu_cores_logical"] >= 1
-    rollback = controller.command("edge-cmd", "rollback").json()
-    assert rollback["ok"] and rollback["result"]["serving"] == "tiny:1.0.0", rollback
+    probe = controller.api.command("edge-cmd", "probe")
+    assert probe.ok and probe.result["cpu_cores_logical"] >= 1
+    rollback = controller.api.command("edge-cmd", "rollback")
+    assert rollback.ok and rollback.result["serving"] == "tiny:1.0.0", rollback
     assert agent.chat_model() == "tiny:1.0.0"
     eventually(lambda: controller.reported("edge-cmd", "rolled_back", "1.0.0"), "the rollback was not reported")
     assert controller.device("edge-cmd")["drift"] is None  # the operator's rollback is not drift
-    assert controller.command("edge-cmd", "reload").json()["result"]["serving"] == "tiny:1.0.0"
-    assert controller.command("nobody", "probe").status_code == 404
-    audit = [e["action"] for e in controller.get("/v1/audit").json()]
+    assert controller.api.command("edge-cmd", "reload").result["serving"] == "tiny:1.0.0"
+    with pytest.raises(ControllerError) as unknown:
+        controller.api.command("nobody", "probe")
+    assert unknown.value.status == 404
+    audit = [e.action for e in controller.api.audit()]
     assert audit.count("device.command") == 3
 
     agent.stop(signal.SIGKILL)
     eventually(lambda: not controller.device("edge-cmd")["online"], "the will did not mark it offline")
-    late = controller.command("edge-cmd", "probe", timeout_s=1)
-    assert late.status_code == 504 and "did not answer" in late.json()["error"]["message"]
+    with pytest.raises(ControllerError) as late:
+        controller.api.command("edge-cmd", "probe", timeout_s=1)
+    assert late.value.status == 504 and "did not answer" in late.value.message
 
 
 def test_three_agents_fetch_the_same_bundle_at_once(fleet, two_versions, agent_process, eventually) -> None:

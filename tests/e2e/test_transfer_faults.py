@@ -162,7 +162,7 @@ def test_the_agent_refuses_what_the_controller_should_not_have_served(
     assert controller.device("edge-strict")["serving"] is None
     suspicious.stop()
 
-    digest = next(b["digest"] for b in controller.get("/v1/bundles").json() if b["version"] == "2.0.0")
+    digest = next(b.digest for b in controller.api.bundles() if b.version == "2.0.0")
     stored = tmp_path / "controller" / "store" / "bundles" / digest / "variants" / "cpu-int4" / "model.onnx.data"
     rotten = bytearray(stored.read_bytes())
     rotten[len(rotten) // 2] ^= 0xFF  # bit rot on the controller's disk, after the chunk sums were taken

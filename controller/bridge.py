@@ -25,7 +25,7 @@ from typing import Literal
 
 import paho.mqtt.client as mqtt
 
-from slmops.broker import BrokerAddress, new_client, refused
+from slmops.broker import BrokerAddress, LinkClient
 from slmops.errors import Unanswered
 from slmops.messages import (
     PREFIX,
@@ -74,8 +74,6 @@ class MqttBridge:
         self.address = BrokerAddress.parse(broker_url)
         self.fleet = fleet
         self.connected = False
-        self.refused = ""
-        """Why the broker refused the last connection; empty once one is accepted."""
         self.unhandled = 0
         self.recorder = Recorder(
             fleet, self._acknowledge_telemetry, lambda device, desired: self.publish_desired(desired, [device])
@@ -84,7 +82,8 @@ class MqttBridge:
         self._replies_lock = threading.Lock()
         # Unique to this process: a client connecting with a guessed id cannot take its session over.
         self.client_id = f"slmops-controller-{secrets.token_hex(4)}"
-        self.client = new_client(self.address, self.client_id, protocol, ca_file)
+        fix = "the REST API goes on; fix broker_url (credentials) or broker_ca_file, then restart the controller"
+        self.client = LinkClient(self.address, self.client_id, protocol, fix, ca_file)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_subscribe = self._on_subscribe
@@ -151,11 +150,8 @@ class MqttBridge:
     def _on_connect(
         self, client: mqtt.Client, _userdata: object, _flags: object, reason: object, _props: object
     ) -> None:
-        if getattr(reason, "is_failure", False):
-            fix = "the REST API goes on; fix broker_url's credentials and restart the controller"
-            self.refused = refused(client, self.address, reason, fix)
+        if not self.client.accepted(reason):
             return
-        self.refused = ""
         client.subscribe(SUBSCRIPTIONS)
         # The desired states come from the database, which paho's thread never waits on.
         threading.Thread(target=self._publish_all_desired, name="slmops-republish", daemon=True).start()

@@ -8,18 +8,21 @@ Nagle's algorithm meeting delayed ACKs held each such round trip for 40 to 90 ms
 """
 
 import logging
+import random
 import socket
 import ssl
+import time
 from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.client import _ConnectionState
 from paho.mqtt.enums import CallbackAPIVersion
 
 log = logging.getLogger(__name__)
 
-RECONNECT_MIN_S, RECONNECT_MAX_S = 1, 30
+RECONNECT_MIN_S, RECONNECT_MAX_S = 1.0, 30.0
 REFUSED_FOR_GOOD = frozenset(
     {
         "Bad user name or password",
@@ -37,17 +40,6 @@ def refused_for_good(reason: object) -> bool:
     """Whether a CONNACK's reason code (paho's ReasonCode, MQTT 3.1.1 codes mapped onto 5's) is one
     that retrying cannot fix."""
     return bool(getattr(reason, "is_failure", False)) and str(reason) in REFUSED_FOR_GOOD
-
-
-def refused(client: mqtt.Client, address: "BrokerAddress", reason: object, fix: str) -> str:
-    """A CONNACK that refused the connection (from on_connect): the link stops for good, logged with
-    `fix`, when retrying cannot help; otherwise paho tries again. Returns the reason, for /health."""
-    if refused_for_good(reason):
-        log.error("the broker %s refused the connection: %s; the link stops: %s", address, reason, fix)
-        client.disconnect()
-    else:
-        log.error("the broker %s refused the connection: %s; trying again", address, reason)
-    return str(reason)
 
 
 @dataclass(frozen=True)
@@ -71,26 +63,77 @@ class BrokerAddress:
         return f"{self.host}:{self.port}"
 
 
-def new_client(
-    address: BrokerAddress, client_id: str, protocol: Literal["3.1.1", "5"], ca_file: str | None = None
-) -> mqtt.Client:
-    """A paho client for `address`, not yet connected, reconnecting with backoff once it is."""
-    client = mqtt.Client(
-        CallbackAPIVersion.VERSION2,
-        client_id=client_id,
-        protocol=mqtt.MQTTv5 if protocol == "5" else mqtt.MQTTv311,
-    )
-    if address.username:
-        client.username_pw_set(address.username, address.password)
-    if address.tls:
-        client.tls_set(ca_certs=ca_file, tls_version=ssl.PROTOCOL_TLS_CLIENT)
-    client.reconnect_delay_set(min_delay=RECONNECT_MIN_S, max_delay=RECONNECT_MAX_S)
-    client.on_socket_open = _no_delay
-    # The net under our callbacks, which catch what they expect: an exception that still escapes
-    # one is logged by paho (with its traceback) instead of ending its network thread.
-    client.suppress_exceptions = True
-    client.enable_logger(logging.getLogger("slmops.mqtt"))
-    return client
+class LinkClient(mqtt.Client):
+    """paho's client for `address`, with the one reconnect policy of both daemons:
+
+    - backoff with jitter: after the n-th failed attempt in a row, a wait drawn from
+      [c/2, c] with c = min(1 s · 2^n, 30 s), so a fleet that lost its broker does not come
+      back in lock step;
+    - refused credentials (a CONNACK no retry can change) and a broker certificate the CA
+      does not vouch for stop the link for good: logged once with `fix`, shown in `refused`.
+
+    The backoff replaces paho's `_reconnect_wait` (paho-mqtt is pinned in constraints.txt).
+    """
+
+    def __init__(
+        self,
+        address: "BrokerAddress",
+        client_id: str,
+        protocol: Literal["3.1.1", "5"],
+        fix: str,
+        ca_file: str | None = None,
+    ) -> None:
+        super().__init__(
+            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5 if protocol == "5" else mqtt.MQTTv311
+        )
+        self.address, self.fix = address, fix
+        self.refused = ""
+        """Why the broker refused the last attempt (credentials, certificate); empty once one is accepted."""
+        self._failures = 0
+        if address.username:
+            self.username_pw_set(address.username, address.password)
+        if address.tls:
+            self.tls_set(ca_certs=ca_file, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        self.on_socket_open = _no_delay
+        # The net under our callbacks, which catch what they expect: an exception that still escapes
+        # one is logged by paho (with its traceback) instead of ending its network thread.
+        self.suppress_exceptions = True
+        self.enable_logger(logging.getLogger("slmops.mqtt"))
+
+    def accepted(self, reason: object) -> bool:
+        """From on_connect: whether the broker took the connection. A refusal retrying cannot change
+        stops the link; any other is tried again after the backoff."""
+        if not getattr(reason, "is_failure", False):
+            self.refused, self._failures = "", 0
+            return True
+        self.refused = str(reason)
+        if refused_for_good(reason):
+            log.error("the broker %s refused the connection: %s; the link stops: %s", self.address, reason, self.fix)
+            self.disconnect()
+        else:
+            log.error("the broker %s refused the connection: %s; trying again", self.address, reason)
+        return False
+
+    def reconnect(self) -> mqtt.MQTTErrorCode:
+        try:
+            return super().reconnect()
+        except ssl.SSLCertVerificationError as e:
+            self.refused = f"the broker's TLS certificate is not trusted: {e.verify_message}"
+            log.error("%s (%s); the link stops: %s", self.refused, self.address, self.fix)
+            self.disconnect()  # paho's loop ends instead of trying again
+            raise
+
+    def backoff_s(self) -> float:
+        """The wait before the next attempt, counting this failure."""
+        ceiling = min(RECONNECT_MIN_S * 2.0**self._failures, RECONNECT_MAX_S)
+        self._failures += 1
+        return random.uniform(ceiling / 2, ceiling)
+
+    def _reconnect_wait(self) -> None:
+        deadline = time.monotonic() + self.backoff_s()
+        stopping = (_ConnectionState.MQTT_CS_DISCONNECTING, _ConnectionState.MQTT_CS_DISCONNECTED)
+        while self._state not in stopping and not self._thread_terminate and time.monotonic() < deadline:
+            time.sleep(min(deadline - time.monotonic(), 0.2))
 
 
 def _no_delay(_client: mqtt.Client, _userdata: object, sock: object) -> None:

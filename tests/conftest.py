@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import free_port
+from support import Mosquitto, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 TEST_HOME = REPO / ".slmops-test-home"
@@ -107,45 +107,6 @@ def smollm2_bundle(
     out = tmp_path_factory.mktemp("smollm2-bundle") / "smollm2-135m-instruct"
     create(smollm2_export, out, name="smollm2-135m-instruct", version="1.0.0", key=signing_key[0])
     return out
-
-
-class Mosquitto:
-    """A Mosquitto broker of our own on a free loopback port; it can be stopped and started again."""
-
-    def __init__(self, folder: Path) -> None:
-        self.port = free_port()
-        self.conf = folder / "mosquitto.conf"
-        self.conf.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\nset_tcp_nodelay true\n"
-        )
-        self.process = None
-        self.start()
-
-    def start(self) -> None:
-        import socket
-        import subprocess
-        import time
-
-        binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-        self.process = subprocess.Popen(
-            [binary, "-c", str(self.conf)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return
-            except OSError:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    output, _ = self.process.communicate(timeout=10)
-                    pytest.fail(f"mosquitto did not start: {output}")
-                time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.communicate(timeout=10)
-            self.process = None
 
 
 @pytest.fixture

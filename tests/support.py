@@ -1,9 +1,10 @@
-"""Helpers every test folder uses: a free loopback port, polling with a deadline, and a synthetic
-signed bundle.
+"""Helpers every test folder uses: a free loopback port, polling with a deadline, a synthetic
+signed bundle, a Mosquitto of the test's own, and schemathesis against a live service.
 
 Importable as `support` from any test (tests/conftest.py puts this folder on sys.path).
 """
 
+import shutil
 import socket
 import sys
 import time
@@ -117,3 +118,47 @@ def conformance_run(openapi_url: str, token: str, out: Path, seconds: int = 45) 
     ]
     done = subprocess.run(command, cwd=out, capture_output=True, text=True, timeout=seconds + 120)
     return done.returncode, done.stdout[-12000:] + done.stderr[-4000:]
+
+
+class Mosquitto:
+    """A Mosquitto broker of our own on a free loopback port; it can be stopped and started again."""
+
+    def __init__(self, folder: Path, settings: str = "") -> None:
+        """`settings`: more lines for the listener (certfile, keyfile, ...)."""
+        import getpass
+
+        self.port = free_port()
+        self.conf = folder / "mosquitto.conf"
+        self.conf.write_text(
+            # as root, mosquitto would switch to its own user, which cannot read pytest's 0700 folders
+            f"user {getpass.getuser()}\nlistener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+            f"set_tcp_nodelay true\n{settings}"
+        )
+        self.process = None
+        self.start()
+
+    def start(self) -> None:
+        import socket
+        import subprocess
+        import time
+
+        binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        self.process = subprocess.Popen(
+            [binary, "-c", str(self.conf)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    output, _ = self.process.communicate(timeout=10)
+                    raise AssertionError(f"mosquitto did not start: {output}") from None
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.communicate(timeout=10)
+            self.process = None

@@ -29,7 +29,7 @@ from collections.abc import Callable
 import paho.mqtt.client as mqtt
 
 from slmops import __version__
-from slmops.broker import BrokerAddress, new_client, refused
+from slmops.broker import BrokerAddress, LinkClient
 from slmops.messages import (
     Birth,
     ChunkRequest,
@@ -82,15 +82,17 @@ class Uplink:
         self._stop = threading.Event()
         self.dropped = 0
         """Messages from the broker dropped: malformed, not for this device, or failing when handled."""
-        self.refused = ""
-        """Why the broker refused the last connection (bad credentials, ...); empty once one is accepted."""
         self._announced: Serving | None = None
         self._bundles: dict[str, tuple[OnChunk, OnRefused]] = {}  # digest → the fetch's handlers
         self._subacks: dict[int, threading.Event] = {}
         self._subacks_lock = threading.Lock()
         ca_file = str(config.broker_ca_file) if config.broker_ca_file else None
         self.client_id = f"slmops-agent-{self.device_id}-{secrets.token_hex(4)}"
-        self.client = new_client(self.address, self.client_id, config.broker_protocol, ca_file)
+        fix = (
+            f"serving goes on; check broker_url and broker_ca_file (enrol {self.device_id} again for new "
+            "credentials: slmops fleet enrol), then restart the agent"
+        )
+        self.client = LinkClient(self.address, self.client_id, config.broker_protocol, fix, ca_file)
         self._own = {
             device_topic(self.device_id, kind): kind for kind in ("telemetry_ack", "desired", "cmd", "fetch_refused")
         }
@@ -113,7 +115,7 @@ class Uplink:
             "broker": str(self.address),
             "client_id": self.client_id,
             "connected": self.connected.is_set() and self.client.is_connected(),
-            "refused": self.refused or None,
+            "refused": self.client.refused or None,
             "dropped_messages": self.dropped,
         }
 
@@ -130,11 +132,8 @@ class Uplink:
     # --- paho's thread -----------------------------------------------------------------------
 
     def _on_connect(self, client: mqtt.Client, _u: object, _f: object, reason: object, _p: object) -> None:
-        if getattr(reason, "is_failure", False):
-            fix = f"serving goes on; enrol {self.device_id} again (slmops fleet enrol) and restart the agent"
-            self.refused = refused(client, self.address, reason, fix)
+        if not self.client.accepted(reason):
             return
-        self.refused = ""
         with self._subacks_lock:  # connected once the broker confirmed this device's own topics
             result, mid = client.subscribe([(topic, 1) for topic in self._own])
             if result == mqtt.MQTT_ERR_SUCCESS and mid is not None:

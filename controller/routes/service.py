@@ -19,7 +19,7 @@ async def health(request: Request) -> ControllerHealth:
     bridge, broker = request.app.state.bridge, request.app.state.broker
     return ControllerHealth(
         mqtt="off" if bridge is None else "connected" if bridge.connected else "disconnected",
-        mqtt_refused=(bridge.refused or None) if bridge else None,
+        mqtt_refused=(bridge.client.refused or None) if bridge else None,
         dropped_messages=bridge.dropped if bridge else 0,
         chunks_sent=bridge.chunks_sent if bridge else 0,
         embedded_broker=None if broker is None else BrokerHealth(running=broker.running, restarts=broker.restarts),

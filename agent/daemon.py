@@ -17,6 +17,7 @@ from pathlib import Path
 import uvicorn
 
 from slmops.errors import PortTaken
+from slmops.http import header_deadline
 from slmops.terminal import err_console
 
 from .config import AgentConfig
@@ -78,5 +79,5 @@ def run(config: AgentConfig, bundle: Path | None = None) -> None:
 
     threads = [collector.thread, *([uplink.sender, sync.thread] if uplink is not None and sync is not None else [])]
     app = create_app(server, lifespan, uplink, threads)
-    web = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=30)
+    web = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=30, http=header_deadline())
     uvicorn.Server(web).run(sockets=[listener])

@@ -40,6 +40,7 @@ def serve_cmd(
 
     from slmops.controller import config as controller_config
     from slmops.controller.service import build_app
+    from slmops.http import header_deadline
 
     try:
         settings = controller_config.load(
@@ -57,4 +58,4 @@ def serve_cmd(
     err_console.print(
         f"controller on http://{settings.host}:{settings.port} (docs: /docs), data in {settings.data_dir}"
     )
-    uvicorn.run(web, host=settings.host, port=settings.port, log_level="warning")
+    uvicorn.run(web, host=settings.host, port=settings.port, log_level="warning", http=header_deadline())

@@ -6,6 +6,7 @@ under an Ollama prefix answer Ollama's `{"error": "..."}`. Validation errors are
 OpenAI's are, and the OpenAPI document lists them as 400s in the envelope (not FastAPI's 422).
 """
 
+import asyncio
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -18,6 +19,7 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .errors import (
     BundleError,
@@ -151,3 +153,55 @@ def document_errors(app: FastAPI) -> None:
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+HEADER_TIMEOUT_S = 10.0
+"""How long a connection may take to send a request's headers (nginx's client_header_timeout)."""
+
+
+def header_deadline(seconds: float = HEADER_TIMEOUT_S) -> type[H11Protocol]:
+    """uvicorn's HTTP protocol (`uvicorn.Config(http=...)`) with a deadline on each request's headers.
+
+    uvicorn times out a connection idle between requests, but not one that opened and sends
+    nothing, or trickles its headers a byte at a time (each byte restarts the keep-alive timer):
+    a few hundred such sockets (slowloris) would hold every connection the service has. Here a
+    connection that has not sent a whole request head `seconds` after it opened, or after its
+    last response, is closed."""
+
+    class HeaderDeadline(H11Protocol):
+        _deadline: asyncio.TimerHandle | None = None
+        _waiting_for: object = None  # the request cycle before the headers we wait for
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self._deadline is not None and self.cycle is not self._waiting_for:  # a request head arrived
+                self._deadline.cancel()
+                self._deadline = None
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+            self._waiting_for = self.cycle
+            self._deadline = self.loop.call_later(seconds, self._too_slow)
+
+        def _too_slow(self) -> None:
+            self._deadline = None
+            if not self.transport.is_closing():
+                log.warning("closed a connection from %s that sent no request head in %g s", self.client, seconds)
+                self.transport.close()
+
+    return HeaderDeadline

@@ -1,0 +1,3 @@
+from bundle_store import store
+
+__all__ = ["store"]

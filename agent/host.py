@@ -80,7 +80,7 @@ class ModelHost:
                     )
                 )
                 if not isinstance(e, SlmopsError):
-                    raise SlmopsError(reason) from e
+                    raise RuntimeLoadError(reason) from e
                 raise
             self.engine.swap(served)
             self.metrics.serving(served.bundle, served.version, served.variant_id, served.provider)
@@ -123,12 +123,12 @@ class ModelHost:
             runs.append(stats)
         stats = max(runs, key=lambda r: r.decode_tokens_per_s)
         if stats.new_tokens != tokens:
-            raise SlmopsError(f"smoke test: {served.variant_id} generated {stats.new_tokens} of {tokens} tokens")
+            raise RuntimeLoadError(f"smoke test: {served.variant_id} generated {stats.new_tokens} of {tokens} tokens")
         evaluation = served.manifest.variant(served.variant_id).evaluation
         built = evaluation.decode_tokens_per_s if evaluation and evaluation.decode_tokens_per_s else 0.0
         floor = built * self.config.smoke_min_speed_fraction
         if stats.decode_tokens_per_s < floor:
-            raise SlmopsError(
+            raise RuntimeLoadError(
                 f"smoke test: {served.variant_id} decodes {stats.decode_tokens_per_s:.1f} tokens/s, below "
                 f"{self.config.smoke_min_speed_fraction:g} × its build-time {built:.1f}"
             )
@@ -149,7 +149,7 @@ def load_best_variant(bundle: Bundle, config: AgentConfig, fallbacks: list[str])
     usable = [c for c in candidates if c.usable]
     if not usable:
         reasons = "; ".join(f"{c.variant.id}: {c.reason}" for c in candidates)
-        raise SlmopsError(f"no variant of {bundle.manifest.name} can run here ({reasons})")
+        raise RuntimeLoadError(f"no variant of {bundle.manifest.name} can run here ({reasons})")
     for candidate in usable:
         try:
             return candidate.variant, LoadedVariant.load(bundle.variant_dir(candidate.variant.id), config.threads)
@@ -157,4 +157,4 @@ def load_best_variant(bundle: Bundle, config: AgentConfig, fallbacks: list[str])
             note = f"{candidate.variant.id}: {e}"
             fallbacks.append(note)
             log.warning("variant failed to load, falling back: %s", note)
-    raise SlmopsError(f"no variant of {bundle.manifest.name} loaded: {'; '.join(fallbacks)}")
+    raise RuntimeLoadError(f"no variant of {bundle.manifest.name} loaded: {'; '.join(fallbacks)}")

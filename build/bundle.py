@@ -18,7 +18,7 @@ import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from slmops.bundle import VARIANTS_DIR, Bundle, write_archive
-from slmops.errors import SlmopsError
+from slmops.errors import BuildError
 from slmops.manifest import Evaluation, FileEntry, Manifest, Source, Variant, sha256_file
 from slmops.signing import load_private_key
 from slmops.targets import Target, target
@@ -37,7 +37,7 @@ def foundry_inference_model(variant_dir: Path, name: str) -> dict[str, object]:
     """Foundry Local's bring-your-own-model descriptor: a name and a prompt template."""
     template_path = variant_dir / "chat_template.jinja"
     if not template_path.is_file():
-        raise SlmopsError(f"{variant_dir} has no chat_template.jinja; cannot describe its prompt format")
+        raise BuildError(f"{variant_dir} has no chat_template.jinja; cannot describe its prompt format")
     tokenizer_config = json.loads((variant_dir / "tokenizer_config.json").read_text())
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = _raise_template_error
@@ -49,7 +49,7 @@ def foundry_inference_model(variant_dir: Path, name: str) -> dict[str, object]:
             eos_token=tokenizer_config.get("eos_token", ""),
         )
     except jinja2.TemplateError as e:
-        raise SlmopsError(f"the chat template of {variant_dir} does not render: {e}") from None
+        raise BuildError(f"the chat template of {variant_dir} does not render: {e}") from None
     return {"Name": name, "PromptTemplate": {"assistant": CONTENT, "prompt": prompt}}
 
 
@@ -87,7 +87,7 @@ def create(
     chosen = variant_ids or list(record.variants)
     for variant_id in chosen:
         if variant_id not in record.variants:
-            raise SlmopsError(f"{build_dir} has no variant {variant_id!r}; it has {', '.join(record.variants)}")
+            raise BuildError(f"{build_dir} has no variant {variant_id!r}; it has {', '.join(record.variants)}")
     if out.exists():
         if not force:
             raise FileExistsError(f"{out} exists; pass --force to replace it")

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from slmops.agent import hardware
 from slmops.agent.serve.runtime import GenerationStats, LoadedVariant
 from slmops.bundle import VARIANTS_DIR
-from slmops.errors import GateFailed, SlmopsError
+from slmops.errors import BuildError, GateFailed
 from slmops.manifest import Evaluation
 
 from .export import BUILD_RECORD
@@ -67,11 +67,11 @@ def evaluate(
     try:
         reply = json.loads(result.stdout.strip().splitlines()[-1])
     except (json.JSONDecodeError, IndexError):
-        raise SlmopsError(
+        raise BuildError(
             f"evaluation of {variant} crashed (exit {result.returncode}): {result.stderr.strip()[-2000:]}"
         ) from None
     if "error" in reply:
-        raise SlmopsError(f"evaluation of {variant} failed: {reply['error']}")
+        raise BuildError(f"evaluation of {variant} failed: {reply['error']}")
     return Evaluation.model_validate(reply)
 
 
@@ -219,6 +219,6 @@ if __name__ == "__main__":
     # The child side of evaluate(): one JSON request in argv, one JSON line out.
     try:
         print(json.dumps(_measure(**json.loads(sys.argv[1]))))
-    except Exception as e:  # reported to the parent, which raises it as a SlmopsError
+    except Exception as e:  # reported to the parent, which raises it as a BuildError
         print(json.dumps({"error": f"{type(e).__name__}: {e}"}))
         sys.exit(1)

@@ -9,10 +9,11 @@
     │   ├── BundleFilesError        missing, extra, or altered files
     │   ├── UnknownVariant          a variant id the manifest does not list
     │   └── UnsafeArchive           members with `..`, absolute paths, links or devices
-    ├── TargetError                 a build target unknown, or not buildable on this machine
-    ├── ModelSourceError            a model that cannot be found or materialized
-    ├── GateFailed                  an evaluation figure outside its bound
-    ├── RuntimeLoadError            a variant that cannot run here (files, execution provider)
+    ├── BuildError                  an export, evaluation or bundle assembly that cannot go on
+    │   ├── TargetError             a build target unknown, or not buildable on this machine
+    │   ├── ModelSourceError        a model that cannot be found or materialized
+    │   └── GateFailed              an evaluation figure outside its bound
+    ├── RuntimeLoadError            a variant that cannot run here (files, provider, smoke test)
     ├── SyncError                   a desired state that failed on the device; tried again later
     │   └── Unfit                   ... and that cannot pass here, whatever is tried
     ├── TransferError               a bundle file that could not be fetched as the manifest names it
@@ -71,15 +72,19 @@ class UnsafeArchive(BundleError):
     pass
 
 
-class TargetError(SlmopsError):
+class BuildError(SlmopsError):
     pass
 
 
-class ModelSourceError(SlmopsError):
+class TargetError(BuildError):
     pass
 
 
-class GateFailed(SlmopsError):
+class ModelSourceError(BuildError):
+    pass
+
+
+class GateFailed(BuildError):
     pass
 
 

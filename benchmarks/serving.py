@@ -19,11 +19,9 @@ Prints tables; writes benchmarks/results/serving.json.
 """
 
 import argparse
-import json
 import os
 import platform
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,7 +33,8 @@ import httpx
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from inference import MODEL, RESULTS, in_child, run_llama_cpp
+from common import RESULTS, free_port, write_report
+from inference import MODEL, in_child, run_llama_cpp
 
 WORK = RESULTS / "serving"
 
@@ -57,12 +56,6 @@ def prepare_bundle(console) -> tuple[Path, Path]:
     bundle = WORK / "bundle"
     create(export_dir, bundle, MODEL, "1.0.0", key=key.with_suffix(".key"), variant_ids=["cpu-int4"], force=True)
     return bundle, key.with_suffix(".pub")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Agent:
@@ -331,9 +324,7 @@ def main() -> None:
     checks.add_row("idle RSS, MB", f"{idle_mb:.1f}", "≤ 80", "[green]yes[/]" if idle_mb <= 80 else "[red]no[/]")
     console.print(checks)
 
-    out = RESULTS / "serving.json"
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    console.print(f"wrote {out}")
+    write_report("serving", report, console)
 
 
 if __name__ == "__main__":

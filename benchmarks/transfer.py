@@ -31,7 +31,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -43,18 +42,12 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from inference import RESULTS
+from common import RESULTS, free_port, write_report
 from serving import WORK as SERVING_WORK
 from serving import prepare_bundle
 
 WORK = RESULTS / "transfer"
 SLMOPS = [sys.executable, "-P", "-m", "slmops"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(condition, what: str, timeout_s: float = 600):
@@ -470,9 +463,7 @@ def main() -> None:
         "",
     )
     console.print(table)
-    out = RESULTS / "transfer.json"
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    console.print(f"wrote {out}")
+    write_report("transfer", report, console)
 
 
 if __name__ == "__main__":

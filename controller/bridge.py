@@ -26,7 +26,7 @@ from typing import Literal
 import paho.mqtt.client as mqtt
 
 from slmops.broker import BrokerAddress, LinkClient
-from slmops.errors import Unanswered
+from slmops.errors import MessageInvalid, Unanswered
 from slmops.messages import (
     PREFIX,
     Birth,
@@ -37,7 +37,6 @@ from slmops.messages import (
     DesiredState,
     DeviceState,
     FetchRefused,
-    MessageInvalid,
     Reported,
     TelemetryAck,
     TelemetryBatch,

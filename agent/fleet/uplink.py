@@ -30,6 +30,7 @@ import paho.mqtt.client as mqtt
 
 from slmops import __version__
 from slmops.broker import BrokerAddress, LinkClient
+from slmops.errors import MessageInvalid
 from slmops.messages import (
     Birth,
     ChunkRequest,
@@ -38,7 +39,6 @@ from slmops.messages import (
     DesiredState,
     DeviceState,
     FetchRefused,
-    MessageInvalid,
     Reported,
     Serving,
     TelemetryAck,

@@ -67,6 +67,16 @@ class Serving:
             _check_unicode(message["content"], "messages")
         return model.variant.chat_prompt(messages)
 
+    async def start(
+        self, model: ServedModel, prompt: str, fields: SamplingFields, requested_max: int | None, path: str
+    ) -> tuple[Piece | Finish, AsyncIterator[Piece | Finish]]:
+        """Generate, and wait for the first event: a request refused before its first token still
+        gets its status code. From then on it is a 200, counted as one for `path`."""
+        events = self.generate(model, prompt, fields, requested_max)
+        head = await events.__anext__()
+        self.metrics.requests.labels(path, "200").inc()
+        return head, events
+
     async def generate(
         self,
         model: ServedModel,

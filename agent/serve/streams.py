@@ -25,11 +25,6 @@ class ClientGone(Exception):
     """The client left before its non-streaming answer was ready; nobody is there to answer."""
 
 
-async def first(events: Events) -> Piece | Finish:
-    """The first event: errors before the first token still get a status code."""
-    return await events.__anext__()
-
-
 async def chain(head: Piece | Finish, events: Events) -> Events:
     yield head
     if isinstance(head, Piece):

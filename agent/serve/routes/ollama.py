@@ -11,7 +11,6 @@ from fastapi.responses import Response
 from slmops import __version__
 from slmops.http import error_responses
 
-from ...host import ModelHost
 from .. import streams
 from ..engine import ServedModel
 from ..protocol import (
@@ -62,17 +61,17 @@ async def version() -> OllamaVersion:
 
 
 @router.post("/chat", response_model=OllamaChatAnswer, responses=STREAMED)  # type: ignore[arg-type]
-async def chat(body: OllamaChatRequest, request: Request, host: Host, serving: ServingOf) -> Response:
+async def chat(body: OllamaChatRequest, request: Request, serving: ServingOf) -> Response:
     model = serving.model(body.model)
     prompt = await asyncio.to_thread(serving.chat_prompt, model, body.messages)  # off the event loop
     return await _answer(
-        request, host, serving, model, prompt, body.options, body.stream, OllamaChatAnswer,
+        request, serving, model, prompt, body.options, body.stream, OllamaChatAnswer,
         lambda text: {"message": {"role": "assistant", "content": text}},
     )  # fmt: skip
 
 
 @router.post("/generate", response_model=OllamaGenerateAnswer, responses=STREAMED)  # type: ignore[arg-type]
-async def generate(body: OllamaGenerateRequest, request: Request, host: Host, serving: ServingOf) -> Response:
+async def generate(body: OllamaGenerateRequest, request: Request, serving: ServingOf) -> Response:
     model = serving.model(body.model)
     if body.raw:
         prompt = body.prompt
@@ -83,14 +82,13 @@ async def generate(body: OllamaGenerateRequest, request: Request, host: Host, se
         ]
         prompt = await asyncio.to_thread(serving.template, model, messages)
     return await _answer(
-        request, host, serving, model, prompt, body.options, body.stream, OllamaGenerateAnswer,
+        request, serving, model, prompt, body.options, body.stream, OllamaGenerateAnswer,
         lambda text: {"response": text},
     )  # fmt: skip
 
 
 async def _answer(
     request: Request,
-    host: ModelHost,
     serving: Serving,
     model: ServedModel,
     prompt: str,
@@ -108,9 +106,7 @@ async def _answer(
         repetition_penalty=options.repeat_penalty,
     )
     model_id = model.model_id
-    events = serving.generate(model, prompt, fields, options.max_tokens)
-    head = await streams.first(events)
-    host.metrics.requests.labels(request.url.path, "200").inc()
+    head, events = await serving.start(model, prompt, fields, options.max_tokens, request.url.path)
 
     def line(payload: dict[str, Any]) -> dict[str, Any]:
         return {"model": model_id, "created_at": datetime.now(UTC).isoformat(), **payload}

@@ -1,6 +1,7 @@
 """OpenAI's API under /v1: models, chat completions and completions, whole or streamed (SSE)."""
 
 import asyncio
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
@@ -8,6 +9,7 @@ from fastapi.responses import StreamingResponse
 from slmops.http import error_responses
 
 from .. import streams
+from ..engine import ServedModel
 from ..protocol import (
     AssistantMessage,
     ChatChoice,
@@ -21,6 +23,7 @@ from ..protocol import (
     completion_id,
     now,
 )
+from ..serving import Serving
 from . import Host, ServingOf
 
 SSE_EVENT = {
@@ -63,51 +66,56 @@ async def models(host: Host) -> ModelList:
 
 @router.post("/chat/completions", response_model=ChatCompletion, responses=STREAMED)  # type: ignore[arg-type]
 async def chat_completions(
-    body: ChatCompletionRequest, request: Request, host: Host, serving: ServingOf
-) -> ChatCompletion | StreamingResponse:
+    body: ChatCompletionRequest, request: Request, serving: ServingOf
+) -> ChatCompletion | Completion | StreamingResponse:
     model = serving.model(body.model)
     prompt = await asyncio.to_thread(serving.chat_prompt, model, body.messages)  # off the event loop
-    events = serving.generate(model, prompt, body, body.requested_max_tokens)
-    head = await streams.first(events)
-    ident, created = completion_id("chatcmpl"), now()
-    host.metrics.requests.labels(request.url.path, "200").inc()
-    if body.stream:
-        envelope = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model.model_id}
-        return streams.sse(
-            head,
-            events,
-            envelope,
-            lambda text: {"delta": {"content": text} if text else {}},
-            body.include_usage,
-            opening={"delta": {"role": "assistant", "content": ""}},
-        )
-    text, finish = await streams.collect(head, events, request)
-    choice = ChatChoice(message=AssistantMessage(content=text), finish_reason=finish.reason)
-    return ChatCompletion(
-        id=ident, created=created, model=model.model_id, choices=[choice], usage=streams.usage(finish)
-    )
+    return await _answer(request, serving, model, prompt, body, chat=True)
 
 
 @router.post("/completions", response_model=Completion, responses=STREAMED)  # type: ignore[arg-type]
 async def completions(
-    body: CompletionRequest, request: Request, host: Host, serving: ServingOf
-) -> Completion | StreamingResponse:
+    body: CompletionRequest, request: Request, serving: ServingOf
+) -> ChatCompletion | Completion | StreamingResponse:
     model = serving.model(body.model)
-    events = serving.generate(model, body.prompt_text, body, body.requested_max_tokens)
-    head = await streams.first(events)
-    ident, created = completion_id("cmpl"), now()
     prefix = body.prompt_text if body.echo else ""
-    host.metrics.requests.labels(request.url.path, "200").inc()
+    return await _answer(request, serving, model, body.prompt_text, body, chat=False, prefix=prefix)
+
+
+def _delta(text: str) -> dict[str, Any]:
+    return {"delta": {"content": text} if text else {}}
+
+
+def _text(text: str) -> dict[str, Any]:
+    return {"text": text}
+
+
+async def _answer(
+    request: Request,
+    serving: Serving,
+    model: ServedModel,
+    prompt: str,
+    body: ChatCompletionRequest | CompletionRequest,
+    chat: bool,
+    prefix: str = "",
+) -> ChatCompletion | Completion | StreamingResponse:
+    """The answer in OpenAI's shape: a chat completion or a text completion (after `prefix`, the
+    echoed prompt), whole or streamed."""
+    head, events = await serving.start(model, prompt, body, body.requested_max_tokens, request.url.path)
+    ident, created = completion_id("chatcmpl" if chat else "cmpl"), now()
     if body.stream:
-        envelope = {"id": ident, "object": "text_completion", "created": created, "model": model.model_id}
-        return streams.sse(
-            head,
-            events,
-            envelope,
-            lambda text: {"text": text},
-            body.include_usage,
-            opening={"text": prefix} if prefix else None,
-        )
+        envelope = {
+            "id": ident,
+            "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": created,
+            "model": model.model_id,
+        }
+        opening = {"delta": {"role": "assistant", "content": ""}} if chat else {"text": prefix} if prefix else None
+        return streams.sse(head, events, envelope, _delta if chat else _text, body.include_usage, opening)
     text, finish = await streams.collect(head, events, request)
-    choice = CompletionChoice(text=prefix + text, finish_reason=finish.reason)
-    return Completion(id=ident, created=created, model=model.model_id, choices=[choice], usage=streams.usage(finish))
+    usage = streams.usage(finish)
+    if chat:
+        choice = ChatChoice(message=AssistantMessage(content=text), finish_reason=finish.reason)
+        return ChatCompletion(id=ident, created=created, model=model.model_id, choices=[choice], usage=usage)
+    text_choice = CompletionChoice(text=prefix + text, finish_reason=finish.reason)
+    return Completion(id=ident, created=created, model=model.model_id, choices=[text_choice], usage=usage)

@@ -79,6 +79,7 @@ class MqttBridge:
         )
         self._replies: dict[str, tuple[threading.Event, list[CommandReply]]] = {}
         self._replies_lock = threading.Lock()
+        self._republishing: list[threading.Thread] = []
         # Unique to this process: a client connecting with a guessed id cannot take its session over.
         self.client_id = f"slmops-controller-{secrets.token_hex(4)}"
         fix = "the REST API goes on; fix broker_url (credentials) or broker_ca_file, then restart the controller"
@@ -101,6 +102,8 @@ class MqttBridge:
             self.chunks.stop()
         self.client.disconnect()
         self.client.loop_stop()
+        for republish in self._republishing:  # done with the database before its engine is disposed
+            republish.join(timeout=10)
         self.recorder.stop()
 
     @property
@@ -153,7 +156,9 @@ class MqttBridge:
             return
         client.subscribe(SUBSCRIPTIONS)
         # The desired states come from the database, which paho's thread never waits on.
-        threading.Thread(target=self._publish_all_desired, name="slmops-republish", daemon=True).start()
+        republish = threading.Thread(target=self._publish_all_desired, name="slmops-republish", daemon=True)
+        self._republishing = [t for t in self._republishing if t.is_alive()] + [republish]
+        republish.start()
 
     def _publish_all_desired(self) -> None:
         """After a connect: every desired state again, for a broker that restarted without them."""

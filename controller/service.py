@@ -62,11 +62,11 @@ def build_app(config: ControllerConfig) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        if broker is not None:
-            await run_in_threadpool(broker.start)
-        if bridge is not None:
-            bridge.start()
-        try:
+        try:  # a start that fails (the broker's port taken) still gives the database's connections back
+            if broker is not None:
+                await run_in_threadpool(broker.start)
+            if bridge is not None:
+                bridge.start()
             yield
         finally:
             if bridge is not None:

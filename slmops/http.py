@@ -61,8 +61,9 @@ def error_body(e: HttpError) -> dict[str, Any]:
     return ErrorResponse(error=ErrorDetail(message=e.message, type=e.type, param=e.param, code=e.code)).model_dump()
 
 
-def http_error(e: Exception, service: str) -> HttpError:
-    """The answer to an exception a route raised: the one mapping of both services."""
+def http_error(e: Exception, service: str, doing: str = "a request") -> HttpError:
+    """The answer to an exception a route raised: the one mapping of both services. One it does
+    not know is a 500, logged with its traceback as `service`'s failure while `doing` it."""
     match e:
         case HttpError():
             return e
@@ -89,7 +90,7 @@ def http_error(e: Exception, service: str) -> HttpError:
             return HttpError(504, str(e), "timeout")
         case Unavailable():
             return HttpError(503, str(e), "unavailable")
-    log.error("%s: a request failed", service, exc_info=e)
+    log.error("%s: %s failed", service, doing, exc_info=e)
     return HttpError(500, f"internal error; the {service}'s log has the details", "server_error")
 
 
@@ -103,7 +104,7 @@ def install_errors(
     sees each error's status (the agent counts them)."""
 
     async def handle(request: Request, e: Exception) -> JSONResponse:
-        answer = http_error(e, service)
+        answer = http_error(e, service, f"{request.method} {request.url.path}")
         if answer.status == 405:  # Starlette's Allow names one route's methods; the path may have more
             answer.headers["Allow"] = ", ".join(_allowed_methods(request))
         if answered is not None:

@@ -121,7 +121,7 @@ async def guard(body: AsyncIterator[str], ollama: bool = False) -> AsyncIterator
         async for part in body:
             yield part
     except Exception as e:  # the status line is sent: the error goes as the stream's last event
-        answer: HttpError = http_error(e, "agent")
+        answer: HttpError = http_error(e, "agent", "a stream after it began")
         if ollama:
             yield json.dumps({"error": answer.message}) + "\n"
         else:

@@ -90,7 +90,7 @@ def synthetic_bundle(
     return Bundle.open(out).sign(load_private_key(key))
 
 
-def conformance_run(openapi_url: str, token: str, out: Path, seconds: int = 45) -> tuple[int, str]:
+def conformance_run(openapi_url: str, token: str, out: Path, seconds: int = 30) -> tuple[int, str]:
     """Schemathesis against a live service's OpenAPI document for `seconds`, as the token's holder:
     every check but positive_data_acceptance (a schema cannot say "devices or group, not both",
     so it generates bodies the service rightly refuses). Returns the exit code and the report."""

@@ -30,6 +30,7 @@ from slmops.manifest import canonical_json, tree_digest
 from slmops.targets import Target, target
 
 from . import models
+from .gguf_blocks import BLOCK
 
 BUILD_RECORD = "build.json"
 LOGS_DIR = "logs"
@@ -50,6 +51,9 @@ class QuantOptions(BaseModel):
     """Symmetric int4/int8; asymmetric (uint4/uint8) adds a zero point per block."""
 
 
+FromGguf = Literal["exact", "dequantize"]
+
+
 class Recipe(BaseModel):
     """Everything that decides the bytes of the variants; its digest goes into the manifest."""
 
@@ -58,6 +62,9 @@ class Recipe(BaseModel):
     source: str
     targets: list[str] = Field(min_length=1)
     quant: QuantOptions = QuantOptions()
+    from_gguf: FromGguf = "exact"
+    """A source dequantized from a GGUF: `exact` carries its blocks into the cpu-int4 variant (every
+    weight is the GGUF's); `dequantize` lets the builder re-round the float weights."""
 
     @field_validator("targets")
     @classmethod
@@ -80,6 +87,8 @@ class VariantRecord(BaseModel):
     build_options: dict[str, str | int | float | bool]
     builder: str
     seconds: float
+    gguf_blocks: dict[str, int] | None = None
+    """The GGUF's matrices carried in bit for bit, per block type (and how many have an offset term)."""
 
 
 class BuildRecord(BaseModel):
@@ -125,6 +134,7 @@ def export(recipe: Recipe, out: Path, force: bool = False, console: Console | No
             raise FileExistsError(f"{out} is not empty; pass --force to replace it")
         shutil.rmtree(out)
     source = models.resolve(recipe.source, console=console)
+    gguf = models.source_gguf(source) if recipe.from_gguf == "exact" else None
     out.mkdir(parents=True, exist_ok=True)
     (out / LOGS_DIR).mkdir()
     with console.status("hashing the source checkpoint"):
@@ -144,12 +154,17 @@ def export(recipe: Recipe, out: Path, force: bool = False, console: Console | No
             progress.update(task, description=f"exporting {t.id}")
             options = builder_options(t, recipe.quant)
             started = time.monotonic()
-            _run_builder(source, out / VARIANTS_DIR / t.id, t, options, out / LOGS_DIR / f"{t.id}.log", out)
+            dest = out / VARIANTS_DIR / t.id
+            _run_builder(source, dest, t, options, out / LOGS_DIR / f"{t.id}.log", out)
+            carried = _carry_gguf(source, gguf, dest, t, recipe.quant) if gguf is not None else None
+            if t.execution_provider == "cpu":
+                _check_loads(dest, t)
             records[t.id] = VariantRecord(
                 target=t.id,
                 build_options=options,
                 builder=builder,
                 seconds=round(time.monotonic() - started, 2),
+                gguf_blocks=carried,
             )
             progress.advance(task)
     record = BuildRecord(
@@ -199,8 +214,18 @@ def _run_builder(
         tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-15:])
         raise TargetError(f"the model builder failed for {t.id} (exit {result.returncode}); see {log}:\n{tail}")
     _fill_chat_template(source, dest)
-    if t.execution_provider == "cpu":
-        _check_loads(dest, t)
+
+
+def _carry_gguf(source: Path, gguf: Path, dest: Path, t: Target, quant: QuantOptions) -> dict[str, int] | None:
+    """The GGUF's own blocks in place of the builder's re-rounded ones, where the variant is the
+    symmetric, 32-blocked int4 CPU graph the transcode knows; None where it is not."""
+    from .gguf_transcode import carry_blocks
+
+    if t.id != "cpu-int4" or not quant.symmetric or quant.block_size != BLOCK:
+        return None
+    config = json.loads((source / "config.json").read_text())
+    carried = carry_blocks(dest, gguf, config["num_attention_heads"], config["num_key_value_heads"])
+    return {**carried.by_type, "with_offsets": carried.with_offsets}
 
 
 def _check_loads(dest: Path, t: Target) -> None:

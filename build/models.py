@@ -56,6 +56,17 @@ def gguf_path(source: GgufSource) -> Path:
     )
 
 
+def source_gguf(source: Path) -> Path | None:
+    """The GGUF a materialized checkpoint was dequantized from (its source record says), if any."""
+    record = source / SOURCE_RECORD
+    if not record.is_file():
+        return None
+    gguf = json.loads(record.read_text()).get("gguf")
+    if not isinstance(gguf, dict):
+        return None
+    return gguf_path(GgufSource(package=gguf["package"], filename=gguf["file"], description=""))
+
+
 def resolve(model: str, console: Console | None = None) -> Path:
     """A catalogue name, a local Hugging Face folder or a hub id, as a local folder."""
     if model in CATALOGUE:

@@ -86,6 +86,7 @@ def test_every_weight_of_the_variant_is_the_gguf_weight_and_it_runs(tiny_gguf, t
             got = variant_weight(model, f"model.layers.{layer}.{builder_name}.MatMul")
             assert np.abs(got - exact[f"blk.{layer}.{gguf_name}.weight"]).max() == 0, builder_name
     assert np.abs(variant_weight(model, "lm_head.MatMul") - exact["token_embd.weight"]).max() == 0
+    assert np.abs(embedding_rows(model, np.arange(64)) - exact["token_embd.weight"][:64]).max() == 0
 
     import onnxruntime_genai as og
 
@@ -98,6 +99,21 @@ def test_every_weight_of_the_variant_is_the_gguf_weight_and_it_runs(tiny_gguf, t
     while not generator.is_done():
         generator.generate_next_token()
     assert len(generator.get_sequence(0)) == 24
+
+
+def embedding_rows(model, ids: np.ndarray) -> np.ndarray:
+    """The embedding as the variant gathers it (the tied lm_head's blocks): its subgraph run on `ids`."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    extracted = onnx.utils.Extractor(model).extract_model(
+        ["input_ids"], ["/model/embed_tokens/GatherBlockQuantized/output_0"]
+    )
+    del extracted.graph.input[:]
+    extracted.graph.input.append(helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, len(ids)]))
+    session = ort.InferenceSession(extracted.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"input_ids": ids.reshape(1, -1).astype(np.int64)})[0][0].astype(np.float64)
 
 
 def _unpermute(weight: np.ndarray, heads: int) -> np.ndarray:

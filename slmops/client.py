@@ -86,10 +86,6 @@ class ControllerClient:
     def delete_bundle(self, name: str, version: str) -> None:
         self._send("DELETE", f"/v1/bundles/{name}/{version}")
 
-    def store_file(self, digest: str, path: str) -> bytes:
-        """A file of a stored bundle, whole."""
-        return self._send("GET", f"/v1/store/{digest}/{path}").content
-
     # --- devices -----------------------------------------------------------------------------
 
     def devices(self) -> list[DeviceSummary]:

@@ -5,7 +5,7 @@ asks through `Reader` / `Admin` (`Authorization: Bearer <token>`; readers may GE
 import secrets
 from typing import Annotated, Any
 
-from fastapi import Depends, Request
+from fastapi import Depends, Query, Request
 
 from slmops.errors import HttpError
 
@@ -48,3 +48,5 @@ RegistryOf = Annotated[Registry, _state("registry")]
 FleetOf = Annotated[Fleet, _state("fleet")]
 ControlOf = Annotated[FleetControl, _state("control")]
 EnrolmentOf = Annotated[Enrolment, _state("enrolment")]
+Limit = Annotated[int, Query(ge=1, le=100_000, description="How many, newest first (at most 100,000).")]
+"""A list's length, as the audit and telemetry routes take it."""

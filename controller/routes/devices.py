@@ -3,7 +3,7 @@
 from typing import Annotated
 from urllib.parse import urlsplit, urlunsplit
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter
 from fastapi import Path as FastApiPath
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
@@ -19,10 +19,9 @@ from ..protocol import (
     DeviceSummary,
     TelemetryEntry,
 )
-from . import Admin, Config, ControlOf, EnrolmentOf, FleetOf, Reader
+from . import Admin, Config, ControlOf, EnrolmentOf, FleetOf, Limit, Reader
 
 router = APIRouter(tags=["devices"], responses=error_responses(400, 401, 403, 404, 500))
-Limit = Annotated[int, Query(ge=1, le=100_000, description="How many, newest first (at most 100,000).")]
 
 
 @router.get("/v1/devices")

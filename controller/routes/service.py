@@ -1,17 +1,14 @@
 """The controller's own surface: /health and the audit log."""
 
-from typing import Annotated
-
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 
 from slmops.http import error_responses
 
 from ..protocol import AuditEntry, BrokerHealth, ControllerHealth
-from . import Admin, RegistryOf
+from . import Admin, Limit, RegistryOf
 
 router = APIRouter(tags=["controller"], responses=error_responses(400, 401, 403, 404, 500))
-Limit = Annotated[int, Query(ge=1, le=100_000, description="How many, newest first (at most 100,000).")]
 
 
 @router.get("/health")

@@ -23,8 +23,7 @@ from slmops.manifest import Evaluation, FileEntry, Manifest, Source, Variant, sh
 from slmops.signing import load_private_key
 from slmops.targets import Target, target
 
-from .evaluate import EVALUATION_DIR
-from .export import BuildRecord
+from .export import EVALUATION_DIR, BuildRecord
 
 FOUNDRY_MODEL_FILE = "inference_model.json"
 KV_CACHE_BUDGET_TOKENS = 2048
@@ -88,6 +87,13 @@ def create(
     for variant_id in chosen:
         if variant_id not in record.variants:
             raise BuildError(f"{build_dir} has no variant {variant_id!r}; it has {', '.join(record.variants)}")
+        accuracy = record.variants[variant_id].accuracy
+        if accuracy is not None and not accuracy.passed:
+            raise BuildError(
+                f"{variant_id} failed the accuracy gate at export (perplexity {accuracy.increase:+.1%} against "
+                f"the float source, bound {accuracy.max_increase:.1%}): re-export it with a better quantization, "
+                "or leave it out with --variant"
+            )
     if out.exists():
         if not force:
             raise FileExistsError(f"{out} exists; pass --force to replace it")

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from slmops.build.export import FromGguf
+from slmops.build.export import BuildRecord, FromGguf
 from slmops.bundle import VARIANTS_DIR
 from slmops.errors import GateFailed, SlmopsError
 from slmops.terminal import console, err_console, fail
@@ -101,11 +101,23 @@ def export_cmd(
             "dequantize re-rounds the float weights (the builder's RTN int4: +29 % perplexity on SmolLM2)."
         ),
     ] = "exact",
+    max_ppl_increase: Annotated[
+        str,
+        typer.Option(
+            help="Accuracy gate: fail the build where a variant's perplexity on the held-out text is more than "
+            "this above the float source's (e.g. 5%, 0.05); `off` records the figures without gating."
+        ),
+    ] = "5%",
     force: Annotated[bool, typer.Option(help="Replace a non-empty export folder.")] = False,
 ) -> None:
-    """Build one onnxruntime-genai variant per target into OUT/variants/<target>/."""
+    """Build one onnxruntime-genai variant per target into OUT/variants/<target>/.
+
+    Every variant that runs here (CPU) is scored against the float source (perplexity on the held-out
+    text); exit code 3 when one is worse than --max-ppl-increase allows.
+    """
     from pydantic import ValidationError
 
+    from slmops.build.evaluate import parse_fraction
     from slmops.build.export import QuantOptions, Recipe, export
 
     try:
@@ -115,21 +127,38 @@ def export_cmd(
             quant=QuantOptions(block_size=block_size, accuracy_level=accuracy_level, symmetric=not asymmetric),
             from_gguf=from_gguf,
         )
+        bound = None if max_ppl_increase.strip().lower() == "off" else parse_fraction(max_ppl_increase)
     except ValidationError as e:
         fail("; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()), code=2)
+    except ValueError as e:
+        fail(f"--max-ppl-increase: {e} (or off)", code=2)
     try:
-        record = export(recipe, out, force=force, console=err_console)
+        record = export(recipe, out, force=force, console=err_console, max_ppl_increase=bound)
+    except GateFailed as e:
+        _print_export(BuildRecord.load(out), out)
+        fail(str(e), code=GATE_FAILED_EXIT)
     except (SlmopsError, FileExistsError) as e:
         fail(str(e))
-    table = Table(title=f"exported to {out}")
-    for column in ("target", "size MiB", "seconds", "options"):
+    _print_export(record, out)
+
+
+def _print_export(record: BuildRecord, out: Path) -> None:
+    reference = f"float source perplexity {record.reference.perplexity:.3f}" if record.reference else "no reference"
+    table = Table(title=f"exported to {out} ({reference})")
+    for column in ("target", "size MiB", "perplexity", "vs float", "gate", "seconds", "options"):
         table.add_column(column)
     for variant_id, v in record.variants.items():
         size = sum(p.stat().st_size for p in (out / VARIANTS_DIR / variant_id).rglob("*") if p.is_file())
         options = " ".join(f"{k}={v}" for k, v in v.build_options.items())
         if v.gguf_blocks:
             options += " gguf blocks: " + ", ".join(f"{n} {kind}" for kind, n in v.gguf_blocks.items())
-        table.add_row(variant_id, f"{size / 2**20:.1f}", f"{v.seconds:.1f}", options)
+        a = v.accuracy
+        if a is None:
+            ppl, delta, gate = "–", "–", "[yellow]not run here[/]"
+        else:
+            ppl, delta = f"{a.perplexity:.3f}", f"{a.increase:+.2%}"
+            gate = "off" if a.max_increase is None else ("[green]passed[/]" if a.passed else "[red]failed[/]")
+        table.add_row(variant_id, f"{size / 2**20:.1f}", ppl, delta, gate, f"{v.seconds:.1f}", options)
     console.print(table)
 
 
@@ -140,9 +169,13 @@ def evaluate_cmd(
     new_tokens: Annotated[int, typer.Option(min=2, help="Tokens generated per decode run.")] = 128,
     reference: Annotated[
         Path | None,
-        typer.Option(help="Variant whose perplexity --max-ppl-increase compares with.", exists=True),
+        typer.Option(
+            help="Variant whose perplexity --max-ppl-increase compares with "
+            "(default: the float source's, recorded at export).",
+            exists=True,
+        ),
     ] = None,
-    max_ppl_increase: Annotated[str | None, typer.Option(help="e.g. 15% (needs --reference).")] = None,
+    max_ppl_increase: Annotated[str | None, typer.Option(help="e.g. 15%.")] = None,
     min_tokens_per_s: Annotated[float | None, typer.Option(help="Lowest acceptable decode speed.")] = None,
     max_ttft_ms: Annotated[float | None, typer.Option(help="Highest acceptable time to first token.")] = None,
     max_peak_rss_mb: Annotated[float | None, typer.Option(help="Highest acceptable peak RSS, MiB.")] = None,
@@ -158,6 +191,7 @@ def evaluate_cmd(
     from pydantic import ValidationError
 
     from slmops.build import evaluate as ev
+    from slmops.build.export import evaluation_path, with_reference
 
     try:
         gates = ev.Gates(
@@ -169,16 +203,16 @@ def evaluate_cmd(
         )
     except ValidationError as e:
         fail("; ".join(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}" for err in e.errors()), code=2)
-    if gates.max_ppl_increase is not None and reference is None:
-        fail("--max-ppl-increase needs --reference VARIANT to compare with", code=2)
+    if gates.max_ppl_increase is not None and reference is None and evaluation_path(variant) is None:
+        fail("--max-ppl-increase needs --reference VARIANT, or a variant inside an export folder", code=2)
     try:
         with err_console.status(f"evaluating {variant} ({runs} runs of {new_tokens} tokens, perplexity)"):
-            evaluation = ev.evaluate(variant, runs=runs, new_tokens=new_tokens)
+            evaluation = with_reference(ev.evaluate(variant, runs=runs, new_tokens=new_tokens), variant)
             if reference is not None:
                 gates.reference_perplexity = ev.evaluate(reference, speed=False).perplexity
     except SlmopsError as e:
         fail(str(e))
-    for path in filter(None, (ev.record_path(variant), output)):
+    for path in filter(None, (evaluation_path(variant), output)):
         ev.save(evaluation, path)
     if as_json:
         print(json.dumps(evaluation.model_dump(mode="json"), indent=2))
@@ -189,8 +223,10 @@ def evaluate_cmd(
         table.add_row(
             "perplexity (held-out)", f"{evaluation.perplexity:.3f} over {evaluation.perplexity_tokens} tokens"
         )
-        if gates.reference_perplexity:
-            table.add_row("reference perplexity", f"{gates.reference_perplexity:.3f}")
+        if reference_ppl := gates.reference_perplexity or evaluation.reference_perplexity:
+            table.add_row(
+                "reference perplexity", f"{reference_ppl:.3f} ({evaluation.perplexity / reference_ppl - 1:+.2%})"
+            )
         table.add_row("decode tokens/s (median)", f"{evaluation.decode_tokens_per_s or 0:.1f}")
         table.add_row("time to first token ms", f"{evaluation.time_to_first_token_ms or 0:.1f}")
         table.add_row("peak RSS MiB", f"{evaluation.peak_rss_bytes / 2**20:.1f}")

@@ -2,6 +2,8 @@
 
     variant ─► fresh child process (its peak RSS is the variant's, not the pipeline's)
        ├─ perplexity on the held-out text shipped in slmops.build (data/heldout.txt)
+       │    (the float source's own perplexity, by transformers on the same text and
+       │    windows, is the reference an accuracy gate compares with)
        ├─ decode: greedy, N new tokens forced (EOS ignored), after a warm-up, median of runs
        ├─ time to first token (prompt → first token, median)
        └─ peak RSS, size on disk ─► Evaluation (the manifest's per-variant figures)
@@ -24,13 +26,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from slmops.agent import hardware
 from slmops.agent.serve.runtime import GenerationStats, LoadedVariant
-from slmops.bundle import VARIANTS_DIR
 from slmops.errors import BuildError, GateFailed
 from slmops.manifest import Evaluation
 
-from .export import BUILD_RECORD
-
-EVALUATION_DIR = "evaluation"
 PERPLEXITY_WINDOW_TOKENS = 512
 LOGSOFTMAX_ROWS = 32
 BENCH_PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
@@ -107,6 +105,24 @@ def _perplexity(variant: LoadedVariant, text: str) -> tuple[float, int]:
     return perplexity(variant.encode(text), variant.token_logits, window)
 
 
+def reference_perplexity(source: Path) -> tuple[float, int]:
+    """The float source checkpoint's perplexity on the held-out text, in float32 with transformers:
+    the same tokens and windows as a variant's, so that the two compare (an fp32 variant scores the
+    same to 1e-6). Returns the perplexity and the number of scored tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .models import quiet_transformers
+
+    quiet_transformers()
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    ids = tokenizer(heldout_text(), add_special_tokens=False)["input_ids"]
+    window = min(PERPLEXITY_WINDOW_TOKENS, model.config.max_position_embeddings - 1)
+    with torch.inference_mode():
+        return perplexity(ids, lambda chunk: model(torch.tensor([chunk])).logits[0].numpy(), window)
+
+
 def perplexity(
     ids: list[int], window_logits: Callable[[list[int]], np.ndarray], window: int = PERPLEXITY_WINDOW_TOKENS
 ) -> tuple[float, int]:
@@ -151,6 +167,7 @@ class Gates(BaseModel):
     max_ppl_increase: float | None = Field(default=None, ge=0)
     """Largest perplexity increase over the reference, as a fraction (0.15 = 15 %)."""
     reference_perplexity: float | None = Field(default=None, gt=0)
+    """Where None, the evaluation's own reference (the float source's, recorded at export)."""
     min_tokens_per_s: float | None = Field(default=None, gt=0)
     max_ttft_ms: float | None = Field(default=None, gt=0)
     max_peak_rss_mb: float | None = Field(default=None, gt=0)
@@ -165,14 +182,15 @@ class Gates(BaseModel):
         """Each figure outside its bound, named with the figure and the bound."""
         failed: list[str] = []
         if self.max_ppl_increase is not None:
-            if self.reference_perplexity is None or e.perplexity is None:
+            reference = self.reference_perplexity or e.reference_perplexity
+            if reference is None or e.perplexity is None:
                 failed.append("max-ppl-increase needs a reference perplexity (--reference) and a measured one")
             else:
-                increase = e.perplexity / self.reference_perplexity - 1
+                increase = e.perplexity / reference - 1
                 if increase > self.max_ppl_increase:
                     failed.append(
                         f"perplexity {e.perplexity:.3f} is {increase:.1%} above the reference "
-                        f"{self.reference_perplexity:.3f}; the bound is {self.max_ppl_increase:.1%}"
+                        f"{reference:.3f}; the bound is {self.max_ppl_increase:.1%}"
                     )
         if self.min_tokens_per_s is not None:
             if e.decode_tokens_per_s is None:
@@ -200,14 +218,6 @@ class Gates(BaseModel):
         failed = self.failures(e)
         if failed:
             raise GateFailed(f"{variant} fails {len(failed)} gate(s):\n  - " + "\n  - ".join(failed))
-
-
-def record_path(variant: Path) -> Path | None:
-    """Where an export folder keeps a variant's evaluation: <build>/evaluation/<target>.json."""
-    build_dir = variant.resolve().parent.parent
-    if variant.resolve().parent.name == VARIANTS_DIR and (build_dir / BUILD_RECORD).is_file():
-        return build_dir / EVALUATION_DIR / f"{variant.name}.json"
-    return None
 
 
 def save(evaluation: Evaluation, path: Path) -> None:

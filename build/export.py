@@ -1,8 +1,16 @@
 """Export a source checkpoint into one onnxruntime-genai variant per hardware target.
 
     Recipe (targets + options) ─► validate every target first ─► resolve source
+      ├─ the float source's perplexity on the held-out text (the reference)
       └─ per target: onnxruntime-genai model builder, in a child process (its output
-         goes to logs/<target>.log) ─► variants/<target>/ ─► build.json (provenance)
+         goes to logs/<target>.log) ─► variants/<target>/
+           └─ a variant that runs here (CPU): its perplexity ─► evaluation/<target>.json
+      ─► build.json (provenance, each variant's accuracy and gate)
+           ─► GateFailed where a variant lost more than --max-ppl-increase (default 5 %)
+
+The accuracy gate is on by default: a quantized variant that answers worse than its float
+source by more than the bound fails the build with the figure, the bound and a better
+choice to try; build.json keeps the failure, and `bundle create` refuses that variant.
 
 A GPU variant is built on any machine: the builder writes the graph and weights for
 the provider without running them. NPU targets need Olive and vendor SDKs (see
@@ -25,16 +33,19 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from slmops.bundle import VARIANTS_DIR
-from slmops.errors import TargetError
-from slmops.manifest import canonical_json, tree_digest
+from slmops.errors import GateFailed, TargetError
+from slmops.manifest import Evaluation, canonical_json, tree_digest
 from slmops.targets import Target, target
 
-from . import models
+from . import evaluate, models
 from .gguf_blocks import BLOCK
 
 BUILD_RECORD = "build.json"
 LOGS_DIR = "logs"
+EVALUATION_DIR = "evaluation"
 GENAI_CONFIG = "genai_config.json"
+DEFAULT_MAX_PPL_INCREASE = 0.05
+"""The accuracy gate's default bound: 5 % more perplexity than the float source."""
 
 
 class QuantOptions(BaseModel):
@@ -82,6 +93,23 @@ class Recipe(BaseModel):
         return hashlib.sha256(canonical_json(self.model_dump(mode="json"))).hexdigest()
 
 
+class Accuracy(BaseModel):
+    """A variant's perplexity against its float source's, and the gate's verdict."""
+
+    perplexity: float
+    reference_perplexity: float
+    max_increase: float | None
+    """The gate's bound; None where the build ran without one (recorded, not gated)."""
+
+    @property
+    def increase(self) -> float:
+        return self.perplexity / self.reference_perplexity - 1
+
+    @property
+    def passed(self) -> bool:
+        return self.max_increase is None or self.increase <= self.max_increase
+
+
 class VariantRecord(BaseModel):
     target: str
     build_options: dict[str, str | int | float | bool]
@@ -89,6 +117,16 @@ class VariantRecord(BaseModel):
     seconds: float
     gguf_blocks: dict[str, int] | None = None
     """The GGUF's matrices carried in bit for bit, per block type (and how many have an offset term)."""
+    accuracy: Accuracy | None = None
+    """None where the variant cannot run on the build machine (a GPU variant built on a CPU)."""
+
+
+class Reference(BaseModel):
+    """The float source's perplexity on the held-out text: what every variant is compared with."""
+
+    perplexity: float
+    tokens: int
+    measured_with: str
 
 
 class BuildRecord(BaseModel):
@@ -99,6 +137,7 @@ class BuildRecord(BaseModel):
     source_path: str
     source_digest: str
     created: datetime
+    reference: Reference | None = None
     variants: dict[str, VariantRecord]
 
     @classmethod
@@ -124,7 +163,34 @@ def builder_options(t: Target, quant: QuantOptions) -> dict[str, str | int | flo
     return options
 
 
-def export(recipe: Recipe, out: Path, force: bool = False, console: Console | None = None) -> BuildRecord:
+def evaluation_path(variant: Path) -> Path | None:
+    """Where an export folder keeps a variant's evaluation: <build>/evaluation/<target>.json."""
+    build_dir = variant.resolve().parent.parent
+    if variant.resolve().parent.name == VARIANTS_DIR and (build_dir / BUILD_RECORD).is_file():
+        return build_dir / EVALUATION_DIR / f"{variant.name}.json"
+    return None
+
+
+def with_reference(evaluation: Evaluation, variant: Path) -> Evaluation:
+    """The evaluation with the float reference of the export folder `variant` lies in, if any."""
+    path = evaluation_path(variant)
+    if path is None or evaluation.reference_perplexity is not None:
+        return evaluation
+    reference = BuildRecord.load(path.parent.parent).reference
+    if reference is None:
+        return evaluation
+    return evaluation.model_copy(update={"reference_perplexity": reference.perplexity})
+
+
+def export(
+    recipe: Recipe,
+    out: Path,
+    force: bool = False,
+    console: Console | None = None,
+    max_ppl_increase: float | None = DEFAULT_MAX_PPL_INCREASE,
+) -> BuildRecord:
+    """Build every target of `recipe` into `out`; raises GateFailed (after writing build.json)
+    where a variant's perplexity is more than `max_ppl_increase` above the float source's."""
     console = console or Console(stderr=True)
     plan = [target(t) for t in recipe.targets]
     for t in plan:
@@ -134,11 +200,19 @@ def export(recipe: Recipe, out: Path, force: bool = False, console: Console | No
             raise FileExistsError(f"{out} is not empty; pass --force to replace it")
         shutil.rmtree(out)
     source = models.resolve(recipe.source, console=console)
-    gguf = models.source_gguf(source) if recipe.from_gguf == "exact" else None
+    source_gguf = models.source_gguf(source)
+    gguf = source_gguf if recipe.from_gguf == "exact" else None
     out.mkdir(parents=True, exist_ok=True)
     (out / LOGS_DIR).mkdir()
     with console.status("hashing the source checkpoint"):
         source_digest = tree_digest(source)
+    reference = None
+    if any(t.execution_provider == "cpu" for t in plan):
+        with console.status("perplexity of the float source (the accuracy reference)"):
+            ppl, tokens = evaluate.reference_perplexity(source)
+        reference = Reference(
+            perplexity=ppl, tokens=tokens, measured_with=f"transformers {metadata.version('transformers')} float32"
+        )
     builder = f"onnxruntime-genai {metadata.version('onnxruntime-genai')} model builder"
     records: dict[str, VariantRecord] = {}
     with Progress(
@@ -157,14 +231,18 @@ def export(recipe: Recipe, out: Path, force: bool = False, console: Console | No
             dest = out / VARIANTS_DIR / t.id
             _run_builder(source, dest, t, options, out / LOGS_DIR / f"{t.id}.log", out)
             carried = _carry_gguf(source, gguf, dest, t, recipe.quant) if gguf is not None else None
-            if t.execution_provider == "cpu":
+            accuracy = None
+            if reference is not None and t.execution_provider == "cpu":
                 _check_loads(dest, t)
+                progress.update(task, description=f"perplexity of {t.id}")
+                accuracy = _measure_accuracy(dest, reference, max_ppl_increase, out / EVALUATION_DIR)
             records[t.id] = VariantRecord(
                 target=t.id,
                 build_options=options,
                 builder=builder,
                 seconds=round(time.monotonic() - started, 2),
                 gguf_blocks=carried,
+                accuracy=accuracy,
             )
             progress.advance(task)
     record = BuildRecord(
@@ -173,10 +251,48 @@ def export(recipe: Recipe, out: Path, force: bool = False, console: Console | No
         source_path=str(source),
         source_digest=source_digest,
         created=datetime.now(UTC),
+        reference=reference,
         variants=records,
     )
     (out / BUILD_RECORD).write_text(record.model_dump_json(indent=2) + "\n")
+    failed = {v.target: v.accuracy for v in records.values() if v.accuracy is not None and not v.accuracy.passed}
+    if failed:
+        raise GateFailed(
+            "the accuracy gate failed:\n  - "
+            + "\n  - ".join(_gate_failure(target(t), a, recipe, source_gguf is not None) for t, a in failed.items())
+            + f"\n(recorded in {out / BUILD_RECORD}; `bundle create` refuses these variants)"
+        )
     return record
+
+
+def _measure_accuracy(
+    dest: Path, reference: Reference, max_ppl_increase: float | None, evaluation_dir: Path
+) -> Accuracy:
+    """The variant's perplexity (in a fresh process), kept as its evaluation for `bundle create`."""
+    measured = evaluate.evaluate(dest, speed=False)
+    evaluation = Evaluation.model_validate(measured.model_dump() | {"reference_perplexity": reference.perplexity})
+    evaluate.save(evaluation, evaluation_dir / f"{dest.name}.json")
+    assert evaluation.perplexity is not None
+    return Accuracy(
+        perplexity=evaluation.perplexity, reference_perplexity=reference.perplexity, max_increase=max_ppl_increase
+    )
+
+
+def _gate_failure(t: Target, accuracy: Accuracy, recipe: Recipe, from_gguf: bool) -> str:
+    """The figure, the bound, and what to try instead."""
+    assert accuracy.max_increase is not None
+    tries = []
+    if recipe.from_gguf == "dequantize" and from_gguf:
+        tries.append("--from-gguf exact (the GGUF's own blocks, lossless)")
+    if t.precision == "int4":
+        if recipe.quant.block_size > BLOCK:
+            tries.append(f"--block-size {BLOCK}")
+        tries.append("the cpu-int8 target (about twice the size)")
+    tries.append("--max-ppl-increase with a looser bound if this loss is acceptable")
+    return (
+        f"{t.id}: perplexity {accuracy.perplexity:.3f} is {accuracy.increase:+.1%} against the float source's "
+        f"{accuracy.reference_perplexity:.3f}; the bound is {accuracy.max_increase:.1%}. Try " + ", or ".join(tries)
+    )
 
 
 def _run_builder(

@@ -143,7 +143,7 @@ def fetch(name: str, force: bool = False, console: Console | None = None) -> Pat
     return dest
 
 
-def _quiet_transformers() -> None:
+def quiet_transformers() -> None:
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
@@ -151,7 +151,7 @@ def _quiet_transformers() -> None:
 
 
 def _load_tokenizer(gguf: Path):
-    _quiet_transformers()
+    quiet_transformers()
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -159,7 +159,7 @@ def _load_tokenizer(gguf: Path):
 
 def _load_dequantized(gguf: Path):
     """GGUF weights in float32, in a model rebuilt from its config so that it can be saved."""
-    _quiet_transformers()
+    quiet_transformers()
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -177,7 +177,7 @@ def _load_dequantized(gguf: Path):
 
 def tokenizer_source(name: str = "smollm2-135m-instruct"):
     """The real tokenizer of a catalogue model, without materializing its weights."""
-    _quiet_transformers()
+    quiet_transformers()
     from transformers import AutoTokenizer
 
     dest = paths.models_dir() / name
@@ -197,7 +197,7 @@ def make_tiny(
     like: str = "smollm2-135m-instruct",
 ) -> Path:
     """A random-initialized Llama of the reference architecture, with the reference tokenizer."""
-    _quiet_transformers()
+    quiet_transformers()
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -70,6 +70,8 @@ class Evaluation(Strict):
 
     perplexity: float | None = Field(default=None, gt=0)
     perplexity_tokens: int | None = Field(default=None, ge=0)
+    reference_perplexity: float | None = Field(default=None, gt=0)
+    """The float source's perplexity on the same text and windows (what quantization is held to)."""
     decode_tokens_per_s: float | None = Field(default=None, gt=0)
     """None where only perplexity was measured (a reference run)."""
     time_to_first_token_ms: float | None = Field(default=None, ge=0)
@@ -81,6 +83,13 @@ class Evaluation(Strict):
     """CPU model and core count of the machine that measured."""
     runtime: str
     """Inference runtime and version, e.g. `onnxruntime-genai 0.18.0`."""
+
+    @property
+    def perplexity_increase(self) -> float | None:
+        """Perplexity over the float reference's, as a fraction (0.01 = 1 % worse); None if either is missing."""
+        if self.perplexity is None or self.reference_perplexity is None:
+            return None
+        return self.perplexity / self.reference_perplexity - 1
 
 
 class Variant(Strict):

@@ -46,14 +46,14 @@ def tiny_model() -> Path:
 def tiny_export(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An export folder with cpu-int4 and cpu-fp32 variants of the tiny model, cpu-int4 evaluated."""
     from slmops.build import evaluate
-    from slmops.build.export import Recipe, export
+    from slmops.build.export import Recipe, evaluation_path, export, with_reference
 
     out = tmp_path_factory.mktemp("tiny-export")
     export(Recipe(source=str(tiny_model), targets=["cpu-int4", "cpu-fp32"]), out, force=True)
     variant = out / "variants" / "cpu-int4"
-    record = evaluate.record_path(variant)
+    record = evaluation_path(variant)
     assert record is not None
-    evaluate.save(evaluate.evaluate(variant, runs=1, new_tokens=8), record)
+    evaluate.save(with_reference(evaluate.evaluate(variant, runs=1, new_tokens=8), variant), record)
     return out
 
 

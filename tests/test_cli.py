@@ -1,6 +1,7 @@
 """The command line as users call it: help everywhere, exit codes, JSON output."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -118,10 +119,10 @@ def test_failed_gate_exits_3_naming_figure_and_bound(tiny_export: Path) -> None:
     assert json.loads((tiny_export / "gate.json").read_text())["decode_tokens_per_s"] > 0
 
 
-def test_ppl_gate_needs_a_reference(tiny_export: Path) -> None:
-    result = runner.invoke(
-        app, ["build", "evaluate", str(tiny_export / "variants" / "cpu-int4"), "--max-ppl-increase", "15%"]
-    )
+def test_ppl_gate_outside_an_export_folder_needs_a_reference(tiny_export: Path, tmp_path: Path) -> None:
+    variant = tmp_path / "cpu-int4"
+    shutil.copytree(tiny_export / "variants" / "cpu-int4", variant)
+    result = runner.invoke(app, ["build", "evaluate", str(variant), "--max-ppl-increase", "15%"])
     assert result.exit_code == 2 and "--reference" in result.output
 
 

@@ -71,9 +71,16 @@ def test_each_failed_gate_names_its_figure_and_bound(int4_figures: Evaluation) -
 
 
 def test_ppl_gate_without_reference_fails_clearly(int4_figures: Evaluation) -> None:
-    assert Gates(max_ppl_increase=0.1).failures(int4_figures) == [
+    unreferenced = int4_figures.model_copy(update={"reference_perplexity": None})
+    assert Gates(max_ppl_increase=0.1).failures(unreferenced) == [
         "max-ppl-increase needs a reference perplexity (--reference) and a measured one"
     ]
+
+
+def test_ppl_gate_compares_with_the_float_reference_recorded_at_export(int4_figures: Evaluation) -> None:
+    assert int4_figures.perplexity_increase is not None and 0 < int4_figures.perplexity_increase < 0.01
+    assert Gates(max_ppl_increase="1%").failures(int4_figures) == []
+    assert "above the reference" in Gates(max_ppl_increase="0%").failures(int4_figures)[0]
 
 
 def test_evaluating_something_that_is_not_a_variant_fails_clearly(tmp_path: Path) -> None:

@@ -1,14 +1,18 @@
 """Export: variants onnxruntime-genai loads, GPU variants built without a GPU, clear refusals."""
 
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
+from support import SLMOPS
 
 from slmops.agent.serve.runtime import LoadedVariant
+from slmops.build.bundle import create
 from slmops.build.export import BuildRecord, QuantOptions, Recipe, export
-from slmops.errors import ModelSourceError, TargetError
+from slmops.errors import BuildError, ModelSourceError, TargetError
 
 
 def test_export_writes_loadable_variants_and_provenance(tiny_export: Path) -> None:
@@ -85,3 +89,49 @@ def test_a_variant_that_cannot_load_fails_the_export(tiny_model: Path, tmp_path:
         export(
             Recipe(source=str(tiny_model), targets=["cpu-int4"], quant=QuantOptions(symmetric=False)), tmp_path / "o"
         )
+
+
+def test_export_scores_every_cpu_variant_against_the_float_source(tiny_export: Path) -> None:
+    record = BuildRecord.load(tiny_export)
+    assert record.reference is not None and record.reference.measured_with.startswith("transformers")
+    fp32, int4 = record.variants["cpu-fp32"].accuracy, record.variants["cpu-int4"].accuracy
+    assert fp32 is not None and int4 is not None and fp32.passed and int4.passed
+    # transformers and onnxruntime-genai score the same tokens in the same windows
+    assert fp32.perplexity == pytest.approx(record.reference.perplexity, rel=1e-5)
+    assert int4.max_increase == 0.05 and int4.perplexity != fp32.perplexity
+    kept = json.loads((tiny_export / "evaluation" / "cpu-fp32.json").read_text())
+    assert kept["reference_perplexity"] == record.reference.perplexity
+
+
+def test_a_variant_over_the_bound_fails_the_build_and_bundle_create_refuses_it(
+    tiny_model: Path, tmp_path: Path, signing_key: tuple[Path, Path]
+) -> None:
+    out = tmp_path / "out"
+    # int4 costs the tiny model +0.007 % (measured): over a bound of 0 %
+    result = subprocess.run(
+        [*SLMOPS, "build", "export", str(tiny_model), "-t", "cpu-int4", "-o", str(out), "--max-ppl-increase", "0%"],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=os.environ | {"COLUMNS": "200"},
+    )
+    assert result.returncode == 3, result.stderr
+    assert "the accuracy gate failed" in result.stderr and "the bound is 0.0%" in result.stderr
+    assert "cpu-int8" in result.stderr and "failed" in result.stdout  # the table still shows every variant
+    accuracy = BuildRecord.load(out).variants["cpu-int4"].accuracy
+    assert accuracy is not None and not accuracy.passed and accuracy.increase > 0
+    with pytest.raises(BuildError, match="cpu-int4 failed the accuracy gate at export"):
+        create(out, tmp_path / "bundle", name="tiny", version="1.0.0", key=signing_key[0])
+
+
+def test_gate_off_records_without_gating(tiny_model: Path, tmp_path: Path) -> None:
+    record = export(Recipe(source=str(tiny_model), targets=["cpu-int4"]), tmp_path / "out", max_ppl_increase=None)
+    accuracy = record.variants["cpu-int4"].accuracy
+    assert accuracy is not None and accuracy.max_increase is None and accuracy.passed
+
+
+def test_a_bound_that_is_not_a_fraction_is_refused(tiny_model: Path, tmp_path: Path) -> None:
+    command = [*SLMOPS, "build", "export", str(tiny_model), "-t", "cpu-int4", "-o", str(tmp_path / "out")]
+    result = subprocess.run([*command, "--max-ppl-increase", "lots"], capture_output=True, text=True, check=False)
+    assert result.returncode == 2 and "--max-ppl-increase" in result.stderr and "not a fraction" in result.stderr
+    assert not (tmp_path / "out").exists()

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from slmops.build.export import BuildRecord, FromGguf
+from slmops.build.export import QUANT_METHODS, BuildRecord, FromGguf, QuantMethod
 from slmops.bundle import VARIANTS_DIR
 from slmops.errors import GateFailed, SlmopsError
 from slmops.terminal import console, err_console, fail
@@ -92,7 +92,13 @@ def export_cmd(
         int | None,
         typer.Option(help="int4 MatMul compute: 4=int8, 3=bf16, 2=fp16, 1=fp32 (default: 4 on CPU)."),
     ] = None,
-    asymmetric: Annotated[bool, typer.Option(help="Asymmetric quantization (uint4/uint8 with zero points).")] = False,
+    quant: Annotated[
+        QuantMethod,
+        typer.Option(
+            help="How int4 weights are made from float ones (a GGUF source's own blocks are carried instead, "
+            "see --from-gguf): " + "; ".join(f"{name}: {cost}" for name, cost in QUANT_METHODS.items())
+        ),
+    ] = "imatrix",
     from_gguf: Annotated[
         FromGguf,
         typer.Option(
@@ -124,7 +130,7 @@ def export_cmd(
         recipe = Recipe(
             source=model,
             targets=target,
-            quant=QuantOptions(block_size=block_size, accuracy_level=accuracy_level, symmetric=not asymmetric),
+            quant=QuantOptions(method=quant, block_size=block_size, accuracy_level=accuracy_level),
             from_gguf=from_gguf,
         )
         bound = None if max_ppl_increase.strip().lower() == "off" else parse_fraction(max_ppl_increase)
@@ -150,8 +156,10 @@ def _print_export(record: BuildRecord, out: Path) -> None:
     for variant_id, v in record.variants.items():
         size = sum(p.stat().st_size for p in (out / VARIANTS_DIR / variant_id).rglob("*") if p.is_file())
         options = " ".join(f"{k}={v}" for k, v in v.build_options.items())
-        if v.gguf_blocks:
-            options += " gguf blocks: " + ", ".join(f"{n} {kind}" for kind, n in v.gguf_blocks.items())
+        if v.quant:
+            options += f" quant={v.quant}"
+        if v.blocks:
+            options += " (" + ", ".join(f"{n} {kind}" for kind, n in v.blocks.items()) + ")"
         a = v.accuracy
         if a is None:
             ppl, delta, gate = "–", "–", "[yellow]not run here[/]"

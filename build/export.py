@@ -23,12 +23,13 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -38,7 +39,7 @@ from slmops.manifest import Evaluation, canonical_json, tree_digest
 from slmops.targets import Target, target
 
 from . import evaluate, models
-from .gguf_blocks import BLOCK
+from .blocks import BLOCK
 
 BUILD_RECORD = "build.json"
 LOGS_DIR = "logs"
@@ -48,18 +49,39 @@ DEFAULT_MAX_PPL_INCREASE = 0.05
 """The accuracy gate's default bound: 5 % more perplexity than the float source."""
 
 
+QuantMethod = Literal["imatrix", "imatrix-asym", "k-quant-mixed", "rtn"]
+QUANT_METHODS: dict[str, str] = {
+    "imatrix": "int4 blocks fitted to the importance of each input on the shipped calibration text, "
+    "8-bit lm_head and tied embedding; the stock int4 kernel (cpu-int4; default)",
+    "imatrix-asym": "as imatrix on an asymmetric grid (a float offset per block, like GGUF's Q4_1): "
+    "the least loss, one small extra MatMul per matrix, ~1 % larger (cpu-int4)",
+    "k-quant-mixed": "the model builder's k-quant with llama.cpp's mixed strategy: int8 lm_head and "
+    "sensitive layers, asymmetric int4 elsewhere; ~30 % larger than rtn",
+    "rtn": "the model builder's round-to-nearest int4, lm_head too: the smallest, the most loss",
+}
+"""How int4 weights are made from float ones, and what each costs (`build targets` shows them)."""
+OWN_QUANT = ("imatrix", "imatrix-asym")
+"""Methods slmops runs itself (build/quantize.py) and writes into the builder's cpu-int4 graph."""
+
+
 class QuantOptions(BaseModel):
     """Weight-only quantization of int4/int8 targets (onnxruntime MatMulNBits)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    method: QuantMethod = "imatrix"
+    """How int4 weights are made from float ones (QUANT_METHODS)."""
     block_size: Literal[16, 32, 64, 128, 256] = 32
     """Weights per quantization block: smaller blocks keep more accuracy and cost more scales."""
     accuracy_level: Literal[0, 1, 2, 3, 4] | None = None
     """Compute type of the int4 MatMul: 4 = int8 (fastest on CPU), 1 = fp32. None: the builder's
     default, which is 4 on CPU and 0 on other providers."""
-    symmetric: bool = True
-    """Symmetric int4/int8; asymmetric (uint4/uint8) adds a zero point per block."""
+
+    @model_validator(mode="after")
+    def _own_methods_block_by_32(self) -> "QuantOptions":
+        if self.method in OWN_QUANT and self.block_size != BLOCK:
+            raise ValueError(f"--quant {self.method} makes blocks of {BLOCK}; use --block-size {BLOCK} or --quant rtn")
+        return self
 
 
 FromGguf = Literal["exact", "dequantize"]
@@ -115,8 +137,12 @@ class VariantRecord(BaseModel):
     build_options: dict[str, str | int | float | bool]
     builder: str
     seconds: float
-    gguf_blocks: dict[str, int] | None = None
-    """The GGUF's matrices carried in bit for bit, per block type (and how many have an offset term)."""
+    quant: str | None = None
+    """What made the int4/int8 weights: `gguf-exact` (the GGUF's own blocks) or a QuantMethod; None
+    for a float variant."""
+    blocks: dict[str, int] | None = None
+    """Matrices slmops wrote in place of the builder's, per block kind (and how many have an offset
+    term); None where the builder's weights were kept."""
     accuracy: Accuracy | None = None
     """None where the variant cannot run on the build machine (a GPU variant built on a CPU)."""
 
@@ -159,7 +185,8 @@ def builder_options(t: Target, quant: QuantOptions) -> dict[str, str | int | flo
         options["block_size"] = quant.block_size
         if quant.accuracy_level is not None:
             options["accuracy_level"] = quant.accuracy_level
-        options["is_symmetric"] = quant.symmetric
+        if quant.method == "k-quant-mixed":
+            options["algo_config"] = "k_quant_mixed"
     return options
 
 
@@ -202,6 +229,11 @@ def export(
     source = models.resolve(recipe.source, console=console)
     source_gguf = models.source_gguf(source)
     gguf = source_gguf if recipe.from_gguf == "exact" else None
+    if gguf is not None and recipe.quant.block_size != BLOCK:
+        raise TargetError(
+            f"--from-gguf exact carries the GGUF's blocks of {BLOCK}: pass --block-size {BLOCK}, "
+            "or --from-gguf dequantize to re-quantize"
+        )
     out.mkdir(parents=True, exist_ok=True)
     (out / LOGS_DIR).mkdir()
     with console.status("hashing the source checkpoint"):
@@ -230,7 +262,11 @@ def export(
             started = time.monotonic()
             dest = out / VARIANTS_DIR / t.id
             _run_builder(source, dest, t, options, out / LOGS_DIR / f"{t.id}.log", out)
-            carried = _carry_gguf(source, gguf, dest, t, recipe.quant) if gguf is not None else None
+
+            def note(what: str, target_id: str = t.id) -> None:
+                progress.update(task, description=f"{target_id}: {what}")
+
+            quant, blocks = _own_blocks(source, gguf, dest, t, recipe.quant, note)
             accuracy = None
             if reference is not None and t.execution_provider == "cpu":
                 _check_loads(dest, t)
@@ -241,7 +277,8 @@ def export(
                 build_options=options,
                 builder=builder,
                 seconds=round(time.monotonic() - started, 2),
-                gguf_blocks=carried,
+                quant=quant,
+                blocks=blocks,
                 accuracy=accuracy,
             )
             progress.advance(task)
@@ -285,6 +322,12 @@ def _gate_failure(t: Target, accuracy: Accuracy, recipe: Recipe, from_gguf: bool
     if recipe.from_gguf == "dequantize" and from_gguf:
         tries.append("--from-gguf exact (the GGUF's own blocks, lossless)")
     if t.precision == "int4":
+        if (
+            t.id == "cpu-int4"
+            and recipe.quant.method != "imatrix-asym"
+            and not (from_gguf and recipe.from_gguf == "exact")
+        ):
+            tries.append("--quant imatrix-asym (the least loss of the float quantizers)")
         if recipe.quant.block_size > BLOCK:
             tries.append(f"--block-size {BLOCK}")
         tries.append("the cpu-int8 target (about twice the size)")
@@ -332,16 +375,33 @@ def _run_builder(
     _fill_chat_template(source, dest)
 
 
-def _carry_gguf(source: Path, gguf: Path, dest: Path, t: Target, quant: QuantOptions) -> dict[str, int] | None:
-    """The GGUF's own blocks in place of the builder's re-rounded ones, where the variant is the
-    symmetric, 32-blocked int4 CPU graph the transcode knows; None where it is not."""
-    from .gguf_transcode import carry_blocks
+def _own_blocks(
+    source: Path, gguf: Path | None, dest: Path, t: Target, quant: QuantOptions, progress: Callable[[str], None]
+) -> tuple[str | None, dict[str, int] | None]:
+    """Write the GGUF's blocks, or slmops' own quantization, into the builder's cpu-int4 graph.
+    Returns what made the variant's weights and, where slmops wrote them, the blocks per kind."""
+    from .block_graph import write_blocks
 
-    if t.id != "cpu-int4" or not quant.symmetric or quant.block_size != BLOCK:
-        return None
+    if not t.quantized:
+        return None, None
+    if t.id != "cpu-int4":  # the graphs of other int4 targets keep the builder's own quantization
+        return ("rtn" if quant.method in OWN_QUANT else quant.method), None
     config = json.loads((source / "config.json").read_text())
-    carried = carry_blocks(dest, gguf, config["num_attention_heads"], config["num_key_value_heads"])
-    return {**carried.by_type, "with_offsets": carried.with_offsets}
+    if gguf is not None:
+        from .gguf_blocks import gguf_matrices
+
+        progress("carrying the GGUF's blocks")
+        matrices = gguf_matrices(gguf, config["num_attention_heads"], config["num_key_value_heads"])
+        made_by = "gguf-exact"
+    elif quant.method in OWN_QUANT:
+        from .quantize import float_matrices
+
+        matrices = float_matrices(source, quant.method, progress)  # type: ignore[arg-type]
+        made_by = quant.method
+    else:
+        return quant.method, None
+    written = write_blocks(dest, matrices)
+    return made_by, {**written.by_kind, "with_offsets": written.with_offsets}
 
 
 def _check_loads(dest: Path, t: Target) -> None:

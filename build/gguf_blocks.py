@@ -1,67 +1,40 @@
 """A GGUF's quantized blocks as onnxruntime's block-quantized operators take them, bit for bit.
 
-    GGUF   a block of 32 weights            MatMulNBits (block_size 32; B [N, K/32, blob], scales [N, K/32])
-    Q4_0   d·(q − 8)                        bits 4, scales d, the default zero point 8
-    Q4_1   d·q + m                          bits 4 on the same nibbles and d, plus the block's offset:
+    GGUF   a block of 32 weights            BlockWeight (blocks.py)
+    Q4_0   d·(q − 8)                        bits 4, scales d
+    Q4_1   d·q + m                          bits 4 on the same nibbles and d, offset o = 8·d + m:
                                             d·q + m = d·(q − 8) + (8·d + m)
-    Q8_0   d·q (q signed)                   bits 8, scales d, q + 128 with the default zero point 128
+    Q8_0   d·q (q signed)                   bits 8, scales d, levels q + 128
 
 GGUF packs element j of a block in the low nibble of byte j and element j + 16 in its high
-nibble; MatMulNBits packs element 2i low and 2i + 1 high. `d` and `m` are float16, so they are
-carried as float32 exactly. The first step of issue 13's weight-exact export: these arrays go
-into the ONNX graph in place of the builder's re-rounded ones.
+nibble. `d` and `m` are float16, so d and 8·d + m are exact in float32.
+
+`gguf_matrices` maps llama.cpp's tensors onto the model builder's MatMuls (issue 13's
+`--from-gguf exact`): q and k rows un-permuted as transformers does on load, q, k and v
+stacked as the builder fuses them, the tied token embedding as lm_head.
 """
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from slmops.errors import BuildError
 
-BLOCK = 32
-"""Weights per block in every block type carried here."""
+from .block_graph import LM_HEAD, QKV, layer_matrix
+from .blocks import BlockWeight, packed, stacked
+
 PLAIN = ("F32", "F16", "BF16")
 """Types of tensors that are not block-quantized (norms): nothing to carry, they load as they are."""
 _BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
-
-
-@dataclass(frozen=True)
-class BlockWeight:
-    """One GGUF weight [N, K] in MatMulNBits' terms."""
-
-    name: str
-    gguf_type: str
-    bits: int
-    packed: np.ndarray
-    """[N, K/32, 32·bits/8] uint8: MatMulNBits' B."""
-    scales: np.ndarray
-    """[N, K/32] float32: each block's d."""
-    mins: np.ndarray | None
-    """[N, K/32] float32: each block's m (Q4_1), else None."""
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.packed.shape[0], self.packed.shape[1] * BLOCK
-
-    def offsets(self) -> np.ndarray | None:
-        """Q4_1's per-block term 8·d + m that the int4 kernel's d·(q − 8) leaves out, in float64."""
-        if self.mins is None:
-            return None
-        return 8 * self.scales.astype(np.float64) + self.mins
-
-    def dequantized(self) -> np.ndarray:
-        """[N, K] float64: the weight these arrays stand for, without rounding (every term is exact)."""
-        if self.bits == 8:
-            q = self.packed.astype(np.float64) - 128
-        else:
-            q = np.stack([self.packed & 0x0F, self.packed >> 4], axis=-1).reshape(*self.packed.shape[:2], BLOCK)
-            q = q.astype(np.float64) - 8
-        weight = q * self.scales.astype(np.float64)[..., None]
-        if (offsets := self.offsets()) is not None:
-            weight += offsets[..., None]
-        return weight.reshape(self.shape)
+LAYER_MATRICES = {
+    "attn_output": "attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+"""GGUF's names of a layer's matrices → the builder's."""
 
 
 def block_weight(name: str, gguf_type: str, data: np.ndarray) -> BlockWeight:
@@ -75,13 +48,18 @@ def block_weight(name: str, gguf_type: str, data: np.ndarray) -> BlockWeight:
     blocks = np.ascontiguousarray(data).reshape(data.shape[0], -1, _BLOCK_BYTES[gguf_type])
     scales = blocks[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
     if gguf_type == "Q8_0":
-        packed = (blocks[..., 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
-        return BlockWeight(name, gguf_type, 8, packed, scales, None)
-    mins = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32) if gguf_type == "Q4_1" else None
+        levels = blocks[..., 2:].view(np.int8).astype(np.int16) + 128
+        return BlockWeight(name, gguf_type, 8, packed(levels, 8), scales, None)
+    offsets = None
+    if gguf_type == "Q4_1":
+        mins = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float64)
+        exact = 8 * scales.astype(np.float64) + mins
+        offsets = exact.astype(np.float32)
+        if not np.array_equal(offsets.astype(np.float64), exact):
+            raise BuildError(f"{name}: a block offset 8·d + m is not exact in float32")
     nibbles = blocks[..., 4:] if gguf_type == "Q4_1" else blocks[..., 2:]
-    q = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=-1)  # [rows, blocks, 32] in element order
-    packed = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
-    return BlockWeight(name, gguf_type, 4, packed, scales, mins)
+    levels = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=-1)  # [rows, blocks, 32] in element order
+    return BlockWeight(name, gguf_type, 4, packed(levels, 4), scales, offsets)
 
 
 def block_weights(path: Path) -> Iterator[BlockWeight]:
@@ -92,3 +70,38 @@ def block_weights(path: Path) -> Iterator[BlockWeight]:
     for tensor in GGUFReader(path).tensors:
         if tensor.tensor_type.name not in PLAIN:
             yield block_weight(tensor.name, tensor.tensor_type.name, tensor.data)
+
+
+def gguf_matrices(path: Path, heads: int, kv_heads: int) -> dict[str, BlockWeight]:
+    """The GGUF's blocks keyed by the model builder's MatMul each one replaces.
+    `heads` and `kv_heads` undo llama.cpp's row permutation of attn_q and attn_k."""
+    weights = {w.name: w for w in block_weights(path)}
+    matrices: dict[str, BlockWeight] = {}
+    layers = sorted({int(name.split(".")[1]) for name in weights if name.startswith("blk.")})
+    for layer in layers:
+        q = _permuted(_take(weights, f"blk.{layer}.attn_q.weight"), heads)
+        k = _permuted(_take(weights, f"blk.{layer}.attn_k.weight"), kv_heads)
+        v = _take(weights, f"blk.{layer}.attn_v.weight")
+        matrices[layer_matrix(layer, QKV)] = stacked(q, k, v)
+        for gguf_name, builder_name in LAYER_MATRICES.items():
+            matrices[layer_matrix(layer, builder_name)] = _take(weights, f"blk.{layer}.{gguf_name}.weight")
+    matrices[LM_HEAD] = _take(weights, "output.weight" if "output.weight" in weights else "token_embd.weight")
+    return matrices
+
+
+def _take(weights: dict[str, BlockWeight], name: str) -> BlockWeight:
+    if name not in weights:
+        raise BuildError(f"the GGUF has no block tensor {name}; it cannot be carried into this variant")
+    return weights[name]
+
+
+def _permuted(weight: BlockWeight, heads: int) -> BlockWeight:
+    """Rows back in Hugging Face's order (transformers' `_reverse_permute_weights`): whole rows move,
+    so every block stays as it is."""
+
+    def rows(a: np.ndarray) -> np.ndarray:
+        per_head = a.shape[0] // heads // 2
+        return a.reshape(heads, per_head, 2, *a.shape[1:]).swapaxes(2, 1).reshape(a.shape)
+
+    offsets = None if weight.offsets is None else rows(weight.offsets)
+    return replace(weight, packed=rows(weight.packed), scales=rows(weight.scales), offsets=offsets)

@@ -6,7 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from slmops.build.gguf_blocks import BLOCK, BlockWeight, block_weights
+from slmops.build.blocks import BLOCK, BlockWeight
+from slmops.build.gguf_blocks import block_weights
 from slmops.errors import BuildError
 
 N, K = 8, 96  # three blocks per row
@@ -48,8 +49,8 @@ def kernel_weight(weight: BlockWeight) -> np.ndarray:
     model = helper.make_model(graph, ir_version=10, opset_imports=opsets)
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     product = session.run(None, {"A": np.eye(k, dtype=np.float32)})[0].T.astype(np.float64)
-    if (offsets := weight.offsets()) is not None:  # Q4_1: what the graph adds beside the int4 kernel
-        product += np.repeat(offsets, BLOCK, axis=1)
+    if weight.offsets is not None:  # asymmetric blocks: what the graph adds beside the int4 kernel
+        product += np.repeat(weight.offsets.astype(np.float64), BLOCK, axis=1)
     return product
 
 
@@ -61,7 +62,7 @@ def test_every_block_type_carried_reaches_the_kernel_exactly(type_name: str, tmp
     floats = np.random.default_rng(7).standard_normal((N, K)).astype(np.float32) * 0.05
     path = write_gguf(tmp_path / "tiny.gguf", {"blk.0.ffn_up.weight": (floats, type_name)})
     (weight,) = block_weights(path)
-    assert (weight.name, weight.gguf_type, weight.shape) == ("blk.0.ffn_up.weight", type_name, (N, K))
+    assert (weight.name, weight.kind, weight.shape) == ("blk.0.ffn_up.weight", type_name, (N, K))
     (tensor,) = GGUFReader(path).tensors
     gguf_weight = dequantize(tensor.data, tensor.tensor_type).astype(np.float64)
     assert np.abs(weight.dequantized() - gguf_weight).max() == 0
@@ -94,9 +95,9 @@ def test_the_catalogue_gguf_is_carried_whole_and_exactly() -> None:
 
     path = gguf_path(CATALOGUE["smollm2-135m-instruct"])
     weights = {w.name: w for w in block_weights(path)}
-    assert sorted({w.gguf_type for w in weights.values()}) == ["Q4_1", "Q8_0"]
-    assert weights["token_embd.weight"].gguf_type == "Q8_0"
-    assert sum(w.gguf_type == "Q4_1" for w in weights.values()) == 210
+    assert sorted({w.kind for w in weights.values()}) == ["Q4_1", "Q8_0"]
+    assert weights["token_embd.weight"].kind == "Q8_0"
+    assert sum(w.kind == "Q4_1" for w in weights.values()) == 210
     for tensor in GGUFReader(path).tensors:
         if tensor.name in weights:
             exact = dequantize(tensor.data, tensor.tensor_type).astype(np.float64)

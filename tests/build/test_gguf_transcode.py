@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from test_gguf_blocks import kernel_weight, write_gguf
 
-from slmops.build.gguf_blocks import BLOCK, BlockWeight
-from slmops.build.gguf_transcode import LAYER_MATRICES, carry_blocks
+from slmops.build.block_graph import write_blocks
+from slmops.build.blocks import BLOCK, BlockWeight
+from slmops.build.gguf_blocks import LAYER_MATRICES, gguf_matrices
 
 HF_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj"} | {
     gguf: {"attn.o_proj": "self_attn.o_proj"}.get(builder, builder) for gguf, builder in LAYER_MATRICES.items()
@@ -67,8 +68,9 @@ def test_every_weight_of_the_variant_is_the_gguf_weight_and_it_runs(tiny_gguf, t
     gguf, config = tiny_gguf
     variant = tmp_path / "cpu-int4"
     shutil.copytree(tiny_export / "variants" / "cpu-int4", variant)
-    carried = carry_blocks(variant, gguf, config["num_attention_heads"], config["num_key_value_heads"])
-    assert carried.by_type == {"Q4_1": 5, "Q4_0": 5, "Q8_0": 1} and carried.with_offsets == 5
+    matrices = gguf_matrices(gguf, config["num_attention_heads"], config["num_key_value_heads"])
+    written = write_blocks(variant, matrices)
+    assert written.by_kind == {"Q4_1": 5, "Q4_0": 5, "Q8_0": 1} and written.with_offsets == 5
 
     exact = {t.name: dequantize(t.data, t.tensor_type).astype(np.float64) for t in GGUFReader(gguf).tensors}
     model = onnx.load(str(variant / "model.onnx"))

@@ -84,7 +84,9 @@ def targets_cmd() -> None:
 
 @app.command("export")
 def export_cmd(
-    model: Annotated[str, typer.Argument(help="Catalogue name, local Hugging Face folder, or hub id.")],
+    model: Annotated[
+        str, typer.Argument(help="Catalogue name, local .gguf file, local Hugging Face folder, or hub id.")
+    ],
     target: Annotated[list[str], typer.Option("--target", "-t", help="Target id; repeat for several.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Export folder to write.")],
     block_size: Annotated[int, typer.Option(help="int4/int8 quantization block size (16-256).")] = 32,

@@ -2,6 +2,7 @@
 
     name in CATALOGUE ─► GGUF from a PyPI package ─► dequantize (transformers + gguf)
                          ─► rebuild from config, save ─► <home>/models/<name>/
+    local .gguf file  ─► the same, into <home>/models/gguf-<stem>-<sha256[:12]>/
     local folder      ─► used as it is (must hold config.json)
     hub id            ─► huggingface_hub snapshot, where a network exists
 
@@ -57,21 +58,37 @@ def gguf_path(source: GgufSource) -> Path:
 
 
 def source_gguf(source: Path) -> Path | None:
-    """The GGUF a materialized checkpoint was dequantized from (its source record says), if any."""
+    """The GGUF a materialized checkpoint was dequantized from (its source record says), if any;
+    it must still be the very file (same sha256), or its blocks would not be the checkpoint's."""
     record = source / SOURCE_RECORD
     if not record.is_file():
         return None
     gguf = json.loads(record.read_text()).get("gguf")
     if not isinstance(gguf, dict):
         return None
-    return gguf_path(GgufSource(package=gguf["package"], filename=gguf["file"], description=""))
+    if "package" in gguf:
+        path = gguf_path(GgufSource(package=gguf["package"], filename=gguf["file"], description=""))
+    else:
+        path = Path(gguf["path"])
+        if not path.is_file():
+            raise ModelSourceError(
+                f"{source} was dequantized from {path}, which is gone: restore it, or export with "
+                "--from-gguf dequantize"
+            )
+    if sha256_file(path) != gguf["sha256"]:
+        raise ModelSourceError(
+            f"{path} changed since {source} was dequantized from it: pass the .gguf again to re-materialize it"
+        )
+    return path
 
 
 def resolve(model: str, console: Console | None = None) -> Path:
-    """A catalogue name, a local Hugging Face folder or a hub id, as a local folder."""
+    """A catalogue name, a local .gguf file, a local Hugging Face folder or a hub id, as a local folder."""
     if model in CATALOGUE:
         return fetch(model, console=console)
     path = Path(model).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return materialize_gguf(path, console=console)
     if path.exists():
         if not (path / "config.json").is_file():
             raise ModelSourceError(f"{path} is not a Hugging Face model folder: it has no config.json")
@@ -106,37 +123,46 @@ def fetch(name: str, force: bool = False, console: Console | None = None) -> Pat
         return dest
     source = CATALOGUE[name]
     gguf = gguf_path(source)
-    console = console or Console(stderr=True)
+    origin = {"package": source.package, "file": source.filename, "sha256": sha256_file(gguf)}
+    return _materialize(gguf, dest, name, source.description, origin, console or Console(stderr=True))
+
+
+def materialize_gguf(gguf: Path, force: bool = False, console: Console | None = None) -> Path:
+    """A local .gguf file as a Hugging Face folder under the slmops home, cached by its sha256."""
+    digest = sha256_file(gguf)
+    name = f"gguf-{gguf.stem}-{digest[:12]}"
+    dest = paths.models_dir() / name
+    if (dest / SOURCE_RECORD).is_file() and not force:
+        return dest
+    origin = {"path": str(gguf.resolve()), "sha256": digest}
+    return _materialize(gguf, dest, name, f"{gguf.name}, a local GGUF", origin, console or Console(stderr=True))
+
+
+def _materialize(gguf: Path, dest: Path, name: str, description: str, origin: dict[str, str], console: Console) -> Path:
+    """Dequantize `gguf` into a Hugging Face checkpoint at `dest`, with its source record."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=dest.parent))
     try:
         with console.status(f"[bold]{name}[/]: reading tokenizer from {gguf.name}"):
             tokenizer = _load_tokenizer(gguf)
-        with console.status(f"[bold]{name}[/]: dequantizing {gguf.name} (about 20 s)"):
+        with console.status(f"[bold]{name}[/]: dequantizing {gguf.name}"):
             model = _load_dequantized(gguf)
         with console.status(f"[bold]{name}[/]: writing a Hugging Face checkpoint"):
             model.save_pretrained(staging)
             tokenizer.model_max_length = model.config.max_position_embeddings
             tokenizer.save_pretrained(staging)
-            (staging / SOURCE_RECORD).write_text(
-                json.dumps(
-                    {
-                        "name": name,
-                        "description": source.description,
-                        "gguf": {
-                            "package": source.package,
-                            "file": source.filename,
-                            "sha256": sha256_file(gguf),
-                        },
-                        "note": "dequantized from GGUF; weights are the Q4_1 values in float32",
-                    },
-                    indent=2,
-                )
-                + "\n"
-            )
+            record = {
+                "name": name,
+                "description": description,
+                "gguf": origin,
+                "note": "dequantized from GGUF; the weights are its blocks' values in float32",
+            }
+            (staging / SOURCE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
         if dest.exists():
             shutil.rmtree(dest)
         staging.rename(dest)
+    except (OSError, ValueError, KeyError) as e:  # transformers' GGUF loader on a file it cannot read
+        raise ModelSourceError(f"cannot read {gguf} as a model: {type(e).__name__}: {e}") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     console.print(f"[green]✓[/] {name} → {dest}")

@@ -13,11 +13,14 @@ from slmops.errors import BuildError
 N, K = 8, 96  # three blocks per row
 
 
-def write_gguf(path: Path, tensors: dict[str, tuple[np.ndarray, str]]) -> Path:
+def write_gguf(path: Path, tensors: dict[str, tuple[np.ndarray, str]], metadata=None) -> Path:
+    """A GGUF of these tensors (float data is quantized to the type named); `metadata(writer)` adds keys."""
     import gguf
     from gguf.quants import quantize
 
     writer = gguf.GGUFWriter(path, "llama")
+    if metadata is not None:
+        metadata(writer)
     for name, (data, type_name) in tensors.items():
         kind = gguf.GGMLQuantizationType[type_name]
         raw = data if data.dtype == np.uint8 else quantize(data, kind)

@@ -1,6 +1,6 @@
-"""`--from-gguf exact`'s transcode: the tiny model's weights written as a GGUF in every block type
-(as llama.cpp's converter writes them: its names, q and k rows permuted), carried into the tiny
-cpu-int4 variant; every weight of the variant is then the GGUF's, and the variant still runs."""
+"""`--from-gguf exact` from a local .gguf file: the tiny model written as llama.cpp's converter
+writes it (its names and metadata, q and k rows permuted) in every block type carried, exported
+by path; every weight of the variant is then the GGUF's, and the variant runs."""
 
 import json
 import shutil
@@ -10,9 +10,13 @@ import numpy as np
 import pytest
 from test_gguf_blocks import kernel_weight, write_gguf
 
-from slmops.build.block_graph import write_blocks
+from slmops.agent.serve.runtime import LoadedVariant
+from slmops.build import models
 from slmops.build.blocks import BLOCK, BlockWeight
-from slmops.build.gguf_blocks import LAYER_MATRICES, gguf_matrices
+from slmops.build.export import Recipe, export
+from slmops.build.gguf_blocks import LAYER_MATRICES
+from slmops.errors import ModelSourceError
+from slmops.manifest import sha256_file
 
 HF_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj"} | {
     gguf: {"attn.o_proj": "self_attn.o_proj"}.get(builder, builder) for gguf, builder in LAYER_MATRICES.items()
@@ -27,14 +31,49 @@ def llama_cpp_permute(weight: np.ndarray, heads: int) -> np.ndarray:
     )
 
 
+def llama_metadata(config: dict):
+    """What llama.cpp's converter writes for this config, with the catalogue GGUF's tokenizer."""
+    from gguf import GGUFReader, GGUFValueType
+
+    from slmops.build.models import CATALOGUE, gguf_path
+
+    tokenizer = {
+        key: field
+        for key, field in GGUFReader(gguf_path(CATALOGUE["smollm2-135m-instruct"])).fields.items()
+        if key.startswith("tokenizer.")
+    }
+
+    def write(writer) -> None:
+        writer.add_context_length(config["max_position_embeddings"])
+        writer.add_embedding_length(config["hidden_size"])
+        writer.add_block_count(config["num_hidden_layers"])
+        writer.add_feed_forward_length(config["intermediate_size"])
+        writer.add_head_count(config["num_attention_heads"])
+        writer.add_head_count_kv(config["num_key_value_heads"])
+        writer.add_rope_dimension_count(config["hidden_size"] // config["num_attention_heads"])
+        writer.add_rope_freq_base(config.get("rope_theta") or config["rope_parameters"]["rope_theta"])
+        writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+        writer.add_vocab_size(config["vocab_size"])
+        for key, field in tokenizer.items():
+            kind = field.types[0]
+            sub = field.types[1] if kind == GGUFValueType.ARRAY else None
+            writer.add_key_value(key, field.contents(), kind, sub_type=sub)
+
+    return write
+
+
 @pytest.fixture(scope="module")
 def tiny_gguf(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """The tiny model as llama.cpp's converter would write it, in Q4_1 (layer 0), Q4_0 (layer 1) and
+    Q8_0 (the tied embedding) blocks: a .gguf file a user could point `build export` at."""
     from safetensors.numpy import load_file
 
     config = json.loads((tiny_model / "config.json").read_text())
     hf = load_file(tiny_model / "model.safetensors")
     tensors = {"token_embd.weight": (hf["model.embed_tokens.weight"], "Q8_0")}
     for layer in range(config["num_hidden_layers"]):
+        tensors[f"blk.{layer}.attn_norm.weight"] = (hf[f"model.layers.{layer}.input_layernorm.weight"], "F32")
+        tensors[f"blk.{layer}.ffn_norm.weight"] = (hf[f"model.layers.{layer}.post_attention_layernorm.weight"], "F32")
         for gguf_name, hf_name in HF_NAMES.items():
             weight = hf[f"model.layers.{layer}.{hf_name}.weight"]
             if gguf_name == "attn_q":
@@ -42,8 +81,9 @@ def tiny_gguf(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> tup
             elif gguf_name == "attn_k":
                 weight = llama_cpp_permute(weight, config["num_key_value_heads"])
             tensors[f"blk.{layer}.{gguf_name}.weight"] = (weight, TYPES[layer])
+    tensors["output_norm.weight"] = (hf["model.norm.weight"], "F32")
     path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
-    return write_gguf(path, tensors), config
+    return write_gguf(path, tensors, llama_metadata(config)), config
 
 
 def variant_weight(model, prefix: str) -> np.ndarray:
@@ -60,18 +100,21 @@ def variant_weight(model, prefix: str) -> np.ndarray:
     return product
 
 
-def test_every_weight_of_the_variant_is_the_gguf_weight_and_it_runs(tiny_gguf, tiny_export: Path, tmp_path: Path):
+def test_a_local_gguf_exports_exactly_by_default_and_runs(tiny_gguf, tmp_path: Path) -> None:
     import onnx
     from gguf import GGUFReader
     from gguf.quants import dequantize
 
     gguf, config = tiny_gguf
-    variant = tmp_path / "cpu-int4"
-    shutil.copytree(tiny_export / "variants" / "cpu-int4", variant)
-    matrices = gguf_matrices(gguf, config["num_attention_heads"], config["num_key_value_heads"])
-    written = write_blocks(variant, matrices)
-    assert written.by_kind == {"Q4_1": 5, "Q4_0": 5, "Q8_0": 1} and written.with_offsets == 5
+    record = export(Recipe(source=str(gguf), targets=["cpu-int4"]), tmp_path / "out")
+    carried = record.variants["cpu-int4"]
+    assert carried.quant == "gguf-exact"
+    assert carried.blocks == {"Q4_1": 5, "Q4_0": 5, "Q8_0": 1, "with_offsets": 5}
+    assert carried.accuracy is not None and carried.accuracy.passed  # its reference: the GGUF dequantized
+    source = json.loads((Path(record.source_path) / "slmops-source.json").read_text())
+    assert source["gguf"] == {"path": str(gguf.resolve()), "sha256": sha256_file(gguf)}
 
+    variant = tmp_path / "out" / "variants" / "cpu-int4"
     exact = {t.name: dequantize(t.data, t.tensor_type).astype(np.float64) for t in GGUFReader(gguf).tensors}
     model = onnx.load(str(variant / "model.onnx"))
     for layer in range(config["num_hidden_layers"]):
@@ -90,17 +133,30 @@ def test_every_weight_of_the_variant_is_the_gguf_weight_and_it_runs(tiny_gguf, t
     assert np.abs(variant_weight(model, "lm_head.MatMul") - exact["token_embd.weight"]).max() == 0
     assert np.abs(embedding_rows(model, np.arange(64)) - exact["token_embd.weight"][:64]).max() == 0
 
-    import onnxruntime_genai as og
+    loaded = LoadedVariant.load(variant)
+    assert len(list(loaded.generate(loaded.encode("The capital of France is"), 8, ignore_eos=True))) == 8
 
-    og_model = og.Model(str(variant))
-    tokenizer = og.Tokenizer(og_model)
-    params = og.GeneratorParams(og_model)
-    params.set_search_options(max_length=24, do_sample=False)
-    generator = og.Generator(og_model, params)
-    generator.append_tokens(tokenizer.encode("The capital of France is"))
-    while not generator.is_done():
-        generator.generate_next_token()
-    assert len(generator.get_sequence(0)) == 24
+
+def test_a_gguf_that_changed_since_it_was_dequantized_is_refused(tiny_gguf, tmp_path: Path) -> None:
+    gguf = tmp_path / "copy.gguf"
+    shutil.copy(tiny_gguf[0], gguf)
+    materialized = models.materialize_gguf(gguf)
+    assert models.source_gguf(materialized) == gguf.resolve()
+    with gguf.open("ab") as f:
+        f.write(b"\0")
+    with pytest.raises(ModelSourceError, match="changed since"):
+        models.source_gguf(materialized)
+    gguf.unlink()
+    with pytest.raises(ModelSourceError, match="which is gone"):
+        models.source_gguf(materialized)
+
+
+def test_a_file_that_is_not_a_gguf_is_refused_clearly(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"this is not a model" * 10)
+    with pytest.raises(ModelSourceError, match=r"cannot read .*bad\.gguf as a model"):
+        export(Recipe(source=str(bad), targets=["cpu-int4"]), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def embedding_rows(model, ids: np.ndarray) -> np.ndarray:

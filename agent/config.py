@@ -46,6 +46,9 @@ class AgentConfig(BaseSettings):
     max_queued_requests: int = Field(default=16, ge=0, le=10_000)
     """Waiting requests beyond the active ones; past this a request gets 429."""
     default_max_tokens: int = Field(default=512, ge=1)
+    prefix_cache_mib: int = Field(default=256, ge=0, le=1_000_000)
+    """KV caches of finished requests kept (MiB) for prompts that start the same way: a chat's next
+    turn, a shared system prompt. 0 turns it off."""
 
     device_id: str = Field(
         default_factory=lambda: re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:128] or "device",
@@ -85,6 +88,10 @@ class AgentConfig(BaseSettings):
     telemetry_batch_records: int = Field(default=500, ge=1, le=10_000)
     telemetry_ack_timeout_s: float = Field(default=10.0, gt=0)
     """A batch not acknowledged in this time is sent again (the controller stores it once)."""
+
+    @property
+    def prefix_cache_bytes(self) -> int:
+        return self.prefix_cache_mib * 2**20
 
     @property
     def telemetry_db(self) -> Path:

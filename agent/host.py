@@ -109,7 +109,9 @@ class ModelHost:
         else:
             bundle = verify_bundle(path, keys, [variant_id], hashed)
             variant = bundle.manifest.variant(variant_id)
-            loaded = LoadedVariant.load(bundle.variant_dir(variant_id), self.config.threads)
+            loaded = LoadedVariant.load(
+                bundle.variant_dir(variant_id), self.config.threads, self.config.prefix_cache_bytes
+            )
         return self._served(bundle, variant.id, variant.execution_provider, loaded)
 
     def _smoke_test(self, served: ServedModel) -> None:
@@ -152,7 +154,8 @@ def load_best_variant(bundle: Bundle, config: AgentConfig, fallbacks: list[str])
         raise RuntimeLoadError(f"no variant of {bundle.manifest.name} can run here ({reasons})")
     for candidate in usable:
         try:
-            return candidate.variant, LoadedVariant.load(bundle.variant_dir(candidate.variant.id), config.threads)
+            variant_dir = bundle.variant_dir(candidate.variant.id)
+            return candidate.variant, LoadedVariant.load(variant_dir, config.threads, config.prefix_cache_bytes)
         except RuntimeLoadError as e:
             note = f"{candidate.variant.id}: {e}"
             fallbacks.append(note)

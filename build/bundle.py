@@ -17,6 +17,7 @@ from pathlib import Path
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from slmops.agent.serve.runtime import kv_bytes_per_token
 from slmops.bundle import VARIANTS_DIR, Bundle, write_archive
 from slmops.errors import BuildError
 from slmops.manifest import Evaluation, FileEntry, Manifest, Source, Variant, sha256_file
@@ -59,13 +60,7 @@ def _raise_template_error(message: str) -> None:
 def min_memory_bytes(variant_dir: Path, t: Target, size_bytes: int, evaluation: Evaluation | None) -> int:
     """Weights + a KV cache of KV_CACHE_BUDGET_TOKENS + runtime; never below the measured peak RSS."""
     decoder = json.loads((variant_dir / "genai_config.json").read_text())["model"]["decoder"]
-    # The model builder keeps activations and KV cache in fp32 on CPU and in fp16 on accelerators.
-    precision_bytes = 4 if t.execution_provider == "cpu" else 2
-    kv_bytes = (
-        (2 * decoder["num_hidden_layers"] * decoder["num_key_value_heads"] * decoder["head_size"])
-        * precision_bytes
-        * KV_CACHE_BUDGET_TOKENS
-    )
+    kv_bytes = kv_bytes_per_token(decoder, t.execution_provider) * KV_CACHE_BUDGET_TOKENS
     estimate = size_bytes + kv_bytes + RUNTIME_OVERHEAD_BYTES
     measured = evaluation.peak_rss_bytes if evaluation else 0
     return max(estimate, measured)

@@ -189,6 +189,7 @@ class Engine:
 
     def _finish(self, entry: _Active, emit_done: bool = True) -> None:
         self._active.remove(entry)
+        entry.generation.release()
         self._release()
         self._recent_request_s.append(time.perf_counter() - entry.job.submitted_at)
         if emit_done:

@@ -31,6 +31,9 @@ class AgentMetrics:
         )
         self.errors = Counter("slmops_agent_errors", "Requests that failed", ["type"], registry=r)
         self.prompt_tokens = Counter("slmops_agent_prompt_tokens", "Prompt tokens processed", registry=r)
+        self.cached_prompt_tokens = Counter(
+            "slmops_agent_cached_prompt_tokens", "Prompt tokens served from the prefix cache, not prefilled", registry=r
+        )
         self.generated_tokens = Counter("slmops_agent_generated_tokens", "Tokens generated", registry=r)
         self.ttft = Histogram(
             "slmops_agent_time_to_first_token_seconds", "Time to first token", buckets=LATENCY_BUCKETS_S, registry=r
@@ -53,13 +56,21 @@ class AgentMetrics:
         self._window = Window()
 
     def observe(
-        self, outcome: str, prompt_tokens: int, generated: int, ttft_s: float, tokens_per_s: float, duration_s: float
+        self,
+        outcome: str,
+        prompt_tokens: int,
+        generated: int,
+        ttft_s: float,
+        tokens_per_s: float,
+        duration_s: float,
+        cached_prompt_tokens: int = 0,
     ) -> None:
         """One generation ended: `ok`, `cancelled` (client left) or `error`."""
         self.generations.labels(outcome).inc()
         if outcome == "error":
             self.error("generation")
         self.prompt_tokens.inc(prompt_tokens)
+        self.cached_prompt_tokens.inc(cached_prompt_tokens)
         self.generated_tokens.inc(generated)
         self.latency.observe(duration_s)
         if generated:

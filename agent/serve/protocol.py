@@ -107,10 +107,16 @@ class CompletionRequest(SamplingFields):
         return self.max_tokens
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0
+    """Leading prompt tokens served from the prefix cache (an earlier request's KV), not prefilled again."""
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails = PromptTokensDetails()
 
 
 def completion_id(prefix: str) -> str:

@@ -6,22 +6,36 @@ module, so a figure measured at build time is measured on the code path that ser
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from slmops.errors import RuntimeLoadError
 
 from ..hardware import inference_threads
+from .prefix_cache import PrefixCache
+
+FOLLOW_UP_TOKENS = 256
+"""Room a cacheable generation keeps beyond its own prompt and reply for a follow-up's new turn
+(the follow-up's reply gets max_new_tokens more): enough to reuse it for the next chat turn."""
 
 if TYPE_CHECKING:
     import onnxruntime_genai as og
 
 
+def kv_bytes_per_token(decoder: dict[str, Any], execution_provider: str) -> int:
+    """KV cache bytes one token takes (genai_config.json's decoder): keys and values of every layer.
+    The model builder keeps them in fp32 on CPU and in fp16 on accelerators."""
+    precision_bytes = 4 if execution_provider == "cpu" else 2
+    return 2 * decoder["num_hidden_layers"] * decoder["num_key_value_heads"] * decoder["head_size"] * precision_bytes
+
+
 @dataclass
 class GenerationStats:
     prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    """Leading prompt tokens whose KV cache came from an earlier request (not prefilled again)."""
     new_tokens: int = 0
     time_to_first_token_s: float = 0.0
     total_s: float = 0.0
@@ -45,6 +59,14 @@ class Sampling:
     """Generate exactly max_new_tokens (benchmarks, load tests)."""
     repetition_penalty: float = 1.0
     """> 1 discourages tokens already in the sequence (1.1 stops small models looping)."""
+
+    def cache_key(self) -> Hashable | None:
+        """What a reused generator must share with this request (its search options are fixed when it
+        is made); None where none may be reused: a seed must start a fresh random stream, and
+        ignore_eos pins the generator's min_length."""
+        if self.seed is not None or self.ignore_eos:
+            return None
+        return (self.temperature, self.top_p, self.top_k, self.repetition_penalty)
 
     def search_options(self, vocab_size: int | None = None) -> dict[str, float | int | bool]:
         """onnxruntime-genai's search options; a top_k past `vocab_size` means all of it (onnxruntime-genai
@@ -70,10 +92,14 @@ class LoadedVariant:
     context_length: int
     eos_token_ids: frozenset[int] = field(default_factory=frozenset)
     vocab_size: int | None = None
+    prefix_cache: PrefixCache | None = None
+    """Idle generators kept for requests that share a prompt prefix; None: every request prefills all."""
 
     @classmethod
-    def load(cls, path: Path, threads: int | None = None) -> "LoadedVariant":
-        """Load a variant folder; `threads` for onnxruntime's intra-op pool (default: `inference_threads()`).
+    def load(cls, path: Path, threads: int | None = None, prefix_cache_bytes: int = 0) -> "LoadedVariant":
+        """Load a variant folder; `threads` for onnxruntime's intra-op pool (default: `inference_threads()`);
+        `prefix_cache_bytes` > 0 keeps that much of finished requests' KV caches for later prompts that
+        start the same way (a server; measurements keep it off, so every request is cold).
 
         Left unset, onnxruntime-genai's pool decoded SmolLM2 int4 at 125-131 tokens/s on a
         2-CPU machine where an explicit 2 gave 209-213 (benchmarks/serving.py notes).
@@ -93,6 +119,12 @@ class LoadedVariant:
         except Exception as e:  # onnxruntime-genai raises plain RuntimeError for every load failure
             raise RuntimeLoadError(f"onnxruntime-genai cannot load {path}: {e}") from None
         eos = config["model"].get("eos_token_id", [])
+        cache = None
+        if prefix_cache_bytes > 0:
+            decoder = config["model"]["decoder"]
+            providers = decoder.get("session_options", {}).get("provider_options", [])
+            provider = next(iter(providers[0]), "cpu") if providers else "cpu"
+            cache = PrefixCache(prefix_cache_bytes, kv_bytes_per_token(decoder, provider))
         return cls(
             path=path,
             model=model,
@@ -100,6 +132,7 @@ class LoadedVariant:
             context_length=int(config["model"]["context_length"]),
             eos_token_ids=frozenset(eos if isinstance(eos, list) else [eos]),
             vocab_size=int(config["model"]["vocab_size"]) if "vocab_size" in config["model"] else None,
+            prefix_cache=cache,
         )
 
     def chat_prompt(self, messages: list[dict[str, str]]) -> str:
@@ -130,10 +163,13 @@ class LoadedVariant:
         """Tokens one at a time, greedy."""
         generation = self.start(prompt_ids, max_new_tokens, Sampling(ignore_eos=ignore_eos))
         if stats is not None:
+            stats.prompt_tokens, stats.cached_prompt_tokens = len(prompt_ids), generation.stats.cached_prompt_tokens
             generation.stats = stats
-            stats.prompt_tokens = len(prompt_ids)
-        while (token := generation.step()) is not None:
-            yield token
+        try:
+            while (token := generation.step()) is not None:
+                yield token
+        finally:
+            generation.release()
 
     def stream_text(self, tokens: Iterator[int]) -> Iterator[str]:
         """Decode a token stream into text pieces as soon as they form whole characters."""
@@ -155,7 +191,9 @@ class LoadedVariant:
 
 
 class Generation:
-    """One request's generator: the KV cache is sized for prompt + max_new_tokens, not the full context."""
+    """One request's generator. Its KV cache is sized for prompt + max_new_tokens, not the full context;
+    with a prefix cache, it may come from an earlier request that shared the prompt's beginning (and then
+    keeps FOLLOW_UP_TOKENS more room, so that it can serve the next turn too)."""
 
     def __init__(self, variant: LoadedVariant, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling) -> None:
         self.variant = variant
@@ -163,27 +201,55 @@ class Generation:
         self.ignore_eos = sampling.ignore_eos
         self.stats = GenerationStats(prompt_tokens=len(prompt_ids))
         total = len(prompt_ids) + max_new_tokens
-        import onnxruntime_genai as og
+        cache, self._cache_key = variant.prefix_cache, sampling.cache_key()
+        reuse = cache.take(self._cache_key, prompt_ids, total) if cache and self._cache_key is not None else None
+        if reuse is not None:
+            self._generator, self._capacity = reuse.generator, reuse.capacity
+            self.stats.cached_prompt_tokens = reuse.tokens
+        else:
+            import onnxruntime_genai as og
 
-        params = og.GeneratorParams(variant.model)
-        params.set_search_options(
-            max_length=total,
-            min_length=total if sampling.ignore_eos else 0,
-            batch_size=1,
-            **sampling.search_options(variant.vocab_size),
-        )
-        self._generator = og.Generator(variant.model, params)
+            cacheable = cache is not None and self._cache_key is not None
+            self._capacity = (
+                min(variant.context_length, total + max_new_tokens + FOLLOW_UP_TOKENS) if cacheable else total
+            )
+            params = og.GeneratorParams(variant.model)
+            params.set_search_options(
+                max_length=self._capacity,
+                min_length=total if sampling.ignore_eos else 0,
+                batch_size=1,
+                **sampling.search_options(variant.vocab_size),
+            )
+            self._generator = og.Generator(variant.model, params)
         self._prompt = prompt_ids
         self._started = 0.0
+        self._failed = False
         self.done = False
+
+    def release(self) -> None:
+        """The request is over: its generator, whose KV cache holds the prompt, goes to the prefix cache
+        for a later request (not after a failure, nor before its prompt was prefilled)."""
+        cache = self.variant.prefix_cache
+        if cache is not None and self._cache_key is not None and self._started and not self._failed:
+            cache.put(self._cache_key, self._generator, self._prompt, self._capacity)
+        self.done = True
 
     def step(self) -> int | None:
         """The next token, or None when finished (stats.finish_reason says why)."""
+        try:
+            return self._step()
+        except Exception:
+            self._failed = True
+            raise
+
+    def _step(self) -> int | None:
         if self.done:
             return None
         if not self._started:
             self._started = time.perf_counter()
-            self._generator.append_tokens(self._prompt)
+            if reused := self.stats.cached_prompt_tokens:
+                self._generator.rewind_to(reused)
+            self._generator.append_tokens(self._prompt[reused:])
         if self._generator.is_done() or self.stats.new_tokens >= self.max_new_tokens:
             self.done = True
             return None

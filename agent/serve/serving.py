@@ -35,6 +35,8 @@ class Finish:
     ttft_s: float
     total_s: float
     queued_s: float
+    cached_prompt_tokens: int = 0
+    """Leading prompt tokens whose KV came from the prefix cache."""
 
 
 class Serving:
@@ -165,6 +167,7 @@ class Serving:
                 stats.time_to_first_token_s,
                 stats.decode_tokens_per_s,
                 time.perf_counter() - started,
+                stats.cached_prompt_tokens,
             )
         assert finish is not None
         total = time.perf_counter() - started
@@ -175,6 +178,7 @@ class Serving:
             stats.time_to_first_token_s,
             total,
             queued_s=max(0.0, total - stats.total_s),
+            cached_prompt_tokens=stats.cached_prompt_tokens,
         )
 
 

@@ -13,7 +13,7 @@ from fastapi.responses import StreamingResponse
 from slmops.errors import HttpError
 from slmops.http import error_body, http_error
 
-from .protocol import Usage
+from .protocol import PromptTokensDetails, Usage
 from .serving import Finish, Piece
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,7 @@ def usage(finish: Finish) -> Usage:
         prompt_tokens=finish.prompt_tokens,
         completion_tokens=finish.completion_tokens,
         total_tokens=finish.prompt_tokens + finish.completion_tokens,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=finish.cached_prompt_tokens),
     )
 
 

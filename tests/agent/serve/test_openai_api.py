@@ -56,7 +56,11 @@ def test_streaming_gives_the_same_text_and_usage(agent) -> None:
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert finishes == [whole.choices[0].finish_reason]
     usage_chunk = chunks[-1]
-    assert usage_chunk.choices == [] and usage_chunk.usage == whole.usage
+    assert usage_chunk.choices == [] and usage_chunk.usage is not None
+    counts = ("prompt_tokens", "completion_tokens", "total_tokens")
+    assert [getattr(usage_chunk.usage, n) for n in counts] == [getattr(whole.usage, n) for n in counts]
+    # the same prompt again: all but its last token came from the prefix cache, and the text is the same
+    assert usage_chunk.usage.prompt_tokens_details.cached_tokens == whole.usage.prompt_tokens - 1
     assert all(c.usage is None for c in chunks[:-1])
     assert len({c.id for c in chunks}) == 1
 

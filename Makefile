@@ -72,9 +72,9 @@ check: install
 
 bench: install
 	$(PIP) install --quiet -c constraints.txt -e ".[bench]"
-	$(PY) -P benchmarks/inference.py
-	$(PY) -P benchmarks/serving.py
-	$(PY) -P benchmarks/transfer.py
+	$(PY) benchmarks/inference.py
+	$(PY) benchmarks/serving.py
+	$(PY) benchmarks/transfer.py
 
 clean:
 	rm -rf $(VENV) .setuptools-build out .slmops-test-home

@@ -10,7 +10,7 @@ threads, for N requests of NEW_TOKENS forced tokens submitted together:
 
 Prints a table; writes benchmarks/results/batching.json.
 
-    python -P benchmarks/batching.py [--requests 1,2,4,8] [--new-tokens 128]
+    python benchmarks/batching.py [--requests 1,2,4,8] [--new-tokens 128]
 """
 
 import argparse

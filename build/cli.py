@@ -80,6 +80,12 @@ def targets_cmd() -> None:
         built_by = "model builder" if t.builder_precision else f"[yellow]needs {t.requires}[/]"
         table.add_row(t.id, t.execution_provider, t.device_class, t.precision, built_by, t.description)
     console.print(table)
+    methods = Table(title="--quant: int4 from float weights (a GGUF source's own blocks are carried instead)")
+    for column in ("method", "what it does and costs"):
+        methods.add_column(column)
+    for name, cost in QUANT_METHODS.items():
+        methods.add_row(name, cost)
+    console.print(methods)
 
 
 @app.command("export")

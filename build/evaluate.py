@@ -90,7 +90,7 @@ def _measure(variant_dir: str, runs: int, new_tokens: int, perplexity: bool, spe
         figures["decode_tokens_per_s"] = statistics.median(s.decode_tokens_per_s for s in measured)
         figures["time_to_first_token_ms"] = statistics.median(s.time_to_first_token_s for s in measured) * 1000
     # Peak RSS of load + generation, as a server sees it; taken before perplexity's scoring buffers.
-    figures["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    figures["peak_rss_bytes"] = peak_rss_bytes()
     if perplexity:
         ppl, count = _perplexity(variant, heldout_text())
         figures.update(perplexity=ppl, perplexity_tokens=count)
@@ -98,6 +98,19 @@ def _measure(variant_dir: str, runs: int, new_tokens: int, perplexity: bool, spe
     figures["measured_on"] = hardware.describe()
     figures["runtime"] = f"onnxruntime-genai {metadata.version('onnxruntime-genai')}"
     return figures
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory since it started (exec'd). Linux's VmHWM: getrusage's
+    ru_maxrss carries the forking parent's peak over an exec, so a child of a big process (an
+    export holding torch) would report the parent's."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
 
 
 def _perplexity(variant: LoadedVariant, text: str) -> tuple[float, int]:

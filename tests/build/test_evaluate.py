@@ -88,3 +88,25 @@ def test_evaluating_something_that_is_not_a_variant_fails_clearly(tmp_path: Path
 
     with pytest.raises(SlmopsError, match=r"no genai_config\.json"):
         evaluate(tmp_path)
+
+
+def test_peak_rss_is_the_variants_not_its_callers(tiny_export: Path) -> None:
+    """An export holds torch when it evaluates; the child's figure must not carry the parent's peak
+    (getrusage's ru_maxrss does, across fork and exec)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "ballast = b'\\1' * (700 * 2**20)\n"  # the caller's own peak: 700 MiB, resident
+        "from slmops.build.evaluate import evaluate\n"
+        "print(evaluate(Path(sys.argv[1]), runs=1, new_tokens=4, perplexity=False).peak_rss_bytes)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-P", "-c", script, str(tiny_export / "variants" / "cpu-int4")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert 10 * 2**20 < int(result.stdout.split()[-1]) < 500 * 2**20

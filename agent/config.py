@@ -49,6 +49,10 @@ class AgentConfig(BaseSettings):
     prefix_cache_mib: int = Field(default=256, ge=0, le=1_000_000)
     """KV caches of finished requests kept (MiB) for prompts that start the same way: a chat's next
     turn, a shared system prompt. 0 turns it off."""
+    prefix_cache_replies: bool = False
+    """Also keep the KV of the replies generated (as llama.cpp's server does): a chat's next turn then
+    prefills only its new message, but its tokens may differ slightly from a cold request's, since
+    onnxruntime rounds decoding and prefilling differently. Off: follow-ups are bit-exact."""
 
     device_id: str = Field(
         default_factory=lambda: re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:128] or "device",

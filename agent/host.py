@@ -109,8 +109,9 @@ class ModelHost:
         else:
             bundle = verify_bundle(path, keys, [variant_id], hashed)
             variant = bundle.manifest.variant(variant_id)
+            config = self.config
             loaded = LoadedVariant.load(
-                bundle.variant_dir(variant_id), self.config.threads, self.config.prefix_cache_bytes
+                bundle.variant_dir(variant_id), config.threads, config.prefix_cache_bytes, config.prefix_cache_replies
             )
         return self._served(bundle, variant.id, variant.execution_provider, loaded)
 
@@ -155,7 +156,10 @@ def load_best_variant(bundle: Bundle, config: AgentConfig, fallbacks: list[str])
     for candidate in usable:
         try:
             variant_dir = bundle.variant_dir(candidate.variant.id)
-            return candidate.variant, LoadedVariant.load(variant_dir, config.threads, config.prefix_cache_bytes)
+            loaded = LoadedVariant.load(
+                variant_dir, config.threads, config.prefix_cache_bytes, config.prefix_cache_replies
+            )
+            return candidate.variant, loaded
         except RuntimeLoadError as e:
             note = f"{candidate.variant.id}: {e}"
             fallbacks.append(note)

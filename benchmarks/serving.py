@@ -13,7 +13,9 @@ median over rounds of each round's median, with the range:
                    loop (our runtime), llama-cpp-python's loop
     follow-up TTFT a three-turn chat (a system prompt, short greedy answers): time to the first
                    chunk of turns 2 and 3, which share everything before them with turn 1; and a
-                   cold TTFT of the same third-turn prompt on a fresh conversation
+                   cold TTFT of the same third-turn prompt on a fresh conversation; our agent as
+                   configured by default (bit-exact: the previous reply is prefilled again) and
+                   with prefix_cache_replies (the reply's KV kept, as llama.cpp's server does)
     start-up       process start → /health 200 with the model loaded; idle RSS of an empty agent
     concurrency    C clients at once, each sending REQUESTS streamed requests one after the
                    other: aggregate generated tokens/s, request latency p50/p95, TTFT p50
@@ -60,7 +62,9 @@ def prepare_bundle(console) -> tuple[Path, Path]:
 class Agent:
     """`slmops agent serve` in a process of its own, on a free port, with its own data folder."""
 
-    def __init__(self, bundle: Path | None, public_key: Path, max_active: int, max_queued: int) -> None:
+    def __init__(
+        self, bundle: Path | None, public_key: Path, max_active: int, max_queued: int, keep_replies: bool = False
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         command = [str(Path(sys.executable).parent / "slmops"), "agent", "serve", "--port", str(self.port)]
@@ -71,6 +75,7 @@ class Agent:
             "SLMOPS_AGENT_DATA_DIR": str(WORK / f"agent-{self.port}"),
             "SLMOPS_AGENT_MAX_ACTIVE_REQUESTS": str(max_active),
             "SLMOPS_AGENT_MAX_QUEUED_REQUESTS": str(max_queued),
+            "SLMOPS_AGENT_PREFIX_CACHE_REPLIES": str(keep_replies).lower(),
         }
         self.started = time.perf_counter()
         self.process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -319,6 +324,7 @@ def main() -> None:
             empty.stop()
 
     agent = Agent(bundle, public_key, args.max_active, max(levels) * args.requests_per_client)
+    replies = Agent(bundle, public_key, args.max_active, 4, keep_replies=True)
     llama = None if args.skip_llama_cpp else LlamaServer(gguf, args.threads)
     samples: dict[str, list[dict]] = {}
 
@@ -328,6 +334,7 @@ def main() -> None:
     try:
         with console.status("start-up with the model"):
             report["startup_to_ready_s"] = agent.wait_for(200)
+            replies.wait_for(200)
             if llama is not None:
                 llama.wait_ready()
             time.sleep(1)
@@ -336,6 +343,7 @@ def main() -> None:
             with console.status(f"round {r + 1}/{args.rounds}: agent over HTTP"):
                 record("agent HTTP", http_decode(agent.url, args.runs, args.new_tokens, ours=True))
                 record("agent multi-turn", follow_up_ttft(agent.url, r, ours=True))
+                record("agent multi-turn, replies kept", follow_up_ttft(replies.url, r, ours=True))
             with console.status(f"round {r + 1}/{args.rounds}: our runtime's loop, no HTTP"):
                 raw = evaluate(variant, runs=args.runs, new_tokens=args.new_tokens, perplexity=False)
                 record(
@@ -348,6 +356,7 @@ def main() -> None:
                 with console.status(f"round {r + 1}/{args.rounds}: llama.cpp's loop, no HTTP"):
                     figures = in_child(run_llama_cpp, str(gguf), args.runs, args.new_tokens, args.threads, False)
                     record("llama.cpp loop", {k: figures[k] for k in ("decode_tokens_per_s", "ttft_ms")})
+        replies.stop()
         if llama is not None:
             llama.stop()
             llama = None
@@ -359,6 +368,8 @@ def main() -> None:
         report["serving_peak_rss_bytes"] = agent.peak_rss()
     finally:
         agent.stop()
+        if replies.process.poll() is None:
+            replies.stop()
         if llama is not None:
             llama.stop()
 
@@ -399,11 +410,11 @@ def main() -> None:
     turns = Table(title="multi-turn chat: time to first token, ms (median over rounds, range)")
     for column in ("server", "follow-up turn", "cold, same prompt"):
         turns.add_column(column, justify="left" if column == "server" else "right")
-    for path in ("agent multi-turn", "llama.cpp server multi-turn"):
+    for path in ("agent multi-turn", "agent multi-turn, replies kept", "llama.cpp server multi-turn"):
         if path in paths:
             f, c = paths[path]["follow_up_ttft_ms"], paths[path]["cold_ttft_ms"]
             turns.add_row(
-                path.removesuffix(" multi-turn"),
+                path.replace(" multi-turn", ""),
                 f"{f['median']:.0f} ({f['min']:.0f}–{f['max']:.0f})",
                 f"{c['median']:.0f} ({c['min']:.0f}–{c['max']:.0f})",
             )
@@ -444,6 +455,7 @@ def main() -> None:
         "http_vs_raw": ("≥", 0.9),
         "http_vs_llama_cpp_server": ("≥", 1.5),
         "follow_up_ttft_vs_llama_cpp_server": ("≤", 1.0),
+        "follow_up_ttft_replies_kept_vs_llama_cpp_server": ("≤", 1.0),
     }
     checks = Table(title="targets")
     for column in ("figure", "measured", "target", "met"):

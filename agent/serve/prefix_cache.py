@@ -5,9 +5,11 @@
                     with its prompt is taken out ─► rewound to that prefix ─► only the rest is
                     prefilled: a chat's follow-up turn, a fixed system prompt, a regenerated answer
 
-Only prefilled tokens are reused, never the tokens a generation decoded one by one: onnxruntime
-rounds a decode step and a prefill differently, so reusing decoded KV would change the tokens a
-follow-up gets. With prefilled tokens, a warm request gives exactly the tokens a cold one does.
+By default only prefilled tokens are reused, not the tokens a generation decoded one by one:
+onnxruntime rounds a decode step and a prefill differently, so reusing decoded KV can change the
+tokens a follow-up gets. With prefilled tokens, a warm request gives exactly the tokens a cold one
+does. `decoded=True` also keeps the reply's KV (as llama.cpp's server does): a follow-up then
+prefills only its new turn, and its tokens may differ slightly from a cold request's.
 
 The engine's one scheduler thread takes and puts, and a taken generator belongs to one request
 until it is put back, so requests never share one. Idle generators are held within a byte budget
@@ -45,9 +47,11 @@ class _Idle:
 
 
 class PrefixCache:
-    def __init__(self, budget_bytes: int, bytes_per_token: int) -> None:
+    def __init__(self, budget_bytes: int, bytes_per_token: int, decoded: bool = False) -> None:
         self.budget_bytes = budget_bytes
         self.bytes_per_token = bytes_per_token
+        self.decoded = decoded
+        """Also reuse the KV of decoded tokens (faster follow-ups, not bit-exact with a cold request)."""
         self._idle: OrderedDict[int, _Idle] = OrderedDict()
         self._next_id = 0
         self.hits = 0
@@ -81,7 +85,8 @@ class PrefixCache:
         return Reuse(entry.generator, entry.capacity, best_tokens)
 
     def put(self, key: Hashable, generator: "og.Generator", prompt: list[int], capacity: int) -> None:
-        """Keep a finished request's generator, whose KV cache holds `prompt`, for the next one."""
+        """Keep a finished request's generator, whose KV cache holds `prompt` (the tokens it may serve
+        again), for the next one."""
         if capacity * self.bytes_per_token > self.budget_bytes:
             return
         self._idle[self._next_id] = _Idle(key, generator, list(prompt), capacity)

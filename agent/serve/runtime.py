@@ -96,10 +96,13 @@ class LoadedVariant:
     """Idle generators kept for requests that share a prompt prefix; None: every request prefills all."""
 
     @classmethod
-    def load(cls, path: Path, threads: int | None = None, prefix_cache_bytes: int = 0) -> "LoadedVariant":
+    def load(
+        cls, path: Path, threads: int | None = None, prefix_cache_bytes: int = 0, reuse_decoded: bool = False
+    ) -> "LoadedVariant":
         """Load a variant folder; `threads` for onnxruntime's intra-op pool (default: `inference_threads()`);
         `prefix_cache_bytes` > 0 keeps that much of finished requests' KV caches for later prompts that
-        start the same way (a server; measurements keep it off, so every request is cold).
+        start the same way (a server; measurements keep it off, so every request is cold); `reuse_decoded`
+        keeps the replies' KV too (see prefix_cache).
 
         Left unset, onnxruntime-genai's pool decoded SmolLM2 int4 at 125-131 tokens/s on a
         2-CPU machine where an explicit 2 gave 209-213 (benchmarks/serving.py notes).
@@ -124,7 +127,7 @@ class LoadedVariant:
             decoder = config["model"]["decoder"]
             providers = decoder.get("session_options", {}).get("provider_options", [])
             provider = next(iter(providers[0]), "cpu") if providers else "cpu"
-            cache = PrefixCache(prefix_cache_bytes, kv_bytes_per_token(decoder, provider))
+            cache = PrefixCache(prefix_cache_bytes, kv_bytes_per_token(decoder, provider), reuse_decoded)
         return cls(
             path=path,
             model=model,
@@ -231,7 +234,10 @@ class Generation:
         for a later request (not after a failure, nor before its prompt was prefilled)."""
         cache = self.variant.prefix_cache
         if cache is not None and self._cache_key is not None and self._started and not self._failed:
-            cache.put(self._cache_key, self._generator, self._prompt, self._capacity)
+            held = self._prompt
+            if cache.decoded and self.stats.new_tokens:
+                held = [int(t) for t in self._generator.get_sequence(0)][:-1]  # the last one sampled has no KV yet
+            cache.put(self._cache_key, self._generator, held, self._capacity)
         self.done = True
 
     def step(self) -> int | None:

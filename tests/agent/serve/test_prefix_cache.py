@@ -116,3 +116,18 @@ def test_several_clients_at_once_get_the_cold_answers_from_the_cache(start_agent
     metrics = warm_agent.http().get("/metrics").text
     counted = next(line for line in metrics.splitlines() if line.startswith("slmops_agent_cached_prompt_tokens_total"))
     assert float(counted.split()[1]) == sum(a.usage.prompt_tokens_details.cached_tokens for a in follow_ups)
+
+
+def test_keeping_replies_reuses_the_reply_too(tiny_export: Path) -> None:
+    """prefix_cache_replies: the next turn prefills only its new message (as llama.cpp's server does)."""
+    warm = LoadedVariant.load(tiny_export / "variants" / "cpu-int4", prefix_cache_bytes=64 * 2**20, reuse_decoded=True)
+    first_prompt = warm.encode(warm.chat_prompt([{"role": "user", "content": "Name a river in Europe."}]))
+    generation = warm.start(first_prompt, 12, Sampling())
+    reply = []
+    while (token := generation.step()) is not None:
+        reply.append(token)
+    generation.release()
+    follow_up = first_prompt + reply + warm.encode("<|im_end|>\n<|im_start|>user\nAnother?<|im_end|>\n")
+    second = warm.start(follow_up, 4, Sampling())
+    assert second.stats.cached_prompt_tokens >= len(first_prompt) + len(reply) - 1
+    second.release()

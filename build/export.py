@@ -52,14 +52,15 @@ DEFAULT_MAX_PPL_INCREASE = 0.05
 QuantMethod = Literal["imatrix", "imatrix-asym", "k-quant-mixed", "rtn"]
 QUANT_METHODS: dict[str, str] = {
     "imatrix": "int4 blocks fitted to the importance of each input on the shipped calibration text, "
-    "8-bit lm_head and tied embedding; the stock int4 kernel (cpu-int4; default)",
+    "8-bit lm_head and tied embedding; the stock int4 kernel, as fast as rtn, ~16 % larger (cpu-int4; default)",
     "imatrix-asym": "as imatrix on an asymmetric grid (a float offset per block, like GGUF's Q4_1): "
-    "the least loss, one small extra MatMul per matrix, ~1 % larger (cpu-int4)",
+    "the least loss; the offsets cost one small MatMul per matrix (~25 % slower) and ~30 % more than rtn",
     "k-quant-mixed": "the model builder's k-quant with llama.cpp's mixed strategy: int8 lm_head and "
     "sensitive layers, asymmetric int4 elsewhere; ~30 % larger than rtn",
     "rtn": "the model builder's round-to-nearest int4, lm_head too: the smallest, the most loss",
 }
-"""How int4 weights are made from float ones, and what each costs (`build targets` shows them)."""
+"""How int4 weights are made from float ones, and what each costs (`build targets` shows them; the
+sizes and speeds are SmolLM2-135M's in benchmarks/inference.py)."""
 OWN_QUANT = ("imatrix", "imatrix-asym")
 """Methods slmops runs itself (build/quantize.py) and writes into the builder's cpu-int4 graph."""
 

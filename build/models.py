@@ -132,9 +132,13 @@ def materialize_gguf(gguf: Path, force: bool = False, console: Console | None = 
     digest = sha256_file(gguf)
     name = f"gguf-{gguf.stem}-{digest[:12]}"
     dest = paths.models_dir() / name
-    if (dest / SOURCE_RECORD).is_file() and not force:
-        return dest
     origin = {"path": str(gguf.resolve()), "sha256": digest}
+    record_path = dest / SOURCE_RECORD
+    if record_path.is_file() and not force:
+        record = json.loads(record_path.read_text())
+        if record.get("gguf") != origin:  # the same bytes, moved or copied: its blocks are found here now
+            record_path.write_text(json.dumps(record | {"gguf": origin}, indent=2) + "\n")
+        return dest
     return _materialize(gguf, dest, name, f"{gguf.name}, a local GGUF", origin, console or Console(stderr=True))
 
 

@@ -151,6 +151,17 @@ def test_a_gguf_that_changed_since_it_was_dequantized_is_refused(tiny_gguf, tmp_
         models.source_gguf(materialized)
 
 
+def test_the_same_gguf_moved_is_found_where_it_is_now(tiny_gguf, tmp_path: Path) -> None:
+    first, moved = tmp_path / "a" / "model.gguf", tmp_path / "b" / "model.gguf"
+    for path in (first, moved):
+        path.parent.mkdir()
+    shutil.copy(tiny_gguf[0], first)
+    materialized = models.materialize_gguf(first)
+    first.rename(moved)
+    assert models.materialize_gguf(moved) == materialized  # the same bytes: not dequantized again
+    assert models.source_gguf(materialized) == moved.resolve()
+
+
 def test_a_file_that_is_not_a_gguf_is_refused_clearly(tmp_path: Path) -> None:
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"this is not a model" * 10)

@@ -388,9 +388,12 @@ def main() -> None:
         report["ratios"]["http_vs_llama_cpp_server"] = median("agent HTTP", "decode_tokens_per_s") / median(
             "llama.cpp server HTTP", "decode_tokens_per_s"
         )
-        report["ratios"]["follow_up_ttft_vs_llama_cpp_server"] = median(
-            "agent multi-turn", "follow_up_ttft_ms"
-        ) / median("llama.cpp server multi-turn", "follow_up_ttft_ms")
+        llama_follow_up = median("llama.cpp server multi-turn", "follow_up_ttft_ms")
+        for path, ratio in (
+            ("agent multi-turn", "follow_up_ttft_vs_llama_cpp_server"),
+            ("agent multi-turn, replies kept", "follow_up_ttft_replies_kept_vs_llama_cpp_server"),
+        ):
+            report["ratios"][ratio] = median(path, "follow_up_ttft_ms") / llama_follow_up
 
     speed = Table(title=f"decode, SmolLM2-135M-Instruct cpu-int4, {report['machine']}, {args.rounds} rounds")
     for column in ("path", "decode tok/s", "range", "TTFT ms", "range"):

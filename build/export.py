@@ -40,6 +40,7 @@ from slmops.targets import Target, target
 
 from . import evaluate, models
 from .blocks import BLOCK
+from .quantize import BODY_QUANTIZERS, float_matrices
 
 BUILD_RECORD = "build.json"
 LOGS_DIR = "logs"
@@ -61,7 +62,7 @@ QUANT_METHODS: dict[str, str] = {
 }
 """How int4 weights are made from float ones, and what each costs (`build targets` shows them; the
 sizes and speeds are SmolLM2-135M's in benchmarks/inference.py)."""
-OWN_QUANT = ("imatrix", "imatrix-asym")
+OWN_QUANT = tuple(BODY_QUANTIZERS)
 """Methods slmops runs itself (build/quantize.py) and writes into the builder's cpu-int4 graph."""
 
 
@@ -395,9 +396,7 @@ def _own_blocks(
         matrices = gguf_matrices(gguf, config["num_attention_heads"], config["num_key_value_heads"])
         made_by = "gguf-exact"
     elif quant.method in OWN_QUANT:
-        from .quantize import float_matrices
-
-        matrices = float_matrices(source, quant.method, progress)  # type: ignore[arg-type]
+        matrices = float_matrices(source, quant.method, progress)
         made_by = quant.method
     else:
         return quant.method, None

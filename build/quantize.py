@@ -14,14 +14,12 @@ float source ─► importance of every input of every matrix: mean x² over the
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 
 from .block_graph import LM_HEAD, QKV, layer_matrix
 from .blocks import BLOCK, BlockWeight, packed, stacked
 
-OwnQuant = Literal["imatrix", "imatrix-asym"]
 CALIBRATION_WINDOW_TOKENS = 512
 SCALE_CANDIDATES = np.linspace(6.5, 9.0, 26)
 """Symmetric blocks try d = −(the block's extreme weight)/f for each f; f = 8 is plain round-to-nearest
@@ -36,9 +34,10 @@ def calibration_text() -> str:
 
 
 def float_matrices(
-    source: Path, method: OwnQuant, progress: Callable[[str], None] = lambda _: None
+    source: Path, method: str, progress: Callable[[str], None] = lambda _: None
 ) -> dict[str, BlockWeight]:
-    """Every matrix of the float checkpoint `source` quantized by `method`, keyed by the builder's MatMul."""
+    """Every matrix of the float checkpoint `source` quantized by `method` (a key of BODY_QUANTIZERS),
+    keyed by the builder's MatMul."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -49,7 +48,7 @@ def float_matrices(
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
     progress("measuring input importance on the calibration text")
     importance = _importance(model, tokenizer(calibration_text(), add_special_tokens=False)["input_ids"])
-    quantize = symmetric_int4 if method == "imatrix" else asymmetric_int4
+    quantize = BODY_QUANTIZERS[method]
     matrices: dict[str, BlockWeight] = {}
     layers = model.model.layers
     for index, layer in enumerate(layers):
@@ -188,3 +187,10 @@ def symmetric_int8(name: str, weight: np.ndarray) -> BlockWeight:
     d32 = np.where(amax > 0, amax / 127, 1.0).astype(np.float32)
     levels = np.clip(np.rint(x / d32.astype(np.float64)), -127, 127) + 128
     return BlockWeight(name, "int8", 8, packed(levels, 8), d32[..., 0], None)
+
+
+BODY_QUANTIZERS: dict[str, Callable[[str, np.ndarray, np.ndarray], BlockWeight]] = {
+    "imatrix": symmetric_int4,
+    "imatrix-asym": asymmetric_int4,
+}
+"""The --quant methods slmops runs itself: how each fits a layer's matrices (lm_head is 8-bit in all)."""

@@ -59,50 +59,36 @@ def prepare_bundle(console) -> tuple[Path, Path]:
     return bundle, key.with_suffix(".pub")
 
 
-class Agent:
-    """`slmops agent serve` in a process of its own, on a free port, with its own data folder."""
+class ServerProcess:
+    """A server in a process of its own on a free loopback port; its output goes to a log file (a pipe
+    nobody reads would fill up and stall it: llama.cpp talks a lot)."""
 
-    def __init__(
-        self, bundle: Path | None, public_key: Path, max_active: int, max_queued: int, keep_replies: bool = False
-    ) -> None:
+    name = "the server"
+
+    def __init__(self, command: list[str], env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        command = [str(Path(sys.executable).parent / "slmops"), "agent", "serve", "--port", str(self.port)]
-        command += [str(bundle)] if bundle else []
-        command += ["-k", str(public_key)]
-        env = {
-            **os.environ,
-            "SLMOPS_AGENT_DATA_DIR": str(WORK / f"agent-{self.port}"),
-            "SLMOPS_AGENT_MAX_ACTIVE_REQUESTS": str(max_active),
-            "SLMOPS_AGENT_MAX_QUEUED_REQUESTS": str(max_queued),
-            "SLMOPS_AGENT_PREFIX_CACHE_REPLIES": str(keep_replies).lower(),
-        }
+        self.log = WORK / f"{type(self).__name__.lower()}-{self.port}.log"
         self.started = time.perf_counter()
-        self.process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        with self.log.open("w") as log:
+            self.process = subprocess.Popen(
+                [*command, "--port", str(self.port)], env=env, stdout=log, stderr=subprocess.STDOUT
+            )
 
-    def wait_for(self, status: int, timeout_s: float = 120) -> float:
-        """Seconds from process start until /health answers `status`."""
+    def wait_for(self, path: str, status: int = 200, timeout_s: float = 120) -> float:
+        """Seconds from process start until `path` answers `status`."""
         deadline = time.monotonic() + timeout_s
         with httpx.Client(base_url=self.url, timeout=5) as http:
             while time.monotonic() < deadline:
                 if self.process.poll() is not None:
-                    raise RuntimeError(f"the agent exited: {self.process.stderr.read() if self.process.stderr else ''}")
+                    raise RuntimeError(f"{self.name} exited: {self.log.read_text()[-2000:]}")
                 try:
-                    if http.get("/health").status_code == status:
+                    if http.get(path).status_code == status:
                         return time.perf_counter() - self.started
                 except httpx.TransportError:
                     pass
                 time.sleep(0.02)
-        raise TimeoutError(f"/health did not answer {status} within {timeout_s} s")
-
-    def rss(self) -> int:
-        return psutil.Process(self.process.pid).memory_info().rss
-
-    def peak_rss(self) -> int:
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-        return self.rss()
+        raise TimeoutError(f"{path} of {self.name} did not answer {status} within {timeout_s} s")
 
     def stop(self) -> None:
         self.process.send_signal(signal.SIGTERM)
@@ -113,45 +99,51 @@ class Agent:
             self.process.wait()
 
 
-class LlamaServer:
-    """llama.cpp's server (llama-cpp-python[server]) on the GGUF, in a process of its own."""
+class Agent(ServerProcess):
+    """`slmops agent serve`, with its own data folder."""
 
+    name = "the agent"
+
+    def __init__(
+        self, bundle: Path | None, public_key: Path, max_active: int, max_queued: int, keep_replies: bool = False
+    ) -> None:
+        command = [str(Path(sys.executable).parent / "slmops"), "agent", "serve"]
+        command += [str(bundle)] if bundle else []
+        command += ["-k", str(public_key)]
+        data_dir = WORK / f"agent-{time.monotonic_ns()}"
+        env = {
+            **os.environ,
+            "SLMOPS_AGENT_DATA_DIR": str(data_dir),
+            "SLMOPS_AGENT_MAX_ACTIVE_REQUESTS": str(max_active),
+            "SLMOPS_AGENT_MAX_QUEUED_REQUESTS": str(max_queued),
+            "SLMOPS_AGENT_PREFIX_CACHE_REPLIES": str(keep_replies).lower(),
+        }
+        super().__init__(command, env)
+
+    def wait_health(self, status: int) -> float:
+        """Seconds from process start until /health answers `status` (503: up without a model)."""
+        return self.wait_for("/health", status)
+
+    def rss(self) -> int:
+        return psutil.Process(self.process.pid).memory_info().rss
+
+    def peak_rss(self) -> int:
+        from slmops.build.evaluate import vm_hwm_bytes
+
+        return vm_hwm_bytes(self.process.pid) or self.rss()
+
+
+class LlamaServer(ServerProcess):
+    """llama.cpp's server (llama-cpp-python[server]) on the GGUF."""
+
+    name = "llama.cpp's server"
     FORCE = "min_tokens"
     """Its way to generate exactly max_tokens (ours is ignore_eos)."""
 
     def __init__(self, gguf: Path, threads: int) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         command = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1"]
-        command += ["--port", str(self.port), "--n_threads", str(threads), "--n_threads_batch", str(threads)]
-        command += ["--n_ctx", "4096"]
-        self.log = WORK / "llama-server.log"  # llama.cpp talks a lot: a pipe nobody reads would fill and stall it
-        with self.log.open("w") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-
-    def wait_ready(self, timeout_s: float = 120) -> None:
-        deadline = time.monotonic() + timeout_s
-        with httpx.Client(base_url=self.url, timeout=5) as http:
-            while time.monotonic() < deadline:
-                if self.process.poll() is not None:
-                    raise RuntimeError(
-                        f"llama.cpp's server exited: {self.process.stderr.read() if self.process.stderr else ''}"
-                    )
-                try:
-                    if http.get("/v1/models").status_code == 200:
-                        return
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.05)
-        raise TimeoutError(f"llama.cpp's server did not answer within {timeout_s} s")
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        command += ["--n_threads", str(threads), "--n_threads_batch", str(threads), "--n_ctx", "4096"]
+        super().__init__(command)
 
 
 def streamed_request(
@@ -317,7 +309,7 @@ def main() -> None:
     with console.status("idle agent without a model"):
         empty = Agent(None, public_key, args.max_active, max(levels))
         try:
-            report["startup_empty_s"] = empty.wait_for(503)
+            report["startup_empty_s"] = empty.wait_health(503)
             time.sleep(3)  # let start-up allocations settle
             report["idle_rss_bytes"] = empty.rss()
         finally:
@@ -333,10 +325,10 @@ def main() -> None:
 
     try:
         with console.status("start-up with the model"):
-            report["startup_to_ready_s"] = agent.wait_for(200)
-            replies.wait_for(200)
+            report["startup_to_ready_s"] = agent.wait_health(200)
+            replies.wait_health(200)
             if llama is not None:
-                llama.wait_ready()
+                llama.wait_for("/v1/models")
             time.sleep(1)
             report["loaded_idle_rss_bytes"] = agent.rss()
         for r in range(args.rounds):

@@ -100,15 +100,22 @@ def _measure(variant_dir: str, runs: int, new_tokens: int, perplexity: bool, spe
     return figures
 
 
-def peak_rss_bytes() -> int:
-    """This process's peak resident memory since it started (exec'd). Linux's VmHWM: getrusage's
-    ru_maxrss carries the forking parent's peak over an exec, so a child of a big process (an
-    export holding torch) would report the parent's."""
-    status = Path("/proc/self/status")
+def vm_hwm_bytes(pid: int | str = "self") -> int | None:
+    """A process's peak resident memory since it was exec'd (Linux's VmHWM); None where /proc has none."""
+    status = Path(f"/proc/{pid}/status")
     if status.is_file():
         for line in status.read_text().splitlines():
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
+    return None
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory since it started (exec'd). VmHWM, not getrusage's
+    ru_maxrss, which carries the forking parent's peak over an exec, so that a child of a big
+    process (an export holding torch) would report the parent's."""
+    if (peak_bytes := vm_hwm_bytes()) is not None:
+        return peak_bytes
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
 

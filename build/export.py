@@ -39,7 +39,9 @@ from slmops.manifest import Evaluation, canonical_json, tree_digest
 from slmops.targets import Target, target
 
 from . import evaluate, models
+from .block_graph import write_blocks
 from .blocks import BLOCK
+from .gguf_blocks import gguf_matrices
 from .quantize import BODY_QUANTIZERS, float_matrices
 
 BUILD_RECORD = "build.json"
@@ -382,16 +384,12 @@ def _own_blocks(
 ) -> tuple[str | None, dict[str, int] | None]:
     """Write the GGUF's blocks, or slmops' own quantization, into the builder's cpu-int4 graph.
     Returns what made the variant's weights and, where slmops wrote them, the blocks per kind."""
-    from .block_graph import write_blocks
-
     if not t.quantized:
         return None, None
     if t.id != "cpu-int4":  # the graphs of other int4 targets keep the builder's own quantization
         return ("rtn" if quant.method in OWN_QUANT else quant.method), None
     config = json.loads((source / "config.json").read_text())
     if gguf is not None:
-        from .gguf_blocks import gguf_matrices
-
         progress("carrying the GGUF's blocks")
         matrices = gguf_matrices(gguf, config["num_attention_heads"], config["num_key_value_heads"])
         made_by = "gguf-exact"

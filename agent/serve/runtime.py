@@ -205,16 +205,16 @@ class Generation:
         self.stats = GenerationStats(prompt_tokens=len(prompt_ids))
         total = len(prompt_ids) + max_new_tokens
         cache, self._cache_key = variant.prefix_cache, sampling.cache_key()
-        reuse = cache.take(self._cache_key, prompt_ids, total) if cache and self._cache_key is not None else None
+        self._cacheable = cache is not None and self._cache_key is not None
+        reuse = cache.take(self._cache_key, prompt_ids, total) if cache is not None and self._cacheable else None
         if reuse is not None:
             self._generator, self._capacity = reuse.generator, reuse.capacity
             self.stats.cached_prompt_tokens = reuse.tokens
         else:
             import onnxruntime_genai as og
 
-            cacheable = cache is not None and self._cache_key is not None
             self._capacity = (
-                min(variant.context_length, total + max_new_tokens + FOLLOW_UP_TOKENS) if cacheable else total
+                min(variant.context_length, total + max_new_tokens + FOLLOW_UP_TOKENS) if self._cacheable else total
             )
             params = og.GeneratorParams(variant.model)
             params.set_search_options(
@@ -233,7 +233,7 @@ class Generation:
         """The request is over: its generator, whose KV cache holds the prompt, goes to the prefix cache
         for a later request (not after a failure, nor before its prompt was prefilled)."""
         cache = self.variant.prefix_cache
-        if cache is not None and self._cache_key is not None and self._started and not self._failed:
+        if cache is not None and self._cacheable and self._started and not self._failed:
             held = self._prompt
             if cache.decoded and self.stats.new_tokens:
                 held = [int(t) for t in self._generator.get_sequence(0)][:-1]  # the last one sampled has no KV yet

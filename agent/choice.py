@@ -1,6 +1,7 @@
 """Which variant of a bundle this device runs, and why.
 
-    variants ─► drop: provider not available here · forbidden by config · min memory > available
+    variants ─► drop: provider not available here (for OpenVINO: no device of the variant's class)
+                      · forbidden by config · min memory > available
              ─► rank: preferred providers (config order) · device class NPU > GPU > CPU
                       · precision (int4 > int8 > fp16 > bf16 > fp32: smaller reads, faster decode)
              ─► first is chosen; the rest stay, in order, as fallbacks when loading fails
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 from slmops.manifest import Manifest, Variant
 
 from .config import AgentConfig
-from .hardware import HardwareProfile
+from .hardware import HardwareProfile, openvino_device_class
 
 DEVICE_CLASS_RANK = {"npu": 0, "gpu": 1, "cpu": 2}
 PRECISION_RANK = {"int4": 0, "int8": 1, "fp16": 2, "bf16": 3, "fp32": 4}
@@ -26,6 +27,21 @@ class Candidate:
     reason: str
 
 
+def _unavailable(v: Variant, profile: HardwareProfile) -> str | None:
+    """Why `v` cannot run here, or None. An openvino variant needs an OpenVINO device of its class."""
+    if v.execution_provider == "openvino":
+        devices = [a.device for a in profile.accelerators if a.provider == "openvino"]
+        if not devices:
+            return "OpenVINO GenAI is not installed here (pip install 'slmops[agent,openvino]')"
+        if v.device_class not in {openvino_device_class(d) for d in devices}:
+            return f"OpenVINO has no {v.device_class.upper()} device here (devices: {', '.join(devices)})"
+        return None
+    if v.execution_provider not in profile.providers:
+        available = ", ".join(dict.fromkeys(profile.providers)) or "none"
+        return f"provider {v.execution_provider} is not available here (available: {available})"
+    return None
+
+
 def rank(manifest: Manifest, profile: HardwareProfile, config: AgentConfig) -> list[Candidate]:
     """Usable variants first, best first; then the rejected ones with their reasons."""
     usable: list[Variant] = []
@@ -33,11 +49,8 @@ def rank(manifest: Manifest, profile: HardwareProfile, config: AgentConfig) -> l
     for v in manifest.variants:
         if v.execution_provider in config.forbid_providers:
             rejected.append(Candidate(v, False, f"provider {v.execution_provider} is forbidden by the configuration"))
-        elif v.execution_provider not in profile.providers:
-            available = ", ".join(profile.providers) or "none"
-            rejected.append(
-                Candidate(v, False, f"provider {v.execution_provider} is not available here (available: {available})")
-            )
+        elif (missing := _unavailable(v, profile)) is not None:
+            rejected.append(Candidate(v, False, missing))
         elif v.min_memory_bytes > profile.memory_available_bytes:
             rejected.append(
                 Candidate(

@@ -50,7 +50,9 @@ def chat_cmd(
             for note in fallbacks:
                 err_console.print(f"[yellow]fell back: {note}[/]")
         else:
-            loaded = LoadedVariant.load(bundle.variant_dir(variant))
+            loaded = LoadedVariant.load(
+                bundle.variant_dir(variant), device_class=bundle.manifest.variant(variant).device_class
+            )
     except SlmopsError as e:
         fail(str(e))
     ids = loaded.encode(loaded.chat_prompt([{"role": "user", "content": prompt}]))

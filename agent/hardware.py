@@ -1,11 +1,12 @@
-"""What this device is: CPU, memory, disk, OS, and the accelerators onnxruntime can use here.
+"""What this device is: CPU, memory, disk, OS, and the accelerators onnxruntime and OpenVINO use here.
 
-`probe()` gathers a `HardwareProfile` from psutil, /proc, the onnxruntime build and, where
-present, `nvidia-smi`. Each piece degrades to "unknown" instead of failing: a probe must
-work on any box the agent lands on.
+`probe()` gathers a `HardwareProfile` from psutil, /proc, the onnxruntime build, OpenVINO's
+devices where OpenVINO GenAI is installed and, where present, `nvidia-smi`. Each piece
+degrades to "unknown" instead of failing: a probe must work on any box the agent lands on.
 """
 
 import functools
+import importlib.util
 import json
 import logging
 import os
@@ -23,7 +24,8 @@ __all__ = ["Accelerator", "HardwareProfile", "describe", "inference_threads", "p
 
 log = logging.getLogger(__name__)
 
-# onnxruntime provider name → the short name bundles use (slmops.targets)
+# onnxruntime provider name → the short name bundles use (slmops.targets). Not onnxruntime's
+# OpenVINO provider: slmops' openvino variants are OpenVINO IR, served by OpenVINO GenAI.
 PROVIDERS = {
     "CPUExecutionProvider": "cpu",
     "CUDAExecutionProvider": "cuda",
@@ -32,7 +34,6 @@ PROVIDERS = {
     "DmlExecutionProvider": "dml",
     "WebGpuExecutionProvider": "webgpu",
     "QNNExecutionProvider": "qnn",
-    "OpenVINOExecutionProvider": "openvino",
     "CoreMLExecutionProvider": "coreml",
     "ROCMExecutionProvider": "rocm",
     "MIGraphXExecutionProvider": "migraphx",
@@ -144,6 +145,34 @@ def nvidia_gpus() -> list[tuple[str, int]]:
     return gpus
 
 
+@functools.cache
+def openvino_devices() -> tuple[str, ...]:
+    """OpenVINO's devices here (CPU, GPU.0, NPU…) where OpenVINO GenAI is installed, else none.
+    Asked in a child process, as onnxruntime's providers are: OpenVINO's plugins are large."""
+    if importlib.util.find_spec("openvino_genai") is None:
+        return ()
+    script = "import json, openvino; print(json.dumps(openvino.Core().available_devices))"
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+        ).stdout
+        return tuple(json.loads(out))
+    except (subprocess.SubprocessError, OSError, ValueError) as e:
+        log.warning("cannot list OpenVINO's devices (%s); OpenVINO variants will not be chosen", e)
+        return ()
+
+
+def openvino_accelerators() -> list[Accelerator]:
+    """One per OpenVINO device; `device` is OpenVINO's name, whose class (cpu, gpu, npu) an
+    openvino variant's device class must match."""
+    return [Accelerator(provider="openvino", onnxruntime_name="", device=d) for d in openvino_devices()]
+
+
+def openvino_device_class(device: str) -> str:
+    """GPU.0 → gpu."""
+    return device.split(".")[0].lower()
+
+
 def probe(data_dir: Path | None = None) -> HardwareProfile:
     memory = psutil.virtual_memory()
     disk_path = data_dir if data_dir and data_dir.exists() else Path.home()
@@ -157,5 +186,5 @@ def probe(data_dir: Path | None = None) -> HardwareProfile:
         disk_free_bytes=shutil.disk_usage(disk_path).free,
         os=f"{platform.system()} {platform.release()}",
         arch=platform.machine(),
-        accelerators=onnxruntime_accelerators(),
+        accelerators=onnxruntime_accelerators() + openvino_accelerators(),
     )

@@ -111,7 +111,11 @@ class ModelHost:
             variant = bundle.manifest.variant(variant_id)
             config = self.config
             loaded = LoadedVariant.load(
-                bundle.variant_dir(variant_id), config.threads, config.prefix_cache_bytes, config.prefix_cache_replies
+                bundle.variant_dir(variant_id),
+                config.threads,
+                config.prefix_cache_bytes,
+                config.prefix_cache_replies,
+                variant.device_class,
             )
         return self._served(bundle, variant.id, variant.execution_provider, loaded)
 
@@ -157,7 +161,11 @@ def load_best_variant(bundle: Bundle, config: AgentConfig, fallbacks: list[str])
         try:
             variant_dir = bundle.variant_dir(candidate.variant.id)
             loaded = LoadedVariant.load(
-                variant_dir, config.threads, config.prefix_cache_bytes, config.prefix_cache_replies
+                variant_dir,
+                config.threads,
+                config.prefix_cache_bytes,
+                config.prefix_cache_replies,
+                candidate.variant.device_class,
             )
             return candidate.variant, loaded
         except RuntimeLoadError as e:

@@ -5,7 +5,7 @@
       ─► manifest: files with size and sha256, min memory, evaluation, source and recipe digests
       ─► sign (Ed25519) ─► optional single-file .tar
 
-Each variant also carries `inference_model.json`, the file Foundry Local reads for a
+Each ONNX variant also carries `inference_model.json`, the file Foundry Local reads for a
 bring-your-own model, so a Foundry Local user can load our variants as they are.
 """
 
@@ -57,11 +57,24 @@ def _raise_template_error(message: str) -> None:
     raise jinja2.TemplateError(message)
 
 
-def min_memory_bytes(variant_dir: Path, t: Target, size_bytes: int, evaluation: Evaluation | None) -> int:
+def model_shape(variant_dir: Path, t: Target) -> tuple[int, int]:
+    """The variant's context length and KV cache bytes per token, from its runtime's config."""
+    if t.openvino:
+        config = json.loads((variant_dir / "config.json").read_text())
+        head = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+        decoder = {
+            "num_hidden_layers": config["num_hidden_layers"],
+            "num_key_value_heads": config["num_key_value_heads"],
+            "head_size": head,
+        }
+        return int(config["max_position_embeddings"]), kv_bytes_per_token(decoder, "openvino")
+    model = json.loads((variant_dir / "genai_config.json").read_text())["model"]
+    return int(model["context_length"]), kv_bytes_per_token(model["decoder"], t.execution_provider)
+
+
+def min_memory_bytes(kv_token_bytes: int, size_bytes: int, evaluation: Evaluation | None) -> int:
     """Weights + a KV cache of KV_CACHE_BUDGET_TOKENS + runtime; never below the measured peak RSS."""
-    decoder = json.loads((variant_dir / "genai_config.json").read_text())["model"]["decoder"]
-    kv_bytes = kv_bytes_per_token(decoder, t.execution_provider) * KV_CACHE_BUDGET_TOKENS
-    estimate = size_bytes + kv_bytes + RUNTIME_OVERHEAD_BYTES
+    estimate = size_bytes + kv_token_bytes * KV_CACHE_BUDGET_TOKENS + RUNTIME_OVERHEAD_BYTES
     measured = evaluation.peak_rss_bytes if evaluation else 0
     return max(estimate, measured)
 
@@ -117,9 +130,10 @@ def _copy_variant(build_dir: Path, out: Path, record: BuildRecord, variant_id: s
     source_dir = build_dir / VARIANTS_DIR / variant_id
     dest = out / VARIANTS_DIR / variant_id
     shutil.copytree(source_dir, dest)
-    (dest / FOUNDRY_MODEL_FILE).write_text(
-        json.dumps(foundry_inference_model(dest, f"{name}-{variant_id}"), indent=2) + "\n"
-    )
+    if not t.openvino:  # Foundry Local loads ONNX models only
+        (dest / FOUNDRY_MODEL_FILE).write_text(
+            json.dumps(foundry_inference_model(dest, f"{name}-{variant_id}"), indent=2) + "\n"
+        )
     evaluation_path = build_dir / EVALUATION_DIR / f"{variant_id}.json"
     evaluation = Evaluation.model_validate_json(evaluation_path.read_text()) if evaluation_path.is_file() else None
     files = [
@@ -128,15 +142,15 @@ def _copy_variant(build_dir: Path, out: Path, record: BuildRecord, variant_id: s
         if p.is_file()
     ]
     size = sum(f.size for f in files)
-    genai = json.loads((dest / "genai_config.json").read_text())
+    context_length, kv_bytes = model_shape(dest, t)
     return Variant(
         id=variant_id,
         execution_provider=t.execution_provider,
         device_class=t.device_class,
         precision=t.precision,
         files=files,
-        min_memory_bytes=min_memory_bytes(dest, t, size, evaluation),
-        context_length=int(genai["model"]["context_length"]),
+        min_memory_bytes=min_memory_bytes(kv_bytes, size, evaluation),
+        context_length=context_length,
         evaluation=evaluation,
         build_options=record.variants[variant_id].build_options,
     )

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from slmops.build.export import QUANT_METHODS, BuildRecord, FromGguf, QuantMethod
+from slmops.build.export import QUANT_METHODS, BuildRecord, FromGguf, QuantMethod, missing_tools
 from slmops.bundle import VARIANTS_DIR
 from slmops.errors import GateFailed, SlmopsError
 from slmops.terminal import console, err_console, fail
@@ -77,7 +77,10 @@ def targets_cmd() -> None:
     for column in ("target", "provider", "class", "precision", "built by", "description"):
         table.add_column(column)
     for t in TARGETS.values():
-        built_by = "model builder" if t.builder_precision else f"[yellow]needs {t.requires}[/]"
+        if missing_tools(t):
+            built_by = f"[yellow]needs {t.requires}[/]"
+        else:
+            built_by = "model builder" if t.builder_precision else "slmops (OpenVINO IR)"
         table.add_row(t.id, t.execution_provider, t.device_class, t.precision, built_by, t.description)
     console.print(table)
     methods = Table(title="--quant: int4 from float weights (a GGUF source's own blocks are carried instead)")

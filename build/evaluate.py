@@ -18,7 +18,7 @@ import statistics
 import subprocess
 import sys
 from collections.abc import Callable
-from importlib import metadata, resources
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -96,7 +96,7 @@ def _measure(variant_dir: str, runs: int, new_tokens: int, perplexity: bool, spe
         figures.update(perplexity=ppl, perplexity_tokens=count)
     figures["size_bytes"] = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
     figures["measured_on"] = hardware.describe()
-    figures["runtime"] = f"onnxruntime-genai {metadata.version('onnxruntime-genai')}"
+    figures["runtime"] = variant.runtime
     return figures
 
 

@@ -1,9 +1,12 @@
-"""Export a source checkpoint into one onnxruntime-genai variant per hardware target.
+"""Export a source checkpoint into one variant per hardware target.
 
     Recipe (targets + options) ─► validate every target first ─► resolve source
       ├─ the float source's perplexity on the held-out text (the reference)
-      └─ per target: onnxruntime-genai model builder, in a child process (its output
-         goes to logs/<target>.log) ─► variants/<target>/
+      ├─ the int4 blocks, made once: a GGUF source's own, or --quant's from the float weights
+      └─ per target ─► variants/<target>/
+           ├─ onnxruntime-genai targets: the model builder, in a child process (its output
+           │  goes to logs/<target>.log), then the blocks written into its cpu-int4 graph
+           ├─ openvino targets: slmops' own OpenVINO IR with the same blocks (openvino_ir)
            └─ a variant that runs here (CPU): its perplexity ─► evaluation/<target>.json
       ─► build.json (provenance, each variant's accuracy and gate)
            ─► GateFailed where a variant lost more than --max-ppl-increase (default 5 %)
@@ -12,12 +15,14 @@ The accuracy gate is on by default: a quantized variant that answers worse than 
 source by more than the bound fails the build with the figure, the bound and a better
 choice to try; build.json keeps the failure, and `bundle create` refuses that variant.
 
-A GPU variant is built on any machine: the builder writes the graph and weights for
-the provider without running them. NPU targets need Olive and vendor SDKs (see
-`slmops.targets`); asking for one where they are missing fails before any work.
+A GPU or NPU variant is built on any machine that has its tools: the builder (or
+openvino_ir) writes the graph and weights without running them. A target whose tools are
+missing (the openvino extra; Olive and Qualcomm's SDK for qnn-npu, see `slmops.targets`)
+fails before any work.
 """
 
 import hashlib
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -38,9 +43,9 @@ from slmops.errors import GateFailed, TargetError
 from slmops.manifest import Evaluation, canonical_json, tree_digest
 from slmops.targets import Target, target
 
-from . import evaluate, models
+from . import evaluate, models, openvino_ir
 from .block_graph import write_blocks
-from .blocks import BLOCK
+from .blocks import BLOCK, BlockWeight
 from .gguf_blocks import gguf_matrices
 from .quantize import BODY_QUANTIZERS, float_matrices
 
@@ -178,9 +183,24 @@ class BuildRecord(BaseModel):
         return cls.model_validate_json(path.read_text())
 
 
-def check_buildable(t: Target) -> None:
-    if t.builder_precision is None:
+OPENVINO_PACKAGES = ("openvino", "openvino_tokenizers", "openvino_genai")
+
+
+def missing_tools(t: Target) -> bool:
+    """Whether this machine lacks what `t` is built with (`t.requires` says what)."""
+    if t.openvino:
+        return any(importlib.util.find_spec(p) is None for p in OPENVINO_PACKAGES)
+    return t.builder_precision is None
+
+
+def check_buildable(t: Target, quant: QuantOptions) -> None:
+    if missing_tools(t):
         raise TargetError(f"target {t.id} cannot be built on this machine: it needs {t.requires}")
+    if t.openvino and quant.method not in OWN_QUANT:
+        raise TargetError(
+            f"target {t.id} takes --quant {' or '.join(OWN_QUANT)} (or a GGUF's own blocks): "
+            f"{quant.method} is the model builder's, for its ONNX graphs only"
+        )
 
 
 def builder_options(t: Target, quant: QuantOptions) -> dict[str, str | int | float | bool]:
@@ -225,7 +245,7 @@ def export(
     console = console or Console(stderr=True)
     plan = [target(t) for t in recipe.targets]
     for t in plan:
-        check_buildable(t)
+        check_buildable(t, recipe.quant)
     if out.exists() and any(out.iterdir()):
         if not force:
             raise FileExistsError(f"{out} is not empty; pass --force to replace it")
@@ -243,13 +263,14 @@ def export(
     with console.status("hashing the source checkpoint"):
         source_digest = tree_digest(source)
     reference = None
-    if any(t.execution_provider == "cpu" for t in plan):
+    if any(t.device_class == "cpu" for t in plan):
         with console.status("perplexity of the float source (the accuracy reference)"):
             ppl, tokens = evaluate.reference_perplexity(source)
         reference = Reference(
             perplexity=ppl, tokens=tokens, measured_with=f"transformers {metadata.version('transformers')} float32"
         )
     builder = f"onnxruntime-genai {metadata.version('onnxruntime-genai')} model builder"
+    blocks = _Blocks(source, gguf, recipe.quant)
     records: dict[str, VariantRecord] = {}
     with Progress(
         SpinnerColumn(),
@@ -262,27 +283,36 @@ def export(
         task = progress.add_task("exporting", total=len(plan))
         for t in plan:
             progress.update(task, description=f"exporting {t.id}")
-            options = builder_options(t, recipe.quant)
             started = time.monotonic()
             dest = out / VARIANTS_DIR / t.id
-            _run_builder(source, dest, t, options, out / LOGS_DIR / f"{t.id}.log", out)
 
             def note(what: str, target_id: str = t.id) -> None:
                 progress.update(task, description=f"{target_id}: {what}")
 
-            quant, blocks = _own_blocks(source, gguf, dest, t, recipe.quant, note)
+            made_by: str | None
+            if t.openvino:
+                options: dict[str, str | int | float | bool] = {}
+                made_by, matrices = blocks.get(symmetric=t.device_class == "npu", progress=note)
+                by_kind: dict[str, int] | None = openvino_ir.write_ir(source, dest, matrices, note)
+                made_with = f"slmops openvino_ir, openvino {metadata.version('openvino')}"
+            else:
+                options = builder_options(t, recipe.quant)
+                _run_builder(source, dest, t, options, out / LOGS_DIR / f"{t.id}.log", out)
+                made_by, by_kind = _own_blocks(blocks, dest, t, recipe.quant, note)
+                made_with = builder
+                if t.device_class == "cpu":
+                    _check_loads(dest, t)
             accuracy = None
-            if reference is not None and t.execution_provider == "cpu":
-                _check_loads(dest, t)
+            if reference is not None and t.device_class == "cpu":
                 progress.update(task, description=f"perplexity of {t.id}")
                 accuracy = _measure_accuracy(dest, reference, max_ppl_increase, out / EVALUATION_DIR)
             records[t.id] = VariantRecord(
                 target=t.id,
                 build_options=options,
-                builder=builder,
+                builder=made_with,
                 seconds=round(time.monotonic() - started, 2),
-                quant=quant,
-                blocks=blocks,
+                quant=made_by,
+                blocks=by_kind,
                 accuracy=accuracy,
             )
             progress.advance(task)
@@ -379,8 +409,38 @@ def _run_builder(
     _fill_chat_template(source, dest)
 
 
+class _Blocks:
+    """The int4 blocks of an export, made once and shared by every variant that carries them
+    (cpu-int4's ONNX graph and the OpenVINO IR stand for the same weights)."""
+
+    def __init__(self, source: Path, gguf: Path | None, quant: QuantOptions) -> None:
+        self.source, self.gguf, self.quant = source, gguf, quant
+        self._made: dict[str, dict[str, BlockWeight]] = {}
+
+    def get(self, symmetric: bool, progress: Callable[[str], None]) -> tuple[str, dict[str, BlockWeight]]:
+        """What made them and the matrices: the GGUF's own blocks, or `--quant`'s from the float weights;
+        `symmetric` (an NPU's int4) asks for blocks without offsets: imatrix where the others have them."""
+        if self.gguf is not None and not symmetric:
+            made_by = "gguf-exact"
+        elif symmetric and self.quant.method != "imatrix":
+            made_by = "imatrix"
+        else:
+            made_by = self.quant.method
+        if made_by not in self._made:
+            if made_by == "gguf-exact":
+                assert self.gguf is not None
+                progress("carrying the GGUF's blocks")
+                config = json.loads((self.source / "config.json").read_text())
+                self._made[made_by] = gguf_matrices(
+                    self.gguf, config["num_attention_heads"], config["num_key_value_heads"]
+                )
+            else:
+                self._made[made_by] = float_matrices(self.source, made_by, progress)
+        return made_by, self._made[made_by]
+
+
 def _own_blocks(
-    source: Path, gguf: Path | None, dest: Path, t: Target, quant: QuantOptions, progress: Callable[[str], None]
+    blocks: _Blocks, dest: Path, t: Target, quant: QuantOptions, progress: Callable[[str], None]
 ) -> tuple[str | None, dict[str, int] | None]:
     """Write the GGUF's blocks, or slmops' own quantization, into the builder's cpu-int4 graph.
     Returns what made the variant's weights and, where slmops wrote them, the blocks per kind."""
@@ -388,16 +448,9 @@ def _own_blocks(
         return None, None
     if t.id != "cpu-int4":  # the graphs of other int4 targets keep the builder's own quantization
         return ("rtn" if quant.method in OWN_QUANT else quant.method), None
-    config = json.loads((source / "config.json").read_text())
-    if gguf is not None:
-        progress("carrying the GGUF's blocks")
-        matrices = gguf_matrices(gguf, config["num_attention_heads"], config["num_key_value_heads"])
-        made_by = "gguf-exact"
-    elif quant.method in OWN_QUANT:
-        matrices = float_matrices(source, quant.method, progress)
-        made_by = quant.method
-    else:
+    if blocks.gguf is None and quant.method not in OWN_QUANT:
         return quant.method, None
+    made_by, matrices = blocks.get(symmetric=False, progress=progress)
     written = write_blocks(dest, matrices)
     return made_by, {**written.by_kind, "with_offsets": written.with_offsets}
 

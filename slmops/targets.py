@@ -1,8 +1,9 @@
 """The catalogue of hardware targets a bundle variant can be built for.
 
 A target names one execution provider and one precision. The builder fields say
-how onnxruntime-genai's model builder makes it; `requires` names what a machine
-needs to build a target that the model builder cannot make (the NPU targets).
+how onnxruntime-genai's model builder makes it; the openvino targets are OpenVINO IR
+that slmops writes itself (build.openvino_ir); `requires` names what a machine needs
+to build a target beyond the build extra (the NPU targets).
 The agent reads the same table to map a variant onto an onnxruntime provider.
 """
 
@@ -30,6 +31,15 @@ class Target:
     def quantized(self) -> bool:
         return self.precision in ("int4", "int8")
 
+    @property
+    def openvino(self) -> bool:
+        """An OpenVINO IR (build.openvino_ir), not an onnxruntime-genai folder."""
+        return self.execution_provider == "openvino"
+
+
+OPENVINO_REQUIRES = (
+    "the openvino extra: pip install 'slmops[build,openvino]' (openvino, openvino-tokenizers, openvino-genai)"
+)
 
 TARGETS: dict[str, Target] = {
     t.id: t
@@ -64,17 +74,24 @@ TARGETS: dict[str, Target] = {
             ),
         ),
         Target(
+            "openvino-cpu",
+            "openvino",
+            "cpu",
+            "int4",
+            None,
+            None,
+            "OpenVINO IR served by OpenVINO GenAI on the CPU, the int4 blocks of cpu-int4",
+            requires=OPENVINO_REQUIRES,
+        ),
+        Target(
             "openvino-npu",
             "openvino",
             "npu",
             "int4",
             None,
             None,
-            "Intel NPU through OpenVINO, int4 symmetric weights",
-            requires=(
-                "Olive (olive-ai[openvino]) with openvino, nncf and optimum-intel installed, "
-                "and onnxruntime-openvino on the device"
-            ),
+            "Intel NPU through OpenVINO GenAI, symmetric int4 weights (imatrix), compiled on the device",
+            requires=OPENVINO_REQUIRES,
         ),
     )
 }

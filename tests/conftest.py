@@ -58,6 +58,27 @@ def tiny_export(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 
 
 @pytest.fixture(scope="session")
+def openvino_export(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An export folder with the tiny model's openvino-cpu and openvino-npu variants."""
+    from slmops.build.export import Recipe, export
+
+    out = tmp_path_factory.mktemp("tiny-openvino")
+    export(Recipe(source=str(tiny_model), targets=["openvino-cpu", "openvino-npu"]), out, force=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def openvino_bundle(
+    openvino_export: Path, signing_key: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    from slmops.build.bundle import create
+
+    out = tmp_path_factory.mktemp("openvino-bundle") / "tiny-openvino"
+    create(openvino_export, out, name="tiny-openvino", version="1.0.0", key=signing_key[0])
+    return out
+
+
+@pytest.fixture(scope="session")
 def signing_key(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     from slmops.signing import generate_keypair
 

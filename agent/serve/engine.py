@@ -17,11 +17,10 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
 
 from slmops.manifest import Manifest
 
-from .runtime import Generation, GenerationStats, LoadedVariant, Sampling
+from .runtime import Generation, GenerationStats, LoadedVariant, Sampling, TextStream
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +66,7 @@ class Job:
 class _Active:
     job: Job
     generation: Generation
-    decoder: Any
+    decoder: TextStream
 
 
 class Engine:
@@ -161,8 +160,7 @@ class Engine:
             self._release()
             return
         job.stats = generation.stats
-        decoder = job.model.variant.tokenizer.create_stream()
-        self._active.append(_Active(job, generation, decoder))
+        self._active.append(_Active(job, generation, job.model.variant.text_stream()))
 
     def _step(self, entry: _Active) -> None:
         job = entry.job
@@ -178,6 +176,8 @@ class Engine:
             self._finish(entry, emit_done=False)
             return
         if token is None:
+            if tail := entry.decoder.flush():
+                job.emit("text", tail)
             self._finish(entry)
             return
         if piece := entry.decoder.decode(token):  # empty while a multi-byte character is incomplete

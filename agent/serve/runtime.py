@@ -1,4 +1,8 @@
-"""One bundle variant loaded into onnxruntime-genai: chat prompts in, tokens out.
+"""One bundle variant loaded into its runtime: chat prompts in, tokens out.
+
+`LoadedVariant.load` picks the runtime by the folder's files: onnxruntime-genai here
+(`GenaiVariant`), OpenVINO GenAI in `openvino_runtime`. The engine, the server and the
+evaluations see only `LoadedVariant`, `Generation` and `TextStream`.
 
 Evaluation, `slmops agent chat` and the local server all generate through this
 module, so a figure measured at build time is measured on the code path that serves.
@@ -6,10 +10,12 @@ module, so a figure measured at build time is measured on the code path that ser
 
 import json
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
+from importlib.metadata import version as _version
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from slmops.errors import RuntimeLoadError
 
@@ -26,7 +32,7 @@ if TYPE_CHECKING:
 
 def kv_bytes_per_token(decoder: dict[str, Any], execution_provider: str) -> int:
     """KV cache bytes one token takes (genai_config.json's decoder): keys and values of every layer.
-    The model builder keeps them in fp32 on CPU and in fp16 on accelerators."""
+    The model builder keeps them in fp32 on CPU and in fp16 on accelerators; OpenVINO in 16 bits or fewer."""
     precision_bytes = 4 if execution_provider == "cpu" else 2
     return 2 * decoder["num_hidden_layers"] * decoder["num_key_value_heads"] * decoder["head_size"] * precision_bytes
 
@@ -84,8 +90,132 @@ class Sampling:
         return options
 
 
+class TextStream(Protocol):
+    """Tokens in, text out as soon as it forms whole characters."""
+
+    def decode(self, token: int) -> str: ...
+
+    def flush(self) -> str:
+        """Text still held back when the generation ends."""
+        ...
+
+
+class Generation(Protocol):
+    """One request's generator, advanced one token per `step()` by the engine's thread."""
+
+    stats: GenerationStats
+    done: bool
+
+    def step(self) -> int | None:
+        """The next token, or None when finished (stats.finish_reason says why)."""
+        ...
+
+    def release(self) -> None:
+        """The request is over (finished, failed or cancelled): free or keep what it holds."""
+        ...
+
+
+class LoadedVariant(ABC):
+    """A variant folder loaded into its runtime: onnxruntime-genai (genai_config.json) or
+    OpenVINO GenAI (openvino_model.xml, `openvino_runtime`)."""
+
+    path: Path
+    context_length: int
+
+    @property
+    @abstractmethod
+    def runtime(self) -> str:
+        """The runtime and its version, as evaluations record it."""
+
+    @staticmethod
+    def load(
+        path: Path,
+        threads: int | None = None,
+        prefix_cache_bytes: int = 0,
+        reuse_decoded: bool = False,
+        device_class: str = "cpu",
+    ) -> "LoadedVariant":
+        """Load a variant folder with the runtime its files name; `threads` for the runtime's pool
+        (default: `inference_threads()`); `prefix_cache_bytes` > 0 keeps that much of finished requests'
+        KV caches for later prompts that start the same way (a server; measurements keep it off, so every
+        request is cold); `reuse_decoded` keeps the replies' KV too (see prefix_cache); `device_class`
+        is the variant's (cpu, gpu, npu), for runtimes that pick a device by name."""
+        from .openvino_runtime import OpenVinoVariant, is_openvino_folder
+
+        threads = threads or inference_threads()
+        if is_openvino_folder(path):
+            return OpenVinoVariant.open(path, threads, prefix_cache_bytes, device_class)
+        return GenaiVariant.open(path, threads, prefix_cache_bytes, reuse_decoded)
+
+    @abstractmethod
+    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
+        """Messages through the variant's own chat template, ready for the assistant's turn."""
+
+    @abstractmethod
+    def encode(self, text: str) -> list[int]: ...
+
+    @abstractmethod
+    def text_stream(self) -> TextStream: ...
+
+    @abstractmethod
+    def token_logits(self, token_ids: list[int]) -> Any:
+        """Logits for every position of one forward pass (numpy, [len, vocab])."""
+
+    @abstractmethod
+    def _generation(self, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling) -> Generation: ...
+
+    def start(self, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling | None = None) -> Generation:
+        """A generation that advances one token per `step()`; many can interleave on one model."""
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        if len(prompt_ids) + max_new_tokens > self.context_length:
+            raise ValueError(
+                f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                f"context length of {self.context_length} tokens"
+            )
+        return self._generation(prompt_ids, max_new_tokens, sampling or Sampling())
+
+    def generate(
+        self,
+        prompt_ids: list[int],
+        max_new_tokens: int,
+        stats: GenerationStats | None = None,
+        ignore_eos: bool = False,
+    ) -> Iterator[int]:
+        """Tokens one at a time, greedy."""
+        generation = self.start(prompt_ids, max_new_tokens, Sampling(ignore_eos=ignore_eos))
+        if stats is not None:
+            stats.prompt_tokens, stats.cached_prompt_tokens = len(prompt_ids), generation.stats.cached_prompt_tokens
+            generation.stats = stats
+        try:
+            while (token := generation.step()) is not None:
+                yield token
+        finally:
+            generation.release()
+
+    def stream_text(self, tokens: Iterator[int]) -> Iterator[str]:
+        """Decode a token stream into text pieces as soon as they form whole characters."""
+        stream = self.text_stream()
+        for token in tokens:
+            if piece := stream.decode(token):
+                yield piece
+        if tail := stream.flush():
+            yield tail
+
+
+class _GenaiTextStream:
+    def __init__(self, tokenizer: "og.Tokenizer") -> None:
+        self._stream = tokenizer.create_stream()
+
+    def decode(self, token: int) -> str:
+        return str(self._stream.decode(token))  # empty while a multi-byte character is incomplete
+
+    def flush(self) -> str:
+        return ""  # onnxruntime-genai's stream holds back only an incomplete character
+
+
 @dataclass
-class LoadedVariant:
+class GenaiVariant(LoadedVariant):
     path: Path
     model: "og.Model"
     tokenizer: "og.Tokenizer"
@@ -95,25 +225,23 @@ class LoadedVariant:
     prefix_cache: PrefixCache | None = None
     """Idle generators kept for requests that share a prompt prefix; None: every request prefills all."""
 
-    @classmethod
-    def load(
-        cls, path: Path, threads: int | None = None, prefix_cache_bytes: int = 0, reuse_decoded: bool = False
-    ) -> "LoadedVariant":
-        """Load a variant folder; `threads` for onnxruntime's intra-op pool (default: `inference_threads()`);
-        `prefix_cache_bytes` > 0 keeps that much of finished requests' KV caches for later prompts that
-        start the same way (a server; measurements keep it off, so every request is cold); `reuse_decoded`
-        keeps the replies' KV too (see prefix_cache).
+    @property
+    def runtime(self) -> str:
+        return f"onnxruntime-genai {_version('onnxruntime-genai')}"
 
-        Left unset, onnxruntime-genai's pool decoded SmolLM2 int4 at 125-131 tokens/s on a
-        2-CPU machine where an explicit 2 gave 209-213 (benchmarks/serving.py notes).
-        """
+    @classmethod
+    def open(cls, path: Path, threads: int, prefix_cache_bytes: int = 0, reuse_decoded: bool = False) -> "GenaiVariant":
+        """Left to itself, onnxruntime-genai's pool decoded SmolLM2 int4 at 125-131 tokens/s on a
+        2-CPU machine where an explicit 2 gave 209-213 (benchmarks/serving.py notes)."""
         config_path = path / "genai_config.json"
         if not config_path.is_file():
-            raise RuntimeLoadError(f"{path} is not an onnxruntime-genai model folder: no genai_config.json")
+            raise RuntimeLoadError(
+                f"{path} is not a model folder: no genai_config.json (onnxruntime-genai) "
+                "nor openvino_model.xml (OpenVINO GenAI)"
+            )
         config = json.loads(config_path.read_text())
         import onnxruntime_genai as og  # here, not at the top: an agent without a model stays small
 
-        threads = threads or inference_threads()
         session = {"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}
         try:
             og_config = og.Config(str(path))
@@ -139,51 +267,18 @@ class LoadedVariant:
         )
 
     def chat_prompt(self, messages: list[dict[str, str]]) -> str:
-        """Messages through the variant's own chat template, ready for the assistant's turn."""
         return str(self.tokenizer.apply_chat_template(messages=json.dumps(messages), add_generation_prompt=True))
 
     def encode(self, text: str) -> list[int]:
         return [int(t) for t in self.tokenizer.encode(text)]
 
-    def start(self, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling | None = None) -> "Generation":
-        """A generation that advances one token per `step()`; many can interleave on one model."""
-        if not prompt_ids:
-            raise ValueError("the prompt is empty")
-        if len(prompt_ids) + max_new_tokens > self.context_length:
-            raise ValueError(
-                f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
-                f"context length of {self.context_length} tokens"
-            )
-        return Generation(self, prompt_ids, max_new_tokens, sampling or Sampling())
+    def text_stream(self) -> TextStream:
+        return _GenaiTextStream(self.tokenizer)
 
-    def generate(
-        self,
-        prompt_ids: list[int],
-        max_new_tokens: int,
-        stats: GenerationStats | None = None,
-        ignore_eos: bool = False,
-    ) -> Iterator[int]:
-        """Tokens one at a time, greedy."""
-        generation = self.start(prompt_ids, max_new_tokens, Sampling(ignore_eos=ignore_eos))
-        if stats is not None:
-            stats.prompt_tokens, stats.cached_prompt_tokens = len(prompt_ids), generation.stats.cached_prompt_tokens
-            generation.stats = stats
-        try:
-            while (token := generation.step()) is not None:
-                yield token
-        finally:
-            generation.release()
+    def _generation(self, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling) -> Generation:
+        return GenaiGeneration(self, prompt_ids, max_new_tokens, sampling)
 
-    def stream_text(self, tokens: Iterator[int]) -> Iterator[str]:
-        """Decode a token stream into text pieces as soon as they form whole characters."""
-        stream = self.tokenizer.create_stream()
-        for token in tokens:
-            piece = stream.decode(token)
-            if piece:
-                yield piece
-
-    def token_logits(self, token_ids: list[int]):
-        """Logits for every position of one forward pass (numpy, [len, vocab])."""
+    def token_logits(self, token_ids: list[int]) -> Any:
         import onnxruntime_genai as og
 
         params = og.GeneratorParams(self.model)
@@ -193,12 +288,12 @@ class LoadedVariant:
         return generator.get_output("logits")[0]
 
 
-class Generation:
+class GenaiGeneration:
     """One request's generator. Its KV cache is sized for prompt + max_new_tokens, not the full context;
     with a prefix cache, it may come from an earlier request that shared the prompt's beginning (and then
     keeps FOLLOW_UP_TOKENS more room, so that it can serve the next turn too)."""
 
-    def __init__(self, variant: LoadedVariant, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling) -> None:
+    def __init__(self, variant: GenaiVariant, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling) -> None:
         self.variant = variant
         self.max_new_tokens = max_new_tokens
         self.ignore_eos = sampling.ignore_eos

@@ -69,11 +69,10 @@ def test_gpu_variant_builds_on_a_machine_without_gpu(tiny_model: Path, tmp_path:
     assert any("cuda" in p for p in providers)
 
 
-@pytest.mark.parametrize("npu", ["qnn-npu", "openvino-npu"])
-def test_npu_target_fails_before_any_work_and_says_what_is_needed(tiny_model: Path, tmp_path: Path, npu: str) -> None:
+def test_qnn_target_fails_before_any_work_and_says_what_is_needed(tiny_model: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    with pytest.raises(TargetError, match=rf"{npu} cannot be built on this machine: it needs .*Olive"):
-        export(Recipe(source=str(tiny_model), targets=["cpu-int4", npu]), out)
+    with pytest.raises(TargetError, match=r"qnn-npu cannot be built on this machine: it needs .*Olive"):
+        export(Recipe(source=str(tiny_model), targets=["cpu-int4", "qnn-npu"]), out)
     assert not out.exists()
 
 

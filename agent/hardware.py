@@ -1,7 +1,8 @@
 """What this device is: CPU, memory, disk, OS, and the accelerators onnxruntime and OpenVINO use here.
 
 `probe()` gathers a `HardwareProfile` from psutil, /proc, the onnxruntime build, OpenVINO's
-devices where OpenVINO GenAI is installed and, where present, `nvidia-smi`. Each piece
+devices where OpenVINO GenAI is installed, onnxruntime-qnn's NPUs where it is installed and,
+where present, `nvidia-smi`. Each piece
 degrades to "unknown" instead of failing: a probe must work on any box the agent lands on.
 """
 
@@ -173,6 +174,32 @@ def openvino_device_class(device: str) -> str:
     return device.split(".")[0].lower()
 
 
+@functools.cache
+def qnn_npus() -> tuple[str, ...]:
+    """The NPUs onnxruntime-qnn's HTP backend finds here, where it is installed. On an x86-64
+    machine its devices are the HTP simulator, a CPU device: not an NPU, never chosen."""
+    if importlib.util.find_spec("onnxruntime_qnn") is None:
+        return ()
+    script = (
+        "import json, onnxruntime as ort, onnxruntime_qnn as q\n"
+        "ort.register_execution_provider_library('QNNExecutionProvider', q.get_library_path())\n"
+        "print(json.dumps([d.device.vendor or 'Qualcomm' for d in ort.get_ep_devices()\n"
+        "    if d.ep_name == 'QNNExecutionProvider' and d.device.type == ort.OrtHardwareDeviceType.NPU]))"
+    )
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+        ).stdout
+        return tuple(json.loads(out.strip().splitlines()[-1]))
+    except (subprocess.SubprocessError, OSError, ValueError, IndexError) as e:
+        log.warning("cannot list onnxruntime-qnn's devices (%s); QNN variants will not be chosen", e)
+        return ()
+
+
+def qnn_accelerators() -> list[Accelerator]:
+    return [Accelerator(provider="qnn", onnxruntime_name="QNNExecutionProvider", device=d) for d in qnn_npus()]
+
+
 def probe(data_dir: Path | None = None) -> HardwareProfile:
     memory = psutil.virtual_memory()
     disk_path = data_dir if data_dir and data_dir.exists() else Path.home()
@@ -186,5 +213,5 @@ def probe(data_dir: Path | None = None) -> HardwareProfile:
         disk_free_bytes=shutil.disk_usage(disk_path).free,
         os=f"{platform.system()} {platform.release()}",
         arch=platform.machine(),
-        accelerators=onnxruntime_accelerators() + openvino_accelerators(),
+        accelerators=onnxruntime_accelerators() + openvino_accelerators() + qnn_accelerators(),
     )

@@ -17,6 +17,7 @@ from pathlib import Path
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from slmops.agent.serve.qnn_runtime import CONFIG_FILE as QNN_CONFIG
 from slmops.agent.serve.runtime import kv_bytes_per_token
 from slmops.bundle import VARIANTS_DIR, Bundle, write_archive
 from slmops.errors import BuildError
@@ -59,6 +60,14 @@ def _raise_template_error(message: str) -> None:
 
 def model_shape(variant_dir: Path, t: Target) -> tuple[int, int]:
     """The variant's context length and KV cache bytes per token, from its runtime's config."""
+    if t.qnn:  # the host keeps the static graph's cache in float32
+        qnn = json.loads((variant_dir / QNN_CONFIG).read_text())
+        decoder = {
+            "num_hidden_layers": qnn["layers"],
+            "num_key_value_heads": qnn["kv_heads"],
+            "head_size": qnn["head_dim"],
+        }
+        return int(qnn["context_length"]), kv_bytes_per_token(decoder, "cpu")
     if t.openvino:
         config = json.loads((variant_dir / "config.json").read_text())
         head = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
@@ -130,7 +139,7 @@ def _copy_variant(build_dir: Path, out: Path, record: BuildRecord, variant_id: s
     source_dir = build_dir / VARIANTS_DIR / variant_id
     dest = out / VARIANTS_DIR / variant_id
     shutil.copytree(source_dir, dest)
-    if not t.openvino:  # Foundry Local loads ONNX models only
+    if not (t.openvino or t.qnn):  # Foundry Local loads onnxruntime-genai folders only
         (dest / FOUNDRY_MODEL_FILE).write_text(
             json.dumps(foundry_inference_model(dest, f"{name}-{variant_id}"), indent=2) + "\n"
         )

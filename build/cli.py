@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from slmops.build.export import QUANT_METHODS, BuildRecord, FromGguf, QuantMethod, missing_tools
+from slmops.build.export import QUANT_METHODS, BuildRecord, FromGguf, QnnSoc, QuantMethod, missing_tools
 from slmops.bundle import VARIANTS_DIR
 from slmops.errors import GateFailed, SlmopsError
 from slmops.terminal import console, err_console, fail
@@ -80,7 +80,9 @@ def targets_cmd() -> None:
         if missing_tools(t):
             built_by = f"[yellow]needs {t.requires}[/]"
         else:
-            built_by = "model builder" if t.builder_precision else "slmops (OpenVINO IR)"
+            built_by = (
+                "model builder" if t.builder_precision else "slmops (OpenVINO IR)" if t.openvino else "slmops (QNN)"
+            )
         table.add_row(t.id, t.execution_provider, t.device_class, t.precision, built_by, t.description)
     console.print(table)
     methods = Table(title="--quant: int4 from float weights (a GGUF source's own blocks are carried instead)")
@@ -125,9 +127,13 @@ def export_cmd(
             "this above the float source's (e.g. 5%, 0.05); `off` records the figures without gating."
         ),
     ] = "5%",
+    qnn_soc: Annotated[
+        QnnSoc,
+        typer.Option(help="The Snapdragon SoC qnn-npu's context binary is compiled for (SM8650 is 8 Gen 3)."),
+    ] = "sm8650",
     force: Annotated[bool, typer.Option(help="Replace a non-empty export folder.")] = False,
 ) -> None:
-    """Build one onnxruntime-genai variant per target into OUT/variants/<target>/.
+    """Build one variant per target into OUT/variants/<target>/.
 
     Every variant that runs here (CPU) is scored against the float source (perplexity on the held-out
     text); exit code 3 when one is worse than --max-ppl-increase allows.
@@ -143,6 +149,7 @@ def export_cmd(
             targets=target,
             quant=QuantOptions(method=quant, block_size=block_size, accuracy_level=accuracy_level),
             from_gguf=from_gguf,
+            qnn_soc=qnn_soc,
         )
         bound = None if max_ppl_increase.strip().lower() == "off" else parse_fraction(max_ppl_increase)
     except ValidationError as e:

@@ -43,10 +43,11 @@ from slmops.errors import GateFailed, TargetError
 from slmops.manifest import Evaluation, canonical_json, tree_digest
 from slmops.targets import Target, target
 
-from . import evaluate, models, openvino_ir
+from . import evaluate, models, openvino_ir, qnn_graph
 from .block_graph import write_blocks
 from .blocks import BLOCK, BlockWeight
 from .gguf_blocks import gguf_matrices
+from .qnn_graph import QnnSoc
 from .quantize import BODY_QUANTIZERS, float_matrices
 
 BUILD_RECORD = "build.json"
@@ -107,6 +108,8 @@ class Recipe(BaseModel):
     from_gguf: FromGguf = "exact"
     """A source dequantized from a GGUF: `exact` carries its blocks into the cpu-int4 variant (every
     weight is the GGUF's); `dequantize` lets the builder re-round the float weights."""
+    qnn_soc: QnnSoc = qnn_graph.DEFAULT_SOC
+    """The Snapdragon SoC the qnn-npu variant's context binary is compiled for."""
 
     @field_validator("targets")
     @classmethod
@@ -131,6 +134,9 @@ class Accuracy(BaseModel):
     reference_perplexity: float
     max_increase: float | None
     """The gate's bound; None where the build ran without one (recorded, not gated)."""
+    measured_on: str = "the variant itself, on the held-out text"
+    """What was scored against what: qnn-npu's binary runs on a slow simulator here, so a short
+    stretch of the held-out text is scored, against its float graph on the same tokens."""
 
     @property
     def increase(self) -> float:
@@ -184,12 +190,15 @@ class BuildRecord(BaseModel):
 
 
 OPENVINO_PACKAGES = ("openvino", "openvino_tokenizers", "openvino_genai")
+QNN_PACKAGE = "onnxruntime_qnn"
 
 
 def missing_tools(t: Target) -> bool:
     """Whether this machine lacks what `t` is built with (`t.requires` says what)."""
     if t.openvino:
         return any(importlib.util.find_spec(p) is None for p in OPENVINO_PACKAGES)
+    if t.qnn:
+        return importlib.util.find_spec(QNN_PACKAGE) is None
     return t.builder_precision is None
 
 
@@ -263,7 +272,7 @@ def export(
     with console.status("hashing the source checkpoint"):
         source_digest = tree_digest(source)
     reference = None
-    if any(t.device_class == "cpu" for t in plan):
+    if any(t.device_class == "cpu" or t.qnn for t in plan):
         with console.status("perplexity of the float source (the accuracy reference)"):
             ppl, tokens = evaluate.reference_perplexity(source)
         reference = Reference(
@@ -295,6 +304,11 @@ def export(
                 made_by, matrices = blocks.get(symmetric=t.device_class == "npu", progress=note)
                 by_kind: dict[str, int] | None = openvino_ir.write_ir(source, dest, matrices, note)
                 made_with = f"slmops openvino_ir, openvino {metadata.version('openvino')}"
+            elif t.qnn:
+                options = {"soc": recipe.qnn_soc}
+                score = qnn_graph.write_qnn(source, dest, recipe.qnn_soc, note, score=reference is not None)
+                made_by, by_kind = qnn_graph.QUANT, None
+                made_with = f"slmops qnn_graph, onnxruntime-qnn {metadata.version('onnxruntime-qnn')}"
             else:
                 options = builder_options(t, recipe.quant)
                 _run_builder(source, dest, t, options, out / LOGS_DIR / f"{t.id}.log", out)
@@ -303,6 +317,14 @@ def export(
                 if t.device_class == "cpu":
                     _check_loads(dest, t)
             accuracy = None
+            if t.qnn and score is not None:
+                accuracy = Accuracy(
+                    perplexity=score.perplexity,
+                    reference_perplexity=score.float_perplexity,
+                    max_increase=max_ppl_increase,
+                    measured_on=f"the binary on onnxruntime-qnn's HTP simulator, {score.tokens} held-out tokens; "
+                    "the reference: the float graph on the same tokens",
+                )
             if reference is not None and t.device_class == "cpu":
                 progress.update(task, description=f"perplexity of {t.id}")
                 accuracy = _measure_accuracy(dest, reference, max_ppl_increase, out / EVALUATION_DIR)

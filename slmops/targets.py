@@ -2,8 +2,9 @@
 
 A target names one execution provider and one precision. The builder fields say
 how onnxruntime-genai's model builder makes it; the openvino targets are OpenVINO IR
-that slmops writes itself (build.openvino_ir); `requires` names what a machine needs
-to build a target beyond the build extra (the NPU targets).
+that slmops writes itself (build.openvino_ir), qnn-npu a QNN context binary
+(build.qnn_graph); `requires` names what a machine needs to build a target beyond the
+build extra (the NPU targets).
 The agent reads the same table to map a variant onto an onnxruntime provider.
 """
 
@@ -36,6 +37,11 @@ class Target:
         """An OpenVINO IR (build.openvino_ir), not an onnxruntime-genai folder."""
         return self.execution_provider == "openvino"
 
+    @property
+    def qnn(self) -> bool:
+        """A QNN context binary (build.qnn_graph), not an onnxruntime-genai folder."""
+        return self.execution_provider == "qnn"
+
 
 OPENVINO_REQUIRES = (
     "the openvino extra: pip install 'slmops[build,openvino]' (openvino, openvino-tokenizers, openvino-genai)"
@@ -63,14 +69,14 @@ TARGETS: dict[str, Target] = {
             "qnn-npu",
             "qnn",
             "npu",
-            "int4",
+            "fp16",
             None,
             None,
-            "Qualcomm Hexagon NPU, QDQ int4/int16, static shapes",
+            "Qualcomm Hexagon NPU (HTP): a static-shape decoder in float16, compiled into a context "
+            "binary for one SoC (--qnn-soc)",
             requires=(
-                "Olive (olive-ai) with onnxruntime-qnn and the Qualcomm AI Engine Direct (QNN) SDK, "
-                "on a Snapdragon (Windows on Arm) or x86-64 machine with the SDK's context-binary tools; "
-                "static-shape quantization also needs a calibration set (give it local data)"
+                "onnxruntime-qnn, whose Linux x86-64 wheel carries Qualcomm's HTP compiler: "
+                "pip install --no-deps onnxruntime-qnn==2.7.0 (its own dependencies ask for a newer onnxruntime)"
             ),
         ),
         Target(

@@ -79,6 +79,19 @@ def openvino_bundle(
 
 
 @pytest.fixture(scope="session")
+def qnn_bundle(tiny_model: Path, signing_key: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model's qnn-npu variant, signed (it runs here on onnxruntime-qnn's HTP simulator)."""
+    from slmops.build.bundle import create
+    from slmops.build.export import Recipe, export
+
+    build = tmp_path_factory.mktemp("tiny-qnn")
+    export(Recipe(source=str(tiny_model), targets=["qnn-npu"]), build, force=True)
+    out = tmp_path_factory.mktemp("qnn-bundle") / "tiny-qnn"
+    create(build, out, name="tiny-qnn", version="1.0.0", key=signing_key[0])
+    return out
+
+
+@pytest.fixture(scope="session")
 def signing_key(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     from slmops.signing import generate_keypair
 

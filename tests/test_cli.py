@@ -82,7 +82,7 @@ def test_inspect_table_shows_variants(session_bundle: Path) -> None:
 def test_targets_table_marks_npu_requirements() -> None:
     result = runner.invoke(app, ["build", "targets"], env={"COLUMNS": "300"})
     assert result.exit_code == 0
-    assert "qnn-npu" in result.output and "needs Olive" in result.output
+    assert "qnn-npu" in result.output and "slmops (QNN)" in result.output
     assert "openvino-npu" in result.output and "slmops (OpenVINO IR)" in result.output
     for method in ("imatrix", "imatrix-asym", "k-quant-mixed", "rtn"):  # and what each --quant costs
         assert f"│ {method} " in result.output

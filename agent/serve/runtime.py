@@ -1,7 +1,7 @@
 """One bundle variant loaded into its runtime: chat prompts in, tokens out.
 
 `LoadedVariant.load` picks the runtime by the folder's files: onnxruntime-genai here
-(`GenaiVariant`), OpenVINO GenAI in `openvino_runtime`. The engine, the server and the
+(`GenaiVariant`), OpenVINO GenAI in `openvino_runtime`, onnxruntime-qnn in `qnn_runtime`. The engine, the server and the
 evaluations see only `LoadedVariant`, `Generation` and `TextStream`.
 
 Evaluation, `slmops agent chat` and the local server all generate through this
@@ -116,8 +116,9 @@ class Generation(Protocol):
 
 
 class LoadedVariant(ABC):
-    """A variant folder loaded into its runtime: onnxruntime-genai (genai_config.json) or
-    OpenVINO GenAI (openvino_model.xml, `openvino_runtime`)."""
+    """A variant folder loaded into its runtime: onnxruntime-genai (genai_config.json),
+    OpenVINO GenAI (openvino_model.xml, `openvino_runtime`) or onnxruntime-qnn (qnn.json,
+    `qnn_runtime`)."""
 
     path: Path
     context_length: int
@@ -141,10 +142,13 @@ class LoadedVariant(ABC):
         request is cold); `reuse_decoded` keeps the replies' KV too (see prefix_cache); `device_class`
         is the variant's (cpu, gpu, npu), for runtimes that pick a device by name."""
         from .openvino_runtime import OpenVinoVariant, is_openvino_folder
+        from .qnn_runtime import QnnVariant, is_qnn_folder
 
         threads = threads or inference_threads()
         if is_openvino_folder(path):
             return OpenVinoVariant.open(path, threads, prefix_cache_bytes, device_class)
+        if is_qnn_folder(path):
+            return QnnVariant.open(path)
         return GenaiVariant.open(path, threads, prefix_cache_bytes, reuse_decoded)
 
     @abstractmethod

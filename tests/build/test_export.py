@@ -69,13 +69,6 @@ def test_gpu_variant_builds_on_a_machine_without_gpu(tiny_model: Path, tmp_path:
     assert any("cuda" in p for p in providers)
 
 
-def test_qnn_target_fails_before_any_work_and_says_what_is_needed(tiny_model: Path, tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    with pytest.raises(TargetError, match=r"qnn-npu cannot be built on this machine: it needs .*Olive"):
-        export(Recipe(source=str(tiny_model), targets=["cpu-int4", "qnn-npu"]), out)
-    assert not out.exists()
-
-
 def test_unknown_target_is_a_validation_error(tiny_model: Path) -> None:
     with pytest.raises(ValidationError, match="unknown target 'tpu-int2'"):
         Recipe(source=str(tiny_model), targets=["tpu-int2"])

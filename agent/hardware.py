@@ -100,14 +100,22 @@ def onnxruntime_provider_names() -> tuple[str, ...]:
     the runtime next to the one onnxruntime-genai uses, 35 MiB of RSS for one list of names.
     """
     script = "import json, onnxruntime; print(json.dumps(onnxruntime.get_available_providers()))"
+    return _names_from_child(
+        script, "onnxruntime's execution providers", "assuming CPU only", ("CPUExecutionProvider",)
+    )
+
+
+def _names_from_child(script: str, what: str, otherwise: str, fallback: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The JSON list of names `script` prints last, run in a child Python; `fallback` (logged with
+    `otherwise`) where it fails."""
     try:
         out = subprocess.run(
             [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
         ).stdout
-        return tuple(json.loads(out))
-    except (subprocess.SubprocessError, OSError, ValueError) as e:
-        log.warning("cannot list onnxruntime's execution providers (%s); assuming CPU only", e)
-        return ("CPUExecutionProvider",)
+        return tuple(str(name) for name in json.loads(out.strip().splitlines()[-1]))
+    except (subprocess.SubprocessError, OSError, ValueError, IndexError) as e:
+        log.warning("cannot list %s (%s); %s", what, e, otherwise)
+        return fallback
 
 
 def onnxruntime_accelerators() -> list[Accelerator]:
@@ -153,14 +161,7 @@ def openvino_devices() -> tuple[str, ...]:
     if importlib.util.find_spec("openvino_genai") is None:
         return ()
     script = "import json, openvino; print(json.dumps(openvino.Core().available_devices))"
-    try:
-        out = subprocess.run(
-            [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
-        ).stdout
-        return tuple(json.loads(out))
-    except (subprocess.SubprocessError, OSError, ValueError) as e:
-        log.warning("cannot list OpenVINO's devices (%s); OpenVINO variants will not be chosen", e)
-        return ()
+    return _names_from_child(script, "OpenVINO's devices", "OpenVINO variants will not be chosen")
 
 
 def openvino_accelerators() -> list[Accelerator]:
@@ -186,14 +187,7 @@ def qnn_npus() -> tuple[str, ...]:
         "print(json.dumps([d.device.vendor or 'Qualcomm' for d in ort.get_ep_devices()\n"
         "    if d.ep_name == 'QNNExecutionProvider' and d.device.type == ort.OrtHardwareDeviceType.NPU]))"
     )
-    try:
-        out = subprocess.run(
-            [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
-        ).stdout
-        return tuple(json.loads(out.strip().splitlines()[-1]))
-    except (subprocess.SubprocessError, OSError, ValueError, IndexError) as e:
-        log.warning("cannot list onnxruntime-qnn's devices (%s); QNN variants will not be chosen", e)
-        return ()
+    return _names_from_child(script, "onnxruntime-qnn's devices", "QNN variants will not be chosen")
 
 
 def qnn_accelerators() -> list[Accelerator]:

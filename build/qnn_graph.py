@@ -36,7 +36,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from slmops.agent.serve.qnn_runtime import CONFIG_FILE, KvCache, qnn_session_options
+from slmops.agent.serve.qnn_runtime import CONFIG_FILE, KvCache, qnn_session_options, token_logits
 from slmops.errors import BuildError
 
 from .evaluate import heldout_text, perplexity
@@ -204,13 +204,7 @@ class StaticDecoder:
         windows its cache holds."""
 
         def window_logits(chunk: list[int]) -> np.ndarray:
-            cache = KvCache(self.layers, self.kv_heads, self.head_dim, self.past, MASK)
-            rows = []
-            for position, token in enumerate(chunk):
-                outputs = session.run(None, cache.feed(token, position))
-                cache.write(outputs[1:], position)
-                rows.append(outputs[0][0, 0])
-            return np.stack(rows)
+            return token_logits(session, KvCache(self.layers, self.kv_heads, self.head_dim, self.past, MASK), chunk)
 
         return perplexity(ids, window_logits, self.past)[0]
 

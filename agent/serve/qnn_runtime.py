@@ -101,14 +101,22 @@ class QnnVariant(LoadedVariant):
         return KvCache(c["layers"], c["kv_heads"], c["head_dim"], self.context_length - 1, float(c["mask"]))
 
     def step(self, cache: "KvCache", token: int, position: int) -> np.ndarray:
-        """One pass of the graph: the logits after `token` at `position`, its KV written into `cache`."""
-        outputs = self.session.run(None, cache.feed(token, position))
-        cache.write(outputs[1:], position)
-        return np.asarray(outputs[0][0, 0])
+        return step(self.session, cache, token, position)
 
     def token_logits(self, token_ids: list[int]) -> Any:
-        cache = self.new_cache()
-        return np.stack([self.step(cache, token, position) for position, token in enumerate(token_ids)])
+        return token_logits(self.session, self.new_cache(), token_ids)
+
+
+def step(session: "ort.InferenceSession", cache: "KvCache", token: int, position: int) -> np.ndarray:
+    """One pass of the static graph: the logits after `token` at `position`, its KV written into `cache`."""
+    outputs = session.run(None, cache.feed(token, position))
+    cache.write(outputs[1:], position)
+    return np.asarray(outputs[0][0, 0])
+
+
+def token_logits(session: "ort.InferenceSession", cache: "KvCache", token_ids: list[int]) -> np.ndarray:
+    """[len, vocab]: `token_ids` through the static graph one by one, from `cache` empty."""
+    return np.stack([step(session, cache, token, position) for position, token in enumerate(token_ids)])
 
 
 class KvCache:

@@ -1,4 +1,4 @@
-"""Measure a variant with onnxruntime-genai, and hold it to gates.
+"""Measure a variant on the runtime that serves it, and hold it to gates.
 
     variant ─► fresh child process (its peak RSS is the variant's, not the pipeline's)
        ├─ perplexity on the held-out text shipped in slmops.build (data/heldout.txt)

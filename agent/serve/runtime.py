@@ -1,8 +1,9 @@
 """One bundle variant loaded into its runtime: chat prompts in, tokens out.
 
 `LoadedVariant.load` picks the runtime by the folder's files: onnxruntime-genai here
-(`GenaiVariant`), OpenVINO GenAI in `openvino_runtime`, onnxruntime-qnn in `qnn_runtime`. The engine, the server and the
-evaluations see only `LoadedVariant`, `Generation` and `TextStream`.
+(`GenaiVariant`), OpenVINO GenAI in `openvino_runtime`, onnxruntime-qnn in `qnn_runtime`.
+The engine, the server and the evaluations see only `LoadedVariant`, `Generation` and
+`TextStream`.
 
 Evaluation, `slmops agent chat` and the local server all generate through this
 module, so a figure measured at build time is measured on the code path that serves.

@@ -90,3 +90,37 @@ def test_the_openvino_variant_serves_without_ml_frameworks(openvino_bundle: Path
     result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
     assert "openvino-cpu" in result.stderr and "tokens/s" in result.stderr
+
+
+def test_the_npu_path_serves_one_request_at_a_time_with_the_cpus_answers(
+    openvino_export: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An NPU variant runs on LLMPipeline (continuous batching is CPU and GPU only); here its class
+    is pointed at the CPU device, so that path runs for real."""
+    from slmops.agent.serve import openvino_runtime
+    from slmops.agent.serve.runtime import LoadedVariant, Sampling
+
+    variant = openvino_export / "variants" / "openvino-npu"
+    batched = LoadedVariant.load(variant, device_class="cpu")
+    monkeypatch.setitem(openvino_runtime.DEVICES, "npu", "CPU")
+    sequential = LoadedVariant.load(variant, device_class="npu")
+    assert isinstance(sequential, openvino_runtime.OpenVinoVariant) and sequential.sequential
+
+    def prompt(topic: str) -> list[int]:
+        return batched.encode(batched.chat_prompt([{"role": "user", "content": f"Tell me about {topic}."}]))
+
+    def run(generations: list) -> list[list[int]]:  # stepped in turn, as the engine does
+        tokens: list[list[int]] = [[] for _ in generations]
+        while not all(g.done for g in generations):
+            for g, out in zip(generations, tokens, strict=True):
+                if (token := g.step()) is not None:
+                    out.append(token)
+        return tokens
+
+    prompts = [prompt(topic) for topic in ("rivers", "tea")]
+    expected = run([batched.start(p, 10, Sampling()) for p in prompts])
+    assert run([sequential.start(p, 10, Sampling()) for p in prompts]) == expected
+    cancelled = sequential.start(prompts[0], 200, Sampling(ignore_eos=True))
+    assert cancelled.step() is not None
+    cancelled.release()  # the pipeline is freed for the next request
+    assert run([sequential.start(prompts[1], 10, Sampling())]) == expected[1:]

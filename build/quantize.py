@@ -36,7 +36,7 @@ def calibration_text() -> str:
 def float_matrices(
     source: Path, method: str, progress: Callable[[str], None] = lambda _: None
 ) -> dict[str, BlockWeight]:
-    """Every matrix of the float checkpoint `source` quantized by `method` (a key of BODY_QUANTIZERS),
+    """Every matrix of the float checkpoint `source` quantized by `method` (a key of QUANTIZERS),
     keyed by the builder's MatMul."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -48,7 +48,7 @@ def float_matrices(
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
     progress("measuring input importance on the calibration text")
     importance = _importance(model, tokenizer(calibration_text(), add_special_tokens=False)["input_ids"])
-    quantize = BODY_QUANTIZERS[method]
+    quantize = QUANTIZERS[method]
     matrices: dict[str, BlockWeight] = {}
     layers = model.model.layers
     for index, layer in enumerate(layers):
@@ -194,3 +194,8 @@ BODY_QUANTIZERS: dict[str, Callable[[str, np.ndarray, np.ndarray], BlockWeight]]
     "imatrix-asym": asymmetric_int4,
 }
 """The --quant methods slmops runs itself: how each fits a layer's matrices (lm_head is 8-bit in all)."""
+QUANTIZERS: dict[str, Callable[[str, np.ndarray, np.ndarray], BlockWeight]] = {
+    **BODY_QUANTIZERS,
+    "int8": lambda name, weight, _importance: symmetric_int8(name, weight),
+}
+"""Every way slmops makes blocks: the --quant methods and 8-bit symmetric (openvino-npu-int8's)."""

@@ -99,6 +99,17 @@ TARGETS: dict[str, Target] = {
             "Intel NPU through OpenVINO GenAI, symmetric int4 weights (imatrix), compiled on the device",
             requires=OPENVINO_REQUIRES,
         ),
+        Target(
+            "openvino-npu-int8",
+            "openvino",
+            "npu",
+            "int8",
+            None,
+            None,
+            "Intel NPU through OpenVINO GenAI, symmetric 8-bit weights: ~1.5 × openvino-npu's size, "
+            "where int4 loses more than the accuracy gate allows",
+            requires=OPENVINO_REQUIRES,
+        ),
     )
 }
 

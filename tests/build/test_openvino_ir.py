@@ -11,7 +11,7 @@ from slmops.build import export as export_module
 from slmops.build.export import BuildRecord, QuantOptions, Recipe, export
 from slmops.build.openvino_ir import MODEL_XML, checkpoint_weights
 from slmops.build.quantize import float_matrices
-from slmops.errors import TargetError
+from slmops.errors import GateFailed, TargetError
 
 PROMPT = [5, 17, 99, 1024, 7, 300, 42, 8, 2048, 11, 64]
 
@@ -104,16 +104,23 @@ def test_openvino_variant_carries_the_blocks_and_computes_what_torch_does(
     assert np.abs(stepped - reference).max() < 1e-4 * np.abs(reference).max()
 
 
-def test_npu_variant_has_symmetric_blocks_whatever_the_cpu_ones(tiny_model: Path, tmp_path: Path) -> None:
+def test_npu_variants_have_symmetric_blocks_scored_on_the_cpu_plugin(tiny_model: Path, tmp_path: Path) -> None:
     quant = QuantOptions(method="imatrix-asym")
-    record = export(
-        Recipe(source=str(tiny_model), targets=["openvino-cpu", "openvino-npu"], quant=quant), tmp_path / "o"
-    )
+    targets = ["openvino-cpu", "openvino-npu", "openvino-npu-int8"]
+    record = export(Recipe(source=str(tiny_model), targets=targets, quant=quant), tmp_path / "o")
     assert record.variants["openvino-cpu"].quant == "imatrix-asym"
-    npu = record.variants["openvino-npu"]
-    assert npu.quant == "imatrix" and npu.blocks is not None and npu.blocks["with_offsets"] == 0
-    assert npu.accuracy is None  # no NPU here: built, not run
+    layers = json.loads((tiny_model / "config.json").read_text())["num_hidden_layers"]
+    npu, npu8 = record.variants["openvino-npu"], record.variants["openvino-npu-int8"]
+    assert npu.quant == "imatrix" and npu.blocks == {"imatrix": 7 * layers, "int8": 1, "with_offsets": 0}
+    assert npu8.quant == "int8" and npu8.blocks == {"int8": 7 * layers + 1, "with_offsets": 0}
+    for v in (npu, npu8):  # no NPU here: the same IR on OpenVINO's CPU plugin stands for it
+        assert v.accuracy is not None and "CPU plugin" in v.accuracy.measured_on and v.accuracy.passed
     assert BuildRecord.load(tmp_path / "o").variants["openvino-npu"].builder.startswith("slmops openvino_ir")
+
+
+def test_a_failing_npu_variant_is_told_of_the_int8_one(tiny_model: Path, tmp_path: Path) -> None:
+    with pytest.raises(GateFailed, match=r"openvino-npu: perplexity .* Try the openvino-npu-int8 target"):
+        export(Recipe(source=str(tiny_model), targets=["openvino-npu"]), tmp_path / "o", max_ppl_increase=-0.5)
 
 
 def test_openvino_targets_refuse_the_builders_quantizers_before_any_work(tiny_model: Path, tmp_path: Path) -> None:

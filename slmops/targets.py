@@ -73,7 +73,7 @@ TARGETS: dict[str, Target] = {
             None,
             None,
             "Qualcomm Hexagon NPU (HTP): a static-shape decoder in float16, compiled into a context "
-            "binary for one SoC (--qnn-soc)",
+            "binary for one SoC (--qnn-soc); SmolLM2: 371 MiB, +4 % perplexity on the simulator",
             requires=(
                 "onnxruntime-qnn, whose Linux x86-64 wheel carries Qualcomm's HTP compiler: "
                 "pip install --no-deps onnxruntime-qnn==2.7.0 (its own dependencies ask for a newer onnxruntime)"
@@ -96,7 +96,8 @@ TARGETS: dict[str, Target] = {
             "int4",
             None,
             None,
-            "Intel NPU through OpenVINO GenAI, symmetric int4 weights (imatrix), compiled on the device",
+            "Intel NPU through OpenVINO GenAI, symmetric int4 weights (imatrix), compiled on the device; "
+            "+8 % perplexity on SmolLM2, past the default gate",
             requires=OPENVINO_REQUIRES,
         ),
         Target(
@@ -106,8 +107,8 @@ TARGETS: dict[str, Target] = {
             "int8",
             None,
             None,
-            "Intel NPU through OpenVINO GenAI, symmetric 8-bit weights: ~1.5 × openvino-npu's size, "
-            "where int4 loses more than the accuracy gate allows",
+            "Intel NPU through OpenVINO GenAI, symmetric 8-bit weights: +0.7 % perplexity on SmolLM2 "
+            "at ~1.5 × openvino-npu's size",
             requires=OPENVINO_REQUIRES,
         ),
     )

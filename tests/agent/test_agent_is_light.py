@@ -39,6 +39,7 @@ def test_agent_modules_import_without_ml_frameworks() -> None:
     modules = [
         *("host", "telemetry", "hardware", "choice", "config", "daemon", "cli"),
         *("serve.api", "serve.engine", "serve.serving", "serve.runtime", "serve.metrics", "serve.protocol"),
+        *("serve.openvino_runtime", "serve.qnn_runtime", "serve.prefix_cache"),
         *("fleet.uplink", "fleet.sync", "fleet.slots", "fleet.transfer"),
     ]
     imports = "\n".join(f"import slmops.agent.{m}" for m in modules)

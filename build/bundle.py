@@ -15,8 +15,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import jinja2
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from slmops.agent.serve import chat_template
 from slmops.agent.serve.qnn_runtime import CONFIG_FILE as QNN_CONFIG
 from slmops.agent.serve.runtime import kv_bytes_per_token
 from slmops.bundle import VARIANTS_DIR, Bundle, write_archive
@@ -36,26 +36,14 @@ CONTENT = "{Content}"
 
 def foundry_inference_model(variant_dir: Path, name: str) -> dict[str, object]:
     """Foundry Local's bring-your-own-model descriptor: a name and a prompt template."""
-    template_path = variant_dir / "chat_template.jinja"
-    if not template_path.is_file():
-        raise BuildError(f"{variant_dir} has no chat_template.jinja; cannot describe its prompt format")
-    tokenizer_config = json.loads((variant_dir / "tokenizer_config.json").read_text())
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = _raise_template_error
+    template = chat_template.load(variant_dir)
+    if template is None:
+        raise BuildError(f"{variant_dir} has no {chat_template.TEMPLATE_FILE}; cannot describe its prompt format")
     try:
-        prompt = env.from_string(template_path.read_text()).render(
-            messages=[{"role": "user", "content": CONTENT}],
-            add_generation_prompt=True,
-            bos_token=tokenizer_config.get("bos_token", ""),
-            eos_token=tokenizer_config.get("eos_token", ""),
-        )
+        prompt = template.render(messages=[{"role": "user", "content": CONTENT}], add_generation_prompt=True)
     except jinja2.TemplateError as e:
         raise BuildError(f"the chat template of {variant_dir} does not render: {e}") from None
     return {"Name": name, "PromptTemplate": {"assistant": CONTENT, "prompt": prompt}}
-
-
-def _raise_template_error(message: str) -> None:
-    raise jinja2.TemplateError(message)
 
 
 def model_shape(variant_dir: Path, t: Target) -> tuple[int, int]:

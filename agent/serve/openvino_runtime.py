@@ -215,7 +215,7 @@ class OpenVinoGeneration:
         config = generation_config(sampling, max_new_tokens)
         self._status, self._stop = genai.GenerationStatus.RUNNING, genai.GenerationFinishReason.STOP
         self._pending: deque[int] = deque()
-        self._stops = frozenset() if sampling.ignore_eos else variant.eos_token_ids
+        self._stops = sampling.stops(variant.eos_token_ids)
         """The end-of-sequence token the pipeline stops on is not part of the reply."""
         self._finish: Any = None
         self._started = time.perf_counter()
@@ -236,10 +236,7 @@ class OpenVinoGeneration:
             else:
                 self.variant.pipeline.step()
         token = self._pending.popleft()
-        now = time.perf_counter() - self._started
-        if self.stats.new_tokens == 0:
-            self.stats.time_to_first_token_s = now
-        self.stats.total_s = now
+        self.stats.timed(time.perf_counter() - self._started)
         self.stats.new_tokens += 1
         return token
 
@@ -271,7 +268,7 @@ class SequentialGeneration:
         self.done = False
         self._prompt = prompt_ids
         self._config = generation_config(sampling, max_new_tokens)
-        self._stops = frozenset() if sampling.ignore_eos else variant.eos_token_ids
+        self._stops = sampling.stops(variant.eos_token_ids)
         self._tokens: queue.Queue[Any] = queue.Queue()
         self._cancelled = threading.Event()
         self._thread: threading.Thread | None = None
@@ -320,10 +317,7 @@ class SequentialGeneration:
                 return None
             if item not in self._stops:
                 break
-        now = time.perf_counter() - self._started
-        if self.stats.new_tokens == 0:
-            self.stats.time_to_first_token_s = now
-        self.stats.total_s = now
+        self.stats.timed(time.perf_counter() - self._started)
         self.stats.new_tokens += 1
         return int(item)
 

@@ -22,6 +22,7 @@ import numpy as np
 
 from slmops.errors import RuntimeLoadError
 
+from . import chat_template
 from .runtime import Generation, GenerationStats, LoadedVariant, Sampling, TextStream
 
 if TYPE_CHECKING:
@@ -64,7 +65,10 @@ class QnnVariant(LoadedVariant):
         self.context_length = int(config["context_length"])
         self.vocab_size = int(config["vocab_size"])
         self.eos_token_ids = _eos_ids(path)
-        self._template = _chat_template(path)
+        template = chat_template.load(path)
+        if template is None:
+            raise RuntimeLoadError(f"{path} has no {chat_template.TEMPLATE_FILE}")
+        self._template = template
 
     @classmethod
     def open(cls, path: Path) -> "QnnVariant":
@@ -156,6 +160,7 @@ class QnnGeneration:
         self.done = False
         self._prompt = prompt_ids
         self._sequence = list(prompt_ids)
+        self._stops = sampling.stops(variant.eos_token_ids)
         self._cache: KvCache | None = variant.new_cache()
         self._rng = np.random.default_rng(sampling.seed)
         self._logits: np.ndarray | None = None
@@ -174,11 +179,8 @@ class QnnGeneration:
             return None
         assert self._logits is not None
         token = sample(self._logits, self.sampling, self._sequence, self._rng)
-        now = time.perf_counter() - self._started
-        if self.stats.new_tokens == 0:
-            self.stats.time_to_first_token_s = now
-        self.stats.total_s = now
-        if token in self.variant.eos_token_ids and not self.sampling.ignore_eos:
+        self.stats.timed(time.perf_counter() - self._started)
+        if token in self._stops:
             self._end("stop")
             return None
         self.stats.new_tokens += 1
@@ -244,26 +246,3 @@ def _eos_ids(path: Path) -> frozenset[int]:
     )
     eos = config.get("eos_token_id", [])
     return frozenset(eos if isinstance(eos, list) else [eos])
-
-
-def _chat_template(path: Path) -> Any:
-    """The variant's chat template in jinja2's sandbox, with what transformers gives templates."""
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    template_path = path / "chat_template.jinja"
-    if not template_path.is_file():
-        raise RuntimeLoadError(f"{path} has no chat_template.jinja")
-    tokenizer_config = json.loads((path / "tokenizer_config.json").read_text())
-
-    def raise_exception(message: str) -> None:
-        raise ValueError(message)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = raise_exception
-    return env.from_string(
-        template_path.read_text(),
-        globals={
-            "bos_token": tokenizer_config.get("bos_token", ""),
-            "eos_token": tokenizer_config.get("eos_token", ""),
-        },
-    )

@@ -48,6 +48,12 @@ class GenerationStats:
     total_s: float = 0.0
     finish_reason: str = "length"
 
+    def timed(self, elapsed_s: float) -> None:
+        """A token came `elapsed_s` after the generation started (the first one sets the TTFT)."""
+        if self.new_tokens == 0:
+            self.time_to_first_token_s = elapsed_s
+        self.total_s = elapsed_s
+
     @property
     def decode_tokens_per_s(self) -> float:
         decode_s = self.total_s - self.time_to_first_token_s
@@ -66,6 +72,10 @@ class Sampling:
     """Generate exactly max_new_tokens (benchmarks, load tests)."""
     repetition_penalty: float = 1.0
     """> 1 discourages tokens already in the sequence (1.1 stops small models looping)."""
+
+    def stops(self, eos_token_ids: frozenset[int]) -> frozenset[int]:
+        """The tokens that end this request's reply (none with ignore_eos); they are not part of it."""
+        return frozenset() if self.ignore_eos else eos_token_ids
 
     def cache_key(self) -> Hashable | None:
         """What a reused generator must share with this request (its search options are fixed when it
@@ -301,7 +311,7 @@ class GenaiGeneration:
     def __init__(self, variant: GenaiVariant, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling) -> None:
         self.variant = variant
         self.max_new_tokens = max_new_tokens
-        self.ignore_eos = sampling.ignore_eos
+        self._stops = sampling.stops(variant.eos_token_ids)
         self.stats = GenerationStats(prompt_tokens=len(prompt_ids))
         total = len(prompt_ids) + max_new_tokens
         cache, self._cache_key = variant.prefix_cache, sampling.cache_key()
@@ -361,11 +371,8 @@ class GenaiGeneration:
             return None
         self._generator.generate_next_token()
         token = int(self._generator.get_next_tokens()[0])
-        now = time.perf_counter() - self._started
-        if self.stats.new_tokens == 0:
-            self.stats.time_to_first_token_s = now
-        self.stats.total_s = now
-        if token in self.variant.eos_token_ids and not self.ignore_eos:
+        self.stats.timed(time.perf_counter() - self._started)
+        if token in self._stops:
             self.stats.finish_reason = "stop"
             self.done = True
             return None

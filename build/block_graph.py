@@ -3,6 +3,8 @@ model, in place of its re-rounded ones (the GGUF's own blocks, or slmops' quanti
 
     model.layers.N.attn.qkv_proj.MatMul     q, k, v stacked by rows
     model.layers.N.attn.o_proj.MatMul, model.layers.N.mlp.{gate,up,down}_proj.MatMul
+    model.layers.N.mlp.gate_up_proj.MatMul  gate and up stacked by rows, where the builder fused
+                                            them (fuse_mlp_gate_up, as export asks for CPU targets)
     lm_head.MatMul                          and the tied embedding's GatherBlockQuantized,
                                             which reads the same blocks (its bit width follows)
 
@@ -20,7 +22,7 @@ import numpy as np
 
 from slmops.errors import BuildError
 
-from .blocks import BLOCK, BlockWeight
+from .blocks import BLOCK, BlockWeight, stacked
 
 if TYPE_CHECKING:
     import onnx
@@ -30,6 +32,7 @@ QKV = "attn.qkv_proj"
 LAYER_MATRICES = (QKV, "attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 """The builder's names of a decoder layer's matrices."""
 LM_HEAD = "lm_head.MatMul"
+GATE, UP, GATE_UP = "mlp.gate_proj", "mlp.up_proj", "mlp.gate_up_proj"
 
 
 def layer_matrix(layer: int, name: str) -> str:
@@ -50,7 +53,7 @@ def write_blocks(variant: Path, matrices: Mapping[str, BlockWeight]) -> Written:
 
     model = onnx.load(str(variant / MODEL_FILE))
     graph = _Graph(model.graph)
-    for prefix, weight in matrices.items():
+    for prefix, weight in graph.as_built(matrices).items():
         graph.put(prefix, weight)
     (variant / DATA_FILE).unlink(missing_ok=True)  # loaded: onnx.save would append to it
     onnx.save(model, str(variant / MODEL_FILE), save_as_external_data=True, location=DATA_FILE)
@@ -65,6 +68,16 @@ class _Graph:
         self.initializers = {i.name: i for i in graph.initializer}
         self.by_kind: dict[str, int] = {}
         self.with_offsets = 0
+
+    def as_built(self, matrices: Mapping[str, BlockWeight]) -> dict[str, BlockWeight]:
+        """`matrices` keyed as this graph holds them: where the builder fused a layer's gate and up
+        projections into one MatMul, their blocks stacked by rows (gate first, as the builder does)."""
+        built = dict(matrices)
+        for gate in [name for name in matrices if name.endswith(f".{GATE}.MatMul")]:
+            up, fused = gate.replace(GATE, UP), gate.replace(GATE, GATE_UP)
+            if f"{fused}.weight_Q4" in self.initializers and up in built:
+                built[fused] = stacked(built.pop(gate), built.pop(up))
+        return built
 
     def put(self, prefix: str, weight: BlockWeight) -> None:
         from onnx import numpy_helper

@@ -19,9 +19,9 @@ from slmops.errors import BuildError, ModelSourceError, TargetError
 def test_export_writes_loadable_variants_and_provenance(tiny_export: Path) -> None:
     record = BuildRecord.load(tiny_export)
     assert set(record.variants) == {"cpu-int4", "cpu-fp32"}
-    assert record.variants["cpu-int4"].build_options == {"block_size": 32}
+    assert record.variants["cpu-int4"].build_options == {"fuse_mlp_gate_up": True, "block_size": 32}
     assert record.variants["cpu-int4"].quant == "imatrix" and record.variants["cpu-fp32"].quant is None
-    assert record.variants["cpu-int4"].blocks == {"imatrix": 10, "int8": 1, "with_offsets": 0}
+    assert record.variants["cpu-int4"].blocks == {"imatrix": 8, "int8": 1, "with_offsets": 0}  # gate+up: one matrix
     assert record.recipe_digest == record.recipe.digest()
     for variant_id in record.variants:
         variant = tiny_export / "variants" / variant_id
@@ -42,7 +42,7 @@ def test_int4_is_smaller_than_fp32(tiny_export: Path) -> None:
 def test_quantization_options_reach_the_builder(tiny_model: Path, tmp_path: Path) -> None:
     quant = QuantOptions(method="rtn", block_size=64, accuracy_level=1)
     record = export(Recipe(source=str(tiny_model), targets=["cpu-int4"], quant=quant), tmp_path / "out")
-    assert record.variants["cpu-int4"].build_options == {"block_size": 64, "accuracy_level": 1}
+    assert record.variants["cpu-int4"].build_options == {"fuse_mlp_gate_up": True, "block_size": 64, "accuracy_level": 1}
     assert record.variants["cpu-int4"].quant == "rtn" and record.variants["cpu-int4"].blocks is None
     log = (tmp_path / "out" / "logs" / "cpu-int4.log").read_text()
     assert "block_size=64" in log and "accuracy_level=1" in log
@@ -51,7 +51,11 @@ def test_quantization_options_reach_the_builder(tiny_model: Path, tmp_path: Path
 def test_k_quant_mixed_is_the_builders_and_loads_with_tied_embeddings(tiny_model: Path, tmp_path: Path) -> None:
     quant = QuantOptions(method="k-quant-mixed")
     record = export(Recipe(source=str(tiny_model), targets=["cpu-int4"], quant=quant), tmp_path / "out")
-    assert record.variants["cpu-int4"].build_options == {"block_size": 32, "algo_config": "k_quant_mixed"}
+    assert record.variants["cpu-int4"].build_options == {
+        "fuse_mlp_gate_up": True,
+        "block_size": 32,
+        "algo_config": "k_quant_mixed",
+    }
     assert "algo_config=k_quant_mixed" in (tmp_path / "out" / "logs" / "cpu-int4.log").read_text()
     loaded = LoadedVariant.load(tmp_path / "out" / "variants" / "cpu-int4")
     assert len(list(loaded.generate(loaded.encode("Hello"), max_new_tokens=4, ignore_eos=True))) == 4

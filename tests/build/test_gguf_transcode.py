@@ -109,7 +109,7 @@ def test_a_local_gguf_exports_exactly_by_default_and_runs(tiny_gguf, tmp_path: P
     record = export(Recipe(source=str(gguf), targets=["cpu-int4"]), tmp_path / "out")
     carried = record.variants["cpu-int4"]
     assert carried.quant == "gguf-exact"
-    assert carried.blocks == {"Q4_1": 5, "Q4_0": 5, "Q8_0": 1, "with_offsets": 5}
+    assert carried.blocks == {"Q4_1": 4, "Q4_0": 4, "Q8_0": 1, "with_offsets": 4}  # gate and up are one matrix
     assert carried.accuracy is not None and carried.accuracy.passed  # its reference: the GGUF dequantized
     source = json.loads((Path(record.source_path) / "slmops-source.json").read_text())
     assert source["gguf"] == {"path": str(gguf.resolve()), "sha256": sha256_file(gguf)}
@@ -127,7 +127,10 @@ def test_a_local_gguf_exports_exactly_by_default_and_runs(tiny_gguf, tmp_path: P
             ]
         )
         assert np.abs(variant_weight(model, f"model.layers.{layer}.attn.qkv_proj.MatMul") - wanted).max() == 0
-        for gguf_name, builder_name in LAYER_MATRICES.items():
+        gate_up = np.concatenate([exact[f"blk.{layer}.ffn_gate.weight"], exact[f"blk.{layer}.ffn_up.weight"]])
+        assert np.abs(variant_weight(model, f"model.layers.{layer}.mlp.gate_up_proj.MatMul") - gate_up).max() == 0
+        for gguf_name in ("attn_output", "ffn_down"):
+            builder_name = LAYER_MATRICES[gguf_name]
             got = variant_weight(model, f"model.layers.{layer}.{builder_name}.MatMul")
             assert np.abs(got - exact[f"blk.{layer}.{gguf_name}.weight"]).max() == 0, builder_name
     assert np.abs(variant_weight(model, "lm_head.MatMul") - exact["token_embd.weight"]).max() == 0

@@ -46,6 +46,10 @@ class AgentConfig(BaseSettings):
     max_queued_requests: int = Field(default=16, ge=0, le=10_000)
     """Waiting requests beyond the active ones; past this a request gets 429."""
     default_max_tokens: int = Field(default=512, ge=1)
+    stream_interval_ms: int = Field(default=20, ge=0, le=1000)
+    """A reply's text is handed over at most this often (ms; the first piece at once), so a streamed
+    reply sends one chunk per interval, not one per token: each chunk costs this device and the
+    client CPU the model would use. 20 ms is 50 updates a second; 0 sends every token."""
     prefix_cache_mib: int = Field(default=256, ge=0, le=1_000_000)
     """KV caches of finished requests kept (MiB) for prompts that start the same way: a chat's next
     turn, a shared system prompt. 0 turns it off."""

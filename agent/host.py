@@ -44,7 +44,7 @@ class ModelHost:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self.metrics = AgentMetrics()
-        self.engine = Engine(config.max_active_requests, config.max_queued_requests)
+        self.engine = Engine(config.max_active_requests, config.max_queued_requests, config.stream_interval_ms / 1000)
         self.status = Status()
         self.started_at = time.time()
         self._load_lock = threading.Lock()

@@ -42,7 +42,8 @@ def test_int4_is_smaller_than_fp32(tiny_export: Path) -> None:
 def test_quantization_options_reach_the_builder(tiny_model: Path, tmp_path: Path) -> None:
     quant = QuantOptions(method="rtn", block_size=64, accuracy_level=1)
     record = export(Recipe(source=str(tiny_model), targets=["cpu-int4"], quant=quant), tmp_path / "out")
-    assert record.variants["cpu-int4"].build_options == {"fuse_mlp_gate_up": True, "block_size": 64, "accuracy_level": 1}
+    options = {"fuse_mlp_gate_up": True, "block_size": 64, "accuracy_level": 1}
+    assert record.variants["cpu-int4"].build_options == options
     assert record.variants["cpu-int4"].quant == "rtn" and record.variants["cpu-int4"].blocks is None
     log = (tmp_path / "out" / "logs" / "cpu-int4.log").read_text()
     assert "block_size=64" in log and "accuracy_level=1" in log

@@ -181,3 +181,18 @@ def test_choose_explains_each_variant(session_bundle: Path) -> None:
     )
     assert forbidden.exit_code == 1
     assert {d["reason"] for d in json.loads(forbidden.stdout)} == {"provider cpu is forbidden by the configuration"}
+
+
+def test_an_agent_command_loads_only_its_own_area() -> None:
+    """`slmops agent ...` on a device imports neither the build pipeline nor numpy (14 MiB of an idle
+    agent's RSS when the root command mounted every area up front)."""
+    script = (
+        "import sys\n"
+        "from slmops.cli import main\n"
+        "sys.argv = ['slmops', 'agent', 'probe', '--help']\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'numpy' or m.startswith('slmops.build')))\n"
+    )
+    result = subprocess.run([sys.executable, "-P", "-c", script], capture_output=True, text=True, check=True)
+    assert "probe" in result.stdout
+    assert result.stdout.strip().splitlines()[-1] == "[]"

@@ -29,8 +29,6 @@ if TYPE_CHECKING:
 
 MODEL_FILE, DATA_FILE = "model.onnx", "model.onnx.data"
 QKV = "attn.qkv_proj"
-LAYER_MATRICES = (QKV, "attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-"""The builder's names of a decoder layer's matrices."""
 LM_HEAD = "lm_head.MatMul"
 GATE, UP, GATE_UP = "mlp.gate_proj", "mlp.up_proj", "mlp.gate_up_proj"
 

@@ -42,9 +42,10 @@ class _Root(TyperGroup):
 
     def get_command(self, ctx: Any, cmd_name: str) -> Any:
         if cmd_name in AREAS:
-            command = typer.main.get_command(importlib.import_module(AREAS[cmd_name]).app)
-            command.name = cmd_name
-            return command
+            # Mounted as add_typer mounts it (a one-command sub-app such as `controller` stays a group).
+            holder = typer.Typer()
+            holder.add_typer(importlib.import_module(AREAS[cmd_name]).app, name=cmd_name)
+            return typer.main.get_command(holder).get_command(ctx, cmd_name)  # type: ignore[attr-defined]
         return super().get_command(ctx, cmd_name)
 
 

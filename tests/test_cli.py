@@ -50,7 +50,8 @@ COMMANDS = [
 def test_every_command_has_useful_help(command: list[str]) -> None:
     result = runner.invoke(app, [*command, "--help"])
     assert result.exit_code == 0, result.output
-    assert "Usage:" in result.output and len(result.output.split()) > 20
+    assert f"Usage: {' '.join(['slmops', *command])} [OPTIONS]" in result.output, "the help of the command asked for"
+    assert len(result.output.split()) > 20
 
 
 def test_verify_ok_and_json(session_bundle: Path, signing_key) -> None:

@@ -1,7 +1,9 @@
 """Request and response models of the agent's HTTP API: OpenAI's and Ollama's.
 
 Requests accept and ignore fields we do not implement (clients send many), but
-validate the ones we use. Responses follow the OpenAI and Ollama wire formats.
+validate the ones we use, strictly: `"n": 1.0`, `"include_usage": 0` or `"num_predict": false`
+are 400s naming the field, not numbers and flags read into what the client did not write.
+Responses follow the OpenAI and Ollama wire formats.
 """
 
 import time
@@ -11,16 +13,21 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+STRICT_REQUEST = ConfigDict(extra="ignore", strict=True)
+"""Every request model's: fields we do not know are ignored, those we know take their own JSON type."""
+
 # --- OpenAI ------------------------------------------------------------------------------
 
 
 class TextPart(BaseModel):
+    model_config = STRICT_REQUEST
+
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT_REQUEST
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
@@ -34,6 +41,8 @@ class ChatMessage(BaseModel):
 
 
 class StreamOptions(BaseModel):
+    model_config = STRICT_REQUEST
+
     include_usage: bool = False
 
 
@@ -41,7 +50,7 @@ INT32_MAX = 2**31 - 1
 
 
 class SamplingFields(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT_REQUEST
 
     model: str = ""
     max_tokens: int | None = Field(default=None, ge=1)
@@ -184,7 +193,7 @@ class Completion(_Answer):
 
 
 class OllamaOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT_REQUEST
 
     temperature: float = Field(default=0.8, ge=0, le=2)
     top_p: float = Field(default=0.9, gt=0, le=1)
@@ -201,7 +210,7 @@ class OllamaOptions(BaseModel):
 
 
 class OllamaChatRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT_REQUEST
 
     model: str = ""
     messages: list[ChatMessage] = Field(min_length=1)
@@ -210,7 +219,7 @@ class OllamaChatRequest(BaseModel):
 
 
 class OllamaGenerateRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT_REQUEST
 
     model: str = ""
     prompt: str

@@ -17,6 +17,7 @@ from sqlalchemy import (
     DateTime,
     Engine,
     ForeignKey,
+    Index,
     String,
     TypeDecorator,
     UniqueConstraint,
@@ -125,6 +126,53 @@ class TelemetryRow(Base):
     kind: Mapped[str] = mapped_column(String(32))
     payload: Mapped[dict[str, Any]]
     received_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class RolloutRow(Base):
+    """One bundle rolled out to a target in waves (controller/rollouts.py says how it moves)."""
+
+    __tablename__ = "rollout"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    bundle_id: Mapped[int] = mapped_column(ForeignKey("bundle.id"))
+    target: Mapped[str] = mapped_column(String(1024))
+    """The selector as given, e.g. group=lab,provider=cpu."""
+    waves: Mapped[str] = mapped_column(String(256))
+    """The waves as given, e.g. 5,10%,50%,100%."""
+    max_failure: Mapped[float]
+    min_reported: Mapped[int]
+    soak_s: Mapped[float]
+    device_timeout_s: Mapped[float]
+    status: Mapped[str] = mapped_column(String(16))
+    """active, paused, halted, completed, aborted."""
+    reason: Mapped[str] = mapped_column(String(2048), default="")
+    """Why it is paused or halted."""
+    wave: Mapped[int] = mapped_column(default=0)
+    """The wave under way (1-based); 0 before the first."""
+    wave_count: Mapped[int]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_by: Mapped[str] = mapped_column(String(128))
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class RolloutDeviceRow(Base):
+    """A device's part in a rollout: its wave, where it is, and what it ran before (for rollback)."""
+
+    __tablename__ = "rollout_device"
+    __table_args__ = (Index("ix_rollout_device_device", "device_id"),)  # which rollouts a device is in
+
+    rollout_id: Mapped[int] = mapped_column(ForeignKey("rollout.id", ondelete="CASCADE"), primary_key=True)
+    device_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    wave: Mapped[int]
+    hardware_class: Mapped[str] = mapped_column(String(256))
+    state: Mapped[str] = mapped_column(String(16), default="pending")
+    previous: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    """The desired state it had before the rollout (bundle, version, digest), if any."""
+    notified_at: Mapped[datetime | None] = mapped_column(default=None)
+    soak_started_at: Mapped[datetime | None] = mapped_column(default=None)
+    state_at: Mapped[datetime] = mapped_column(default=utcnow)
+    detail: Mapped[str] = mapped_column(String(1024), default="")
+    """The device's reason for a failure, or what decided its state."""
 
 
 def open_database(url: str) -> Engine:

@@ -1,0 +1,304 @@
+"""Rollouts: one bundle to a target of devices in waves, each gated on its devices' own reports,
+halted and rolled back when too many fail.
+
+    create ─► the target's devices (rollout_plan.Selector, now: membership never changes)
+           ─► waves (rollout_plan.plan_waves: the first covers every hardware class)
+           ─► a row per device: its wave, and the desired state it had before (for rollback)
+    advance(now), for each active rollout:
+        the next wave is started: its devices are told the bundle (FleetControl.desire)
+        each started device follows its reports:
+            notified | unreached (offline: it gets the retained desired state when it returns)
+            ─► downloading ─► activating ─► soaking (healthy) ─► passed once the soak time is over
+            ─► failed (its reason kept) · timed_out (no result within the device timeout)
+        failed + timed_out > max_failure of the devices that answered ─► halted: every device it
+            told is told its previous bundle again (rolled_back)
+        every device of the wave done ─► fewer than min_reported passed: paused, inconclusive
+                                        ─► otherwise the next wave, or completed
+
+Every state is a row; `advance` decides in one transaction per rollout and tells devices after
+it commits, so a restart carries on from the rows.
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
+
+from slmops.errors import NotFound, Rejected
+
+from . import audit
+from .audit import Actor
+from .control import FleetControl
+from .db import BundleRow, DeviceRow, RolloutDeviceRow, RolloutRow
+from .fleet import CONTROLLER
+from .registry import Registry
+from .rollout_plan import Selector, hardware_class, parse_share, parse_waves, plan_waves
+
+ACTIVE, PAUSED, HALTED, COMPLETED, ABORTED = "active", "paused", "halted", "completed", "aborted"
+FINISHED = ("passed", "failed", "timed_out", "rolled_back")
+"""A device's states after which it waits for nothing."""
+ANSWERED = ("downloading", "activating", "soaking", "passed", "failed", "timed_out")
+"""States of devices that reported (or ran out of time): the failure rate's denominator."""
+REPORTED_STATE = {"downloading": "downloading", "verifying": "downloading", "activating": "activating"}
+
+
+@dataclass(frozen=True)
+class RolloutSpec:
+    """What an operator asks for, as given on the command line or in the API."""
+
+    bundle: str
+    version: str
+    target: str
+    waves: str = "5,10%,50%,100%"
+    max_failure: str = "5%"
+    min_reported: int = 5
+    soak_s: float = 120.0
+    device_timeout_s: float = 1200.0
+
+    def check(self) -> tuple[Selector, float]:
+        """The parsed target and failure bound; every bad field is a Rejected naming it."""
+        if self.min_reported < 1:
+            raise Rejected("min_reported must be at least 1")
+        if self.soak_s < 0 or self.device_timeout_s <= 0:
+            raise Rejected("soak_s must be ≥ 0 and device_timeout_s > 0")
+        parse_waves(self.waves)
+        return Selector.parse(self.target), parse_share(self.max_failure, "max_failure")
+
+
+@dataclass
+class _Told:
+    """Devices to tell a bundle once the decision has committed."""
+
+    bundle: BundleRow
+    device_ids: list[str] = field(default_factory=list)
+
+
+class Rollouts:
+    def __init__(self, engine: Engine, registry: Registry, control: FleetControl) -> None:
+        self.engine, self.registry, self.control = engine, registry, control
+
+    def create(self, spec: RolloutSpec, actor: Actor) -> RolloutRow:
+        selector, max_failure = spec.check()
+        bundle = self.registry.bundle(spec.bundle, spec.version)
+        with Session(self.engine, expire_on_commit=False) as session, session.begin():
+            devices = [d for d in session.scalars(select(DeviceRow)) if selector.matches(d.groups, d.tags, d.profile)]
+            if not devices:
+                raise Rejected(f"the target {spec.target!r} matches no device")
+            rollout = RolloutRow(
+                bundle_id=bundle.id,
+                target=spec.target,
+                waves=spec.waves,
+                max_failure=max_failure,
+                min_reported=spec.min_reported,
+                soak_s=spec.soak_s,
+                device_timeout_s=spec.device_timeout_s,
+                status=ACTIVE,
+                wave_count=0,
+                created_by=actor.name,
+            )
+            session.add(rollout)
+            session.flush()  # its id salts the order of the waves
+            classes = {d.id: hardware_class(d.profile) for d in devices}
+            plan = plan_waves(classes, parse_waves(spec.waves), salt=f"rollout/{rollout.id}")
+            rollout.wave_count = len(plan)
+            by_id = {d.id: d for d in devices}
+            for wave, device_ids in enumerate(plan, start=1):
+                for device_id in device_ids:
+                    previous = by_id[device_id].desired or self._serving_bundle(session, by_id[device_id])
+                    session.add(
+                        RolloutDeviceRow(
+                            rollout_id=rollout.id,
+                            device_id=device_id,
+                            wave=wave,
+                            hardware_class=classes[device_id],
+                            previous=previous,
+                        )
+                    )
+            detail = {"target": spec.target, "waves": [len(w) for w in plan], "devices": len(devices)}
+            audit.record(session, actor, "rollout.create", f"rollout/{rollout.id}", detail, bundle.id)
+        return rollout
+
+    def get(self, rollout_id: int) -> tuple[RolloutRow, list[RolloutDeviceRow]]:
+        with Session(self.engine) as session:
+            rollout = session.get(RolloutRow, rollout_id)
+            if rollout is None:
+                raise NotFound(f"no rollout {rollout_id}")
+            members = session.scalars(
+                select(RolloutDeviceRow)
+                .where(RolloutDeviceRow.rollout_id == rollout_id)
+                .order_by(RolloutDeviceRow.wave, RolloutDeviceRow.device_id)
+            )
+            return rollout, list(members)
+
+    def all(self) -> list[RolloutRow]:
+        with Session(self.engine) as session:
+            return list(session.scalars(select(RolloutRow).order_by(RolloutRow.id.desc())))
+
+    def set_status(self, rollout_id: int, status: str, actor: Actor) -> RolloutRow:
+        """pause (active → paused), resume (paused → active), abort (stops where it is, no rollback)."""
+        allowed = {PAUSED: (ACTIVE,), ACTIVE: (PAUSED,), ABORTED: (ACTIVE, PAUSED)}
+        with Session(self.engine, expire_on_commit=False) as session, session.begin():
+            rollout = self._row(session, rollout_id)
+            if rollout.status not in allowed[status]:
+                raise Rejected(f"rollout {rollout_id} is {rollout.status}: it cannot become {status}")
+            rollout.status, rollout.updated_at = status, datetime.now(UTC)
+            rollout.reason = "" if status == ACTIVE else f"{status} by {actor.name}"
+            audit.record(session, actor, f"rollout.{status}", f"rollout/{rollout_id}", {})
+            return rollout
+
+    def advance(self, now: datetime | None = None) -> None:
+        """One decision step for every active rollout (the controller runs it on a timer)."""
+        with Session(self.engine) as session:
+            active = list(session.scalars(select(RolloutRow.id).where(RolloutRow.status == ACTIVE)))
+        for rollout_id in active:
+            self._advance(rollout_id, now or datetime.now(UTC))
+
+    # --- one rollout ------------------------------------------------------------------------------
+
+    def _advance(self, rollout_id: int, now: datetime) -> None:
+        told: list[_Told] = []
+        with Session(self.engine, expire_on_commit=False) as session, session.begin():
+            rollout = self._row(session, rollout_id)
+            if rollout.status != ACTIVE:
+                return
+            bundle = session.get(BundleRow, rollout.bundle_id)
+            assert bundle is not None  # the foreign key keeps it
+            members = list(session.scalars(select(RolloutDeviceRow).where(RolloutDeviceRow.rollout_id == rollout_id)))
+            devices = {
+                d.id: d
+                for d in session.scalars(select(DeviceRow).where(DeviceRow.id.in_([m.device_id for m in members])))
+            }
+            started = [m for m in members if m.wave <= rollout.wave]
+            for member in started:
+                _follow(member, devices.get(member.device_id), bundle, rollout, now)
+            answered = [m for m in started if m.state in ANSWERED]
+            failures = [m for m in answered if m.state in ("failed", "timed_out")]
+            if failures and len(failures) > rollout.max_failure * len(answered):
+                told = self._halt(session, rollout, started, failures, len(answered), now)
+            else:
+                wave = [m for m in started if m.wave == rollout.wave]
+                if all(m.state in FINISHED for m in wave):
+                    told = self._next_wave(session, rollout, bundle, members, wave, devices, now)
+            rollout.updated_at = now
+        for batch in told:
+            self.control.desire(batch.device_ids, batch.bundle, CONTROLLER)
+
+    def _next_wave(
+        self,
+        session: Session,
+        rollout: RolloutRow,
+        bundle: BundleRow,
+        members: Sequence[RolloutDeviceRow],
+        wave: Sequence[RolloutDeviceRow],
+        devices: dict[str, DeviceRow],
+        now: datetime,
+    ) -> list[_Told]:
+        passed = sum(m.state == "passed" for m in wave)
+        if wave and passed < min(rollout.min_reported, len(wave)):
+            rollout.status = PAUSED
+            rollout.reason = (
+                f"inconclusive: wave {rollout.wave} has {passed} healthy device(s) after its soak, fewer than "
+                f"the {min(rollout.min_reported, len(wave))} it needs to decide; resume to go on regardless"
+            )
+            audit.record(session, CONTROLLER, "rollout.pause", f"rollout/{rollout.id}", {"reason": rollout.reason})
+            return []
+        if rollout.wave >= rollout.wave_count:
+            rollout.status, rollout.reason = COMPLETED, ""
+            audit.record(session, CONTROLLER, "rollout.complete", f"rollout/{rollout.id}", {})
+            return []
+        rollout.wave += 1
+        starting = [m for m in members if m.wave == rollout.wave]
+        for member in starting:
+            device = devices.get(member.device_id)
+            _set(member, "notified" if device is not None and device.online else "unreached", now)
+            member.notified_at = now
+        detail = {"wave": rollout.wave, "devices": len(starting)}
+        audit.record(session, CONTROLLER, "rollout.wave", f"rollout/{rollout.id}", detail, bundle.id)
+        return [_Told(bundle, [m.device_id for m in starting])]
+
+    def _halt(
+        self,
+        session: Session,
+        rollout: RolloutRow,
+        started: Sequence[RolloutDeviceRow],
+        failures: Sequence[RolloutDeviceRow],
+        answered: int,
+        now: datetime,
+    ) -> list[_Told]:
+        examples = "; ".join(f"{m.device_id}: {m.state} {m.detail}".strip() for m in failures[:5])
+        rollout.status = HALTED
+        rollout.reason = (
+            f"{len(failures)} of {answered} devices that answered failed or timed out, past max_failure "
+            f"{rollout.max_failure:.0%} ({examples}); the devices it switched are told their previous bundle"
+        )
+        told: dict[tuple[str, str], _Told] = {}
+        for member in started:
+            previous = member.previous
+            if not previous:
+                member.detail = "nothing to roll back to: it had no bundle before this rollout"
+                continue
+            key = (previous["bundle"], previous["version"])
+            if key not in told:
+                told[key] = _Told(self.registry.bundle(*key))
+            told[key].device_ids.append(member.device_id)
+            _set(member, "rolled_back", now)
+            member.detail = f"told to return to {key[0]} {key[1]}"
+        audit.record(session, CONTROLLER, "rollout.halt", f"rollout/{rollout.id}", {"reason": rollout.reason})
+        return list(told.values())
+
+    @staticmethod
+    def _row(session: Session, rollout_id: int) -> RolloutRow:
+        rollout = session.get(RolloutRow, rollout_id)
+        if rollout is None:
+            raise NotFound(f"no rollout {rollout_id}")
+        return rollout
+
+    @staticmethod
+    def _serving_bundle(session: Session, device: DeviceRow) -> dict[str, Any] | None:
+        """What a device with no desired state serves, as a desired state, if the registry has it."""
+        serving = device.serving or {}
+        row = session.scalar(
+            select(BundleRow).where(
+                BundleRow.name == serving.get("bundle"), BundleRow.version == serving.get("version")
+            )
+        )
+        return None if row is None else {"bundle": row.name, "version": row.version, "digest": row.digest}
+
+
+def _follow(
+    member: RolloutDeviceRow, device: DeviceRow | None, bundle: BundleRow, rollout: RolloutRow, now: datetime
+) -> None:
+    """A started device's state from its last report, its presence and the clock."""
+    if member.state in FINISHED:
+        return
+    reported = (device.reported if device is not None else None) or {}
+    status = reported.get("status") if reported.get("digest") == bundle.digest else None
+    if status == "healthy":
+        if member.soak_started_at is None:
+            member.soak_started_at = now
+        soaked = now - _aware(member.soak_started_at) >= timedelta(seconds=rollout.soak_s)
+        _set(member, "passed" if soaked else "soaking", now)
+        return
+    if status in ("failed", "rolled_back"):
+        _set(member, "failed", now)
+        member.detail = str(reported.get("reason") or status)[:1024]
+        return
+    if status in REPORTED_STATE:
+        _set(member, REPORTED_STATE[status], now)
+    elif member.state in ("notified", "unreached"):
+        _set(member, "notified" if device is not None and device.online else "unreached", now)
+    if member.notified_at and now - _aware(member.notified_at) > timedelta(seconds=rollout.device_timeout_s):
+        _set(member, "timed_out", now)
+        member.detail = f"no result within {rollout.device_timeout_s:g} s (last: {status or member.state})"
+
+
+def _set(member: RolloutDeviceRow, state: str, now: datetime) -> None:
+    if member.state != state:
+        member.state, member.state_at = state, now
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)

@@ -1,0 +1,209 @@
+"""Rollouts on a real database (SQLite and PostgreSQL): waves cut from the target, devices followed
+from their own reports, a halt that rolls back, inconclusive pauses, timeouts and offline devices.
+Devices speak through Fleet.record, as the recorder hands their MQTT messages over."""
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from support import synthetic_bundle
+
+from slmops.bundle import write_archive
+from slmops.controller.audit import Actor
+from slmops.controller.control import FleetControl
+from slmops.controller.db import open_database
+from slmops.controller.fleet import Fleet
+from slmops.controller.registry import Registry
+from slmops.controller.rollout_plan import Selector, WaveSize, hardware_class, parse_waves, plan_waves
+from slmops.controller.rollouts import Rollouts, RolloutSpec
+from slmops.controller.store import BundleStore
+from slmops.errors import Rejected
+from slmops.messages import Birth, DeviceState, HardwareProfile, Reported, Serving
+from slmops.signing import load_public_key
+
+OPERATOR = Actor("alice", "admin")
+T0 = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+
+
+def profile(cpu: str = "test CPU", memory_gib: int = 8, providers: tuple[str, ...] = ("cpu",)) -> HardwareProfile:
+    return HardwareProfile(
+        cpu_model=cpu,
+        cpu_cores_physical=4,
+        cpu_cores_logical=8,
+        isa=["avx2"],
+        memory_total_bytes=memory_gib << 30,
+        memory_available_bytes=(memory_gib - 1) << 30,
+        disk_free_bytes=100 << 30,
+        os="Linux 6.1",
+        arch="x86_64",
+        accelerators=[{"provider": p, "onnxruntime_name": p} for p in providers],
+    )
+
+
+# --- the plan ---------------------------------------------------------------------------------
+
+
+def test_selectors_and_waves_parse_and_bad_ones_name_the_term() -> None:
+    selector = Selector.parse("group=lab, provider=cuda, tag:site=berlin, min_memory=2GiB")
+    assert selector == Selector(("lab",), ("cuda",), (("site", "berlin"),), 2 << 30)
+    gpu = profile(memory_gib=4, providers=("cpu", "cuda")).model_dump()
+    assert selector.matches(["lab"], {"site": "berlin"}, gpu)
+    assert not selector.matches(["lab"], {"site": "paris"}, gpu)
+    assert not selector.matches(["lab"], {"site": "berlin"}, profile(memory_gib=1).model_dump())
+    assert parse_waves("5,10%,50%,100%") == [
+        WaveSize(count=5),
+        WaveSize(share=0.1),
+        WaveSize(share=0.5),
+        WaveSize(share=1),
+    ]
+    for bad, says in [
+        ("colour=red", "colour=red"),
+        ("group", "KEY=VALUE"),
+        ("min_memory=lots", "not a size"),
+    ]:
+        with pytest.raises(Rejected, match=says):
+            Selector.parse(bad)
+    for bad, says in [("5,50%", "must end with 100%"), ("50%,10%,100%", "shrinks"), ("x,100%", "'x'")]:
+        with pytest.raises(Rejected, match=says):
+            parse_waves(bad)
+
+
+def test_the_first_wave_covers_every_hardware_class_and_membership_is_stable() -> None:
+    def of(**hardware) -> str:
+        return hardware_class(profile(**hardware).model_dump())
+
+    classes = {f"cpu-{i}": of() for i in range(40)} | {f"gpu-{i}": of(providers=("cpu", "cuda")) for i in range(5)}
+    classes |= {"small-0": of(memory_gib=2), "arm-0": of(cpu="Cortex-A78")}
+    plan = plan_waves(classes, parse_waves("2,10%,50%,100%"), salt="rollout/1")
+    assert {classes[d] for d in plan[0]} == set(classes.values()), "one device of each of the 4 classes"
+    assert len(plan[0]) == 4, "the canary of 2 grew to cover the classes"
+    assert [len(w) for w in plan] == [4, 1, 19, 23]  # cumulative 4, 5, 24, 47
+    assert sorted(d for w in plan for d in w) == sorted(classes)
+    assert plan == plan_waves(classes, parse_waves("2,10%,50%,100%"), salt="rollout/1")
+    assert plan != plan_waves(classes, parse_waves("2,10%,50%,100%"), salt="rollout/2"), "other canaries"
+
+
+# --- rollouts on a database -------------------------------------------------------------------
+
+
+@pytest.fixture
+def world(database_url: str, tmp_path: Path, signing_key):
+    """A registry with tiny 1.0.0 (what the devices run) and 2.0.0 (what is rolled out), and a fleet."""
+    engine = open_database(database_url)
+    registry = Registry(engine, BundleStore(tmp_path / "store"), [load_public_key(signing_key[1])])
+    bundles = {}
+    for version in ("1.0.0", "2.0.0"):
+        folder = tmp_path / version
+        archive = write_archive(synthetic_bundle(folder / "b", signing_key[0], version=version), folder / "b.tar")
+        bundles[version] = registry.push(archive, OPERATOR)[0]
+    fleet = Fleet(engine)
+    control = FleetControl(fleet, None, None)
+    yield fleet, control, Rollouts(engine, registry, control), bundles
+    engine.dispose()
+
+
+def join(fleet: Fleet, control: FleetControl, bundles: dict, ids: list[str], **hardware) -> None:
+    """Devices born online, running tiny 1.0.0 as the controller desired."""
+    fleet.record([(d, Birth(agent_version="0.1.0", profile=profile(**hardware))) for d in ids])
+    control.desire(ids, bundles["1.0.0"], OPERATOR)
+    serving = Serving(bundle="tiny", version="1.0.0", variant="cpu-int4", provider="cpu")
+    fleet.record([(d, DeviceState(online=True, serving=serving)) for d in ids])
+
+
+def report(fleet: Fleet, bundle, ids: list[str], status: str, reason: str = "") -> None:
+    message = {"bundle": bundle.name, "version": bundle.version, "digest": bundle.digest, "status": status}
+    fleet.record([(d, Reported(**message, reason=reason)) for d in ids])
+
+
+def wave_of(rollouts: Rollouts, rollout_id: int, wave: int) -> list[str]:
+    return [m.device_id for m in rollouts.get(rollout_id)[1] if m.wave == wave]
+
+
+def states(rollouts: Rollouts, rollout_id: int) -> dict[str, str]:
+    return {m.device_id: m.state for m in rollouts.get(rollout_id)[1]}
+
+
+def test_a_three_wave_rollout_passes_wave_by_wave_after_each_soak(world) -> None:
+    fleet, control, rollouts, bundles = world
+    devices = [f"dev-{i:02d}" for i in range(20)]
+    join(fleet, control, bundles, devices)
+    spec = RolloutSpec("tiny", "2.0.0", "provider=cpu", waves="2,50%,100%", min_reported=2, soak_s=60)
+    rollout = rollouts.create(spec, OPERATOR)
+    assert [len(wave_of(rollouts, rollout.id, w)) for w in (1, 2, 3)] == [2, 8, 10]
+    new = bundles["2.0.0"]
+    now = T0
+    for wave in (1, 2, 3):
+        rollouts.advance(now)
+        members = wave_of(rollouts, rollout.id, wave)
+        assert {fleet.device(d).desired["version"] for d in members} == {"2.0.0"}, "the wave is told"
+        later = [d for w in range(wave + 1, 4) for d in wave_of(rollouts, rollout.id, w)]
+        assert {fleet.device(d).desired["version"] for d in later} <= {"1.0.0"}, "later waves are not"
+        report(fleet, new, members, "downloading")
+        rollouts.advance(now := now + timedelta(seconds=5))
+        assert {states(rollouts, rollout.id)[d] for d in members} == {"downloading"}
+        report(fleet, new, members, "healthy")
+        rollouts.advance(now := now + timedelta(seconds=5))
+        assert {states(rollouts, rollout.id)[d] for d in members} == {"soaking"}
+        rollouts.advance(now := now + timedelta(seconds=61))
+        assert {states(rollouts, rollout.id)[d] for d in members} == {"passed"}
+    rollouts.advance(now + timedelta(seconds=1))
+    assert rollouts.get(rollout.id)[0].status == "completed"
+
+
+def test_too_many_failures_halt_the_rollout_and_roll_back_what_it_switched(world) -> None:
+    fleet, control, rollouts, bundles = world
+    devices = [f"dev-{i:02d}" for i in range(20)]
+    join(fleet, control, bundles, devices)
+    spec = RolloutSpec("tiny", "2.0.0", "provider=cpu", waves="5,100%", max_failure="20%", min_reported=3, soak_s=0)
+    rollout = rollouts.create(spec, OPERATOR)
+    rollouts.advance(T0)
+    canaries = wave_of(rollouts, rollout.id, 1)
+    report(fleet, bundles["2.0.0"], canaries[:3], "healthy")
+    report(fleet, bundles["2.0.0"], canaries[3:], "failed", reason="smoke test: no tokens")
+    rollouts.advance(T0 + timedelta(seconds=10))
+    halted, members = rollouts.get(rollout.id)
+    assert halted.status == "halted" and "2 of 5" in halted.reason and "smoke test: no tokens" in halted.reason
+    assert {m.device_id: m.state for m in members if m.wave == 1} == dict.fromkeys(canaries, "rolled_back")
+    assert {fleet.device(d).desired["version"] for d in canaries} == {"1.0.0"}, "told their previous bundle"
+    second = [m.device_id for m in members if m.wave == 2]
+    assert {states(rollouts, rollout.id)[d] for d in second} == {"pending"}, "the next wave never started"
+    assert {fleet.device(d).desired["version"] for d in second} == {"1.0.0"}
+
+
+def test_too_few_healthy_devices_pause_the_rollout_as_inconclusive(world) -> None:
+    fleet, control, rollouts, bundles = world
+    join(fleet, control, bundles, [f"dev-{i}" for i in range(6)])
+    spec = RolloutSpec("tiny", "2.0.0", "provider=cpu", waves="3,100%", max_failure="50%", min_reported=3, soak_s=0)
+    rollout = rollouts.create(spec, OPERATOR)
+    rollouts.advance(T0)
+    canaries = wave_of(rollouts, rollout.id, 1)
+    report(fleet, bundles["2.0.0"], canaries[:2], "healthy")
+    report(fleet, bundles["2.0.0"], canaries[2:], "failed", reason="out of memory")
+    rollouts.advance(T0 + timedelta(seconds=1))
+    paused = rollouts.get(rollout.id)[0]
+    assert paused.status == "paused" and paused.reason.startswith("inconclusive") and paused.wave == 1
+    rollouts.set_status(rollout.id, "active", OPERATOR)
+    rollouts.advance(T0 + timedelta(seconds=2))
+    assert rollouts.get(rollout.id)[0].status == "paused", "the same wave is judged the same way again"
+
+
+def test_offline_devices_are_unreached_catch_up_on_return_or_time_out(world) -> None:
+    fleet, control, rollouts, bundles = world
+    devices = ["dev-a", "dev-b", "dev-c"]
+    join(fleet, control, bundles, devices)
+    fleet.record([("dev-b", DeviceState(online=False)), ("dev-c", DeviceState(online=False))])
+    spec = RolloutSpec(
+        "tiny", "2.0.0", "provider=cpu", waves="100%", max_failure="50%", min_reported=1, soak_s=0, device_timeout_s=600
+    )
+    rollout = rollouts.create(spec, OPERATOR)
+    rollouts.advance(T0)
+    assert states(rollouts, rollout.id) == {"dev-a": "notified", "dev-b": "unreached", "dev-c": "unreached"}
+    assert fleet.device("dev-b").desired["version"] == "2.0.0", "retained: it gets it when it returns"
+    fleet.record([("dev-b", DeviceState(online=True))])
+    report(fleet, bundles["2.0.0"], ["dev-a", "dev-b"], "healthy")
+    rollouts.advance(T0 + timedelta(seconds=30))
+    assert states(rollouts, rollout.id) == {"dev-a": "passed", "dev-b": "passed", "dev-c": "unreached"}
+    assert rollouts.get(rollout.id)[0].status == "active", "an unreached device holds the wave until its deadline"
+    rollouts.advance(T0 + timedelta(seconds=601))
+    assert states(rollouts, rollout.id)["dev-c"] == "timed_out"
+    assert rollouts.get(rollout.id)[0].status == "completed", "1 timed out of 3 is within the 50 % allowed"

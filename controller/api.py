@@ -17,7 +17,8 @@ from .embedded_broker import EmbeddedBroker
 from .enrolment import Enrolment
 from .fleet import Fleet
 from .registry import Registry
-from .routes import bundles, desired, devices, service, store
+from .rollouts import Rollouts
+from .routes import bundles, desired, devices, rollouts, service, store
 
 
 def create_app(
@@ -36,7 +37,8 @@ def create_app(
     app.state.config, app.state.registry, app.state.fleet, app.state.enrolment = config, registry, fleet, enrolment
     app.state.tokens, app.state.bridge, app.state.broker = tokens, bridge, broker
     app.state.control = FleetControl(fleet, bridge, broker)
-    for router in (bundles.router, devices.router, desired.router, store.router, service.router):
+    app.state.rollouts = Rollouts(registry.engine, registry, app.state.control)
+    for router in (bundles.router, devices.router, desired.router, rollouts.router, store.router, service.router):
         app.include_router(router)
     install_errors(app, "controller")
     document_errors(app)

@@ -51,6 +51,8 @@ class ControllerConfig(BaseSettings):
     device_chunk_budget_bytes: int = Field(default=DEVICE_BUDGET_BYTES, ge=1 << 20)
     """Chunk bytes one device may ask for, refilled at this much per hour; past it its requests are
     refused until it refills (no device can make the controller send a bundle over and over)."""
+    rollout_tick_s: float = Field(default=2.0, gt=0, le=60)
+    """How often active rollouts are moved a step (their devices' reports read, waves started)."""
     device_broker_url: str | None = Field(default=None, pattern=r"^mqtts?://[^@]*$")
     """The broker as devices reach it, for their enrolment (no credentials in it). Unset: the
     embedded broker's address, or broker_url without its credentials."""

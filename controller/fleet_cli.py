@@ -155,3 +155,118 @@ def revoke_cmd(
     with client(controller, token) as api:
         answer(lambda: api.revoke(device_id))
     console.print(f"[green]✓[/] {device_id}'s credentials are revoked")
+
+
+rollout_app = typer.Typer(
+    help="Roll a bundle out in waves, each gated on its devices' own reports; halted and rolled back "
+    "when too many fail.",
+    no_args_is_help=True,
+)
+app.add_typer(rollout_app, name="rollout")
+
+
+@rollout_app.command("create")
+def rollout_create_cmd(
+    bundle: Annotated[str, typer.Argument(help="NAME:VERSION of a pushed bundle.")],
+    target: Annotated[
+        str, typer.Option(help="Every term must hold: group=NAME, provider=NAME, tag:KEY=VALUE, min_memory=2GiB.")
+    ],
+    waves: Annotated[str, typer.Option(help="A canary count, then cumulative shares ending with 100%.")] = (
+        "5,10%,50%,100%"
+    ),
+    max_failure: Annotated[str, typer.Option(help="Failed + timed out share of those that answered.")] = "5%",
+    min_reported: Annotated[int, typer.Option(min=1, help="Healthy devices a wave needs to pass.")] = 5,
+    soak: Annotated[float, typer.Option(min=0, help="Seconds a device stays healthy to pass.")] = 120,
+    device_timeout: Annotated[float, typer.Option(min=1, help="Seconds a device has to a result.")] = 1200,
+    controller: ControllerUrl = "http://127.0.0.1:8700",
+    token: Token = None,
+) -> None:
+    """Start a rollout (needs an admin token): the target's devices are cut into waves now, and the
+    controller tells one wave after another as the last one passes."""
+    from slmops.controller.protocol import RolloutRequest
+
+    name, _, version = bundle.partition(":")
+    if not name or not version:
+        fail(f"{bundle!r} is not NAME:VERSION", code=2)
+    request = RolloutRequest(
+        bundle=name,
+        version=version,
+        target=target,
+        waves=waves,
+        max_failure=max_failure,
+        min_reported=min_reported,
+        soak_s=soak,
+        device_timeout_s=device_timeout,
+    )
+    with client(controller, token) as api:
+        rollout = answer(lambda: api.create_rollout(request))
+    console.print(
+        f"[green]✓[/] rollout {rollout.id}: {rollout.bundle} {rollout.version} to "
+        f"{sum(rollout.states.values())} device(s) in {rollout.wave_count} wave(s)"
+    )
+
+
+@rollout_app.command("list")
+def rollout_list_cmd(
+    controller: ControllerUrl = "http://127.0.0.1:8700",
+    token: Token = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable list.")] = False,
+) -> None:
+    """Every rollout, newest first, with its devices counted by state."""
+    from rich.table import Table
+
+    with client(controller, token) as api:
+        rollouts = answer(api.rollouts)
+    if as_json:
+        print(json.dumps([r.model_dump(mode="json") for r in rollouts], indent=2))
+        return
+    table = Table("id", "bundle", "status", "wave", "devices by state", "reason")
+    for r in rollouts:
+        by_state = ", ".join(f"{state} {n}" for state, n in sorted(r.states.items()))
+        table.add_row(str(r.id), f"{r.bundle} {r.version}", r.status, f"{r.wave}/{r.wave_count}", by_state, r.reason)
+    console.print(table)
+
+
+@rollout_app.command("status")
+def rollout_status_cmd(
+    rollout_id: Annotated[int, typer.Argument(help="Rollout id.")],
+    controller: ControllerUrl = "http://127.0.0.1:8700",
+    token: Token = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable.")] = False,
+) -> None:
+    """A rollout with every device: its wave, hardware class, state and what decided it."""
+    from rich.table import Table
+
+    with client(controller, token) as api:
+        rollout = answer(lambda: api.rollout(rollout_id))
+    if as_json:
+        print(rollout.model_dump_json(indent=2))
+        return
+    console.print(
+        f"rollout {rollout.id}: {rollout.bundle} {rollout.version} · {rollout.status} · wave "
+        f"{rollout.wave}/{rollout.wave_count} · target {rollout.target}"
+        + (f"\n{rollout.reason}" if rollout.reason else "")
+    )
+    table = Table("wave", "device", "hardware class", "state", "since", "detail")
+    for d in rollout.devices:
+        table.add_row(str(d.wave), d.device_id, d.hardware_class, d.state, _ago(d.state_at), d.detail)
+    console.print(table)
+
+
+def _rollout_action(action: str, done: str) -> None:
+    @rollout_app.command(action)
+    def command(
+        rollout_id: Annotated[int, typer.Argument(help="Rollout id.")],
+        controller: ControllerUrl = "http://127.0.0.1:8700",
+        token: Token = None,
+    ) -> None:
+        with client(controller, token) as api:
+            rollout = answer(lambda: api.rollout_action(rollout_id, action))
+        console.print(f"[green]✓[/] rollout {rollout.id} {done}: {rollout.status}")
+
+    command.__doc__ = f"{action.capitalize()} a rollout ({done}). Needs an admin token."
+
+
+_rollout_action("pause", "paused: no further wave is told until it resumes")
+_rollout_action("resume", "resumed")
+_rollout_action("abort", "aborted where it is, without rollback")

@@ -192,3 +192,62 @@ class ControllerHealth(BaseModel):
     chunks_sent: int
     embedded_broker: BrokerHealth | None
     threads: dict[str, dict[str, Any]]
+
+
+class RolloutRequest(BaseModel):
+    """A rollout to create: which bundle, to which devices, in which waves, and what failure halts it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    bundle: str = Field(min_length=1, max_length=128)
+    version: str = Field(min_length=1, max_length=64)
+    target: str = Field(
+        min_length=1,
+        max_length=1024,
+        description="Every term must hold: group=NAME, provider=NAME, tag:KEY=VALUE, min_memory=SIZE (e.g. 2GiB)",
+    )
+    waves: str = Field(
+        default="5,10%,50%,100%",
+        max_length=256,
+        description="A canary count, then cumulative shares of the target, ending with 100%",
+    )
+    max_failure: str = Field(
+        default="5%", max_length=16, description="Failed + timed out devices, as a share of those that answered"
+    )
+    min_reported: int = Field(default=5, ge=1, le=1_000_000, description="Healthy devices a wave needs to pass")
+    soak_s: float = Field(default=120, ge=0, le=7 * 86400, description="How long a device stays healthy to pass")
+    device_timeout_s: float = Field(default=1200, gt=0, le=30 * 86400, description="A device's time to a result")
+
+
+class RolloutDeviceView(BaseModel):
+    device_id: str
+    wave: int
+    hardware_class: str
+    state: str
+    """pending, notified, unreached, downloading, activating, soaking, passed, failed, timed_out, rolled_back"""
+    state_at: datetime
+    detail: str
+
+
+class RolloutView(BaseModel):
+    id: int
+    bundle: str
+    version: str
+    target: str
+    waves: str
+    max_failure: float
+    min_reported: int
+    soak_s: float
+    device_timeout_s: float
+    status: str
+    """active, paused, halted, completed, aborted"""
+    reason: str
+    """Why it is paused or halted."""
+    wave: int
+    wave_count: int
+    created_at: datetime
+    created_by: str
+    updated_at: datetime
+    states: dict[str, int]
+    """How many devices are in each state."""
+    devices: list[RolloutDeviceView] = []

@@ -19,6 +19,7 @@ Every state is a row; `advance` decides in one transaction per rollout and tells
 it commits, so a restart carries on from the rows.
 """
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -27,13 +28,15 @@ from typing import Any
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from slmops.errors import NotFound, Rejected
+from slmops.errors import Conflict, NotFound, Rejected
+from slmops.supervision import Supervised
 
 from . import audit
 from .audit import Actor
 from .control import FleetControl
 from .db import BundleRow, DeviceRow, RolloutDeviceRow, RolloutRow
 from .fleet import CONTROLLER
+from .protocol import RolloutDeviceView, RolloutRequest, RolloutView
 from .registry import Registry
 from .rollout_plan import Selector, hardware_class, parse_share, parse_waves, plan_waves
 
@@ -45,27 +48,10 @@ ANSWERED = ("downloading", "activating", "soaking", "passed", "failed", "timed_o
 REPORTED_STATE = {"downloading": "downloading", "verifying": "downloading", "activating": "activating"}
 
 
-@dataclass(frozen=True)
-class RolloutSpec:
-    """What an operator asks for, as given on the command line or in the API."""
-
-    bundle: str
-    version: str
-    target: str
-    waves: str = "5,10%,50%,100%"
-    max_failure: str = "5%"
-    min_reported: int = 5
-    soak_s: float = 120.0
-    device_timeout_s: float = 1200.0
-
-    def check(self) -> tuple[Selector, float]:
-        """The parsed target and failure bound; every bad field is a Rejected naming it."""
-        if self.min_reported < 1:
-            raise Rejected("min_reported must be at least 1")
-        if self.soak_s < 0 or self.device_timeout_s <= 0:
-            raise Rejected("soak_s must be ≥ 0 and device_timeout_s > 0")
-        parse_waves(self.waves)
-        return Selector.parse(self.target), parse_share(self.max_failure, "max_failure")
+def check(request: RolloutRequest) -> tuple[Selector, float]:
+    """The parsed target and failure bound; a bad target, waves or bound is a Rejected naming it."""
+    parse_waves(request.waves)
+    return Selector.parse(request.target), parse_share(request.max_failure, "max_failure")
 
 
 @dataclass
@@ -80,8 +66,8 @@ class Rollouts:
     def __init__(self, engine: Engine, registry: Registry, control: FleetControl) -> None:
         self.engine, self.registry, self.control = engine, registry, control
 
-    def create(self, spec: RolloutSpec, actor: Actor) -> RolloutRow:
-        selector, max_failure = spec.check()
+    def create(self, spec: RolloutRequest, actor: Actor) -> RolloutView:
+        selector, max_failure = check(spec)
         bundle = self.registry.bundle(spec.bundle, spec.version)
         with Session(self.engine, expire_on_commit=False) as session, session.begin():
             devices = [d for d in session.scalars(select(DeviceRow)) if selector.matches(d.groups, d.tags, d.profile)]
@@ -119,35 +105,29 @@ class Rollouts:
                     )
             detail = {"target": spec.target, "waves": [len(w) for w in plan], "devices": len(devices)}
             audit.record(session, actor, "rollout.create", f"rollout/{rollout.id}", detail, bundle.id)
-        return rollout
+        return self.get(rollout.id)
 
-    def get(self, rollout_id: int) -> tuple[RolloutRow, list[RolloutDeviceRow]]:
+    def get(self, rollout_id: int, with_devices: bool = True) -> RolloutView:
         with Session(self.engine) as session:
-            rollout = session.get(RolloutRow, rollout_id)
-            if rollout is None:
-                raise NotFound(f"no rollout {rollout_id}")
-            members = session.scalars(
-                select(RolloutDeviceRow)
-                .where(RolloutDeviceRow.rollout_id == rollout_id)
-                .order_by(RolloutDeviceRow.wave, RolloutDeviceRow.device_id)
-            )
-            return rollout, list(members)
+            return _view(session, self._row(session, rollout_id), with_devices)
 
-    def all(self) -> list[RolloutRow]:
+    def all(self) -> list[RolloutView]:
+        """Every rollout, newest first, with its devices counted by state."""
         with Session(self.engine) as session:
-            return list(session.scalars(select(RolloutRow).order_by(RolloutRow.id.desc())))
+            rows = session.scalars(select(RolloutRow).order_by(RolloutRow.id.desc()))
+            return [_view(session, row, with_devices=False) for row in rows]
 
-    def set_status(self, rollout_id: int, status: str, actor: Actor) -> RolloutRow:
+    def set_status(self, rollout_id: int, status: str, actor: Actor) -> RolloutView:
         """pause (active → paused), resume (paused → active), abort (stops where it is, no rollback)."""
         allowed = {PAUSED: (ACTIVE,), ACTIVE: (PAUSED,), ABORTED: (ACTIVE, PAUSED)}
         with Session(self.engine, expire_on_commit=False) as session, session.begin():
             rollout = self._row(session, rollout_id)
             if rollout.status not in allowed[status]:
-                raise Rejected(f"rollout {rollout_id} is {rollout.status}: it cannot become {status}")
+                raise Conflict(f"rollout {rollout_id} is {rollout.status}: it cannot become {status}")
             rollout.status, rollout.updated_at = status, datetime.now(UTC)
             rollout.reason = "" if status == ACTIVE else f"{status} by {actor.name}"
             audit.record(session, actor, f"rollout.{status}", f"rollout/{rollout_id}", {})
-            return rollout
+        return self.get(rollout_id)
 
     def advance(self, now: datetime | None = None) -> None:
         """One decision step for every active rollout (the controller runs it on a timer)."""
@@ -266,6 +246,72 @@ class Rollouts:
             )
         )
         return None if row is None else {"bundle": row.name, "version": row.version, "digest": row.digest}
+
+
+class RolloutTimer:
+    """The `slmops-rollouts` thread: every active rollout moved a step each `tick_s`."""
+
+    def __init__(self, rollouts: Rollouts, tick_s: float) -> None:
+        self.rollouts, self.tick_s = rollouts, tick_s
+        self._stop = threading.Event()
+        self.thread = Supervised("slmops-rollouts", self._loop)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.tick_s):
+            self.rollouts.advance()
+
+
+def _view(session: Session, rollout: RolloutRow, with_devices: bool) -> RolloutView:
+    bundle = session.get(BundleRow, rollout.bundle_id)
+    assert bundle is not None  # the foreign key keeps it
+    members = list(
+        session.scalars(
+            select(RolloutDeviceRow)
+            .where(RolloutDeviceRow.rollout_id == rollout.id)
+            .order_by(RolloutDeviceRow.wave, RolloutDeviceRow.device_id)
+        )
+    )
+    states: dict[str, int] = {}
+    for member in members:
+        states[member.state] = states.get(member.state, 0) + 1
+    devices = [
+        RolloutDeviceView(
+            device_id=m.device_id,
+            wave=m.wave,
+            hardware_class=m.hardware_class,
+            state=m.state,
+            state_at=m.state_at,
+            detail=m.detail,
+        )
+        for m in members
+    ]
+    return RolloutView(
+        id=rollout.id,
+        bundle=bundle.name,
+        version=bundle.version,
+        target=rollout.target,
+        waves=rollout.waves,
+        max_failure=rollout.max_failure,
+        min_reported=rollout.min_reported,
+        soak_s=rollout.soak_s,
+        device_timeout_s=rollout.device_timeout_s,
+        status=rollout.status,
+        reason=rollout.reason,
+        wave=rollout.wave,
+        wave_count=rollout.wave_count,
+        created_at=rollout.created_at,
+        created_by=rollout.created_by,
+        updated_at=rollout.updated_at,
+        states=states,
+        devices=devices if with_devices else [],
+    )
 
 
 def _follow(

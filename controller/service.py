@@ -19,6 +19,7 @@ from .embedded_broker import EmbeddedBroker
 from .enrolment import Enrolment
 from .fleet import Fleet
 from .registry import Registry
+from .rollouts import RolloutTimer
 from .store import BundleStore
 
 log = logging.getLogger(__name__)
@@ -61,14 +62,17 @@ def build_app(config: ControllerConfig) -> FastAPI:
     enrolment = Enrolment(engine, broker.reload if broker is not None else lambda: None)
 
     @asynccontextmanager
-    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        timer = RolloutTimer(app.state.rollouts, config.rollout_tick_s)
         try:  # a start that fails (the broker's port taken) still gives the database's connections back
             if broker is not None:
                 await run_in_threadpool(broker.start)
             if bridge is not None:
                 bridge.start()
+            timer.start()
             yield
         finally:
+            await run_in_threadpool(timer.stop)
             if bridge is not None:
                 bridge.stop()
             if broker is not None:

@@ -26,6 +26,8 @@ from slmops.controller.protocol import (
     DeviceEnrolment,
     DeviceSummary,
     FleetDesired,
+    RolloutRequest,
+    RolloutView,
     TelemetryEntry,
 )
 from slmops.errors import ControllerError
@@ -125,6 +127,19 @@ class ControllerClient:
 
     def revoke(self, device_id: str) -> None:
         self._send("DELETE", f"/v1/devices/{device_id}/enrolment")
+
+    def create_rollout(self, request: RolloutRequest) -> RolloutView:
+        return self._call("POST", "/v1/rollouts", RolloutView, json=request.model_dump())
+
+    def rollouts(self) -> list[RolloutView]:
+        return self._call("GET", "/v1/rollouts", list[RolloutView])
+
+    def rollout(self, rollout_id: int) -> RolloutView:
+        return self._call("GET", f"/v1/rollouts/{rollout_id}", RolloutView)
+
+    def rollout_action(self, rollout_id: int, action: str) -> RolloutView:
+        """pause, resume or abort."""
+        return self._call("POST", f"/v1/rollouts/{rollout_id}/{action}", RolloutView)
 
     # --- the wire ----------------------------------------------------------------------------
 

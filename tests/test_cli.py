@@ -43,6 +43,13 @@ COMMANDS = [
     ["fleet", "devices"],
     ["fleet", "label"],
     ["fleet", "desire"],
+    ["fleet", "rollout"],
+    ["fleet", "rollout", "create"],
+    ["fleet", "rollout", "list"],
+    ["fleet", "rollout", "status"],
+    ["fleet", "rollout", "pause"],
+    ["fleet", "rollout", "resume"],
+    ["fleet", "rollout", "abort"],
 ]
 
 

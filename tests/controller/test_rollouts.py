@@ -13,9 +13,10 @@ from slmops.controller.audit import Actor
 from slmops.controller.control import FleetControl
 from slmops.controller.db import open_database
 from slmops.controller.fleet import Fleet
+from slmops.controller.protocol import RolloutRequest
 from slmops.controller.registry import Registry
 from slmops.controller.rollout_plan import Selector, WaveSize, hardware_class, parse_waves, plan_waves
-from slmops.controller.rollouts import Rollouts, RolloutSpec
+from slmops.controller.rollouts import Rollouts
 from slmops.controller.store import BundleStore
 from slmops.errors import Rejected
 from slmops.messages import Birth, DeviceState, HardwareProfile, Reported, Serving
@@ -115,20 +116,24 @@ def report(fleet: Fleet, bundle, ids: list[str], status: str, reason: str = "") 
     fleet.record([(d, Reported(**message, reason=reason)) for d in ids])
 
 
+def spec(**fields) -> RolloutRequest:
+    return RolloutRequest(**{"bundle": "tiny", "version": "2.0.0", "target": "provider=cpu", **fields})
+
+
 def wave_of(rollouts: Rollouts, rollout_id: int, wave: int) -> list[str]:
-    return [m.device_id for m in rollouts.get(rollout_id)[1] if m.wave == wave]
+    return [d.device_id for d in rollouts.get(rollout_id).devices if d.wave == wave]
 
 
 def states(rollouts: Rollouts, rollout_id: int) -> dict[str, str]:
-    return {m.device_id: m.state for m in rollouts.get(rollout_id)[1]}
+    return {d.device_id: d.state for d in rollouts.get(rollout_id).devices}
 
 
 def test_a_three_wave_rollout_passes_wave_by_wave_after_each_soak(world) -> None:
     fleet, control, rollouts, bundles = world
     devices = [f"dev-{i:02d}" for i in range(20)]
     join(fleet, control, bundles, devices)
-    spec = RolloutSpec("tiny", "2.0.0", "provider=cpu", waves="2,50%,100%", min_reported=2, soak_s=60)
-    rollout = rollouts.create(spec, OPERATOR)
+    request = spec(waves="2,50%,100%", min_reported=2, soak_s=60)
+    rollout = rollouts.create(request, OPERATOR)
     assert [len(wave_of(rollouts, rollout.id, w)) for w in (1, 2, 3)] == [2, 8, 10]
     new = bundles["2.0.0"]
     now = T0
@@ -147,21 +152,22 @@ def test_a_three_wave_rollout_passes_wave_by_wave_after_each_soak(world) -> None
         rollouts.advance(now := now + timedelta(seconds=61))
         assert {states(rollouts, rollout.id)[d] for d in members} == {"passed"}
     rollouts.advance(now + timedelta(seconds=1))
-    assert rollouts.get(rollout.id)[0].status == "completed"
+    assert rollouts.get(rollout.id).status == "completed"
 
 
 def test_too_many_failures_halt_the_rollout_and_roll_back_what_it_switched(world) -> None:
     fleet, control, rollouts, bundles = world
     devices = [f"dev-{i:02d}" for i in range(20)]
     join(fleet, control, bundles, devices)
-    spec = RolloutSpec("tiny", "2.0.0", "provider=cpu", waves="5,100%", max_failure="20%", min_reported=3, soak_s=0)
-    rollout = rollouts.create(spec, OPERATOR)
+    request = spec(waves="5,100%", max_failure="20%", min_reported=3, soak_s=0)
+    rollout = rollouts.create(request, OPERATOR)
     rollouts.advance(T0)
     canaries = wave_of(rollouts, rollout.id, 1)
     report(fleet, bundles["2.0.0"], canaries[:3], "healthy")
     report(fleet, bundles["2.0.0"], canaries[3:], "failed", reason="smoke test: no tokens")
     rollouts.advance(T0 + timedelta(seconds=10))
-    halted, members = rollouts.get(rollout.id)
+    halted = rollouts.get(rollout.id)
+    members = halted.devices
     assert halted.status == "halted" and "2 of 5" in halted.reason and "smoke test: no tokens" in halted.reason
     assert {m.device_id: m.state for m in members if m.wave == 1} == dict.fromkeys(canaries, "rolled_back")
     assert {fleet.device(d).desired["version"] for d in canaries} == {"1.0.0"}, "told their previous bundle"
@@ -173,18 +179,18 @@ def test_too_many_failures_halt_the_rollout_and_roll_back_what_it_switched(world
 def test_too_few_healthy_devices_pause_the_rollout_as_inconclusive(world) -> None:
     fleet, control, rollouts, bundles = world
     join(fleet, control, bundles, [f"dev-{i}" for i in range(6)])
-    spec = RolloutSpec("tiny", "2.0.0", "provider=cpu", waves="3,100%", max_failure="50%", min_reported=3, soak_s=0)
-    rollout = rollouts.create(spec, OPERATOR)
+    request = spec(waves="3,100%", max_failure="50%", min_reported=3, soak_s=0)
+    rollout = rollouts.create(request, OPERATOR)
     rollouts.advance(T0)
     canaries = wave_of(rollouts, rollout.id, 1)
     report(fleet, bundles["2.0.0"], canaries[:2], "healthy")
     report(fleet, bundles["2.0.0"], canaries[2:], "failed", reason="out of memory")
     rollouts.advance(T0 + timedelta(seconds=1))
-    paused = rollouts.get(rollout.id)[0]
+    paused = rollouts.get(rollout.id)
     assert paused.status == "paused" and paused.reason.startswith("inconclusive") and paused.wave == 1
     rollouts.set_status(rollout.id, "active", OPERATOR)
     rollouts.advance(T0 + timedelta(seconds=2))
-    assert rollouts.get(rollout.id)[0].status == "paused", "the same wave is judged the same way again"
+    assert rollouts.get(rollout.id).status == "paused", "the same wave is judged the same way again"
 
 
 def test_offline_devices_are_unreached_catch_up_on_return_or_time_out(world) -> None:
@@ -192,10 +198,8 @@ def test_offline_devices_are_unreached_catch_up_on_return_or_time_out(world) -> 
     devices = ["dev-a", "dev-b", "dev-c"]
     join(fleet, control, bundles, devices)
     fleet.record([("dev-b", DeviceState(online=False)), ("dev-c", DeviceState(online=False))])
-    spec = RolloutSpec(
-        "tiny", "2.0.0", "provider=cpu", waves="100%", max_failure="50%", min_reported=1, soak_s=0, device_timeout_s=600
-    )
-    rollout = rollouts.create(spec, OPERATOR)
+    request = spec(waves="100%", max_failure="50%", min_reported=1, soak_s=0, device_timeout_s=600)
+    rollout = rollouts.create(request, OPERATOR)
     rollouts.advance(T0)
     assert states(rollouts, rollout.id) == {"dev-a": "notified", "dev-b": "unreached", "dev-c": "unreached"}
     assert fleet.device("dev-b").desired["version"] == "2.0.0", "retained: it gets it when it returns"
@@ -203,7 +207,61 @@ def test_offline_devices_are_unreached_catch_up_on_return_or_time_out(world) -> 
     report(fleet, bundles["2.0.0"], ["dev-a", "dev-b"], "healthy")
     rollouts.advance(T0 + timedelta(seconds=30))
     assert states(rollouts, rollout.id) == {"dev-a": "passed", "dev-b": "passed", "dev-c": "unreached"}
-    assert rollouts.get(rollout.id)[0].status == "active", "an unreached device holds the wave until its deadline"
+    assert rollouts.get(rollout.id).status == "active", "an unreached device holds the wave until its deadline"
     rollouts.advance(T0 + timedelta(seconds=601))
     assert states(rollouts, rollout.id)["dev-c"] == "timed_out"
-    assert rollouts.get(rollout.id)[0].status == "completed", "1 timed out of 3 is within the 50 % allowed"
+    assert rollouts.get(rollout.id).status == "completed", "1 timed out of 3 is within the 50 % allowed"
+
+
+# --- over the REST API, moved by the controller's own timer ----------------------------------
+
+ADMIN = {"Authorization": "Bearer admin-token-0123456789"}
+READER = {"Authorization": "Bearer reader-token-0123456789"}
+
+
+def test_a_rollout_over_the_api_is_moved_by_the_controllers_timer(controller_config, tmp_path: Path, signing_key):
+    from fastapi.testclient import TestClient
+    from support import wait_for
+
+    from slmops.controller.service import build_app
+
+    config = controller_config.model_copy(update={"rollout_tick_s": 0.05})
+    with TestClient(build_app(config)) as client:
+        for version in ("1.0.0", "2.0.0"):
+            bundle = synthetic_bundle(tmp_path / version / "b", signing_key[0], version=version)
+            archive = write_archive(bundle, tmp_path / version / "b.tar").read_bytes()
+            assert client.post("/v1/bundles", content=archive, headers=ADMIN).status_code in (200, 201)
+        state = client.app.state  # type: ignore[attr-defined]
+        old = state.registry.bundle("tiny", "1.0.0")
+        devices = [f"dev-{i}" for i in range(4)]
+        join(state.fleet, state.control, {"1.0.0": old}, devices)
+        body = {"bundle": "tiny", "version": "2.0.0", "target": "provider=cpu", "waves": "1,100%",
+                "min_reported": 1, "soak_s": 0}  # fmt: skip
+        assert client.post("/v1/rollouts", json=body, headers=READER).status_code == 403
+        for bad, says in [({"target": "colour=red"}, "colour=red"), ({"waves": "50%"}, "100%")]:
+            refused = client.post("/v1/rollouts", json=body | bad, headers=ADMIN)
+            assert refused.status_code == 400 and says in refused.json()["error"]["message"]
+        assert client.post("/v1/rollouts", json=body | {"version": "9.9.9"}, headers=ADMIN).status_code == 404
+        created = client.post("/v1/rollouts", json=body, headers=ADMIN)
+        assert created.status_code == 201, created.text
+        rollout = created.json()
+        assert rollout["status"] == "active" and rollout["wave_count"] == 2 and rollout["states"] == {"pending": 4}
+
+        def view() -> dict:
+            return client.get(f"/v1/rollouts/{rollout['id']}", headers=READER).json()
+
+        canary = wait_for(lambda: [d["device_id"] for d in view()["devices"] if d["state"] == "notified"], "wave 1")
+        assert len(canary) == 1 and state.fleet.device(canary[0]).desired["version"] == "2.0.0"
+        new = state.registry.bundle("tiny", "2.0.0")
+        report(state.fleet, new, canary, "healthy")
+        rest = wait_for(lambda: view()["wave"] == 2 and [d["device_id"] for d in view()["devices"] if d["wave"] == 2],
+                        "wave 2")  # fmt: skip
+        report(state.fleet, new, rest, "healthy")
+        done = wait_for(lambda: (v := view())["status"] == "completed" and v, "the rollout completes")
+        assert done["states"] == {"passed": 4}
+        listed = client.get("/v1/rollouts", headers=READER).json()
+        assert [r["id"] for r in listed] == [rollout["id"]] and listed[0]["devices"] == []
+        refused = client.post(f"/v1/rollouts/{rollout['id']}/pause", headers=ADMIN)
+        assert refused.status_code == 409 and "completed" in refused.json()["error"]["message"]
+        audit = [a["action"] for a in client.get("/v1/audit", headers=ADMIN).json()]
+        assert {"rollout.create", "rollout.wave", "rollout.complete"} <= set(audit)

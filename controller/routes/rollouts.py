@@ -1,0 +1,47 @@
+"""Rollouts: /v1/rollouts (create, list), /v1/rollouts/{id} (status with every device), and the
+operator's pause, resume and abort. The controller moves active ones on its own timer."""
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Path
+from fastapi.concurrency import run_in_threadpool
+
+from slmops.http import error_responses
+
+from ..protocol import RolloutRequest, RolloutView
+from ..rollouts import ABORTED, ACTIVE, PAUSED, Rollouts
+from . import Admin, Reader, _state
+
+router = APIRouter(tags=["rollouts"], responses=error_responses(400, 401, 403, 404, 409, 500))
+RolloutsOf = Annotated[Rollouts, _state("rollouts")]
+STATUS_OF = {"pause": PAUSED, "resume": ACTIVE, "abort": ABORTED}
+RolloutId = Annotated[int, Path(ge=1, le=2**31 - 1, description="The rollout's id")]
+
+
+@router.post("/v1/rollouts", status_code=201)
+async def create(body: RolloutRequest, who: Admin, rollouts: RolloutsOf) -> RolloutView:
+    """Cut the target into waves (membership fixed now) and start: the first wave is told within a tick."""
+    return await run_in_threadpool(rollouts.create, body, who)
+
+
+@router.get("/v1/rollouts")
+async def list_rollouts(_who: Reader, rollouts: RolloutsOf) -> list[RolloutView]:
+    """Every rollout, newest first, with its devices counted by state."""
+    return await run_in_threadpool(rollouts.all)
+
+
+@router.get("/v1/rollouts/{rollout_id}")
+async def status(rollout_id: RolloutId, _who: Reader, rollouts: RolloutsOf) -> RolloutView:
+    """A rollout with every device: its wave, hardware class, state and what decided it."""
+    return await run_in_threadpool(rollouts.get, rollout_id)
+
+
+@router.post("/v1/rollouts/{rollout_id}/{action}")
+async def act(
+    rollout_id: RolloutId,
+    action: Annotated[Literal["pause", "resume", "abort"], Path()],
+    who: Admin,
+    rollouts: RolloutsOf,
+) -> RolloutView:
+    """pause (an active rollout stops telling waves), resume, abort (stops where it is, no rollback)."""
+    return await run_in_threadpool(rollouts.set_status, rollout_id, STATUS_OF[action], who)

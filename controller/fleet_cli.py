@@ -178,6 +178,9 @@ def rollout_create_cmd(
     min_reported: Annotated[int, typer.Option(min=1, help="Healthy devices a wave needs to pass.")] = 5,
     soak: Annotated[float, typer.Option(min=0, help="Seconds a device stays healthy to pass.")] = 120,
     device_timeout: Annotated[float, typer.Option(min=1, help="Seconds a device has to a result.")] = 1200,
+    supersede: Annotated[
+        bool, typer.Option("--supersede", help="Take devices another rollout under way owns (it stops).")
+    ] = False,
     controller: ControllerUrl = "http://127.0.0.1:8700",
     token: Token = None,
 ) -> None:
@@ -197,6 +200,7 @@ def rollout_create_cmd(
         min_reported=min_reported,
         soak_s=soak,
         device_timeout_s=device_timeout,
+        supersede=supersede,
     )
     with client(controller, token) as api:
         rollout = answer(lambda: api.create_rollout(request))
@@ -270,3 +274,5 @@ def _rollout_action(action: str, done: str) -> None:
 _rollout_action("pause", "paused: no further wave is told until it resumes")
 _rollout_action("resume", "resumed")
 _rollout_action("abort", "aborted where it is, without rollback")
+_rollout_action("rollback", "rolled back: every device it switched is told its previous bundle")
+_rollout_action("promote", "promoted: the current wave's healthy devices pass without the rest of their soak")

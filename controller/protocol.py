@@ -217,6 +217,9 @@ class RolloutRequest(BaseModel):
     min_reported: int = Field(default=5, ge=1, le=1_000_000, description="Healthy devices a wave needs to pass")
     soak_s: float = Field(default=120, ge=0, le=7 * 86400, description="How long a device stays healthy to pass")
     device_timeout_s: float = Field(default=1200, gt=0, le=30 * 86400, description="A device's time to a result")
+    supersede: bool = Field(
+        default=False, description="Take devices another rollout under way owns; that rollout is marked superseded"
+    )
 
 
 class RolloutDeviceView(BaseModel):
@@ -240,7 +243,7 @@ class RolloutView(BaseModel):
     soak_s: float
     device_timeout_s: float
     status: str
-    """active, paused, halted, completed, aborted"""
+    """active, paused, halted, completed, aborted, superseded"""
     reason: str
     """Why it is paused or halted."""
     wave: int

@@ -41,6 +41,9 @@ from .registry import Registry
 from .rollout_plan import Selector, hardware_class, parse_share, parse_waves, plan_waves
 
 ACTIVE, PAUSED, HALTED, COMPLETED, ABORTED = "active", "paused", "halted", "completed", "aborted"
+SUPERSEDED = "superseded"
+OWNING = (ACTIVE, PAUSED)
+"""Statuses of a rollout that owns its devices: no other rollout nor a hand-set desired state may take them."""
 FINISHED = ("passed", "failed", "timed_out", "rolled_back")
 """A device's states after which it waits for nothing."""
 ANSWERED = ("downloading", "activating", "soaking", "passed", "failed", "timed_out")
@@ -73,6 +76,9 @@ class Rollouts:
             devices = [d for d in session.scalars(select(DeviceRow)) if selector.matches(d.groups, d.tags, d.profile)]
             if not devices:
                 raise Rejected(f"the target {spec.target!r} matches no device")
+            owners = _owners(session, [d.id for d in devices])
+            if owners and not spec.supersede:
+                raise Conflict(_owned_message(owners) + "; finish or abort it first, or supersede it")
             rollout = RolloutRow(
                 bundle_id=bundle.id,
                 target=spec.target,
@@ -87,6 +93,10 @@ class Rollouts:
             )
             session.add(rollout)
             session.flush()  # its id salts the order of the waves
+            for owner in sorted(set(owners.values())):
+                old = self._row(session, owner)
+                old.status, old.reason = SUPERSEDED, f"superseded by rollout {rollout.id} ({actor.name})"
+                audit.record(session, actor, "rollout.supersede", f"rollout/{owner}", {"by": rollout.id})
             classes = {d.id: hardware_class(d.profile) for d in devices}
             plan = plan_waves(classes, parse_waves(spec.waves), salt=f"rollout/{rollout.id}")
             rollout.wave_count = len(plan)
@@ -129,6 +139,42 @@ class Rollouts:
             audit.record(session, actor, f"rollout.{status}", f"rollout/{rollout_id}", {})
         return self.get(rollout_id)
 
+    def refuse_owned(self, device_ids: Sequence[str]) -> None:
+        """A Conflict when a rollout under way owns any of these devices (a desired state set by hand
+        would fight it)."""
+        with Session(self.engine) as session:
+            if owners := _owners(session, device_ids):
+                raise Conflict(_owned_message(owners) + "; pause or abort it, or let it finish")
+
+    def roll_back(self, rollout_id: int, actor: Actor) -> RolloutView:
+        """Every device the rollout switched is told its previous bundle; the rollout is halted."""
+        told: list[_Told] = []
+        with Session(self.engine, expire_on_commit=False) as session, session.begin():
+            rollout = self._row(session, rollout_id)
+            if rollout.status in (SUPERSEDED, ABORTED) or rollout.wave == 0:
+                raise Conflict(f"rollout {rollout_id} is {rollout.status} at wave {rollout.wave}: nothing to roll back")
+            members = self._members(session, rollout_id)
+            started = [m for m in members if m.wave <= rollout.wave and m.state != "rolled_back"]
+            told = self._roll_back(session, rollout, started, f"rolled back by {actor.name}", actor, datetime.now(UTC))
+        for batch in told:
+            self.control.desire(batch.device_ids, batch.bundle, CONTROLLER)
+        return self.get(rollout_id)
+
+    def promote(self, rollout_id: int, actor: Actor) -> RolloutView:
+        """The current wave's healthy devices pass now, without the rest of their soak."""
+        with Session(self.engine, expire_on_commit=False) as session, session.begin():
+            rollout = self._row(session, rollout_id)
+            if rollout.status not in OWNING:
+                raise Conflict(f"rollout {rollout_id} is {rollout.status}: there is no wave to promote")
+            now = datetime.now(UTC)
+            soaking = [m for m in self._members(session, rollout_id) if m.wave == rollout.wave and m.state == "soaking"]
+            for member in soaking:
+                _set(member, "passed", now)
+                member.detail = f"promoted by {actor.name}"
+            detail = {"wave": rollout.wave, "devices": len(soaking)}
+            audit.record(session, actor, "rollout.promote", f"rollout/{rollout_id}", detail)
+        return self.get(rollout_id)
+
     def advance(self, now: datetime | None = None) -> None:
         """One decision step for every active rollout (the controller runs it on a timer)."""
         with Session(self.engine) as session:
@@ -146,7 +192,7 @@ class Rollouts:
                 return
             bundle = session.get(BundleRow, rollout.bundle_id)
             assert bundle is not None  # the foreign key keeps it
-            members = list(session.scalars(select(RolloutDeviceRow).where(RolloutDeviceRow.rollout_id == rollout_id)))
+            members = self._members(session, rollout_id)
             devices = {
                 d.id: d
                 for d in session.scalars(select(DeviceRow).where(DeviceRow.id.in_([m.device_id for m in members])))
@@ -209,11 +255,23 @@ class Rollouts:
         now: datetime,
     ) -> list[_Told]:
         examples = "; ".join(f"{m.device_id}: {m.state} {m.detail}".strip() for m in failures[:5])
-        rollout.status = HALTED
-        rollout.reason = (
+        reason = (
             f"{len(failures)} of {answered} devices that answered failed or timed out, past max_failure "
             f"{rollout.max_failure:.0%} ({examples}); the devices it switched are told their previous bundle"
         )
+        return self._roll_back(session, rollout, started, reason, CONTROLLER, now)
+
+    def _roll_back(
+        self,
+        session: Session,
+        rollout: RolloutRow,
+        started: Sequence[RolloutDeviceRow],
+        reason: str,
+        actor: Actor,
+        now: datetime,
+    ) -> list[_Told]:
+        """Halt `rollout` for `reason`; every started device is to be told the bundle it had before."""
+        rollout.status, rollout.reason, rollout.updated_at = HALTED, reason, now
         told: dict[tuple[str, str], _Told] = {}
         for member in started:
             previous = member.previous
@@ -226,8 +284,12 @@ class Rollouts:
             told[key].device_ids.append(member.device_id)
             _set(member, "rolled_back", now)
             member.detail = f"told to return to {key[0]} {key[1]}"
-        audit.record(session, CONTROLLER, "rollout.halt", f"rollout/{rollout.id}", {"reason": rollout.reason})
+        audit.record(session, actor, "rollout.halt", f"rollout/{rollout.id}", {"reason": reason})
         return list(told.values())
+
+    @staticmethod
+    def _members(session: Session, rollout_id: int) -> list[RolloutDeviceRow]:
+        return list(session.scalars(select(RolloutDeviceRow).where(RolloutDeviceRow.rollout_id == rollout_id)))
 
     @staticmethod
     def _row(session: Session, rollout_id: int) -> RolloutRow:
@@ -312,6 +374,22 @@ def _view(session: Session, rollout: RolloutRow, with_devices: bool) -> RolloutV
         states=states,
         devices=devices if with_devices else [],
     )
+
+
+def _owners(session: Session, device_ids: Sequence[str]) -> dict[str, int]:
+    """Device id → the rollout under way (active or paused) that owns it, for those of `device_ids` owned."""
+    rows = session.execute(
+        select(RolloutDeviceRow.device_id, RolloutDeviceRow.rollout_id)
+        .join(RolloutRow, RolloutRow.id == RolloutDeviceRow.rollout_id)
+        .where(RolloutRow.status.in_(OWNING), RolloutDeviceRow.device_id.in_(list(device_ids)))
+    )
+    return {device_id: rollout_id for device_id, rollout_id in rows}
+
+
+def _owned_message(owners: dict[str, int]) -> str:
+    examples = ", ".join(f"{d} (rollout {r})" for d, r in sorted(owners.items())[:5])
+    rollouts = ", ".join(str(r) for r in sorted(set(owners.values())))
+    return f"{len(owners)} device(s) belong to rollout {rollouts} under way: {examples}"
 
 
 def _follow(

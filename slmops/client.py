@@ -138,7 +138,7 @@ class ControllerClient:
         return self._call("GET", f"/v1/rollouts/{rollout_id}", RolloutView)
 
     def rollout_action(self, rollout_id: int, action: str) -> RolloutView:
-        """pause, resume or abort."""
+        """pause, resume, abort, rollback or promote."""
         return self._call("POST", f"/v1/rollouts/{rollout_id}/{action}", RolloutView)
 
     # --- the wire ----------------------------------------------------------------------------

@@ -50,6 +50,8 @@ COMMANDS = [
     ["fleet", "rollout", "pause"],
     ["fleet", "rollout", "resume"],
     ["fleet", "rollout", "abort"],
+    ["fleet", "rollout", "rollback"],
+    ["fleet", "rollout", "promote"],
 ]
 
 

@@ -15,6 +15,7 @@ from ..control import FleetControl
 from ..enrolment import Enrolment
 from ..fleet import Fleet
 from ..registry import Registry
+from ..rollouts import Rollouts
 
 
 def _actor(request: Request) -> Actor:
@@ -48,5 +49,6 @@ RegistryOf = Annotated[Registry, _state("registry")]
 FleetOf = Annotated[Fleet, _state("fleet")]
 ControlOf = Annotated[FleetControl, _state("control")]
 EnrolmentOf = Annotated[Enrolment, _state("enrolment")]
+RolloutsOf = Annotated[Rollouts, _state("rollouts")]
 Limit = Annotated[int, Query(ge=1, le=100_000, description="How many, newest first (at most 100,000).")]
 """A list's length, as the audit and telemetry routes take it."""

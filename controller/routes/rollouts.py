@@ -1,5 +1,5 @@
 """Rollouts: /v1/rollouts (create, list), /v1/rollouts/{id} (status with every device), and the
-operator's pause, resume and abort. The controller moves active ones on its own timer."""
+operator's pause, resume, abort, rollback and promote. The controller moves active ones on its own timer."""
 
 from typing import Annotated, Literal
 
@@ -9,11 +9,10 @@ from fastapi.concurrency import run_in_threadpool
 from slmops.http import error_responses
 
 from ..protocol import RolloutRequest, RolloutView
-from ..rollouts import ABORTED, ACTIVE, PAUSED, Rollouts
-from . import Admin, Reader, _state
+from ..rollouts import ABORTED, ACTIVE, PAUSED
+from . import Admin, Reader, RolloutsOf
 
 router = APIRouter(tags=["rollouts"], responses=error_responses(400, 401, 403, 404, 409, 500))
-RolloutsOf = Annotated[Rollouts, _state("rollouts")]
 STATUS_OF = {"pause": PAUSED, "resume": ACTIVE, "abort": ABORTED}
 RolloutId = Annotated[int, Path(ge=1, le=2**31 - 1, description="The rollout's id")]
 
@@ -39,9 +38,15 @@ async def status(rollout_id: RolloutId, _who: Reader, rollouts: RolloutsOf) -> R
 @router.post("/v1/rollouts/{rollout_id}/{action}")
 async def act(
     rollout_id: RolloutId,
-    action: Annotated[Literal["pause", "resume", "abort"], Path()],
+    action: Annotated[Literal["pause", "resume", "abort", "rollback", "promote"], Path()],
     who: Admin,
     rollouts: RolloutsOf,
 ) -> RolloutView:
-    """pause (an active rollout stops telling waves), resume, abort (stops where it is, no rollback)."""
+    """pause (an active rollout stops telling waves), resume, abort (stops where it is, no rollback),
+    rollback (every device it switched is told its previous bundle; halted), promote (the current
+    wave's healthy devices pass without the rest of their soak)."""
+    if action == "rollback":
+        return await run_in_threadpool(rollouts.roll_back, rollout_id, who)
+    if action == "promote":
+        return await run_in_threadpool(rollouts.promote, rollout_id, who)
     return await run_in_threadpool(rollouts.set_status, rollout_id, STATUS_OF[action], who)

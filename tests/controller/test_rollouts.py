@@ -252,6 +252,9 @@ def test_a_rollout_over_the_api_is_moved_by_the_controllers_timer(controller_con
 
         canary = wait_for(lambda: [d["device_id"] for d in view()["devices"] if d["state"] == "notified"], "wave 1")
         assert len(canary) == 1 and state.fleet.device(canary[0]).desired["version"] == "2.0.0"
+        by_hand = {"bundle": "tiny", "version": "1.0.0"}
+        mine = client.put(f"/v1/devices/{canary[0]}/desired", json=by_hand, headers=ADMIN)
+        assert mine.status_code == 409 and f"rollout {rollout['id']}" in mine.json()["error"]["message"]
         new = state.registry.bundle("tiny", "2.0.0")
         report(state.fleet, new, canary, "healthy")
         rest = wait_for(lambda: view()["wave"] == 2 and [d["device_id"] for d in view()["devices"] if d["wave"] == 2],
@@ -265,3 +268,45 @@ def test_a_rollout_over_the_api_is_moved_by_the_controllers_timer(controller_con
         assert refused.status_code == 409 and "completed" in refused.json()["error"]["message"]
         audit = [a["action"] for a in client.get("/v1/audit", headers=ADMIN).json()]
         assert {"rollout.create", "rollout.wave", "rollout.complete"} <= set(audit)
+
+
+def test_a_device_belongs_to_one_rollout_at_a_time_unless_superseded(world) -> None:
+    from slmops.errors import Conflict
+
+    fleet, control, rollouts, bundles = world
+    join(fleet, control, bundles, ["dev-a", "dev-b"])
+    first = rollouts.create(spec(waves="1,100%", min_reported=1), OPERATOR)
+    with pytest.raises(Conflict, match=rf"rollout {first.id} under way: dev-a \(rollout {first.id}\)"):
+        rollouts.create(spec(target="provider=cpu", version="1.0.0"), OPERATOR)
+    with pytest.raises(Conflict, match="pause or abort it"):
+        rollouts.refuse_owned(["dev-b"])
+    second = rollouts.create(spec(version="1.0.0", supersede=True), OPERATOR)
+    old = rollouts.get(first.id)
+    assert old.status == "superseded" and f"rollout {second.id}" in old.reason
+    rollouts.advance(T0)
+    assert rollouts.get(first.id).wave == 0, "a superseded rollout tells nobody"
+    rollouts.set_status(second.id, "aborted", OPERATOR)
+    rollouts.refuse_owned(["dev-a", "dev-b"])  # nothing under way owns them now
+
+
+def test_an_operator_rolls_back_or_promotes_a_wave(world) -> None:
+    fleet, control, rollouts, bundles = world
+    join(fleet, control, bundles, [f"dev-{i}" for i in range(4)])
+    rollout = rollouts.create(spec(waves="2,100%", min_reported=1, soak_s=3600), OPERATOR)
+    rollouts.advance(T0)
+    canaries = wave_of(rollouts, rollout.id, 1)
+    report(fleet, bundles["2.0.0"], canaries, "healthy")
+    rollouts.advance(T0 + timedelta(seconds=1))
+    assert {states(rollouts, rollout.id)[d] for d in canaries} == {"soaking"}
+    promoted = rollouts.promote(rollout.id, OPERATOR)
+    assert {d.state for d in promoted.devices if d.wave == 1} == {"passed"}
+    rollouts.advance(T0 + timedelta(seconds=2))
+    assert rollouts.get(rollout.id).wave == 2, "the next wave starts without the hour of soak"
+    back = rollouts.roll_back(rollout.id, OPERATOR)
+    assert back.status == "halted" and back.reason == "rolled back by alice"
+    assert {d.state for d in back.devices} == {"rolled_back"}
+    assert {fleet.device(d).desired["version"] for d in fleet_ids(fleet)} == {"1.0.0"}
+
+
+def fleet_ids(fleet: Fleet) -> list[str]:
+    return [d.id for d in fleet.devices()]

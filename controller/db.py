@@ -143,6 +143,8 @@ class RolloutRow(Base):
     min_reported: Mapped[int]
     soak_s: Mapped[float]
     device_timeout_s: Mapped[float]
+    gates: Mapped[list[str]] = mapped_column(JSON, default=list)
+    """The gates as given, e.g. tokens_per_s>=0.8x."""
     status: Mapped[str] = mapped_column(String(16))
     """active, paused, halted, completed, aborted."""
     reason: Mapped[str] = mapped_column(String(2048), default="")
@@ -173,6 +175,9 @@ class RolloutDeviceRow(Base):
     state_at: Mapped[datetime] = mapped_column(default=utcnow)
     detail: Mapped[str] = mapped_column(String(1024), default="")
     """The device's reason for a failure, or what decided its state."""
+    figures: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    """What its gates were judged on: its figures during the soak and before the switch, each gate's
+    value, limit and verdict."""
 
 
 def open_database(url: str) -> Engine:

@@ -178,6 +178,14 @@ def rollout_create_cmd(
     min_reported: Annotated[int, typer.Option(min=1, help="Healthy devices a wave needs to pass.")] = 5,
     soak: Annotated[float, typer.Option(min=0, help="Seconds a device stays healthy to pass.")] = 120,
     device_timeout: Annotated[float, typer.Option(min=1, help="Seconds a device has to a result.")] = 1200,
+    gate: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--gate",
+            help="A bound on what each device measures while it soaks; repeat. tokens_per_s>=0.8x (of its own "
+            "figure before the switch), ttft_ms_p95<=800, error_rate<=1%.",
+        ),
+    ] = None,
     supersede: Annotated[
         bool, typer.Option("--supersede", help="Take devices another rollout under way owns (it stops).")
     ] = False,
@@ -200,6 +208,7 @@ def rollout_create_cmd(
         min_reported=min_reported,
         soak_s=soak,
         device_timeout_s=device_timeout,
+        gates=gate or [],
         supersede=supersede,
     )
     with client(controller, token) as api:

@@ -217,6 +217,12 @@ class RolloutRequest(BaseModel):
     min_reported: int = Field(default=5, ge=1, le=1_000_000, description="Healthy devices a wave needs to pass")
     soak_s: float = Field(default=120, ge=0, le=7 * 86400, description="How long a device stays healthy to pass")
     device_timeout_s: float = Field(default=1200, gt=0, le=30 * 86400, description="A device's time to a result")
+    gates: list[str] = Field(
+        default=[],
+        max_length=8,
+        description="Bounds on what each device measures while it soaks: tokens_per_s>=0.8x (of its own figure "
+        "before the switch), ttft_ms_p95<=800, error_rate<=1%",
+    )
     supersede: bool = Field(
         default=False, description="Take devices another rollout under way owns; that rollout is marked superseded"
     )
@@ -230,6 +236,8 @@ class RolloutDeviceView(BaseModel):
     """pending, notified, unreached, downloading, activating, soaking, passed, failed, timed_out, rolled_back"""
     state_at: datetime
     detail: str
+    figures: dict[str, Any] | None = None
+    """What its gates were judged on: figures during the soak and before the switch, each gate's verdict."""
 
 
 class RolloutView(BaseModel):
@@ -242,6 +250,7 @@ class RolloutView(BaseModel):
     min_reported: int
     soak_s: float
     device_timeout_s: float
+    gates: list[str]
     status: str
     """active, paused, halted, completed, aborted, superseded"""
     reason: str

@@ -4,6 +4,8 @@ selector, the waves, the failure bound; and how a target becomes waves.
     'group=lab,provider=cpu,tag:site=berlin,min_memory=2GiB'   every term must hold
     '5,10%,50%,100%'   a canary of 5 devices, then 10 %, 50 % and all of the target (cumulative)
     '5%'               at most 5 % of the devices that answered may fail or time out
+    'tokens_per_s>=0.8x', 'ttft_ms_p95<=800', 'error_rate<=1%'   gates on what a device measures
+                       while it soaks; `x` scales the device's own figure before the switch
 
 Waves are cut once, at creation, so membership never changes. The first wave takes one device
 of every hardware class in the target (best provider · memory band · CPU model) before any
@@ -155,3 +157,40 @@ def plan_waves(devices: dict[str, str], waves: Sequence[WaveSize], salt: str) ->
             plan.append(queue[taken:size])
             taken = size
     return plan
+
+
+GATE_METRICS = ("tokens_per_s", "ttft_ms_p50", "ttft_ms_p95", "error_rate")
+"""What a device's inference telemetry gives, per soak (medians of its samples; errors over requests)."""
+
+
+@dataclass(frozen=True)
+class Gate:
+    """A bound on what a device measures while it soaks: absolute (`ttft_ms_p95<=800`,
+    `error_rate<=1%`) or relative to the device's own figure before the switch (`tokens_per_s>=0.8x`)."""
+
+    metric: str
+    op: str
+    bound: float
+    relative: bool
+    text: str
+
+    @classmethod
+    def parse(cls, text: str) -> "Gate":
+        match = re.fullmatch(r"\s*([a-z0-9_]+)\s*(>=|<=)\s*([0-9.]+)\s*(x|%)?\s*", text)
+        if match is None or match.group(1) not in GATE_METRICS:
+            raise Rejected(f"gate {text!r} is not METRIC>=BOUND or METRIC<=BOUND; metrics: {', '.join(GATE_METRICS)}")
+        metric, op, number, unit = match.groups()
+        try:
+            bound = float(number) / (100 if unit == "%" else 1)
+        except ValueError:
+            raise Rejected(f"gate {text!r}: {number!r} is not a number") from None
+        return cls(metric, op, bound, unit == "x", text.strip())
+
+    def limit(self, before: float | None) -> float | None:
+        """The bound in the metric's units; None for a relative gate without a figure to scale."""
+        if not self.relative:
+            return self.bound
+        return None if before is None else self.bound * before
+
+    def holds(self, value: float, limit: float) -> bool:
+        return value >= limit if self.op == ">=" else value <= limit

@@ -19,8 +19,9 @@ Every state is a row; `advance` decides in one transaction per rollout and tells
 it commits, so a restart carries on from the rows.
 """
 
+import statistics
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -34,11 +35,11 @@ from slmops.supervision import Supervised
 from . import audit
 from .audit import Actor
 from .control import FleetControl
-from .db import BundleRow, DeviceRow, RolloutDeviceRow, RolloutRow
+from .db import BundleRow, DeviceRow, RolloutDeviceRow, RolloutRow, TelemetryRow
 from .fleet import CONTROLLER
 from .protocol import RolloutDeviceView, RolloutRequest, RolloutView
 from .registry import Registry
-from .rollout_plan import Selector, hardware_class, parse_share, parse_waves, plan_waves
+from .rollout_plan import Gate, Selector, hardware_class, parse_share, parse_waves, plan_waves
 
 ACTIVE, PAUSED, HALTED, COMPLETED, ABORTED = "active", "paused", "halted", "completed", "aborted"
 SUPERSEDED = "superseded"
@@ -52,8 +53,10 @@ REPORTED_STATE = {"downloading": "downloading", "verifying": "downloading", "act
 
 
 def check(request: RolloutRequest) -> tuple[Selector, float]:
-    """The parsed target and failure bound; a bad target, waves or bound is a Rejected naming it."""
+    """The parsed target and failure bound; a bad target, waves, bound or gate is a Rejected naming it."""
     parse_waves(request.waves)
+    for gate in request.gates:
+        Gate.parse(gate)
     return Selector.parse(request.target), parse_share(request.max_failure, "max_failure")
 
 
@@ -87,6 +90,7 @@ class Rollouts:
                 min_reported=spec.min_reported,
                 soak_s=spec.soak_s,
                 device_timeout_s=spec.device_timeout_s,
+                gates=[Gate.parse(g).text for g in spec.gates],
                 status=ACTIVE,
                 wave_count=0,
                 created_by=actor.name,
@@ -198,8 +202,9 @@ class Rollouts:
                 for d in session.scalars(select(DeviceRow).where(DeviceRow.id.in_([m.device_id for m in members])))
             }
             started = [m for m in members if m.wave <= rollout.wave]
+            judge = _Judge(session, rollout, bundle, members)
             for member in started:
-                _follow(member, devices.get(member.device_id), bundle, rollout, now)
+                _follow(member, devices.get(member.device_id), bundle, rollout, now, judge)
             answered = [m for m in started if m.state in ANSWERED]
             failures = [m for m in answered if m.state in ("failed", "timed_out")]
             if failures and len(failures) > rollout.max_failure * len(answered):
@@ -222,12 +227,15 @@ class Rollouts:
         devices: dict[str, DeviceRow],
         now: datetime,
     ) -> list[_Told]:
-        passed = sum(m.state == "passed" for m in wave)
+        passed = sum(
+            m.state == "passed" and (not rollout.gates or bool((m.figures or {}).get("complete"))) for m in wave
+        )
         if wave and passed < min(rollout.min_reported, len(wave)):
             rollout.status = PAUSED
+            measured = " with figures for every gate" if rollout.gates else ""
             rollout.reason = (
-                f"inconclusive: wave {rollout.wave} has {passed} healthy device(s) after its soak, fewer than "
-                f"the {min(rollout.min_reported, len(wave))} it needs to decide; resume to go on regardless"
+                f"inconclusive: wave {rollout.wave} has {passed} healthy device(s){measured} after its soak, fewer "
+                f"than the {min(rollout.min_reported, len(wave))} it needs to decide; resume to go on regardless"
             )
             audit.record(session, CONTROLLER, "rollout.pause", f"rollout/{rollout.id}", {"reason": rollout.reason})
             return []
@@ -351,6 +359,7 @@ def _view(session: Session, rollout: RolloutRow, with_devices: bool) -> RolloutV
             state=m.state,
             state_at=m.state_at,
             detail=m.detail,
+            figures=m.figures,
         )
         for m in members
     ]
@@ -364,6 +373,7 @@ def _view(session: Session, rollout: RolloutRow, with_devices: bool) -> RolloutV
         min_reported=rollout.min_reported,
         soak_s=rollout.soak_s,
         device_timeout_s=rollout.device_timeout_s,
+        gates=rollout.gates,
         status=rollout.status,
         reason=rollout.reason,
         wave=rollout.wave,
@@ -392,10 +402,112 @@ def _owned_message(owners: dict[str, int]) -> str:
     return f"{len(owners)} device(s) belong to rollout {rollouts} under way: {examples}"
 
 
+BASELINE = timedelta(days=1)
+"""How far back before the switch a device's own figures are looked for."""
+
+
+class _Judge:
+    """Decides a device whose soak is over: passed, or failed on a gate, with the figures it was judged on.
+    A relative gate scales the device's own figure before the switch or, without one, what its hardware
+    class measured on the first wave; a gate without figures is unjudged (the wave may be inconclusive)."""
+
+    def __init__(
+        self, session: Session, rollout: RolloutRow, bundle: BundleRow, members: Sequence[RolloutDeviceRow]
+    ) -> None:
+        self.session, self.bundle, self.members = session, bundle, members
+        self.gates = [Gate.parse(g) for g in rollout.gates]
+        self._by_class: dict[str, dict[str, float]] | None = None
+
+    def __call__(self, member: RolloutDeviceRow, now: datetime) -> None:
+        if not self.gates:
+            _set(member, "passed", now)
+            return
+        assert member.soak_started_at is not None and member.notified_at is not None
+        during = _figures(self._inference(member.device_id, self.bundle.name, self.bundle.version,
+                                          _aware(member.soak_started_at), now))  # fmt: skip
+        before: dict[str, float] = {}
+        if previous := member.previous:
+            switched = _aware(member.notified_at)
+            records = self._inference(
+                member.device_id, previous["bundle"], previous["version"], switched - BASELINE, switched
+            )
+            before = _figures(records)
+        class_figures = self._class_figures().get(member.hardware_class, {})
+        verdicts: dict[str, dict[str, Any]] = {}
+        for gate in self.gates:
+            value = during.get(gate.metric)
+            limit = gate.limit(before.get(gate.metric, class_figures.get(gate.metric)))
+            held = None if value is None or limit is None else gate.holds(value, limit)
+            verdicts[gate.text] = {"value": value, "limit": limit, "held": held}
+        complete = all(v["held"] is not None for v in verdicts.values())
+        member.figures = {"during": during, "before": before, "gates": verdicts, "complete": complete}
+        broken = [f"gate {text}: {v['value']:.4g} against {v['limit']:.4g}" for text, v in verdicts.items()
+                  if v["held"] is False]  # fmt: skip
+        if broken:
+            _set(member, "failed", now)
+            member.detail = "; ".join(broken)[:1024]
+            return
+        _set(member, "passed", now)
+        if not complete:
+            unjudged = [text for text, v in verdicts.items() if v["held"] is None]
+            member.detail = f"passed without figures for {', '.join(unjudged)}"
+
+    def _inference(
+        self, device_id: str, bundle: str, version: str, since: datetime, until: datetime
+    ) -> list[dict[str, Any]]:
+        rows = self.session.scalars(
+            select(TelemetryRow)
+            .where(
+                TelemetryRow.device_id == device_id,
+                TelemetryRow.kind == "inference",
+                TelemetryRow.created >= since,
+                TelemetryRow.created <= until,
+            )
+            .order_by(TelemetryRow.seq.desc())
+            .limit(1000)
+        )
+        return [r.payload for r in rows if (r.payload.get("bundle"), r.payload.get("version")) == (bundle, version)]
+
+    def _class_figures(self) -> dict[str, dict[str, float]]:
+        """Per hardware class, the median of what its first-wave devices measured during their soak."""
+        if self._by_class is None:
+            samples: dict[str, dict[str, list[float]]] = {}
+            for m in self.members:
+                if m.wave == 1 and m.state == "passed" and m.figures:
+                    for metric, value in m.figures["during"].items():
+                        samples.setdefault(m.hardware_class, {}).setdefault(metric, []).append(value)
+            self._by_class = {
+                hw: {metric: statistics.median(values) for metric, values in metrics.items()}
+                for hw, metrics in samples.items()
+            }
+        return self._by_class
+
+
+def _figures(records: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """A device's figures from its inference telemetry: medians of the windows that served requests, and
+    errors over requests."""
+    served = [r for r in records if r.get("requests")]
+    figures: dict[str, float] = {}
+    for metric, field_name in (("tokens_per_s", "tokens_per_s_p50"), ("ttft_ms_p50", "ttft_ms_p50"),
+                               ("ttft_ms_p95", "ttft_ms_p95")):  # fmt: skip
+        values = [r[field_name] for r in served if isinstance(r.get(field_name), int | float)]
+        if values:
+            figures[metric] = statistics.median(values)
+    if served:
+        figures["error_rate"] = sum(r.get("errors") or 0 for r in served) / sum(r["requests"] for r in served)
+    return figures
+
+
 def _follow(
-    member: RolloutDeviceRow, device: DeviceRow | None, bundle: BundleRow, rollout: RolloutRow, now: datetime
+    member: RolloutDeviceRow,
+    device: DeviceRow | None,
+    bundle: BundleRow,
+    rollout: RolloutRow,
+    now: datetime,
+    judge: Callable[[RolloutDeviceRow, datetime], None],
 ) -> None:
-    """A started device's state from its last report, its presence and the clock."""
+    """A started device's state from its last report, its presence and the clock; `judge` decides it
+    once its soak is over."""
     if member.state in FINISHED:
         return
     reported = (device.reported if device is not None else None) or {}
@@ -403,8 +515,10 @@ def _follow(
     if status == "healthy":
         if member.soak_started_at is None:
             member.soak_started_at = now
-        soaked = now - _aware(member.soak_started_at) >= timedelta(seconds=rollout.soak_s)
-        _set(member, "passed" if soaked else "soaking", now)
+        if now - _aware(member.soak_started_at) >= timedelta(seconds=rollout.soak_s):
+            judge(member, now)
+        else:
+            _set(member, "soaking", now)
         return
     if status in ("failed", "rolled_back"):
         _set(member, "failed", now)

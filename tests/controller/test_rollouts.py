@@ -310,3 +310,74 @@ def test_an_operator_rolls_back_or_promotes_a_wave(world) -> None:
 
 def fleet_ids(fleet: Fleet) -> list[str]:
     return [d.id for d in fleet.devices()]
+
+
+# --- gates on what each device measures -------------------------------------------------------
+
+
+def inference(fleet: Fleet, device: str, seq: int, at: datetime, version: str, tokens_per_s: float) -> None:
+    """One telemetry window of the device's inference figures, as its agent sends them."""
+    from slmops.messages import TelemetryBatch, TelemetryRecord
+
+    payload = {"requests": 10, "errors": 0, "tokens_per_s_p50": tokens_per_s, "ttft_ms_p95": 120.0,
+               "bundle": "tiny", "version": version}  # fmt: skip
+    record = TelemetryRecord(seq=seq, created=at.timestamp(), kind="inference", payload=payload)
+    fleet.record([(device, TelemetryBatch(records=[record]))])
+
+
+def gated_rollout(world, speed_after: dict[str, float] | None) -> tuple[Rollouts, int]:
+    """Fast and slow devices (two hardware classes) that decoded at 100 and 40 tokens/s on 1.0.0, rolled
+    to 2.0.0 with a tokens/s gate relative to each device's own figure; `speed_after` their speed on 2.0.0
+    (None: they send no figures)."""
+    fleet, control, rollouts, bundles = world
+    fast, slow = ["fast-0", "fast-1"], ["slow-0", "slow-1"]
+    join(fleet, control, bundles, fast, cpu="Fast CPU")
+    join(fleet, control, bundles, slow, cpu="Slow CPU", memory_gib=2)
+    for device, speed in [*((d, 100.0) for d in fast), *((d, 40.0) for d in slow)]:
+        inference(fleet, device, 1, T0 - timedelta(hours=1), "1.0.0", speed)
+    request = spec(waves="100%", min_reported=4, soak_s=60, max_failure="0%", gates=["tokens_per_s>=0.8x"])
+    rollout = rollouts.create(request, OPERATOR)
+    rollouts.advance(T0)
+    report(fleet, bundles["2.0.0"], fast + slow, "healthy")
+    rollouts.advance(T0 + timedelta(seconds=5))
+    if speed_after is not None:
+        for device in fast + slow:
+            inference(fleet, device, 2, T0 + timedelta(seconds=30), "2.0.0", speed_after[device])
+    rollouts.advance(T0 + timedelta(seconds=70))
+    return rollouts, rollout.id
+
+
+def test_a_device_slower_than_its_own_figures_fails_its_gate_and_halts_the_rollout(world) -> None:
+    rollouts, rollout_id = gated_rollout(world, {"fast-0": 50, "fast-1": 98, "slow-0": 39, "slow-1": 41})
+    halted = rollouts.get(rollout_id)
+    assert halted.status == "halted" and "fast-0" in halted.reason
+    fast0 = next(d for d in halted.devices if d.device_id == "fast-0")
+    assert fast0.figures is not None and fast0.figures["gates"]["tokens_per_s>=0.8x"] == {
+        "value": 50.0,
+        "limit": 80.0,
+        "held": False,
+    }
+    assert "gate tokens_per_s>=0.8x: 50 against 80" in halted.reason
+
+
+def test_slower_hardware_at_its_usual_speed_passes(world) -> None:
+    rollouts, rollout_id = gated_rollout(world, {"fast-0": 97, "fast-1": 98, "slow-0": 39, "slow-1": 41})
+    done = rollouts.get(rollout_id)
+    assert done.status == "completed", done.reason
+    slow0 = next(d for d in done.devices if d.device_id == "slow-0")
+    assert slow0.figures is not None
+    assert slow0.figures["before"]["tokens_per_s"] == 40 and slow0.figures["during"]["tokens_per_s"] == 39
+    assert slow0.figures["gates"]["tokens_per_s>=0.8x"]["limit"] == pytest.approx(32)
+
+
+def test_devices_without_figures_leave_a_gated_wave_inconclusive(world) -> None:
+    rollouts, rollout_id = gated_rollout(world, None)
+    paused = rollouts.get(rollout_id)
+    assert paused.status == "paused" and "with figures for every gate" in paused.reason
+    assert {d.detail for d in paused.devices} == {"passed without figures for tokens_per_s>=0.8x"}
+
+
+def test_a_bad_gate_is_refused_naming_it(world) -> None:
+    _fleet, _control, rollouts, _bundles = world
+    with pytest.raises(Rejected, match="latency<=5"):
+        rollouts.create(spec(gates=["latency<=5"]), OPERATOR)

@@ -24,6 +24,7 @@ def upgrade() -> None:
         sa.Column("min_reported", sa.Integer, nullable=False),
         sa.Column("soak_s", sa.Double, nullable=False),
         sa.Column("device_timeout_s", sa.Double, nullable=False),
+        sa.Column("gates", sa.JSON, nullable=False),
         sa.Column("status", sa.String(16), nullable=False),
         sa.Column("reason", sa.String(2048), nullable=False),
         sa.Column("wave", sa.Integer, nullable=False),
@@ -44,6 +45,7 @@ def upgrade() -> None:
         sa.Column("soak_started_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("state_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("detail", sa.String(1024), nullable=False),
+        sa.Column("figures", sa.JSON, nullable=True),
     )
     op.create_index("ix_rollout_device_device", "rollout_device", ["device_id"])
 

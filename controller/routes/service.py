@@ -1,12 +1,14 @@
-"""The controller's own surface: /health and the audit log."""
+"""The controller's own surface: /health, /metrics (Prometheus) and the audit log."""
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from slmops.http import error_responses
 
 from ..protocol import AuditEntry, BrokerHealth, ControllerHealth
-from . import Admin, Limit, RegistryOf
+from . import Admin, Limit, Reader, RegistryOf
 
 router = APIRouter(tags=["controller"], responses=error_responses(400, 401, 403, 404, 500))
 
@@ -22,6 +24,14 @@ async def health(request: Request) -> ControllerHealth:
         embedded_broker=None if broker is None else BrokerHealth(running=broker.running, restarts=broker.restarts),
         threads={} if bridge is None else {thread.name: thread.status() for thread in bridge.threads},
     )
+
+
+@router.get("/metrics", response_class=PlainTextResponse)
+async def metrics(request: Request, _who: Reader) -> PlainTextResponse:
+    """Devices by presence, rollouts by status, each rollout's devices by state, gate verdicts
+    (controller/metrics.py), read from the database now."""
+    text = await run_in_threadpool(generate_latest, request.app.state.metrics)
+    return PlainTextResponse(text, media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/v1/audit")

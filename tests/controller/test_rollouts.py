@@ -246,6 +246,10 @@ def test_a_rollout_over_the_api_is_moved_by_the_controllers_timer(controller_con
         assert created.status_code == 201, created.text
         rollout = created.json()
         assert rollout["status"] == "active" and rollout["wave_count"] == 2 and rollout["states"] == {"pending": 4}
+        figures = client.get("/metrics", headers=READER).text
+        assert 'slmops_controller_rollouts{status="active"} 1.0' in figures
+        assert f'slmops_controller_rollout_devices{{rollout="{rollout["id"]}",state="pending"}} 4.0' in figures
+        assert 'slmops_controller_devices{online="true"} 4.0' in figures
 
         def view() -> dict:
             return client.get(f"/v1/rollouts/{rollout['id']}", headers=READER).json()
@@ -262,6 +266,7 @@ def test_a_rollout_over_the_api_is_moved_by_the_controllers_timer(controller_con
         report(state.fleet, new, rest, "healthy")
         done = wait_for(lambda: (v := view())["status"] == "completed" and v, "the rollout completes")
         assert done["states"] == {"passed": 4}
+        assert 'slmops_controller_rollouts{status="completed"} 1.0' in client.get("/metrics", headers=READER).text
         listed = client.get("/v1/rollouts", headers=READER).json()
         assert [r["id"] for r in listed] == [rollout["id"]] and listed[0]["devices"] == []
         refused = client.post(f"/v1/rollouts/{rollout['id']}/pause", headers=ADMIN)

@@ -43,6 +43,8 @@ from .rollout_plan import Gate, Selector, hardware_class, parse_share, parse_wav
 
 ACTIVE, PAUSED, HALTED, COMPLETED, ABORTED = "active", "paused", "halted", "completed", "aborted"
 SUPERSEDED = "superseded"
+REPAIR_S = 3600.0
+"""How long after its halt a rollout's rollbacks are checked for devices not told (a restart between)."""
 OWNING = (ACTIVE, PAUSED)
 """Statuses of a rollout that owns its devices: no other rollout nor a hand-set desired state may take them."""
 FINISHED = ("passed", "failed", "timed_out", "rolled_back")
@@ -180,20 +182,22 @@ class Rollouts:
         return self.get(rollout_id)
 
     def advance(self, now: datetime | None = None) -> None:
-        """One decision step for every active rollout (the controller runs it on a timer)."""
+        """One decision step for every active rollout (the controller runs it on a timer); rollouts
+        halted within the last REPAIR_S are looked at too, for rollbacks not told yet."""
+        now = now or datetime.now(UTC)
         with Session(self.engine) as session:
-            active = list(session.scalars(select(RolloutRow.id).where(RolloutRow.status == ACTIVE)))
-        for rollout_id in active:
-            self._advance(rollout_id, now or datetime.now(UTC))
+            recently_halted = (RolloutRow.status == HALTED) & (
+                RolloutRow.updated_at >= now - timedelta(seconds=REPAIR_S)
+            )
+            ids = list(session.scalars(select(RolloutRow.id).where((RolloutRow.status == ACTIVE) | recently_halted)))
+        for rollout_id in ids:
+            self._advance(rollout_id, now)
 
     # --- one rollout ------------------------------------------------------------------------------
 
     def _advance(self, rollout_id: int, now: datetime) -> None:
-        told: list[_Told] = []
         with Session(self.engine, expire_on_commit=False) as session, session.begin():
             rollout = self._row(session, rollout_id)
-            if rollout.status != ACTIVE:
-                return
             bundle = session.get(BundleRow, rollout.bundle_id)
             assert bundle is not None  # the foreign key keeps it
             members = self._members(session, rollout_id)
@@ -202,20 +206,40 @@ class Rollouts:
                 for d in session.scalars(select(DeviceRow).where(DeviceRow.id.in_([m.device_id for m in members])))
             }
             started = [m for m in members if m.wave <= rollout.wave]
-            judge = _Judge(session, rollout, bundle, members)
-            for member in started:
-                _follow(member, devices.get(member.device_id), bundle, rollout, now, judge)
-            answered = [m for m in started if m.state in ANSWERED]
-            failures = [m for m in answered if m.state in ("failed", "timed_out")]
-            if failures and len(failures) > rollout.max_failure * len(answered):
-                told = self._halt(session, rollout, started, failures, len(answered), now)
-            else:
-                wave = [m for m in started if m.wave == rollout.wave]
-                if all(m.state in FINISHED for m in wave):
-                    told = self._next_wave(session, rollout, bundle, members, wave, devices, now)
-            rollout.updated_at = now
+            told = self._untold(started, devices, bundle)
+            if rollout.status == ACTIVE:
+                judge = _Judge(session, rollout, bundle, members)
+                for member in started:
+                    _follow(member, devices.get(member.device_id), bundle, rollout, now, judge)
+                answered = [m for m in started if m.state in ANSWERED]
+                failures = [m for m in answered if m.state in ("failed", "timed_out")]
+                if failures and len(failures) > rollout.max_failure * len(answered):
+                    told += self._halt(session, rollout, started, failures, len(answered), now)
+                else:
+                    wave = [m for m in started if m.wave == rollout.wave]
+                    if all(m.state in FINISHED for m in wave):
+                        told += self._next_wave(session, rollout, bundle, members, wave, devices, now)
+                rollout.updated_at = now
         for batch in told:
             self.control.desire(batch.device_ids, batch.bundle, CONTROLLER)
+
+    def _untold(
+        self, started: Sequence[RolloutDeviceRow], devices: dict[str, DeviceRow], bundle: BundleRow
+    ) -> list[_Told]:
+        """Devices a decision meant to tell and that were not told: the controller stopped between the
+        commit and the publish. Each is told again (telling twice is harmless: the desired state is the same)."""
+        forward = _Told(bundle)
+        back: dict[tuple[str, str], _Told] = {}
+        for member in started:
+            desired = (devices[member.device_id].desired or {}) if member.device_id in devices else {}
+            if member.state in ("notified", "unreached") and desired.get("digest") != bundle.digest:
+                forward.device_ids.append(member.device_id)
+            elif (
+                member.state == "rolled_back" and member.previous and desired.get("digest") != member.previous["digest"]
+            ):
+                key = (member.previous["bundle"], member.previous["version"])
+                back.setdefault(key, _Told(self.registry.bundle(*key))).device_ids.append(member.device_id)
+        return [batch for batch in (forward, *back.values()) if batch.device_ids]
 
     def _next_wave(
         self,

@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from slmops.messages import CommandName, CommandReply, DesiredState
 
 if TYPE_CHECKING:  # the models stand alone: slmops.client uses them without the database layer
-    from .db import AuditRow, BundleRow, DeviceRow, TelemetryRow
+    from .db import AuditRow, BundleRow, DeviceRow, RolloutDeviceRow, RolloutRow, TelemetryRow
 
 
 class BundleSummary(BaseModel):
@@ -239,6 +239,18 @@ class RolloutDeviceView(BaseModel):
     figures: dict[str, Any] | None = None
     """What its gates were judged on: figures during the soak and before the switch, each gate's verdict."""
 
+    @classmethod
+    def of(cls, row: "RolloutDeviceRow") -> "RolloutDeviceView":
+        return cls(
+            device_id=row.device_id,
+            wave=row.wave,
+            hardware_class=row.hardware_class,
+            state=row.state,
+            state_at=row.state_at,
+            detail=row.detail,
+            figures=row.figures,
+        )
+
 
 class RolloutView(BaseModel):
     id: int
@@ -263,3 +275,32 @@ class RolloutView(BaseModel):
     states: dict[str, int]
     """How many devices are in each state."""
     devices: list[RolloutDeviceView] = []
+
+    @classmethod
+    def of(
+        cls, row: "RolloutRow", bundle: "BundleRow", members: list["RolloutDeviceRow"], with_devices: bool
+    ) -> "RolloutView":
+        states: dict[str, int] = {}
+        for member in members:
+            states[member.state] = states.get(member.state, 0) + 1
+        return cls(
+            id=row.id,
+            bundle=bundle.name,
+            version=bundle.version,
+            target=row.target,
+            waves=row.waves,
+            max_failure=row.max_failure,
+            min_reported=row.min_reported,
+            soak_s=row.soak_s,
+            device_timeout_s=row.device_timeout_s,
+            gates=row.gates,
+            status=row.status,
+            reason=row.reason,
+            wave=row.wave,
+            wave_count=row.wave_count,
+            created_at=row.created_at,
+            created_by=row.created_by,
+            updated_at=row.updated_at,
+            states=states,
+            devices=[RolloutDeviceView.of(m) for m in members] if with_devices else [],
+        )

@@ -37,7 +37,7 @@ from .audit import Actor
 from .control import FleetControl
 from .db import BundleRow, DeviceRow, RolloutDeviceRow, RolloutRow, TelemetryRow
 from .fleet import CONTROLLER
-from .protocol import RolloutDeviceView, RolloutRequest, RolloutView
+from .protocol import RolloutRequest, RolloutView
 from .registry import Registry
 from .rollout_plan import Gate, Selector, hardware_class, parse_share, parse_waves, plan_waves
 
@@ -365,49 +365,12 @@ class RolloutTimer:
 def _view(session: Session, rollout: RolloutRow, with_devices: bool) -> RolloutView:
     bundle = session.get(BundleRow, rollout.bundle_id)
     assert bundle is not None  # the foreign key keeps it
-    members = list(
-        session.scalars(
-            select(RolloutDeviceRow)
-            .where(RolloutDeviceRow.rollout_id == rollout.id)
-            .order_by(RolloutDeviceRow.wave, RolloutDeviceRow.device_id)
-        )
+    members = session.scalars(
+        select(RolloutDeviceRow)
+        .where(RolloutDeviceRow.rollout_id == rollout.id)
+        .order_by(RolloutDeviceRow.wave, RolloutDeviceRow.device_id)
     )
-    states: dict[str, int] = {}
-    for member in members:
-        states[member.state] = states.get(member.state, 0) + 1
-    devices = [
-        RolloutDeviceView(
-            device_id=m.device_id,
-            wave=m.wave,
-            hardware_class=m.hardware_class,
-            state=m.state,
-            state_at=m.state_at,
-            detail=m.detail,
-            figures=m.figures,
-        )
-        for m in members
-    ]
-    return RolloutView(
-        id=rollout.id,
-        bundle=bundle.name,
-        version=bundle.version,
-        target=rollout.target,
-        waves=rollout.waves,
-        max_failure=rollout.max_failure,
-        min_reported=rollout.min_reported,
-        soak_s=rollout.soak_s,
-        device_timeout_s=rollout.device_timeout_s,
-        gates=rollout.gates,
-        status=rollout.status,
-        reason=rollout.reason,
-        wave=rollout.wave,
-        wave_count=rollout.wave_count,
-        created_at=rollout.created_at,
-        created_by=rollout.created_by,
-        updated_at=rollout.updated_at,
-        states=states,
-        devices=devices if with_devices else [],
-    )
+    return RolloutView.of(rollout, bundle, list(members), with_devices)
 
 
 def _owners(session: Session, device_ids: Sequence[str]) -> dict[str, int]:

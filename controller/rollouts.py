@@ -39,7 +39,7 @@ from .db import BundleRow, DeviceRow, RolloutDeviceRow, RolloutRow, TelemetryRow
 from .fleet import CONTROLLER
 from .protocol import RolloutRequest, RolloutView
 from .registry import Registry
-from .rollout_plan import Gate, Selector, hardware_class, parse_share, parse_waves, plan_waves
+from .rollout_plan import Gate, Selector, WaveSize, hardware_class, parse_share, parse_waves, plan_waves
 
 ACTIVE, PAUSED, HALTED, COMPLETED, ABORTED = "active", "paused", "halted", "completed", "aborted"
 SUPERSEDED = "superseded"
@@ -54,12 +54,24 @@ ANSWERED = ("downloading", "activating", "soaking", "passed", "failed", "timed_o
 REPORTED_STATE = {"downloading": "downloading", "verifying": "downloading", "activating": "activating"}
 
 
-def check(request: RolloutRequest) -> tuple[Selector, float]:
-    """The parsed target and failure bound; a bad target, waves, bound or gate is a Rejected naming it."""
-    parse_waves(request.waves)
-    for gate in request.gates:
-        Gate.parse(gate)
-    return Selector.parse(request.target), parse_share(request.max_failure, "max_failure")
+@dataclass(frozen=True)
+class _Parsed:
+    """A rollout request's target, waves, failure bound and gates, parsed once."""
+
+    selector: Selector
+    waves: list[WaveSize]
+    max_failure: float
+    gates: list[Gate]
+
+
+def _parse(request: RolloutRequest) -> _Parsed:
+    """A bad target, waves, bound or gate is a Rejected naming it, before anything is stored."""
+    return _Parsed(
+        Selector.parse(request.target),
+        parse_waves(request.waves),
+        parse_share(request.max_failure, "max_failure"),
+        [Gate.parse(g) for g in request.gates],
+    )
 
 
 @dataclass
@@ -75,10 +87,12 @@ class Rollouts:
         self.engine, self.registry, self.control = engine, registry, control
 
     def create(self, spec: RolloutRequest, actor: Actor) -> RolloutView:
-        selector, max_failure = check(spec)
+        parsed = _parse(spec)
         bundle = self.registry.bundle(spec.bundle, spec.version)
         with Session(self.engine, expire_on_commit=False) as session, session.begin():
-            devices = [d for d in session.scalars(select(DeviceRow)) if selector.matches(d.groups, d.tags, d.profile)]
+            devices = [
+                d for d in session.scalars(select(DeviceRow)) if parsed.selector.matches(d.groups, d.tags, d.profile)
+            ]
             if not devices:
                 raise Rejected(f"the target {spec.target!r} matches no device")
             owners = _owners(session, [d.id for d in devices])
@@ -88,11 +102,11 @@ class Rollouts:
                 bundle_id=bundle.id,
                 target=spec.target,
                 waves=spec.waves,
-                max_failure=max_failure,
+                max_failure=parsed.max_failure,
                 min_reported=spec.min_reported,
                 soak_s=spec.soak_s,
                 device_timeout_s=spec.device_timeout_s,
-                gates=[Gate.parse(g).text for g in spec.gates],
+                gates=[gate.text for gate in parsed.gates],
                 status=ACTIVE,
                 wave_count=0,
                 created_by=actor.name,
@@ -104,7 +118,7 @@ class Rollouts:
                 old.status, old.reason = SUPERSEDED, f"superseded by rollout {rollout.id} ({actor.name})"
                 audit.record(session, actor, "rollout.supersede", f"rollout/{owner}", {"by": rollout.id})
             classes = {d.id: hardware_class(d.profile) for d in devices}
-            plan = plan_waves(classes, parse_waves(spec.waves), salt=f"rollout/{rollout.id}")
+            plan = plan_waves(classes, parsed.waves, salt=f"rollout/{rollout.id}")
             rollout.wave_count = len(plan)
             by_id = {d.id: d for d in devices}
             for wave, device_ids in enumerate(plan, start=1):
@@ -159,11 +173,10 @@ class Rollouts:
             rollout = self._row(session, rollout_id)
             if rollout.status in (SUPERSEDED, ABORTED) or rollout.wave == 0:
                 raise Conflict(f"rollout {rollout_id} is {rollout.status} at wave {rollout.wave}: nothing to roll back")
-            members = self._members(session, rollout_id)
+            members = _members(session, rollout_id)
             started = [m for m in members if m.wave <= rollout.wave and m.state != "rolled_back"]
             told = self._roll_back(session, rollout, started, f"rolled back by {actor.name}", actor, datetime.now(UTC))
-        for batch in told:
-            self.control.desire(batch.device_ids, batch.bundle, CONTROLLER)
+        self._tell(told)
         return self.get(rollout_id)
 
     def promote(self, rollout_id: int, actor: Actor) -> RolloutView:
@@ -173,7 +186,7 @@ class Rollouts:
             if rollout.status not in OWNING:
                 raise Conflict(f"rollout {rollout_id} is {rollout.status}: there is no wave to promote")
             now = datetime.now(UTC)
-            soaking = [m for m in self._members(session, rollout_id) if m.wave == rollout.wave and m.state == "soaking"]
+            soaking = [m for m in _members(session, rollout_id) if m.wave == rollout.wave and m.state == "soaking"]
             for member in soaking:
                 _set(member, "passed", now)
                 member.detail = f"promoted by {actor.name}"
@@ -200,7 +213,7 @@ class Rollouts:
             rollout = self._row(session, rollout_id)
             bundle = session.get(BundleRow, rollout.bundle_id)
             assert bundle is not None  # the foreign key keeps it
-            members = self._members(session, rollout_id)
+            members = _members(session, rollout_id)
             devices = {
                 d.id: d
                 for d in session.scalars(select(DeviceRow).where(DeviceRow.id.in_([m.device_id for m in members])))
@@ -220,6 +233,10 @@ class Rollouts:
                     if all(m.state in FINISHED for m in wave):
                         told += self._next_wave(session, rollout, bundle, members, wave, devices, now)
                 rollout.updated_at = now
+        self._tell(told)
+
+    def _tell(self, told: Sequence[_Told]) -> None:
+        """After the decision committed: the devices get their desired states (and the broker's ACL)."""
         for batch in told:
             self.control.desire(batch.device_ids, batch.bundle, CONTROLLER)
 
@@ -237,8 +254,7 @@ class Rollouts:
             elif (
                 member.state == "rolled_back" and member.previous and desired.get("digest") != member.previous["digest"]
             ):
-                key = (member.previous["bundle"], member.previous["version"])
-                back.setdefault(key, _Told(self.registry.bundle(*key))).device_ids.append(member.device_id)
+                self._tell_previous(back, member)
         return [batch for batch in (forward, *back.values()) if batch.device_ids]
 
     def _next_wave(
@@ -310,18 +326,19 @@ class Rollouts:
             if not previous:
                 member.detail = "nothing to roll back to: it had no bundle before this rollout"
                 continue
-            key = (previous["bundle"], previous["version"])
-            if key not in told:
-                told[key] = _Told(self.registry.bundle(*key))
-            told[key].device_ids.append(member.device_id)
+            self._tell_previous(told, member)
             _set(member, "rolled_back", now)
-            member.detail = f"told to return to {key[0]} {key[1]}"
+            member.detail = f"told to return to {previous['bundle']} {previous['version']}"
         audit.record(session, actor, "rollout.halt", f"rollout/{rollout.id}", {"reason": reason})
         return list(told.values())
 
-    @staticmethod
-    def _members(session: Session, rollout_id: int) -> list[RolloutDeviceRow]:
-        return list(session.scalars(select(RolloutDeviceRow).where(RolloutDeviceRow.rollout_id == rollout_id)))
+    def _tell_previous(self, told: dict[tuple[str, str], _Told], member: RolloutDeviceRow) -> None:
+        """Add `member` to the batch that tells its previous bundle (one batch per bundle)."""
+        assert member.previous is not None
+        key = (member.previous["bundle"], member.previous["version"])
+        if key not in told:
+            told[key] = _Told(self.registry.bundle(*key))
+        told[key].device_ids.append(member.device_id)
 
     @staticmethod
     def _row(session: Session, rollout_id: int) -> RolloutRow:
@@ -365,12 +382,17 @@ class RolloutTimer:
 def _view(session: Session, rollout: RolloutRow, with_devices: bool) -> RolloutView:
     bundle = session.get(BundleRow, rollout.bundle_id)
     assert bundle is not None  # the foreign key keeps it
-    members = session.scalars(
+    return RolloutView.of(rollout, bundle, _members(session, rollout.id), with_devices)
+
+
+def _members(session: Session, rollout_id: int) -> list[RolloutDeviceRow]:
+    """A rollout's devices, by wave and id."""
+    query = (
         select(RolloutDeviceRow)
-        .where(RolloutDeviceRow.rollout_id == rollout.id)
+        .where(RolloutDeviceRow.rollout_id == rollout_id)
         .order_by(RolloutDeviceRow.wave, RolloutDeviceRow.device_id)
     )
-    return RolloutView.of(rollout, bundle, list(members), with_devices)
+    return list(session.scalars(query))
 
 
 def _owners(session: Session, device_ids: Sequence[str]) -> dict[str, int]:

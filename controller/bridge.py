@@ -11,6 +11,11 @@
            ─► slmops/v1/devices/+/cmd_reply ─► the command waiting for it
     anything malformed: logged with the device it came from, counted, dropped; never fatal
 
+Replicas: birth, telemetry, reported and chunk requests come through the shared subscription
+$share/slmops/... (the broker gives each message to one replica); state and cmd_reply reach every
+replica (SHARED, EVERY_REPLICA). `shared_subscriptions = false` for a broker without them, with one
+controller.
+
 paho runs the network loop in its thread and reconnects with backoff (1 s up to 30 s);
 subscriptions are made again on every connect. That thread never waits on the database: it
 also handles the broker's acks for the chunks being sent.
@@ -55,9 +60,22 @@ from .store import BundleStore
 log = logging.getLogger(__name__)
 
 KEEPALIVE_S = 30
-INBOUND = ("birth", "state", "telemetry", "reported", "cmd_reply")
-"""What devices send; the controller subscribes to these only."""
-SUBSCRIPTIONS = [(f"{PREFIX}/devices/+/{kind}", 1) for kind in INBOUND] + [(f"{PREFIX}/bundles/+/request/+", 1)]
+SHARE = "$share/slmops/"
+"""The shared-subscription group of controller replicas: the broker hands each message to one of them."""
+SHARED = [f"{PREFIX}/devices/+/{kind}" for kind in ("birth", "telemetry", "reported")] + [
+    f"{PREFIX}/bundles/+/request/+"
+]
+"""What devices send that one replica handles: telemetry is stored and acked once, a chunk request
+answered once (chunk traffic does not grow with replicas)."""
+EVERY_REPLICA = [f"{PREFIX}/devices/+/{kind}" for kind in ("state", "cmd_reply")]
+"""What every replica receives: a command's reply goes to the replica waiting for it, and presence is
+retained, which brokers do not deliver on shared subscriptions (a replica that starts learns from it who
+went offline while it was down)."""
+
+
+def subscriptions(shared: bool) -> list[tuple[str, int]]:
+    """The controller's subscriptions (QoS 1): what devices send, and nothing else."""
+    return [(SHARE + topic if shared else topic, 1) for topic in SHARED] + [(topic, 1) for topic in EVERY_REPLICA]
 
 
 class MqttBridge:
@@ -69,9 +87,10 @@ class MqttBridge:
         protocol: Literal["3.1.1", "5"] = "5",
         store: BundleStore | None = None,
         device_chunk_budget_bytes: int = DEVICE_BUDGET_BYTES,
+        shared_subscriptions: bool = True,
     ):
         self.address = BrokerAddress.parse(broker_url)
-        self.fleet = fleet
+        self.fleet, self.shared_subscriptions = fleet, shared_subscriptions
         self.connected = False
         self.unhandled = 0
         self.recorder = Recorder(
@@ -154,7 +173,7 @@ class MqttBridge:
     ) -> None:
         if not self.client.accepted(reason):
             return
-        client.subscribe(SUBSCRIPTIONS)
+        client.subscribe(subscriptions(self.shared_subscriptions))
         # The desired states come from the database, which paho's thread never waits on.
         republish = threading.Thread(target=self._publish_all_desired, name="slmops-republish", daemon=True)
         self._republishing = [t for t in self._republishing if t.is_alive()] + [republish]
@@ -215,8 +234,8 @@ class MqttBridge:
                 reply = parse(CommandReply, message.payload, message.topic)
                 with self._replies_lock:
                     waiter = self._replies.get(reply.correlation_id)
-                if waiter is None:
-                    log.info(
+                if waiter is None:  # another replica's command, or one that gave up waiting
+                    log.debug(
                         "a reply from %s for no pending command (%s); it came too late", sender, reply.correlation_id
                     )
                 else:

@@ -4,6 +4,7 @@ Defaults run everything embedded on one host: SQLite (WAL) and a bundle store un
 slmops home. `database_url` points at PostgreSQL (postgresql+psycopg://...) in production.
 """
 
+import socket
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
@@ -53,6 +54,15 @@ class ControllerConfig(BaseSettings):
     refused until it refills (no device can make the controller send a bundle over and over)."""
     rollout_tick_s: float = Field(default=2.0, gt=0, le=60)
     """How often active rollouts are moved a step (their devices' reports read, waves started)."""
+    rollout_lease_s: float = Field(default=15.0, ge=1, le=3600)
+    """How long the replica that decides rollouts holds its lease without renewing it (renewed every
+    tick); when it dies another replica takes over after at most this long."""
+    replica_name: str | None = Field(default=None, max_length=200)
+    """This replica's name in the rollout lease; unset: host:port. A replica restarted under the same
+    name takes its lease back at once."""
+    shared_subscriptions: bool = True
+    """Receive what devices send through $share/slmops/... so that replicas split it (Mosquitto 2, EMQX);
+    false for a broker without shared subscriptions, with a single controller."""
     device_broker_url: str | None = Field(default=None, pattern=r"^mqtts?://[^@]*$")
     """The broker as devices reach it, for their enrolment (no credentials in it). Unset: the
     embedded broker's address, or broker_url without its credentials."""
@@ -69,6 +79,10 @@ class ControllerConfig(BaseSettings):
             parts = urlsplit(self.broker_url)
             return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
         return f"mqtt://{self.embedded_broker_bind}"
+
+    @property
+    def replica(self) -> str:
+        return self.replica_name or f"{socket.gethostname()}:{self.port}"
 
     @property
     def store_dir(self) -> Path:

@@ -178,6 +178,21 @@ class RolloutDeviceRow(Base):
     figures: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     """What its gates were judged on: its figures during the soak and before the switch, each gate's
     value, limit and verdict."""
+    told_digest: Mapped[str | None] = mapped_column(String(64), default=None)
+    """The bundle the rollout last published to it (its own, or the previous one on a rollback): what a
+    decision meant to tell and a stop left untold differs from it."""
+
+
+class LeaseRow(Base):
+    """A lease one controller replica holds at a time (controller/lease.py)."""
+
+    __tablename__ = "controller_lease"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(256))
+    epoch: Mapped[int]
+    """Goes up by one at every takeover: a decision commits only under the epoch it was taken under."""
+    expires_at: Mapped[datetime]
 
 
 def open_database(url: str) -> Engine:

@@ -124,6 +124,7 @@ class EmbeddedBroker:
         self._write_config()
         self._write_passwords()
         self._write_acl()
+        self._stop_orphan()
         with self._lock:
             self._process = self._launch(binary)
         self._supervisor.start()
@@ -166,6 +167,7 @@ class EmbeddedBroker:
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
             if self._listening(process.pid):  # that process itself: another may hold the port
+                (self.folder / "mosquitto.pid").write_text(str(process.pid))
                 return process
             if process.poll() is not None or time.monotonic() > deadline:
                 process.kill()
@@ -176,6 +178,22 @@ class EmbeddedBroker:
                     "set embedded_broker_bind to a free address, or broker_url to an existing broker"
                 )
             time.sleep(0.05)
+
+    def _stop_orphan(self) -> None:
+        """A controller killed with SIGKILL leaves its Mosquitto running (its own session, holding the
+        port): the one our pid file names, with our configuration, is stopped before a new one starts."""
+        try:
+            process = psutil.Process(int((self.folder / "mosquitto.pid").read_text()))
+            orphan = str(self.folder / "mosquitto.conf") in process.cmdline()
+        except (OSError, ValueError, psutil.Error):
+            return
+        if orphan:
+            log.warning("stopping the embedded broker a controller that died left running (pid %d)", process.pid)
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except psutil.TimeoutExpired:
+                process.kill()
 
     def _listening(self, pid: int) -> bool:
         try:

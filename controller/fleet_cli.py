@@ -285,3 +285,60 @@ _rollout_action("resume", "resumed")
 _rollout_action("abort", "aborted where it is, without rollback")
 _rollout_action("rollback", "rolled back: every device it switched is told its previous bundle")
 _rollout_action("promote", "promoted: the current wave's healthy devices pass without the rest of their soak")
+
+
+@app.command("simulate")
+def simulate_cmd(
+    devices: Annotated[int, typer.Option("--devices", "-n", min=1, max=100_000, help="Simulated devices.")] = 100,
+    broker: Annotated[
+        str, typer.Option(help="The fleet's broker: mqtt://HOST:PORT (with credentials: mqtt://USER:PASS@HOST:PORT).")
+    ] = "mqtt://127.0.0.1:1883",
+    profile: Annotated[
+        Path | None,
+        typer.Option(exists=True, dir_okay=False, help="TOML: hardware classes, per-bundle failure and speed, churn."),
+    ] = None,
+    serving: Annotated[str | None, typer.Option(help="NAME:VERSION every device runs at the start.")] = None,
+    fetch: Annotated[
+        float, typer.Option(min=0, max=1, help="Share of devices that download a desired bundle's chunks for real.")
+    ] = 0.0,
+    prefix: Annotated[str, typer.Option(help="Device ids are PREFIX-00000, PREFIX-00001, ...")] = "sim",
+    seed: Annotated[int, typer.Option(help="Same seed, same fleet: classes, failures, figures.")] = 0,
+    duration: Annotated[float | None, typer.Option(min=1, help="Seconds to run; default: until Ctrl-C.")] = None,
+) -> None:
+    """N simulated agents in one process, speaking the real protocol to the broker: birth, presence,
+    telemetry with acks, desired state to healthy or failed, rollbacks. For rollouts and load tests."""
+    import time
+
+    from rich.live import Live
+    from rich.table import Table
+
+    from slmops.errors import ConfigError
+
+    from .simulator import FleetSimulator, Profile
+
+    try:
+        fleet = FleetSimulator(
+            broker, devices, Profile.load(profile) if profile else None, prefix=prefix, serving=serving,
+            fetch_share=fetch, seed=seed,
+        )  # fmt: skip
+    except (ConfigError, ValueError) as e:
+        fail(str(e), code=2)
+    fleet.start(duration)
+
+    def table() -> Table:
+        view = Table(title=f"{devices} simulated devices on {fleet.address}")
+        view.add_column("")
+        view.add_column("count", justify="right")
+        for key, value in sorted(fleet.stats().items()):
+            view.add_row(key, str(value))
+        return view
+
+    try:
+        with Live(table(), console=console, refresh_per_second=1) as live:
+            while fleet.running:
+                time.sleep(1.0)
+                live.update(table())
+    except KeyboardInterrupt:
+        pass
+    finally:
+        fleet.stop()

@@ -19,6 +19,7 @@ Every state is a row; `advance` decides in one transaction per rollout and tells
 it commits, so a restart carries on from the rows.
 """
 
+import logging
 import statistics
 import threading
 from collections.abc import Callable, Sequence
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session
 
 from slmops.errors import Conflict, NotFound, Rejected
@@ -37,9 +38,12 @@ from .audit import Actor
 from .control import FleetControl
 from .db import BundleRow, DeviceRow, RolloutDeviceRow, RolloutRow, TelemetryRow
 from .fleet import CONTROLLER
+from .lease import Lease, LeaseLost
 from .protocol import RolloutRequest, RolloutView
 from .registry import Registry
 from .rollout_plan import Gate, Selector, WaveSize, hardware_class, parse_share, parse_waves, plan_waves
+
+log = logging.getLogger(__name__)
 
 ACTIVE, PAUSED, HALTED, COMPLETED, ABORTED = "active", "paused", "halted", "completed", "aborted"
 SUPERSEDED = "superseded"
@@ -52,6 +56,10 @@ FINISHED = ("passed", "failed", "timed_out", "rolled_back")
 ANSWERED = ("downloading", "activating", "soaking", "passed", "failed", "timed_out")
 """States of devices that reported (or ran out of time): the failure rate's denominator."""
 REPORTED_STATE = {"downloading": "downloading", "verifying": "downloading", "activating": "activating"}
+
+
+Fence = Callable[[Session], None]
+"""Checks, inside a decision's transaction, that this replica may still decide (controller/lease.py)."""
 
 
 @dataclass(frozen=True)
@@ -76,8 +84,9 @@ def _parse(request: RolloutRequest) -> _Parsed:
 
 @dataclass
 class _Told:
-    """Devices to tell a bundle once the decision has committed."""
+    """Devices of a rollout to tell a bundle once the decision has committed."""
 
+    rollout_id: int
     bundle: BundleRow
     device_ids: list[str] = field(default_factory=list)
 
@@ -151,7 +160,7 @@ class Rollouts:
         """pause (active → paused), resume (paused → active), abort (stops where it is, no rollback)."""
         allowed = {PAUSED: (ACTIVE,), ACTIVE: (PAUSED,), ABORTED: (ACTIVE, PAUSED)}
         with Session(self.engine, expire_on_commit=False) as session, session.begin():
-            rollout = self._row(session, rollout_id)
+            rollout = self._row(session, rollout_id, lock=True)
             if rollout.status not in allowed[status]:
                 raise Conflict(f"rollout {rollout_id} is {rollout.status}: it cannot become {status}")
             rollout.status, rollout.updated_at = status, datetime.now(UTC)
@@ -170,7 +179,7 @@ class Rollouts:
         """Every device the rollout switched is told its previous bundle; the rollout is halted."""
         told: list[_Told] = []
         with Session(self.engine, expire_on_commit=False) as session, session.begin():
-            rollout = self._row(session, rollout_id)
+            rollout = self._row(session, rollout_id, lock=True)
             if rollout.status in (SUPERSEDED, ABORTED) or rollout.wave == 0:
                 raise Conflict(f"rollout {rollout_id} is {rollout.status} at wave {rollout.wave}: nothing to roll back")
             members = _members(session, rollout_id)
@@ -182,7 +191,7 @@ class Rollouts:
     def promote(self, rollout_id: int, actor: Actor) -> RolloutView:
         """The current wave's healthy devices pass now, without the rest of their soak."""
         with Session(self.engine, expire_on_commit=False) as session, session.begin():
-            rollout = self._row(session, rollout_id)
+            rollout = self._row(session, rollout_id, lock=True)
             if rollout.status not in OWNING:
                 raise Conflict(f"rollout {rollout_id} is {rollout.status}: there is no wave to promote")
             now = datetime.now(UTC)
@@ -194,9 +203,11 @@ class Rollouts:
             audit.record(session, actor, "rollout.promote", f"rollout/{rollout_id}", detail)
         return self.get(rollout_id)
 
-    def advance(self, now: datetime | None = None) -> None:
+    def advance(self, now: datetime | None = None, fence: Fence | None = None) -> None:
         """One decision step for every active rollout (the controller runs it on a timer); rollouts
-        halted within the last REPAIR_S are looked at too, for rollbacks not told yet."""
+        halted within the last REPAIR_S are looked at too, for rollbacks not told yet. `fence` is
+        called in each decision's transaction before it commits (controller/lease.py): when it raises,
+        nothing of that decision is kept or told."""
         now = now or datetime.now(UTC)
         with Session(self.engine) as session:
             recently_halted = (RolloutRow.status == HALTED) & (
@@ -204,13 +215,13 @@ class Rollouts:
             )
             ids = list(session.scalars(select(RolloutRow.id).where((RolloutRow.status == ACTIVE) | recently_halted)))
         for rollout_id in ids:
-            self._advance(rollout_id, now)
+            self._advance(rollout_id, now, fence)
 
     # --- one rollout ------------------------------------------------------------------------------
 
-    def _advance(self, rollout_id: int, now: datetime) -> None:
+    def _advance(self, rollout_id: int, now: datetime, fence: Fence | None) -> None:
         with Session(self.engine, expire_on_commit=False) as session, session.begin():
-            rollout = self._row(session, rollout_id)
+            rollout = self._row(session, rollout_id, lock=True)
             bundle = session.get(BundleRow, rollout.bundle_id)
             assert bundle is not None  # the foreign key keeps it
             members = _members(session, rollout_id)
@@ -219,7 +230,7 @@ class Rollouts:
                 for d in session.scalars(select(DeviceRow).where(DeviceRow.id.in_([m.device_id for m in members])))
             }
             started = [m for m in members if m.wave <= rollout.wave]
-            told = self._untold(started, devices, bundle)
+            told = self._untold(rollout, started, devices, bundle)
             if rollout.status == ACTIVE:
                 judge = _Judge(session, rollout, bundle, members)
                 for member in started:
@@ -233,28 +244,53 @@ class Rollouts:
                     if all(m.state in FINISHED for m in wave):
                         told += self._next_wave(session, rollout, bundle, members, wave, devices, now)
                 rollout.updated_at = now
+            if fence is not None:
+                fence(session)
         self._tell(told)
 
     def _tell(self, told: Sequence[_Told]) -> None:
-        """After the decision committed: the devices get their desired states (and the broker's ACL)."""
+        """After the decision committed: the devices get their desired states (and the broker's ACL), and
+        their rows say so."""
         for batch in told:
             self.control.desire(batch.device_ids, batch.bundle, CONTROLLER)
+            with Session(self.engine) as session, session.begin():
+                session.execute(
+                    update(RolloutDeviceRow)
+                    .where(
+                        RolloutDeviceRow.rollout_id == batch.rollout_id,
+                        RolloutDeviceRow.device_id.in_(batch.device_ids),
+                    )
+                    .values(told_digest=batch.bundle.digest)
+                )
 
     def _untold(
-        self, started: Sequence[RolloutDeviceRow], devices: dict[str, DeviceRow], bundle: BundleRow
+        self,
+        rollout: RolloutRow,
+        started: Sequence[RolloutDeviceRow],
+        devices: dict[str, DeviceRow],
+        bundle: BundleRow,
     ) -> list[_Told]:
         """Devices a decision meant to tell and that were not told: the controller stopped between the
-        commit and the publish. Each is told again (telling twice is harmless: the desired state is the same)."""
-        forward = _Told(bundle)
+        decision's commit and storing their desired state. A desired state stored is as good as told (the
+        bridge publishes every stored one again when it connects), so a device is told again only when
+        neither its row says it was told (told_digest) nor its desired state is what it was to be told.
+        A rolled-back device whose desired state someone else changed since (a later rollout, an operator)
+        is left alone: only while it still desires this rollout's bundle is the rollback owed."""
+        forward = _Told(rollout.id, bundle)
         back: dict[tuple[str, str], _Told] = {}
         for member in started:
-            desired = (devices[member.device_id].desired or {}) if member.device_id in devices else {}
-            if member.state in ("notified", "unreached") and desired.get("digest") != bundle.digest:
-                forward.device_ids.append(member.device_id)
+            device = devices.get(member.device_id)
+            desired = ((device.desired if device is not None else None) or {}).get("digest")
+            if member.state in ("notified", "unreached"):
+                if member.told_digest != bundle.digest and desired != bundle.digest:
+                    forward.device_ids.append(member.device_id)
             elif (
-                member.state == "rolled_back" and member.previous and desired.get("digest") != member.previous["digest"]
+                member.state == "rolled_back"
+                and member.previous
+                and member.told_digest != member.previous["digest"]
+                and desired == bundle.digest
             ):
-                self._tell_previous(back, member)
+                self._tell_previous(back, rollout.id, member)
         return [batch for batch in (forward, *back.values()) if batch.device_ids]
 
     def _next_wave(
@@ -291,7 +327,7 @@ class Rollouts:
             member.notified_at = now
         detail = {"wave": rollout.wave, "devices": len(starting)}
         audit.record(session, CONTROLLER, "rollout.wave", f"rollout/{rollout.id}", detail, bundle.id)
-        return [_Told(bundle, [m.device_id for m in starting])]
+        return [_Told(rollout.id, bundle, [m.device_id for m in starting])]
 
     def _halt(
         self,
@@ -326,23 +362,25 @@ class Rollouts:
             if not previous:
                 member.detail = "nothing to roll back to: it had no bundle before this rollout"
                 continue
-            self._tell_previous(told, member)
+            self._tell_previous(told, rollout.id, member)
             _set(member, "rolled_back", now)
             member.detail = f"told to return to {previous['bundle']} {previous['version']}"
         audit.record(session, actor, "rollout.halt", f"rollout/{rollout.id}", {"reason": reason})
         return list(told.values())
 
-    def _tell_previous(self, told: dict[tuple[str, str], _Told], member: RolloutDeviceRow) -> None:
+    def _tell_previous(self, told: dict[tuple[str, str], _Told], rollout_id: int, member: RolloutDeviceRow) -> None:
         """Add `member` to the batch that tells its previous bundle (one batch per bundle)."""
         assert member.previous is not None
         key = (member.previous["bundle"], member.previous["version"])
         if key not in told:
-            told[key] = _Told(self.registry.bundle(*key))
+            told[key] = _Told(rollout_id, self.registry.bundle(*key))
         told[key].device_ids.append(member.device_id)
 
     @staticmethod
-    def _row(session: Session, rollout_id: int) -> RolloutRow:
-        rollout = session.get(RolloutRow, rollout_id)
+    def _row(session: Session, rollout_id: int, lock: bool = False) -> RolloutRow:
+        """The rollout; `lock`: its row locked until the transaction ends (PostgreSQL), for a change that
+        must not interleave with another replica's decision or an operator's action on it."""
+        rollout = session.get(RolloutRow, rollout_id, with_for_update=lock)
         if rollout is None:
             raise NotFound(f"no rollout {rollout_id}")
         return rollout
@@ -360,10 +398,11 @@ class Rollouts:
 
 
 class RolloutTimer:
-    """The `slmops-rollouts` thread: every active rollout moved a step each `tick_s`."""
+    """The `slmops-rollouts` thread: each `tick_s`, the lease held or renewed and, while this replica
+    holds it, every active rollout moved a step, each decision fenced by the lease's epoch."""
 
-    def __init__(self, rollouts: Rollouts, tick_s: float) -> None:
-        self.rollouts, self.tick_s = rollouts, tick_s
+    def __init__(self, rollouts: Rollouts, lease: Lease, tick_s: float) -> None:
+        self.rollouts, self.lease, self.tick_s = rollouts, lease, tick_s
         self._stop = threading.Event()
         self.thread = Supervised("slmops-rollouts", self._loop)
 
@@ -376,7 +415,12 @@ class RolloutTimer:
 
     def _loop(self) -> None:
         while not self._stop.wait(self.tick_s):
-            self.rollouts.advance()
+            if self.lease.hold() is None:
+                continue  # another replica decides
+            try:
+                self.rollouts.advance(fence=self.lease.fence)
+            except LeaseLost as e:
+                log.warning("%s; another replica decides from now on", e)
 
 
 def _view(session: Session, rollout: RolloutRow, with_devices: bool) -> RolloutView:

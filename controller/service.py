@@ -18,6 +18,7 @@ from .db import open_database
 from .embedded_broker import EmbeddedBroker
 from .enrolment import Enrolment
 from .fleet import Fleet
+from .lease import Lease
 from .registry import Registry
 from .rollouts import RolloutTimer
 from .store import BundleStore
@@ -48,7 +49,9 @@ def build_app(config: ControllerConfig) -> FastAPI:
     broker, bridge, budget = None, None, config.device_chunk_budget_bytes
     if config.broker_url:
         ca_file = str(config.broker_ca_file) if config.broker_ca_file else None
-        bridge = MqttBridge(config.broker_url, fleet, ca_file, config.broker_protocol, store, budget)
+        bridge = MqttBridge(
+            config.broker_url, fleet, ca_file, config.broker_protocol, store, budget, config.shared_subscriptions
+        )
     elif config.embedded_broker:
         broker = EmbeddedBroker(
             config.data_dir / "broker",
@@ -63,7 +66,9 @@ def build_app(config: ControllerConfig) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        timer = RolloutTimer(app.state.rollouts, config.rollout_tick_s)
+        lease = Lease(engine, "rollouts", config.replica, config.rollout_lease_s)
+        timer = RolloutTimer(app.state.rollouts, lease, config.rollout_tick_s)
+        app.state.lease = lease
         try:  # a start that fails (the broker's port taken) still gives the database's connections back
             if broker is not None:
                 await run_in_threadpool(broker.start)

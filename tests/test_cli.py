@@ -52,6 +52,7 @@ COMMANDS = [
     ["fleet", "rollout", "abort"],
     ["fleet", "rollout", "rollback"],
     ["fleet", "rollout", "promote"],
+    ["fleet", "simulate"],
 ]
 
 

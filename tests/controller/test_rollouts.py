@@ -418,3 +418,7 @@ def test_devices_a_restart_left_untold_are_told_at_the_next_step(world) -> None:
     rollouts.control = control
     rollouts.advance(T0 + timedelta(seconds=3))
     assert {fleet.device(d).desired["version"] for d in ("dev-a", "dev-b")} == {"1.0.0"}, "told after the restart"
+    # A desired state set after the halt is the operator's (or a later rollout's): the halted one leaves it.
+    control.desire(["dev-b"], bundles["2.0.0"], OPERATOR)
+    rollouts.advance(T0 + timedelta(seconds=4))
+    assert fleet.device("dev-b").desired["version"] == "2.0.0"

@@ -4,7 +4,6 @@ import functools
 import os
 import signal
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -13,7 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
-from controller_under_test import Controller
+from controller_under_test import Controller, ControllerProcess
 from link_proxy import LinkProxy
 from support import SLMOPS, free_port, wait_for
 
@@ -21,36 +20,13 @@ from support import SLMOPS, free_port, wait_for
 @contextmanager
 def running_controller(tmp_path: Path, *args: str) -> Iterator[tuple[str, dict[str, str]]]:
     """`slmops controller serve` in its own process; yields its URL and an environment with its admin token."""
-    port = free_port()
-    data = tmp_path / "controller"
-    env = {
-        **os.environ,
-        "SLMOPS_CONTROLLER_DATA_DIR": str(data),
-        "SLMOPS_CONTROLLER_EMBEDDED_BROKER_BIND": f"127.0.0.1:{free_port()}",
-    }
-    controller = subprocess.Popen(
-        [*SLMOPS, "controller", "serve", "--port", str(port), *args],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
+    controller = ControllerProcess(tmp_path / "controller", *args)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert controller.poll() is None, controller.stdout.read() if controller.stdout else ""
-            assert time.monotonic() < deadline, "the controller did not start"
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
-        token = (data / "admin.token").read_text().strip()  # written on first start: no tokens configured
-        yield url, {**env, "SLMOPS_TOKEN": token, "SLMOPS_CONTROLLER_URL": url}
+        controller.start()
+        yield controller.url, controller.env
     finally:
-        controller.terminate()
-        controller.communicate(timeout=20)
+        if controller.process is not None and controller.process.poll() is None:
+            controller.stop()
 
 
 @pytest.fixture

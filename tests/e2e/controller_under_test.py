@@ -1,9 +1,14 @@
-"""The controller an end-to-end test runs, as the test sees it: slmops.client plus what tests wait on."""
+"""The controller an end-to-end test runs: its process (ControllerProcess), and as the test sees it
+(Controller: slmops.client plus what tests wait on)."""
 
 import os
+import signal
 import subprocess
+import time
+from pathlib import Path
 
-from support import SLMOPS
+import httpx
+from support import SLMOPS, free_port
 
 from slmops.client import ControllerClient
 from slmops.errors import ControllerError
@@ -50,3 +55,51 @@ class Controller:
         """The device's last report if it has this status for this version, else {}."""
         r = self.device(device_id).get("reported") or {}
         return r if r.get("status") == status and r.get("version") == version else {}
+
+
+class ControllerProcess:
+    """`slmops controller serve` in its own process, on its own data folder: it can be killed and started
+    again on the same folder and port. `env` carries its admin token once it has started."""
+
+    def __init__(self, data: Path, *args: str, **settings: str) -> None:
+        """`settings`: SLMOPS_CONTROLLER_* variables, e.g. ROLLOUT_TICK_S="0.3"."""
+        self.data, self.args, self.port = data, args, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {
+            **os.environ,
+            "SLMOPS_CONTROLLER_DATA_DIR": str(data),
+            "SLMOPS_CONTROLLER_EMBEDDED_BROKER_BIND": f"127.0.0.1:{free_port()}",
+            **{f"SLMOPS_CONTROLLER_{k.upper()}": v for k, v in settings.items()},
+        }
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> "ControllerProcess":
+        self.process = subprocess.Popen(
+            [*SLMOPS, "controller", "serve", "--port", str(self.port), *self.args],
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        deadline = time.monotonic() + 60
+        while True:
+            if self.process.poll() is not None:
+                raise AssertionError(f"the controller exited: {self.stop()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the controller did not start: {self.stop(signal.SIGKILL)}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        token = (self.data / "admin.token").read_text().strip()  # written on first start: no tokens configured
+        self.env.update(SLMOPS_TOKEN=token, SLMOPS_CONTROLLER_URL=self.url)
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM) -> str:
+        """Its output; SIGKILL: no goodbye, no flush."""
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        out, _ = self.process.communicate(timeout=20)
+        return out

@@ -1,6 +1,7 @@
 """`slmops controller serve` as its own process; `slmops bundle push` and `slmops fleet` against it."""
 
 import json
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -69,3 +70,23 @@ def test_fleet_devices_and_labels_from_the_cli(controller_process, mosquitto: in
         assert labelled.returncode == 0, labelled.stderr
         table = subprocess.run([*SLMOPS, "fleet", "devices"], env=env, capture_output=True, text=True)
         assert "edge-cli" in table.stdout and "canary" in table.stdout and "online" in table.stdout
+
+
+def test_a_controller_killed_with_sigkill_starts_again_on_its_data_and_its_embedded_broker_port(
+    tmp_path: Path, signing_key
+) -> None:
+    """Its Mosquitto outlives it (a session of its own, holding the port); the next start stops that one."""
+    import psutil
+    from controller_under_test import ControllerProcess
+
+    process = ControllerProcess(tmp_path / "controller", "-k", str(signing_key[1])).start()
+    orphan = next(p for p in psutil.Process(process.process.pid).children() if p.name() == "mosquitto")
+    process.stop(signal.SIGKILL)
+    assert orphan.is_running(), "SIGKILL leaves the broker behind"
+    try:
+        process.start()
+        health = httpx.get(f"{process.url}/health", timeout=10).json()
+        assert health["embedded_broker"]["running"] and health["mqtt"] in ("connected", "disconnected")
+        orphan.wait(timeout=10)
+    finally:
+        process.stop()

@@ -1,0 +1,195 @@
+"""Rollouts at fleet scale: a controller process, a Mosquitto of the test's own and 50 simulated agents
+(slmops.controller.simulator) speaking the real protocol, on SQLite and on PostgreSQL."""
+
+import signal
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from controller_under_test import Controller, ControllerProcess
+from support import synthetic_bundle, wait_for
+
+from slmops.controller.protocol import RolloutRequest, RolloutView
+from slmops.controller.simulator import DeviceClass, FleetSimulator, Profile
+
+QUICK = {"download_s": 0.4, "activate_s": 0.2}
+"""Simulated devices that fetch and activate in well under a second."""
+THREE_CLASSES = [
+    DeviceClass(name="pi", share=2, cpu_model="Cortex-A76", memory="8GiB", tokens_per_s=40),
+    DeviceClass(name="jetson", cpu_model="Cortex-A78AE", memory="16GiB", providers=["cpu", "cuda"], tokens_per_s=90),
+    DeviceClass(name="nuc", cpu_model="Intel N100", memory="4GiB", tokens_per_s=60),
+]
+
+
+@dataclass
+class SimulatedFleet:
+    controller: Controller
+    process: ControllerProcess
+    broker_url: str
+    simulate: Callable[..., FleetSimulator]
+
+    def rollout(self, request: RolloutRequest, until: Callable[[RolloutView], bool], what: str) -> RolloutView:
+        created = self.controller.api.create_rollout(request)
+        return wait_for(lambda: until(r := self.controller.api.rollout(created.id)) and r, what, 90, poll_s=0.2)
+
+
+@pytest.fixture
+def sim_fleet(broker, signing_key, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[SimulatedFleet]:
+    """A controller (rollouts stepped every 0.3 s) on the test's broker with tiny 1.0.0, 2.0.0 and 3.0.0
+    pushed; `simulate(count, profile)` starts simulated devices serving tiny 1.0.0 and waits for them."""
+    from slmops.bundle import write_archive
+
+    broker_url = f"mqtt://127.0.0.1:{broker.port}"
+    args = ["--broker-url", broker_url, "-k", str(signing_key[1])]
+    if getattr(request, "param", "sqlite") == "postgresql":
+        args += ["--database-url", request.getfixturevalue("postgres_database")]
+    process = ControllerProcess(tmp_path / "controller", *args, rollout_tick_s="0.3").start()
+    controller = Controller(process.url, process.env["SLMOPS_TOKEN"])
+    for version in ("1.0.0", "2.0.0", "3.0.0"):
+        bundle = synthetic_bundle(tmp_path / version, signing_key[0], version=version, variants=("cpu-int4",))
+        controller.api.push(write_archive(bundle, tmp_path / f"{version}.tar"))
+    simulators: list[FleetSimulator] = []
+
+    def simulate(count: int, profile: Profile, prefix: str = "sim") -> FleetSimulator:
+        sim = FleetSimulator(broker_url, count, profile, prefix=prefix, serving="tiny:1.0.0")
+        simulators.append(sim)
+        sim.start()
+        online = lambda: sum(d.online and d.id.startswith(prefix) for d in controller.api.devices())  # noqa: E731
+        wait_for(lambda: online() == count, f"{count} simulated devices did not come online", 30, poll_s=0.2)
+        return sim
+
+    fleet = SimulatedFleet(controller, process, broker_url, simulate)
+    try:
+        yield fleet
+    finally:
+        for sim in simulators:
+            sim.stop()
+        fleet.controller.api.close()  # the test may have made a new one (a restarted controller)
+        process.stop()
+
+
+def waves_started(controller: Controller, rollout_id: int) -> list[int]:
+    return [e.detail["wave"] for e in controller.api.audit(10_000) if e.action == "rollout.wave"
+            and e.target == f"rollout/{rollout_id}"]  # fmt: skip
+
+
+@pytest.mark.parametrize("sim_fleet", ["sqlite", "postgresql"], indirect=True)
+def test_three_waves_over_fifty_devices_complete_and_the_first_covers_every_hardware_class(sim_fleet) -> None:
+    sim = sim_fleet.simulate(50, Profile(classes=THREE_CLASSES, **QUICK))
+    request = RolloutRequest(bundle="tiny", version="2.0.0", target="provider=cpu", waves="3,30%,100%",
+                             min_reported=2, soak_s=1)  # fmt: skip
+    done = sim_fleet.rollout(request, lambda r: r.status == "completed", "the rollout did not complete")
+
+    classes = {d.hardware_class for d in done.devices}
+    assert len(classes) == 3
+    assert {d.hardware_class for d in done.devices if d.wave == 1} == classes
+    assert Counter(d.wave for d in done.devices) == {1: 3, 2: 12, 3: 35}
+    assert {d.state for d in done.devices} == {"passed"}
+    assert sim.stats()["serving"] == {"tiny:2.0.0": 50}
+    assert sorted(waves_started(sim_fleet.controller, done.id)) == [1, 2, 3]
+
+
+@pytest.mark.parametrize("sim_fleet", ["sqlite", "postgresql"], indirect=True)
+def test_a_fifth_failing_activation_halts_in_the_first_wave_past_the_bound_and_rolls_back(sim_fleet) -> None:
+    profile = Profile(classes=THREE_CLASSES, bundles={"tiny:2.0.0": {"fail_activation": 0.2}}, **QUICK)
+    sim = sim_fleet.simulate(50, profile)
+    failing = {d for d in sim.devices if sim.fails(d, "tiny", "2.0.0")}
+    assert 4 <= len(failing) <= 16, "the seed deals about a fifth of the devices a failing smoke test"
+    request = RolloutRequest(bundle="tiny", version="2.0.0", target="provider=cpu", waves="5,20%,100%",
+                             max_failure="5%", min_reported=2, soak_s=1)  # fmt: skip
+    halted = sim_fleet.rollout(request, lambda r: r.status == "halted", "the rollout did not halt")
+
+    # 5 % of at most 10 devices is under one: the first failure in waves 1 and 2 trips it; wave 3 ends at
+    # about a fifth failed, past 5 %, so it trips there at the latest.
+    first_failing_wave = min(d.wave for d in halted.devices if d.device_id in failing)
+    assert halted.wave == min(first_failing_wave, 3), halted.reason
+    assert "past max_failure 5%" in halted.reason
+    started = [d for d in halted.devices if d.wave <= halted.wave]
+    assert {d.state for d in started} == {"rolled_back"}
+    assert {d.state for d in halted.devices if d.wave > halted.wave} <= {"pending"}
+    wait_for(lambda: sim.stats()["serving"] == {"tiny:1.0.0": 50}, "the switched devices did not return to 1.0.0")
+    for device in started:
+        assert sim_fleet.controller.device(device.device_id)["desired"]["version"] == "1.0.0"
+
+
+def test_a_tokens_per_s_gate_judges_each_device_against_its_own_figures(sim_fleet) -> None:
+    """2.0.0 runs at half the speed each device had: halted on the gate. 3.0.0 on the slow class runs at that
+    class's usual speed, far below the fast class's: it passes (a device is compared with itself)."""
+    classes = [DeviceClass(name="fast", tokens_per_s=80), DeviceClass(name="slow", cpu_model="Cortex-A53",
+                                                                     memory="2GiB", tokens_per_s=12)]  # fmt: skip
+    profile = Profile(classes=classes, bundles={"tiny:2.0.0": {"speed": 0.5}}, **QUICK)
+    sim = sim_fleet.simulate(20, profile)
+    wait_for(lambda: sim.stats()["records_acked"] >= 20 * 4, "no inference figures before the switch", 20)
+
+    gate = ["tokens_per_s>=0.8x"]
+    slower = RolloutRequest(bundle="tiny", version="2.0.0", target="provider=cpu", waves="4,100%", max_failure="0%",
+                            min_reported=2, soak_s=2, gates=gate)  # fmt: skip
+    halted = sim_fleet.rollout(slower, lambda r: r.status == "halted", "the slower bundle did not halt")
+    failed = [d for d in halted.devices if d.figures and d.figures["gates"]["tokens_per_s>=0.8x"]["held"] is False]
+    assert failed, [d.figures for d in halted.devices]
+    verdict = failed[0].figures["gates"]["tokens_per_s>=0.8x"]
+    assert verdict["value"] < verdict["limit"] and verdict["limit"] == pytest.approx(
+        0.8 * failed[0].figures["before"]["tokens_per_s"]
+    )
+    wait_for(lambda: sim.stats()["serving"] == {"tiny:1.0.0": 20}, "the devices did not return to 1.0.0")
+
+    slow_class = next(d.hardware_class for d in halted.devices if "Cortex-A53" in d.hardware_class)
+    slow = [d.device_id for d in halted.devices if d.hardware_class == slow_class]
+    for device_id in slow:
+        sim_fleet.controller.api.label(device_id, groups=["slow"])
+    usual = RolloutRequest(bundle="tiny", version="3.0.0", target="group=slow", waves="2,100%", max_failure="0%",
+                           min_reported=2, soak_s=2, gates=gate)  # fmt: skip
+    passed = sim_fleet.rollout(usual, lambda r: r.status in ("completed", "halted", "paused"), "3.0.0 did not finish")
+    assert passed.status == "completed", passed.reason
+    figures = [d.figures["during"]["tokens_per_s"] for d in passed.devices]
+    assert max(figures) < 0.8 * 80, "the slow class runs far below the fast class's figure, and passes"
+
+
+def test_too_few_reports_pause_the_rollout_as_inconclusive(sim_fleet) -> None:
+    sim_fleet.simulate(6, Profile(requests_per_window=0, **QUICK))  # serving, but nobody asks: no figures
+    request = RolloutRequest(bundle="tiny", version="2.0.0", target="provider=cpu", waves="3,100%", min_reported=2,
+                             soak_s=1, gates=["ttft_ms_p95<=800"])  # fmt: skip
+    paused = sim_fleet.rollout(request, lambda r: r.status != "active", "the rollout did not stop")
+    assert paused.status == "paused" and paused.wave == 1
+    assert paused.reason.startswith("inconclusive: wave 1 has 0 healthy device(s) with figures for every gate")
+    assert {d.state for d in paused.devices if d.wave == 2} == {"pending"}
+
+
+def test_offline_devices_catch_up_when_they_return_and_time_out_when_they_do_not(sim_fleet) -> None:
+    sim = sim_fleet.simulate(10, Profile(**QUICK))
+    away = ["sim-00001", "sim-00002", "sim-00003", "sim-00004"]
+    sim.set_online(away, False, crash=True)
+    controller = sim_fleet.controller
+    wait_for(lambda: not any(controller.device(d)["online"] for d in away), "the broker did not publish the wills")
+    request = RolloutRequest(bundle="tiny", version="2.0.0", target="provider=cpu", waves="100%", max_failure="50%",
+                             min_reported=2, soak_s=1, device_timeout_s=12)  # fmt: skip
+    created = controller.api.create_rollout(request)
+    wait_for(lambda: {d.device_id for d in controller.api.rollout(created.id).devices if d.state == "unreached"}
+             == set(away), "the offline devices are not unreached", 15)  # fmt: skip
+    sim.set_online(away[:2], True)
+    done = wait_for(lambda: (r := controller.api.rollout(created.id)).status != "active" and r, "no end", 60)
+    states = {d.device_id: d.state for d in done.devices}
+    assert done.status == "completed", done.reason
+    assert [states[d] for d in away] == ["passed", "passed", "timed_out", "timed_out"]
+    assert Counter(states.values()) == {"passed": 8, "timed_out": 2}
+
+
+def test_a_controller_killed_mid_wave_resumes_and_no_wave_is_started_twice(sim_fleet) -> None:
+    sim = sim_fleet.simulate(30, Profile(download_s=3, activate_s=0.5))
+    controller, process = sim_fleet.controller, sim_fleet.process
+    request = RolloutRequest(bundle="tiny", version="2.0.0", target="provider=cpu", waves="3,50%,100%",
+                             min_reported=2, soak_s=1)  # fmt: skip
+    created = controller.api.create_rollout(request)
+    wait_for(lambda: controller.api.rollout(created.id).wave == 2, "wave 2 did not start", 60)
+    process.stop(signal.SIGKILL)
+    process.start()
+    controller.api.close()
+    sim_fleet.controller = controller = Controller(process.url, process.env["SLMOPS_TOKEN"])
+    done = wait_for(lambda: (r := controller.api.rollout(created.id)).status == "completed" and r, "no resume", 90)
+    assert {d.state for d in done.devices} == {"passed"}
+    assert sorted(waves_started(controller, created.id)) == [1, 2, 3]
+    told = Counter(e.target for e in controller.api.audit(10_000) if e.action == "device.desired")
+    assert set(told.values()) == {1} and len(told) == 30, "every device is told the bundle once"
+    assert sim.stats()["serving"] == {"tiny:2.0.0": 30}

@@ -39,7 +39,7 @@ def create_app(
     app.state.tokens, app.state.bridge, app.state.broker = tokens, bridge, broker
     app.state.control = FleetControl(fleet, bridge, broker)
     app.state.rollouts = Rollouts(registry.engine, registry, app.state.control)
-    app.state.metrics = metrics.registry(registry.engine)
+    app.state.metrics = metrics.registry(registry.engine, bridge, app.state)
     for router in (bundles.router, devices.router, desired.router, rollouts.router, store.router, service.router):
         app.include_router(router)
     install_errors(app, "controller")

@@ -25,6 +25,7 @@ import logging
 import secrets
 import threading
 import uuid
+from collections import Counter
 from collections.abc import Sequence
 from typing import Literal
 
@@ -93,6 +94,8 @@ class MqttBridge:
         self.fleet, self.shared_subscriptions = fleet, shared_subscriptions
         self.connected = False
         self.unhandled = 0
+        self.received: Counter[str] = Counter()
+        """Messages received by kind (birth, state, telemetry, reported, cmd_reply, request)."""
         self.recorder = Recorder(
             fleet, self._acknowledge_telemetry, lambda device, desired: self.publish_desired(desired, [device])
         )
@@ -205,6 +208,7 @@ class MqttBridge:
             if message.topic.startswith(f"{PREFIX}/bundles/"):
                 digest, device_id = parse_request_topic(message.topic)
                 sender = f"device {device_id}"
+                self.received["chunk_request"] += 1
                 request = parse(ChunkRequest, message.payload, message.topic)
                 if self.chunks is None:
                     raise MessageInvalid("this controller serves no bundle files over MQTT")
@@ -217,6 +221,7 @@ class MqttBridge:
                 return
             device_id, kind = parse_topic(message.topic)
             sender = f"device {device_id}"
+            self.received[kind] += 1
             if not message.payload:
                 return  # a cleared retained message
             if kind == "birth":

@@ -1,20 +1,33 @@
-"""The controller's Prometheus figures, read from the database at each scrape (GET /metrics), so
-every replica shows the same state and nothing is counted twice:
+"""The controller's Prometheus figures (GET /metrics).
+
+The fleet's, read from the database at each scrape, so every replica shows the same state and
+nothing is counted twice:
 
     slmops_controller_devices{online}                 devices known, online or not
     slmops_controller_rollouts{status}                rollouts by status
     slmops_controller_rollout_devices{rollout,state}  devices of each rollout under way, by state
     slmops_controller_gate_verdicts{verdict}          judged devices of rollouts under way: passed, failed, unjudged
+
+This replica's own (its share of the MQTT traffic, its recorder, the lease):
+
+    slmops_controller_messages_received_total{kind}   messages from devices, by kind (rate() gives message rates)
+    slmops_controller_messages_dropped_total          malformed, failing, or refused by the database
+    slmops_controller_recorded_total                  messages written to the database
+    slmops_controller_recorder_queue                  messages waiting for the recorder
+    slmops_controller_recorder_lag_seconds{quantile}  receipt to commit, over the last 20,000 messages
+    slmops_controller_rollout_lease_held              1 when this replica decides rollouts
 """
 
 from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
+from .bridge import MqttBridge
 from .db import DeviceRow, RolloutDeviceRow, RolloutRow
 from .rollouts import OWNING
 
@@ -60,7 +73,42 @@ class FleetFigures(Collector):
         yield from (devices, rollouts, members, verdicts)
 
 
-def registry(engine: Engine) -> CollectorRegistry:
+class ReplicaFigures(Collector):
+    """This process's link and lease; `state` is the app's state (the lease appears when the app starts)."""
+
+    def __init__(self, bridge: MqttBridge | None, state: Any) -> None:
+        self.bridge, self.state = bridge, state
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        lease = getattr(self.state, "lease", None)
+        held = GaugeMetricFamily("slmops_controller_rollout_lease_held", "1 when this replica decides rollouts")
+        held.add_metric([], int(lease is not None and lease.epoch is not None))
+        yield held
+        if self.bridge is None:
+            return
+        received = CounterMetricFamily(
+            "slmops_controller_messages_received", "MQTT messages from devices, by kind", labels=["kind"]
+        )
+        for kind, count in sorted(self.bridge.received.items()):
+            received.add_metric([kind], count)
+        dropped = CounterMetricFamily("slmops_controller_messages_dropped", "Messages dropped: malformed or failing")
+        dropped.add_metric([], self.bridge.dropped)
+        recorder = self.bridge.recorder
+        recorded = CounterMetricFamily("slmops_controller_recorded", "Messages written to the database")
+        recorded.add_metric([], recorder.recorded)
+        queued = GaugeMetricFamily("slmops_controller_recorder_queue", "Messages waiting for the recorder")
+        queued.add_metric([], recorder.queued)
+        lag = GaugeMetricFamily(
+            "slmops_controller_recorder_lag_seconds", "Receipt to commit, recent messages", labels=["quantile"]
+        )
+        for quantile in (0.5, 0.99):
+            if (value := recorder.lag_s(quantile)) is not None:
+                lag.add_metric([str(quantile)], value)
+        yield from (received, dropped, recorded, queued, lag)
+
+
+def registry(engine: Engine, bridge: MqttBridge | None, state: Any) -> CollectorRegistry:
     figures = CollectorRegistry()
     figures.register(FleetFigures(engine))
+    figures.register(ReplicaFigures(bridge, state))
     return figures

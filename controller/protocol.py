@@ -182,6 +182,15 @@ class BrokerHealth(BaseModel):
     restarts: int
 
 
+class LeaseHealth(BaseModel):
+    """This replica and the rollout lease (controller/lease.py)."""
+
+    replica: str
+    held: bool
+    """Whether this replica decides rollouts now."""
+    epoch: int | None
+
+
 class ControllerHealth(BaseModel):
     status: str = "ok"
     mqtt: str
@@ -191,6 +200,8 @@ class ControllerHealth(BaseModel):
     dropped_messages: int
     chunks_sent: int
     embedded_broker: BrokerHealth | None
+    rollout_lease: LeaseHealth | None = None
+    """None before the controller's rollout timer started."""
     threads: dict[str, dict[str, Any]]
 
 

@@ -13,6 +13,9 @@ stop(): what is queued is written first
 
 import logging
 import queue
+import statistics
+import time
+from collections import deque
 from collections.abc import Callable
 
 from slmops.messages import DesiredState, TelemetryBatch
@@ -25,8 +28,10 @@ log = logging.getLogger(__name__)
 BATCH_MESSAGES = 500
 QUEUED_MESSAGES = 10_000
 
-Received = tuple[str, Inbound]
-"""device id, what it sent"""
+Received = tuple[str, Inbound, float]
+"""device id, what it sent, when it was received (monotonic)"""
+LAG_WINDOW = 20_000
+"""Messages whose lag (received → committed) the recorder keeps for its percentiles."""
 
 
 class Recorder:
@@ -39,6 +44,9 @@ class Recorder:
         """`reassert`: a device that drifted from its desired state is sent it again."""
         self.fleet, self.acknowledge, self.reassert = fleet, acknowledge, reassert
         self.failed = 0
+        self.recorded = 0
+        self.lags: deque[float] = deque(maxlen=LAG_WINDOW)
+        """Seconds from receipt to commit of the last LAG_WINDOW messages recorded."""
         self._queue: queue.Queue[Received | None] = queue.Queue(maxsize=QUEUED_MESSAGES)
         self.thread = Supervised("slmops-recorder", self._run)
 
@@ -50,7 +58,18 @@ class Recorder:
         self.thread.join(timeout=30)
 
     def put(self, device_id: str, message: Inbound) -> None:
-        self._queue.put((device_id, message))
+        self._queue.put((device_id, message, time.monotonic()))
+
+    @property
+    def queued(self) -> int:
+        return self._queue.qsize()
+
+    def lag_s(self, quantile: float) -> float | None:
+        """A quantile of the recent messages' lag from receipt to commit; None before any."""
+        lags = list(self.lags)
+        if len(lags) < 2:
+            return lags[0] if lags else None
+        return statistics.quantiles(lags, n=100, method="inclusive")[round(quantile * 100) - 1]
 
     def _run(self) -> None:
         while (first := self._queue.get()) is not None:
@@ -70,17 +89,20 @@ class Recorder:
 
     def _write(self, batch: list[Received]) -> None:
         try:
-            drifted = self.fleet.record(batch)
+            drifted = self.fleet.record([(device_id, message) for device_id, message, _ in batch])
         except Exception:  # a database hiccup or a message it refuses: find which, keep the rest
             if len(batch) > 1:
                 for received in batch:
                     self._write([received])
                 return
             self.failed += 1
-            device_id, message = batch[0]
+            device_id, message, _ = batch[0]
             log.exception("could not record a %s from device %s", type(message).__name__, device_id)
             return
-        for device_id, message in batch:
+        committed = time.monotonic()
+        self.recorded += len(batch)
+        self.lags.extend(committed - received for _, _, received in batch)
+        for device_id, message, _ in batch:
             if isinstance(message, TelemetryBatch):
                 self.acknowledge(device_id, max(r.seq for r in message.records))
         for device_id, desired in drifted:

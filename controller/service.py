@@ -68,7 +68,7 @@ def build_app(config: ControllerConfig) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         lease = Lease(engine, "rollouts", config.replica, config.rollout_lease_s)
         timer = RolloutTimer(app.state.rollouts, lease, config.rollout_tick_s)
-        app.state.lease = lease
+        app.state.lease, app.state.rollout_timer = lease, timer
         try:  # a start that fails (the broker's port taken) still gives the database's connections back
             if broker is not None:
                 await run_in_threadpool(broker.start)

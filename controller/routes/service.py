@@ -7,7 +7,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from slmops.http import error_responses
 
-from ..protocol import AuditEntry, BrokerHealth, ControllerHealth
+from ..protocol import AuditEntry, BrokerHealth, ControllerHealth, LeaseHealth
 from . import Admin, Limit, Reader, RegistryOf
 
 router = APIRouter(tags=["controller"], responses=error_responses(400, 401, 403, 404, 500))
@@ -16,13 +16,20 @@ router = APIRouter(tags=["controller"], responses=error_responses(400, 401, 403,
 @router.get("/health")
 async def health(request: Request) -> ControllerHealth:
     bridge, broker = request.app.state.bridge, request.app.state.broker
+    lease = getattr(request.app.state, "lease", None)
+    threads = [] if bridge is None else list(bridge.threads)
+    if (timer := getattr(request.app.state, "rollout_timer", None)) is not None:
+        threads.append(timer.thread)
     return ControllerHealth(
         mqtt="off" if bridge is None else "connected" if bridge.connected else "disconnected",
         mqtt_refused=(bridge.client.refused or None) if bridge else None,
         dropped_messages=bridge.dropped if bridge else 0,
         chunks_sent=bridge.chunks_sent if bridge else 0,
         embedded_broker=None if broker is None else BrokerHealth(running=broker.running, restarts=broker.restarts),
-        threads={} if bridge is None else {thread.name: thread.status() for thread in bridge.threads},
+        rollout_lease=None
+        if lease is None
+        else LeaseHealth(replica=lease.holder, held=lease.epoch is not None, epoch=lease.epoch),
+        threads={thread.name: thread.status() for thread in threads},
     )
 
 

@@ -267,7 +267,10 @@ def test_a_rollout_over_the_api_is_moved_by_the_controllers_timer(controller_con
         report(state.fleet, new, rest, "healthy")
         done = wait_for(lambda: (v := view())["status"] == "completed" and v, "the rollout completes")
         assert done["states"] == {"passed": 4}
-        assert 'slmops_controller_rollouts{status="completed"} 1.0' in client.get("/metrics", headers=READER).text
+        figures = client.get("/metrics", headers=READER).text
+        assert 'slmops_controller_rollouts{status="completed"} 1.0' in figures
+        assert "slmops_controller_rollout_lease_held 1.0" in figures, "the only replica decides"
+        assert client.get("/health").json()["rollout_lease"] == {"replica": config.replica, "held": True, "epoch": 1}
         listed = client.get("/v1/rollouts", headers=READER).json()
         assert [r["id"] for r in listed] == [rollout["id"]] and listed[0]["devices"] == []
         refused = client.post(f"/v1/rollouts/{rollout['id']}/pause", headers=ADMIN)
@@ -422,3 +425,22 @@ def test_devices_a_restart_left_untold_are_told_at_the_next_step(world) -> None:
     control.desire(["dev-b"], bundles["2.0.0"], OPERATOR)
     rollouts.advance(T0 + timedelta(seconds=4))
     assert fleet.device("dev-b").desired["version"] == "2.0.0"
+
+
+def test_a_decision_under_a_lost_lease_is_neither_kept_nor_told(world) -> None:
+    from slmops.controller.lease import LeaseLost
+
+    fleet, control, rollouts, bundles = world
+    join(fleet, control, bundles, ["dev-a"])
+    rollout = rollouts.create(spec(waves="100%", min_reported=1, soak_s=0), OPERATOR)
+
+    def lost(_session) -> None:
+        raise LeaseLost("replica-a no longer holds the rollouts lease (epoch 1)")
+
+    with pytest.raises(LeaseLost):
+        rollouts.advance(T0, fence=lost)
+    assert rollouts.get(rollout.id).wave == 0
+    assert set(states(rollouts, rollout.id).values()) == {"pending"}
+    assert fleet.device("dev-a").desired["version"] == "1.0.0"
+    rollouts.advance(T0, fence=lambda _session: None)
+    assert rollouts.get(rollout.id).wave == 1

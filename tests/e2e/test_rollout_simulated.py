@@ -193,3 +193,72 @@ def test_a_controller_killed_mid_wave_resumes_and_no_wave_is_started_twice(sim_f
     told = Counter(e.target for e in controller.api.audit(10_000) if e.action == "device.desired")
     assert set(told.values()) == {1} and len(told) == 30, "every device is told the bundle once"
     assert sim.stats()["serving"] == {"tiny:2.0.0": 30}
+
+
+def test_two_replicas_split_the_fleet_decide_each_wave_once_and_the_survivor_takes_over(
+    broker, signing_key, tmp_path: Path, postgres_database: str
+) -> None:
+    """Two controllers on one PostgreSQL and one store folder (a shared file system, as S3 would be),
+    with shared subscriptions on Mosquitto; the lease holder is killed mid-rollout."""
+    import time
+
+    from slmops.bundle import write_archive
+
+    lease_s = 3.0
+    args = ["--broker-url", f"mqtt://127.0.0.1:{broker.port}", "-k", str(signing_key[1]), "--database-url",
+            postgres_database]  # fmt: skip
+    settings = {"rollout_tick_s": "0.3", "rollout_lease_s": str(lease_s)}
+    replicas = [ControllerProcess(tmp_path / "shared", *args, **settings).start() for _ in range(2)]
+    controllers = [Controller(r.url, r.env["SLMOPS_TOKEN"]) for r in replicas]
+    sim = None
+    try:
+        for version in ("1.0.0", "2.0.0"):
+            bundle = synthetic_bundle(tmp_path / version, signing_key[0], version=version, variants=("cpu-int4",))
+            controllers[0].api.push(write_archive(bundle, tmp_path / f"{version}.tar"))
+        sim = FleetSimulator(f"mqtt://127.0.0.1:{broker.port}", 30, Profile(download_s=2, activate_s=0.3),
+                             serving="tiny:1.0.0")  # fmt: skip
+        sim.start()
+        wait_for(lambda: sum(d.online for d in controllers[1].api.devices()) == 30, "the devices did not join", 30)
+
+        def holders() -> list[bool]:
+            return [c.api.health().rollout_lease.held for c in controllers]
+
+        held = wait_for(lambda: (h := holders()).count(True) == 1 and h, "not exactly one replica holds the lease")
+        holder, survivor = (0, 1) if held[0] else (1, 0)
+        wait_for(lambda: sim.stats()["records_acked"] >= 30 * 6, "telemetry is not acknowledged", 20)
+        for controller in controllers:  # the shared subscription gives each replica a share of the telemetry
+            received = [
+                line for line in httpx_get_metrics(controller) if 'messages_received_total{kind="telemetry"}' in line
+            ]
+            assert received and float(received[0].split()[-1]) > 0, controller.url
+
+        request = RolloutRequest(bundle="tiny", version="2.0.0", target="provider=cpu", waves="3,50%,100%",
+                                 min_reported=2, soak_s=1)  # fmt: skip
+        created = controllers[survivor].api.create_rollout(request)
+        wait_for(lambda: controllers[survivor].api.rollout(created.id).wave == 2, "wave 2 did not start", 60)
+        replicas[holder].stop(signal.SIGKILL)
+        killed = time.monotonic()
+        wait_for(lambda: controllers[survivor].api.health().rollout_lease.held, "the survivor did not take over", 30)
+        takeover_s = time.monotonic() - killed
+        assert takeover_s < lease_s + 5, f"took over after {takeover_s:.1f} s"
+        done = wait_for(lambda: (r := controllers[survivor].api.rollout(created.id)).status == "completed" and r,
+                        "the rollout did not finish", 90)  # fmt: skip
+        assert {d.state for d in done.devices} == {"passed"}
+        assert sorted(waves_started(controllers[survivor], created.id)) == [1, 2, 3]
+        told = Counter(e.target for e in controllers[survivor].api.audit(10_000) if e.action == "device.desired")
+        assert set(told.values()) == {1} and len(told) == 30, "every device is told the bundle once"
+        assert sim.stats()["serving"] == {"tiny:2.0.0": 30}
+    finally:
+        if sim is not None:
+            sim.stop()
+        for controller, replica in zip(controllers, replicas, strict=True):
+            controller.api.close()
+            replica.stop()
+
+
+def metric(controller: Controller, series: str) -> float | None:
+    """A series' value in the controller's /metrics, or None when it has none."""
+    import httpx
+
+    response = httpx.get(f"{controller.url}/metrics", headers={"Authorization": f"Bearer {controller.token}"})
+    return next((float(line.split()[-1]) for line in response.text.splitlines() if line.startswith(series)), None)

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, select, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -43,10 +43,24 @@ class Fleet:
         state again.
         """
         drifted: list[tuple[str, DesiredState]] = []
+        telemetry: list[dict[str, Any]] = []
+        now = datetime.now(UTC)
         with Session(self.engine) as session, session.begin():
+            # Telemetry, nearly all of the traffic, needs no device object: its devices' last_seen is one
+            # UPDATE and its records one INSERT. Devices are loaded for what changes them.
+            ids = {device_id for device_id, _ in messages}
+            changing = {device_id for device_id, m in messages if not isinstance(m, TelemetryBatch)}
+            known = set(session.scalars(select(DeviceRow.id).where(DeviceRow.id.in_(ids))))
+            devices = {d.id: d for d in session.scalars(select(DeviceRow).where(DeviceRow.id.in_(changing & known)))}
+            for device_id in sorted(ids - known):
+                devices[device_id] = DeviceRow(id=device_id, tags={}, groups=[], profile={}, last_seen=now)
+                session.add(devices[device_id])
             for device_id, message in messages:
-                device = session.get(DeviceRow, device_id) or DeviceRow(id=device_id, tags={}, groups=[], profile={})
-                device.last_seen = datetime.now(UTC)
+                if isinstance(message, TelemetryBatch):
+                    telemetry += _telemetry_rows(device_id, message, now)
+                    continue
+                device = devices[device_id]
+                device.last_seen = now
                 if isinstance(message, Birth):
                     device.profile = message.profile.model_dump(mode="json")
                     device.agent_version, device.online = message.agent_version, True
@@ -59,15 +73,17 @@ class Fleet:
                     if message.online and (desired := _drift(device)) is not None:
                         drifted.append((device_id, desired))
                         audit.record(session, CONTROLLER, "device.drift", device_id, drift_detail(device) or {})
-                elif isinstance(message, Reported):
+                else:
                     wanted = (device.desired or {}).get("digest")
                     if message.status == "rolled_back" or wanted in (None, message.digest):
                         device.reported = message.model_dump(mode="json", exclude={"schema_version"})
-                else:
-                    insert = sqlite_insert if self.engine.dialect.name == "sqlite" else postgresql_insert
-                    session.execute(insert(TelemetryRow).on_conflict_do_nothing(), _telemetry_rows(device_id, message))
-                session.add(device)
-                session.flush()  # the next message of this device finds the row
+            session.flush()  # new devices first: telemetry rows refer to them
+            if telemetry:
+                reporting = {row["device_id"] for row in telemetry} - changing
+                seen = update(DeviceRow).where(DeviceRow.id.in_(reporting)).values(last_seen=now)
+                session.execute(seen, execution_options={"synchronize_session": False})
+                insert = sqlite_insert if self.engine.dialect.name == "sqlite" else postgresql_insert
+                session.connection().execute(insert(TelemetryRow).on_conflict_do_nothing(), telemetry)
         return drifted
 
     def set_desired(self, device_ids: Sequence[str], bundle: BundleRow, actor: Actor) -> tuple[DesiredState, list[str]]:
@@ -77,8 +93,9 @@ class Fleet:
         desired = DesiredState(bundle=bundle.name, version=bundle.version, digest=bundle.digest)
         fetching = []
         with Session(self.engine) as session, session.begin():
+            found = {d.id: d for d in session.scalars(select(DeviceRow).where(DeviceRow.id.in_(set(device_ids))))}
             for device_id in device_ids:
-                device = session.get(DeviceRow, device_id)
+                device = found.get(device_id)
                 if device is None:
                     raise NotFound(f"no device {device_id!r} has reported to this controller")
                 device.desired = desired.model_dump(mode="json", exclude={"schema_version", "sent_at"})
@@ -166,8 +183,7 @@ def _drift(device: DeviceRow) -> DesiredState | None:
     return None if drift_detail(device) is None else DesiredState.model_validate(device.desired)
 
 
-def _telemetry_rows(device_id: str, batch: TelemetryBatch) -> list[dict[str, Any]]:
-    received_at = datetime.now(UTC)
+def _telemetry_rows(device_id: str, batch: TelemetryBatch, received_at: datetime) -> list[dict[str, Any]]:
     return [
         {
             "device_id": device_id,

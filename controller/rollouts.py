@@ -130,9 +130,13 @@ class Rollouts:
             plan = plan_waves(classes, parsed.waves, salt=f"rollout/{rollout.id}")
             rollout.wave_count = len(plan)
             by_id = {d.id: d for d in devices}
+            registered = self._registered(session, devices)
             for wave, device_ids in enumerate(plan, start=1):
                 for device_id in device_ids:
-                    previous = by_id[device_id].desired or self._serving_bundle(session, by_id[device_id])
+                    serving = by_id[device_id].serving or {}
+                    previous = by_id[device_id].desired or registered.get(
+                        (serving.get("bundle"), serving.get("version"))
+                    )
                     session.add(
                         RolloutDeviceRow(
                             rollout_id=rollout.id,
@@ -386,15 +390,17 @@ class Rollouts:
         return rollout
 
     @staticmethod
-    def _serving_bundle(session: Session, device: DeviceRow) -> dict[str, Any] | None:
-        """What a device with no desired state serves, as a desired state, if the registry has it."""
-        serving = device.serving or {}
-        row = session.scalar(
-            select(BundleRow).where(
-                BundleRow.name == serving.get("bundle"), BundleRow.version == serving.get("version")
-            )
-        )
-        return None if row is None else {"bundle": row.name, "version": row.version, "digest": row.digest}
+    def _registered(session: Session, devices: Sequence[DeviceRow]) -> dict[tuple[Any, Any], dict[str, Any]]:
+        """(name, version) → that bundle as a desired state, for what the devices without a desired state
+        serve and the registry has (a device's previous bundle, to roll back to)."""
+        served = {((d.serving or {}).get("bundle"), (d.serving or {}).get("version")) for d in devices if not d.desired}
+        names = {name for name, _ in served if name}
+        rows: Sequence[BundleRow] = session.scalars(select(BundleRow).where(BundleRow.name.in_(names))).all()
+        return {
+            (row.name, row.version): {"bundle": row.name, "version": row.version, "digest": row.digest}
+            for row in rows
+            if (row.name, row.version) in served
+        }
 
 
 class RolloutTimer:

@@ -576,8 +576,13 @@ class FleetSimulator:
                 point -= weight
             fetches = _unit(seed, device_id, "fetch") < fetch_share
             self.devices[device_id] = SimulatedDevice(self, device_id, hw, fetches)
+        self.sampling = True
+        """Whether devices take telemetry samples (a benchmark stops them to drain what is queued)."""
         self.loop = asyncio.new_event_loop()
-        self._by_socket: dict[int, mqtt.Client] = {}
+        self._unwritten: set[mqtt.Client] = set()
+        self._writing: set[mqtt.Client] = set()
+        """Clients with a writer registered: their socket's buffer was full."""
+        self._flushing = False
         self._stopping: asyncio.Event | None = None
         self._thread: threading.Thread | None = None
 
@@ -592,21 +597,39 @@ class FleetSimulator:
     def socket_opened(self, client: mqtt.Client, _u: object, sock: Any) -> None:
         if isinstance(sock, socket.socket):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._by_socket[sock.fileno()] = client
         self.loop.add_reader(sock, client.loop_read, 16)
 
-    def socket_closed(self, _client: mqtt.Client, _u: object, sock: Any) -> None:
+    def socket_closed(self, client: mqtt.Client, _u: object, sock: Any) -> None:
+        self._writing.discard(client)
         try:
             self.loop.remove_reader(sock)
             self.loop.remove_writer(sock)
         except (ValueError, OSError):  # already closed by a simulated crash
             pass
 
-    def want_write(self, client: mqtt.Client, _u: object, sock: Any) -> None:
-        self.loop.add_writer(sock, client.loop_write)
+    def want_write(self, client: mqtt.Client, _u: object, _sock: Any) -> None:
+        """paho has packets to send: written together, once this turn of the loop is done. Only a socket
+        whose buffer is full gets a writer registered (an epoll change for every packet cost more than
+        the packet)."""
+        self._unwritten.add(client)
+        if not self._flushing:
+            self._flushing = True
+            self.loop.call_soon(self._flush)
 
-    def wrote(self, _client: mqtt.Client, _u: object, sock: Any) -> None:
-        self.loop.remove_writer(sock)
+    def _flush(self) -> None:
+        self._flushing = False
+        clients, self._unwritten = self._unwritten, set()
+        for client in clients:
+            client.loop_write()
+            if client.want_write() and (sock := client.socket()) is not None:
+                self.loop.add_writer(sock, client.loop_write)
+                self._writing.add(client)
+
+    def wrote(self, client: mqtt.Client, _u: object, sock: Any) -> None:
+        if client in self._writing:
+            self._writing.discard(client)
+            with contextlib.suppress(ValueError, OSError):  # a closed socket
+                self.loop.remove_writer(sock)
 
     # --- running -------------------------------------------------------------------------------
 
@@ -653,7 +676,7 @@ class FleetSimulator:
             started = time.monotonic()
             for part in range(slices):
                 for device in devices[part::slices]:
-                    if device.online_wanted:
+                    if device.online_wanted and self.sampling:
                         device.sample()
                 await asyncio.sleep(max(0.0, started + interval * (part + 1) / slices - time.monotonic()))
 

@@ -4,16 +4,13 @@ SLMOPS_HOME points into the checkout (.slmops-test-home, git-ignored) so tests n
 touch the user's folder, and materialized models are reused between local runs.
 """
 
-import glob
 import os
 import shutil
-import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import Mosquitto, free_port
+from support import Mosquitto, create_database, postgres_server
 
 REPO = Path(__file__).resolve().parent.parent
 TEST_HOME = REPO / ".slmops-test-home"
@@ -175,49 +172,14 @@ def publisher(mosquitto: int):
 # never the system's instance.
 
 
-def postgres_bin() -> Path:
-    found = shutil.which("initdb") or next(iter(sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))[::-1]), None)
-    if found is None:
-        raise RuntimeError("PostgreSQL server binaries (initdb, pg_ctl) are missing: `make test` installs postgresql")
-    return Path(found).parent
-
-
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[str]:
     """A running PostgreSQL server of our own; yields its base URL (no database name)."""
-    # Not under pytest's tmp folder: as root, the server runs as `postgres` (initdb refuses
-    # root), which cannot enter root's 0700 pytest folders.
-    bin_dir, root = postgres_bin(), Path(tempfile.mkdtemp(prefix="slmops-postgres-"))
-    data, port = root / "data", free_port()
-    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-    if as_postgres:
-        shutil.chown(root, "postgres")
-    subprocess.run(
-        [*as_postgres, bin_dir / "initdb", "-D", data, "-U", "slmops", "--auth=trust", "-E", "UTF8"],
-        check=True,
-        capture_output=True,
-    )
-    options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off"
-    subprocess.run(
-        [*as_postgres, bin_dir / "pg_ctl", "-D", data, "-o", options, "-l", root / "log", "-w", "start"],
-        check=True,
-        capture_output=True,
-    )
-    try:
-        yield f"postgresql+psycopg://slmops@127.0.0.1:{port}"
-    finally:
-        subprocess.run([*as_postgres, bin_dir / "pg_ctl", "-D", data, "-m", "immediate", "stop"], capture_output=True)
-        shutil.rmtree(root, ignore_errors=True)
+    with postgres_server() as url:
+        yield url
 
 
 @pytest.fixture
 def postgres_database(postgres: str) -> str:
     """A fresh, empty database on the test PostgreSQL server; its SQLAlchemy URL."""
-    import uuid
-
-    import psycopg
-
-    name = f"test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(postgres.replace("postgresql+psycopg", "postgresql") + "/postgres", autocommit=True) as c:
-        c.execute(f"CREATE DATABASE {name}")
-    return f"{postgres}/{name}"
+    return create_database(postgres)

@@ -8,7 +8,8 @@ import shutil
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -128,7 +129,7 @@ class Mosquitto:
         import getpass
 
         self.port = free_port()
-        self.conf = folder / "mosquitto.conf"
+        self.conf, self.log = folder / "mosquitto.conf", folder / "mosquitto.log"
         self.conf.write_text(
             # as root, mosquitto would switch to its own user, which cannot read pytest's 0700 folders
             f"user {getpass.getuser()}\nlistener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
@@ -143,9 +144,10 @@ class Mosquitto:
         import time
 
         binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-        self.process = subprocess.Popen(
-            [binary, "-c", str(self.conf)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
+        # Its log to a file: a pipe nobody reads fills after a few hundred connections, and Mosquitto
+        # then blocks on its next log line, serving nobody.
+        with self.log.open("a") as log:
+            self.process = subprocess.Popen([binary, "-c", str(self.conf)], stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 10
         while True:
             try:
@@ -153,12 +155,66 @@ class Mosquitto:
                 return
             except OSError:
                 if self.process.poll() is not None or time.monotonic() > deadline:
-                    output, _ = self.process.communicate(timeout=10)
-                    raise AssertionError(f"mosquitto did not start: {output}") from None
+                    self.stop()
+                    raise AssertionError(f"mosquitto did not start: {self.log.read_text()[-2000:]}") from None
                 time.sleep(0.05)
 
     def stop(self) -> None:
         if self.process is not None:
             self.process.terminate()
-            self.process.communicate(timeout=10)
+            self.process.wait(timeout=10)
             self.process = None
+
+
+def postgres_bin() -> Path:
+    import glob
+
+    found = shutil.which("initdb") or next(iter(sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))[::-1]), None)
+    if found is None:
+        raise RuntimeError("PostgreSQL server binaries (initdb, pg_ctl) are missing: `make test` installs postgresql")
+    return Path(found).parent
+
+
+@contextmanager
+def postgres_server() -> "Iterator[str]":
+    """This machine's PostgreSQL binaries on a free port with a data folder of our own (initdb), never the
+    system's instance; yields its base URL (no database name)."""
+    import os
+    import subprocess
+    import tempfile
+
+    # Not under pytest's tmp folder: as root, the server runs as `postgres` (initdb refuses
+    # root), which cannot enter root's 0700 pytest folders.
+    bin_dir, root = postgres_bin(), Path(tempfile.mkdtemp(prefix="slmops-postgres-"))
+    data, port = root / "data", free_port()
+    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    if as_postgres:
+        shutil.chown(root, "postgres")
+    subprocess.run(
+        [*as_postgres, bin_dir / "initdb", "-D", data, "-U", "slmops", "--auth=trust", "-E", "UTF8"],
+        check=True,
+        capture_output=True,
+    )
+    options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
+    subprocess.run(
+        [*as_postgres, bin_dir / "pg_ctl", "-D", data, "-o", options, "-l", root / "log", "-w", "start"],
+        check=True,
+        capture_output=True,
+    )
+    try:
+        yield f"postgresql+psycopg://slmops@127.0.0.1:{port}"
+    finally:
+        subprocess.run([*as_postgres, bin_dir / "pg_ctl", "-D", data, "-m", "immediate", "stop"], capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def create_database(server_url: str) -> str:
+    """A fresh, empty database on a PostgreSQL server of `postgres_server`; its SQLAlchemy URL."""
+    import uuid
+
+    import psycopg
+
+    name = f"test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(server_url.replace("postgresql+psycopg", "postgresql") + "/postgres", autocommit=True) as c:
+        c.execute(f"CREATE DATABASE {name}")
+    return f"{server_url}/{name}"

@@ -37,7 +37,8 @@ class Fleet:
         device never born yet registers it without one. Telemetry records stored before (the
         same device and sequence number) are skipped. A report on another bundle than the one
         desired (an attempt superseded since) is not kept as the device's report, except a
-        rollback, which the operator asked for. A device that reached its desired state (reported
+        rollback, which the operator asked for; nor is a report sent before the one stored (_stale).
+        A device that reached its desired state (reported
         healthy) and now serves something else has drifted (someone loaded another bundle on it,
         or a broker let a forged desired state through): it is audited, and told its desired
         state again.
@@ -50,7 +51,10 @@ class Fleet:
             # UPDATE and its records one INSERT. Devices are loaded for what changes them.
             ids = {device_id for device_id, _ in messages}
             changing = {device_id for device_id, m in messages if not isinstance(m, TelemetryBatch)}
-            known = set(session.scalars(select(DeviceRow.id).where(DeviceRow.id.in_(ids))))
+            # Locked, in one order, until the commit: another replica recording the same devices waits, then
+            # reads what this one wrote (its reports stay in the order the device sent them).
+            locked = select(DeviceRow.id).where(DeviceRow.id.in_(ids)).order_by(DeviceRow.id).with_for_update()
+            known = set(session.scalars(locked))
             devices = {d.id: d for d in session.scalars(select(DeviceRow).where(DeviceRow.id.in_(changing & known)))}
             for device_id in sorted(ids - known):
                 devices[device_id] = DeviceRow(id=device_id, tags={}, groups=[], profile={}, last_seen=now)
@@ -75,7 +79,9 @@ class Fleet:
                         audit.record(session, CONTROLLER, "device.drift", device_id, drift_detail(device) or {})
                 else:
                     wanted = (device.desired or {}).get("digest")
-                    if message.status == "rolled_back" or wanted in (None, message.digest):
+                    if (message.status == "rolled_back" or wanted in (None, message.digest)) and not _stale(
+                        message, device.reported
+                    ):
                         device.reported = message.model_dump(mode="json", exclude={"schema_version"})
             session.flush()  # new devices first: telemetry rows refer to them
             if telemetry:
@@ -93,7 +99,8 @@ class Fleet:
         desired = DesiredState(bundle=bundle.name, version=bundle.version, digest=bundle.digest)
         fetching = []
         with Session(self.engine) as session, session.begin():
-            found = {d.id: d for d in session.scalars(select(DeviceRow).where(DeviceRow.id.in_(set(device_ids))))}
+            chosen = select(DeviceRow).where(DeviceRow.id.in_(set(device_ids))).order_by(DeviceRow.id).with_for_update()
+            found = {d.id: d for d in session.scalars(chosen)}
             for device_id in device_ids:
                 device = found.get(device_id)
                 if device is None:
@@ -177,6 +184,15 @@ def drift_detail(device: DeviceRow) -> dict[str, Any] | None:
     if (serving.get("bundle"), serving.get("version")) == (desired["bundle"], desired["version"]):
         return None
     return {"desired": f"{desired['bundle']} {desired['version']}", "serving": serving or None}
+
+
+def _stale(report: Reported, stored: dict[str, Any] | None) -> bool:
+    """Whether the report was sent before the one stored for the same bundle: with controller replicas
+    on a shared subscription, one device's consecutive reports can be recorded by different replicas,
+    out of order (an `activating` after the `healthy` sent after it). The device's own clock orders them."""
+    if not stored or stored.get("digest") != report.digest or "sent_at" not in stored:
+        return False
+    return datetime.fromisoformat(stored["sent_at"]) > report.sent_at
 
 
 def _drift(device: DeviceRow) -> DesiredState | None:

@@ -408,3 +408,26 @@ def test_a_message_the_database_refuses_loses_only_itself(
         fleet.device("poison")
     assert recorder.failed == 1 and acks == [("edge-a", 3), ("edge-b", 7)]  # acked once stored, not before
     assert [r.getMessage() for r in caplog.records] == ["could not record a Birth from device poison"]
+
+
+def test_a_report_recorded_after_a_later_one_does_not_replace_it(controller_config) -> None:
+    """Two controller replicas on a shared subscription may record one device's reports out of order."""
+    from datetime import UTC, datetime, timedelta
+
+    from slmops.messages import Reported
+
+    engine = open_database(controller_config.database_url)
+    fleet = Fleet(engine)
+    try:
+        sent = datetime.now(UTC)
+        report = {"bundle": "tiny", "version": "2.0.0", "digest": "d" * 64}
+        healthy = Reported(**report, status="healthy", sent_at=sent)
+        activating = Reported(**report, status="activating", sent_at=sent - timedelta(milliseconds=1))
+        fleet.record([("edge-a", healthy)])
+        fleet.record([("edge-a", activating)])
+        assert fleet.device("edge-a").reported["status"] == "healthy"
+        retry = Reported(**report, status="downloading", sent_at=sent + timedelta(seconds=1))
+        fleet.record([("edge-a", retry)])
+        assert fleet.device("edge-a").reported["status"] == "downloading", "a later report still replaces it"
+    finally:
+        engine.dispose()

@@ -1,7 +1,9 @@
-"""What every benchmark shares: where results go, how a report is written, a free port."""
+"""What every benchmark shares: where results go, how a report is written, a free port, a poll."""
 
 import json
 import socket
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,3 +25,13 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_for(condition: Callable[[], Any], what: str, timeout_s: float = 600, poll_s: float = 0.05) -> Any:
+    """Poll `condition` until it is truthy and return that; TimeoutError saying `what` past `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not (result := condition()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        time.sleep(poll_s)
+    return result

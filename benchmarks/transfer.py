@@ -42,21 +42,12 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, free_port, write_report
+from common import RESULTS, free_port, wait_for, write_report
 from serving import WORK as SERVING_WORK
 from serving import prepare_bundle
 
 WORK = RESULTS / "transfer"
 SLMOPS = [sys.executable, "-P", "-m", "slmops"]
-
-
-def wait_for(condition, what: str, timeout_s: float = 600):
-    deadline = time.monotonic() + timeout_s
-    while not (result := condition()):
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        time.sleep(0.05)
-    return result
 
 
 RAW_SUBSCRIBER = """

@@ -3,6 +3,7 @@
 import logging
 import os
 import secrets
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -33,10 +34,14 @@ def api_tokens(config: ControllerConfig) -> list[ApiToken]:
     path = config.data_dir / "admin.token"
     if not path.is_file():
         config.data_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_urlsafe(32) + "\n")
-        log.warning("no API tokens configured: wrote an admin token to %s", path)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # a replica on the same data folder made it a moment ago
+            time.sleep(0.5)
+        else:
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(32) + "\n")
+            log.warning("no API tokens configured: wrote an admin token to %s", path)
     return [ApiToken(name="admin", token=path.read_text().strip(), role="admin")]
 
 

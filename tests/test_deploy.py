@@ -120,3 +120,22 @@ def test_the_systemd_unit_runs_a_command_that_exists() -> None:
     argv = exec_start.split()[1:]
     assert argv[:2] == ["agent", "run"]
     assert CliRunner().invoke(app, [*argv[:2], "--help"]).exit_code == 0
+
+
+def test_the_scale_out_compose_file_sets_only_settings_the_controller_has() -> None:
+    import yaml
+
+    from slmops.controller.config import ControllerConfig
+
+    compose = yaml.safe_load((DEPLOY / "scale-out" / "compose.yaml").read_text())
+    replicas = {name: service for name, service in compose["services"].items() if name.startswith("controller")}
+    assert len(replicas) == 2
+    fields = {name.upper() for name in ControllerConfig.model_fields}
+    names = set()
+    for service in replicas.values():
+        names.add(service["environment"]["SLMOPS_CONTROLLER_REPLICA_NAME"])
+        for key in service["environment"]:
+            assert key.removeprefix("SLMOPS_CONTROLLER_") in fields, key
+        assert service["build"]["dockerfile"] == "deploy/scale-out/controller.Dockerfile"
+    assert len(names) == 2, "each replica its own name in the rollout lease"
+    assert (DEPLOY.parent / "deploy/scale-out/controller.Dockerfile").is_file()

@@ -31,7 +31,7 @@ class Fleet:
 
     def record(self, messages: Sequence[tuple[str, Inbound]]) -> list[tuple[str, DesiredState]]:
         """What devices sent, in order, in one transaction (controller/recorder.py batches them).
-        Returns the devices that drifted, with the desired state to assert again.
+        Returns the devices to tell their desired state again (drifted, or born short of it).
 
         A birth registers a device with its profile; a state, report or telemetry batch from a
         device never born yet registers it without one. Telemetry records stored before (the
@@ -41,7 +41,8 @@ class Fleet:
         A device that reached its desired state (reported
         healthy) and now serves something else has drifted (someone loaded another bundle on it,
         or a broker let a forged desired state through): it is audited, and told its desired
-        state again.
+        state again. A device born without having reported its desired state healthy is told it
+        again too (_owed).
         """
         drifted: list[tuple[str, DesiredState]] = []
         telemetry: list[dict[str, Any]] = []
@@ -68,6 +69,8 @@ class Fleet:
                 if isinstance(message, Birth):
                     device.profile = message.profile.model_dump(mode="json")
                     device.agent_version, device.online = message.agent_version, True
+                    if (desired := _owed(device)) is not None:  # told again, not left to the broker's retained copy
+                        drifted.append((device_id, desired))
                 elif isinstance(message, DeviceState):
                     device.online = message.online
                     if message.agent_version:
@@ -193,6 +196,16 @@ def _stale(report: Reported, stored: dict[str, Any] | None) -> bool:
     if not stored or stored.get("digest") != report.digest or "sent_at" not in stored:
         return False
     return datetime.fromisoformat(stored["sent_at"]) > report.sent_at
+
+
+def _owed(device: DeviceRow) -> DesiredState | None:
+    """The desired state of a device (re)connecting that has not reported reaching it. Sent again on its
+    birth: a broker cluster may not have the retained copy on the node it reconnected to (NATS 2.9 did
+    not, after another node died), and a device that has it ignores the same desired state twice."""
+    desired, reported = device.desired, device.reported or {}
+    if not desired or (reported.get("digest"), reported.get("status")) == (desired.get("digest"), "healthy"):
+        return None
+    return DesiredState.model_validate(desired)
 
 
 def _drift(device: DeviceRow) -> DesiredState | None:

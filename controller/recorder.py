@@ -4,7 +4,8 @@ bridge (paho's network thread) ─► Recorder.put(device, message): never waits
     so chunk requests and the broker's acks for chunks keep flowing while a commit is under way
 recorder thread: what is queued, up to 500 messages ─► fleet.record: one transaction, in order
     ─► a telemetry ack for each batch stored (the agent deletes only what the controller stored)
-    ─► a device found drifted from its desired state is sent that state again (retained)
+    ─► a device found drifted from its desired state, or connecting without having reached it,
+       is sent that state again (retained)
     a transaction that fails: each message again on its own; the one that fails alone is
     logged and counted, the others are kept
 queue full (the database far behind): put() waits, and the broker holds what comes meanwhile
@@ -107,6 +108,6 @@ class Recorder:
                 self.acknowledge(device_id, max(r.seq for r in message.records))
         for device_id, desired in drifted:
             log.warning(
-                "%s serves other than its desired %s %s; telling it again", device_id, desired.bundle, desired.version
+                "%s does not run its desired %s %s; telling it again", device_id, desired.bundle, desired.version
             )
             self.reassert(device_id, desired)

@@ -189,6 +189,8 @@ class SimulatedDevice:
         self.previous: _Slot | None = None
         self.online_wanted = True
         self.connected = False
+        self.announced = False
+        """Birth and state sent since the last connect."""
         self.failures = 0
         self.seq = 0
         self.queued: list[TelemetryRecord] = []
@@ -209,6 +211,7 @@ class SimulatedDevice:
         offline = DeviceState(online=False, agent_version=__version__).payload()
         client.will_set(device_topic(self.id, "state"), offline, qos=1, retain=True)
         client.on_connect = self._on_connect
+        client.on_subscribe = self._on_subscribe
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_socket_open = self.sim.socket_opened
@@ -245,12 +248,19 @@ class SimulatedDevice:
         if reason.is_failure:
             self.sim.counts["refused"] += 1
             return
-        self.connected, self.failures = True, 0
+        self.connected, self.failures, self.announced = True, 0, False
         self.sim.counts["connects"] += 1
         kinds = ("desired", "cmd", "telemetry_ack", "fetch_refused")
         client.subscribe([(device_topic(self.id, kind), 1) for kind in kinds])
         if self.fetch is not None:
             client.subscribe(chunk_topic(self.fetch.desired.digest), 1)
+
+    def _on_subscribe(self, client: mqtt.Client, *_: object) -> None:
+        """Its own topics confirmed (as the agent, which announces itself only then: a desired state the
+        controller sends in answer to the birth must find the subscription in place)."""
+        if self.announced:
+            return
+        self.announced = True
         birth = Birth(agent_version=__version__, profile=self.sim.hardware[self.hw.name])
         client.publish(device_topic(self.id, "birth"), birth.payload(), qos=1)
         self._publish_state()

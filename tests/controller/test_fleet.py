@@ -431,3 +431,24 @@ def test_a_report_recorded_after_a_later_one_does_not_replace_it(controller_conf
         assert fleet.device("edge-a").reported["status"] == "downloading", "a later report still replaces it"
     finally:
         engine.dispose()
+
+
+def test_a_device_born_short_of_its_desired_state_is_told_it_again(controller_config) -> None:
+    """Not left to the broker's retained copy, which a broker cluster may not have on the device's node."""
+    from slmops.messages import DesiredState, Reported
+
+    engine = open_database(controller_config.database_url)
+    fleet = Fleet(engine)
+    try:
+        fleet.record([("edge-a", Birth(agent_version="0.1.0", profile=PROFILE))])
+        with engine.begin() as connection:
+            desired = {"bundle": "tiny", "version": "2.0.0", "digest": "d" * 64}
+            connection.execute(text("UPDATE device SET desired = :d WHERE id = 'edge-a'"), {"d": json.dumps(desired)})
+        told = fleet.record([("edge-a", Birth(agent_version="0.1.0", profile=PROFILE))])
+        assert [(device, d.model_dump(exclude={"sent_at"})) for device, d in told] == [
+            ("edge-a", DesiredState.model_validate(desired).model_dump(exclude={"sent_at"}))
+        ]
+        fleet.record([("edge-a", Reported(**desired, status="healthy"))])
+        assert fleet.record([("edge-a", Birth(agent_version="0.1.0", profile=PROFILE))]) == [], "it reached it"
+    finally:
+        engine.dispose()

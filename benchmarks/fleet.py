@@ -126,7 +126,8 @@ class Usage:
     """CPU (% of one core) and RSS of some processes, sampled each second on a thread of its own."""
 
     def __init__(self, processes: dict[str, psutil.Process]) -> None:
-        self.processes, self.cpu, self.rss = processes, {n: [] for n in processes}, dict.fromkeys(processes, 0)
+        self.processes, self.rss = processes, dict.fromkeys(processes, 0)
+        self.cpu: dict[str, list[float]] = {name: [] for name in processes}
         self._stop = threading.Event()
         for process in processes.values():
             process.cpu_percent(None)
@@ -225,10 +226,19 @@ def measure(size: int, seconds: float, replicas: int, database_url: str | None) 
         times = sorted(sim.call(lambda: list(sim.desired_at.get(digest, {}).values())))
         result["notified"] = len(times)
         result["notify_s"] = (times[-1] - created_at) if len(times) == size else None
-        status = lambda: controllers.api.get(f"{controllers.urls[0]}/v1/rollouts/{rollout}").json()  # noqa: E731
+
+        def status() -> dict[str, Any]:
+            """The rollout, or {"status": "unanswered"} while the controller does not answer (busy, or gone:
+            the benchmark says which)."""
+            try:
+                return controllers.api.get(f"{controllers.urls[0]}/v1/rollouts/{rollout}").json()
+            except httpx.HTTPError as e:
+                return {"status": "unanswered", "states": {}, "error": str(e)}
+
         with contextlib.suppress(TimeoutError):
-            wait_for(lambda: status()["status"] != "active", "the rollout did not finish", 600, poll_s=0.5)
+            wait_for(lambda: status()["status"] not in ("active", "unanswered"), "no end", 600, poll_s=0.5)
         final = status()
+        result["controller_exit_codes"] = [p.poll() for p in controllers.processes]
         result["rollout_status"] = final["status"]
         result["rollout_s"] = time.monotonic() - created_at
         result["rollout_states"] = final["states"]

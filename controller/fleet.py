@@ -178,11 +178,17 @@ CONTROLLER = Actor("controller", "admin")
 """The actor of what the controller does by itself (drift)."""
 
 
+def _reached(device: DeviceRow) -> bool:
+    """Whether the device reported its desired state healthy."""
+    desired, reported = device.desired or {}, device.reported or {}
+    return bool(desired) and (reported.get("digest"), reported.get("status")) == (desired.get("digest"), "healthy")
+
+
 def drift_detail(device: DeviceRow) -> dict[str, Any] | None:
     """What a device serves against its desired state, when it reached that state and serves something
     else now; None otherwise (still on its way, failed, rolled back on command, or in step)."""
-    desired, reported, serving = device.desired, device.reported or {}, device.serving or {}
-    if not desired or reported.get("status") != "healthy" or reported.get("digest") != desired.get("digest"):
+    desired, serving = device.desired, device.serving or {}
+    if not desired or not _reached(device):
         return None
     if (serving.get("bundle"), serving.get("version")) == (desired["bundle"], desired["version"]):
         return None
@@ -202,10 +208,9 @@ def _owed(device: DeviceRow) -> DesiredState | None:
     """The desired state of a device (re)connecting that has not reported reaching it. Sent again on its
     birth: a broker cluster may not have the retained copy on the node it reconnected to (NATS 2.9 did
     not, after another node died), and a device that has it ignores the same desired state twice."""
-    desired, reported = device.desired, device.reported or {}
-    if not desired or (reported.get("digest"), reported.get("status")) == (desired.get("digest"), "healthy"):
+    if not device.desired or _reached(device):
         return None
-    return DesiredState.model_validate(desired)
+    return DesiredState.model_validate(device.desired)
 
 
 def _drift(device: DeviceRow) -> DesiredState | None:

@@ -44,13 +44,14 @@ from paho.mqtt.enums import CallbackAPIVersion
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from slmops import __version__
-from slmops.broker import BrokerAddress
+from slmops.broker import BrokerAddress, backoff_s
 from slmops.errors import ConfigError, MessageInvalid, describe_validation
 from slmops.manifest import Manifest
 from slmops.messages import (
     DEFAULT_CHUNK_BYTES,
     Accelerator,
     Birth,
+    ChunkHeader,
     ChunkRequest,
     Command,
     CommandReply,
@@ -167,9 +168,11 @@ class _Fetch:
     desired: DesiredState
     wanted: dict[str, int] = field(default_factory=dict)
     """path → chunks still missing."""
-    received: dict[str, dict[int, bytes]] = field(default_factory=dict)
+    received: dict[str, set[int]] = field(default_factory=dict)
+    """path → the chunks checked so far (a simulated device keeps no files)."""
+    manifest: dict[int, bytes] = field(default_factory=dict)
+    """The manifest's chunks, to read the variant's files from."""
     bytes: int = 0
-    total: int = 0
 
 
 @dataclass
@@ -231,9 +234,8 @@ class SimulatedDevice:
             self._retry_connect()
 
     def _retry_connect(self) -> None:
-        ceiling = min(2.0**self.failures, 30.0)
         self.failures += 1
-        self.later(self.rng.uniform(ceiling / 2, ceiling), self._reconnect)
+        self.later(backoff_s(self.failures - 1, self.rng), self._reconnect)
 
     def _reconnect(self) -> None:
         if not self.online_wanted or self.connected:
@@ -506,22 +508,24 @@ class SimulatedDevice:
         request = ChunkRequest(path=path, chunk_size=DEFAULT_CHUNK_BYTES, chunks=chunks)
         self.client.publish(request_topic(digest, self.id), request.payload(), qos=1)
 
-    def _chunk(self, header: Any, data: memoryview) -> None:
+    def _chunk(self, header: ChunkHeader, data: memoryview) -> None:
         fetch = self.fetch
         assert fetch is not None
-        if header.path not in fetch.wanted or header.index in fetch.received.get(header.path, {}):
+        if header.path not in fetch.wanted or header.index in fetch.received.get(header.path, set()):
             return  # another device's file, or a chunk already here
         if hashlib.sha256(data).hexdigest() != header.sha256:
             self._finish(fetch.desired, f"chunk {header.index} of {header.path} does not match its sha256")
             return
-        fetch.received.setdefault(header.path, {})[header.index] = bytes(data)
+        fetch.received.setdefault(header.path, set()).add(header.index)
+        if header.path == "manifest.json":
+            fetch.manifest[header.index] = bytes(data)
         fetch.wanted[header.path] = header.count - len(fetch.received[header.path])
         fetch.bytes += len(data)
         self.sim.counts["chunk_bytes"] += len(data)
         if fetch.wanted[header.path] > 0:
             return
         if header.path == "manifest.json":
-            body = b"".join(fetch.received.pop("manifest.json")[i] for i in range(header.count))
+            body = b"".join(fetch.manifest[i] for i in range(header.count))
             del fetch.wanted["manifest.json"]
             try:
                 manifest = Manifest.model_validate(json.loads(body))
@@ -532,10 +536,8 @@ class SimulatedDevice:
             for entry in variant.files:
                 path = f"variants/{variant.id}/{entry.path}"
                 fetch.wanted[path] = -1
-                fetch.total += entry.size
                 self._request(fetch.desired.digest, path, None)
             return
-        fetch.received.pop(header.path)  # checked; a simulated device keeps no files
         if all(missing == 0 for missing in fetch.wanted.values()):
             self.client.unsubscribe(chunk_topic(fetch.desired.digest))
             self._report(fetch.desired, "downloading", percent=100)

@@ -36,6 +36,13 @@ REFUSED_FOR_GOOD = frozenset(
 credentials it refused); a daemon stops its link on one and says why."""
 
 
+def backoff_s(failures: int, rng: random.Random | None = None) -> float:
+    """The wait after `failures` failed attempts in a row: drawn from [c/2, c], c = min(1 s · 2^failures,
+    30 s), so that clients that lost their broker together do not come back in lock step."""
+    ceiling = min(RECONNECT_MIN_S * 2.0**failures, RECONNECT_MAX_S)
+    return (rng or random).uniform(ceiling / 2, ceiling)
+
+
 def refused_for_good(reason: object) -> bool:
     """Whether a CONNACK's reason code (paho's ReasonCode, MQTT 3.1.1 codes mapped onto 5's) is one
     that retrying cannot fix."""
@@ -125,9 +132,8 @@ class LinkClient(mqtt.Client):
 
     def backoff_s(self) -> float:
         """The wait before the next attempt, counting this failure."""
-        ceiling = min(RECONNECT_MIN_S * 2.0**self._failures, RECONNECT_MAX_S)
         self._failures += 1
-        return random.uniform(ceiling / 2, ceiling)
+        return backoff_s(self._failures - 1)
 
     def _reconnect_wait(self) -> None:
         deadline = time.monotonic() + self.backoff_s()

@@ -13,6 +13,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from slmops import paths
+from slmops.broker import BrokerUrls
 from slmops.errors import ConfigError
 from slmops.messages import DEFAULT_CHUNK_BYTES, DEVICE_ID_PATTERN, ChunkSize
 from slmops.settings import load_settings
@@ -63,8 +64,9 @@ class AgentConfig(BaseSettings):
         pattern=DEVICE_ID_PATTERN,
     )
     """This device's name in the fleet (its MQTT topics); the host name by default."""
-    broker_url: str | None = Field(default=None, pattern=r"^mqtts?://")
-    """mqtt://[user:password@]host[:port] or mqtts://; unset: no fleet link, serve locally only."""
+    broker_url: BrokerUrls | None = None
+    """mqtt://[user:password@]host[:port] or mqtts://, or the nodes of a broker cluster separated by commas
+    (tried in turn); unset: no fleet link, serve locally only."""
     broker_ca_file: Path | None = None
     broker_protocol: Literal["3.1.1", "5"] = "3.1.1"
     """3.1.1 works with every broker, the controller's embedded one included."""

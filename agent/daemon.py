@@ -64,7 +64,8 @@ def run(config: AgentConfig, bundle: Path | None = None) -> None:
         if uplink is not None:
             uplink.start()
         what = bundle or (active and f"slot {active.bundle} {active.version}") or config.bundle or "nothing yet"
-        fleet = f", fleet link {uplink.address} as {config.device_id}" if uplink else ""  # no password in logs
+        brokers = ", ".join(map(str, uplink.client.addresses)) if uplink else ""  # no password in logs
+        fleet = f", fleet link {brokers} as {config.device_id}" if uplink else ""
         err_console.print(f"serving {what} on http://{config.host}:{config.port}/v1 (health: /health){fleet}")
         try:
             yield

@@ -31,7 +31,7 @@ from typing import Literal
 
 import paho.mqtt.client as mqtt
 
-from slmops.broker import BrokerAddress, LinkClient
+from slmops.broker import LinkClient, parse_brokers
 from slmops.errors import MessageInvalid, Unanswered
 from slmops.messages import (
     PREFIX,
@@ -90,7 +90,6 @@ class MqttBridge:
         device_chunk_budget_bytes: int = DEVICE_BUDGET_BYTES,
         shared_subscriptions: bool = True,
     ):
-        self.address = BrokerAddress.parse(broker_url)
         self.fleet, self.shared_subscriptions = fleet, shared_subscriptions
         self.connected = False
         self.unhandled = 0
@@ -105,7 +104,7 @@ class MqttBridge:
         # Unique to this process: a client connecting with a guessed id cannot take its session over.
         self.client_id = f"slmops-controller-{secrets.token_hex(4)}"
         fix = "the REST API goes on; fix broker_url (credentials) or broker_ca_file, then restart the controller"
-        self.client = LinkClient(self.address, self.client_id, protocol, fix, ca_file)
+        self.client = LinkClient(parse_brokers(broker_url), self.client_id, protocol, fix, ca_file)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_subscribe = self._on_subscribe
@@ -114,7 +113,7 @@ class MqttBridge:
 
     def start(self) -> None:
         self.recorder.start()
-        self.client.connect_async(self.address.host, self.address.port, keepalive=KEEPALIVE_S)
+        self.client.connect_first(KEEPALIVE_S)
         self.client.loop_start()
         if self.chunks is not None:
             self.chunks.start()
@@ -195,11 +194,11 @@ class MqttBridge:
     def _on_subscribe(self, *_: object) -> None:
         """Connected for our purposes once the broker confirmed the subscriptions."""
         self.connected = True
-        log.info("connected to the broker at %s", self.address)
+        log.info("connected to the broker at %s", self.client.address)
 
     def _on_disconnect(self, *_: object) -> None:
         if self.connected:
-            log.warning("lost the broker at %s; reconnecting", self.address)
+            log.warning("lost the broker at %s; reconnecting", self.client.address)
         self.connected = False
 
     def _on_message(self, _client: mqtt.Client, _userdata: object, message: mqtt.MQTTMessage) -> None:

@@ -7,12 +7,12 @@ slmops home. `database_url` points at PostgreSQL (postgresql+psycopg://...) in p
 import socket
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from slmops import paths
+from slmops.broker import BrokerUrls, with_credentials
 from slmops.errors import ConfigError
 from slmops.settings import load_settings
 
@@ -41,8 +41,9 @@ class ControllerConfig(BaseSettings):
     tokens: list[ApiToken] = []
     """API bearer tokens. With none, the first start writes an admin token to data_dir/admin.token."""
     max_upload_bytes: int = Field(default=16 * 2**30, ge=1)
-    broker_url: str | None = Field(default=None, pattern=r"^mqtts?://")
-    """mqtt://[user:password@]host[:port], or mqtts:// for TLS. Unset: the embedded broker."""
+    broker_url: BrokerUrls | None = None
+    """mqtt://[user:password@]host[:port], or mqtts:// for TLS; the nodes of a broker cluster separated
+    by commas (tried in turn). Unset: the embedded broker."""
     broker_ca_file: Path | None = None
     broker_protocol: Literal["3.1.1", "5"] = "5"
     """MQTT version towards an external broker (the embedded one speaks 3.1.1)."""
@@ -63,7 +64,7 @@ class ControllerConfig(BaseSettings):
     shared_subscriptions: bool = True
     """Receive what devices send through $share/slmops/... so that replicas split it (Mosquitto 2, EMQX);
     false for a broker without shared subscriptions, with a single controller."""
-    device_broker_url: str | None = Field(default=None, pattern=r"^mqtts?://[^@]*$")
+    device_broker_url: BrokerUrls | None = Field(default=None, pattern=r"^[^@]*$")
     """The broker as devices reach it, for their enrolment (no credentials in it). Unset: the
     embedded broker's address, or broker_url without its credentials."""
 
@@ -76,8 +77,7 @@ class ControllerConfig(BaseSettings):
         if self.device_broker_url:
             return self.device_broker_url
         if self.broker_url:
-            parts = urlsplit(self.broker_url)
-            return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+            return with_credentials(self.broker_url, None)
         return f"mqtt://{self.embedded_broker_bind}"
 
     @property

@@ -291,7 +291,11 @@ _rollout_action("promote", "promoted: the current wave's healthy devices pass wi
 def simulate_cmd(
     devices: Annotated[int, typer.Option("--devices", "-n", min=1, max=100_000, help="Simulated devices.")] = 100,
     broker: Annotated[
-        str, typer.Option(help="The fleet's broker: mqtt://HOST:PORT (with credentials: mqtt://USER:PASS@HOST:PORT).")
+        str,
+        typer.Option(
+            help="The fleet's broker: mqtt://HOST:PORT (with credentials: mqtt://USER:PASS@HOST:PORT); a cluster's "
+            "nodes separated by commas, devices spread over them."
+        ),
     ] = "mqtt://127.0.0.1:1883",
     profile: Annotated[
         Path | None,
@@ -326,7 +330,8 @@ def simulate_cmd(
     fleet.start(duration)
 
     def table() -> Table:
-        view = Table(title=f"{devices} simulated devices on {fleet.address}")
+        brokers = ", ".join(map(str, fleet.addresses))
+        view = Table(title=f"{devices} simulated devices on {brokers}")
         view.add_column("")
         view.add_column("count", justify="right")
         for key, value in sorted(fleet.stats().items()):

@@ -44,7 +44,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from slmops import __version__
-from slmops.broker import BrokerAddress, backoff_s
+from slmops.broker import backoff_s, parse_brokers
 from slmops.errors import ConfigError, MessageInvalid, describe_validation
 from slmops.manifest import Manifest
 from slmops.messages import (
@@ -185,8 +185,10 @@ class _Slot:
 class SimulatedDevice:
     """One simulated agent: its paho client and what it runs; driven by its FleetSimulator's loop."""
 
-    def __init__(self, sim: "FleetSimulator", device_id: str, hw: DeviceClass, fetches: bool) -> None:
-        self.sim, self.id, self.hw, self.fetches = sim, device_id, hw, fetches
+    def __init__(self, sim: "FleetSimulator", device_id: str, hw: DeviceClass, fetches: bool, node: int) -> None:
+        """`node`: the broker of the simulator's list this device tries first (devices are spread over a
+        cluster's nodes); each failed or lost connection moves it to the next one."""
+        self.sim, self.id, self.hw, self.fetches, self.node = sim, device_id, hw, fetches, node
         self.rng = random.Random(f"{sim.seed}/{device_id}")
         self.active: _Slot | None = sim.serving
         self.previous: _Slot | None = None
@@ -208,9 +210,6 @@ class SimulatedDevice:
             client_id=f"slmops-sim-{self.id}-{secrets.token_hex(3)}",
             protocol=mqtt.MQTTv311 if self.sim.protocol == "3.1.1" else mqtt.MQTTv5,
         )
-        address = self.sim.address
-        if address.username:
-            client.username_pw_set(address.username, address.password)
         offline = DeviceState(online=False, agent_version=__version__).payload()
         client.will_set(device_topic(self.id, "state"), offline, qos=1, retain=True)
         client.on_connect = self._on_connect
@@ -227,24 +226,21 @@ class SimulatedDevice:
     # --- the link ------------------------------------------------------------------------------
 
     def connect(self) -> None:
+        if not self.online_wanted or self.connected:
+            return
+        address = self.sim.addresses[self.node]
+        if address.username:
+            self.client.username_pw_set(address.username, address.password)
         try:
-            self.client.connect(self.sim.address.host, self.sim.address.port, keepalive=KEEPALIVE_S)
-        except OSError as e:
-            log.debug("%s could not connect: %s", self.id, e)
+            self.client.connect(address.host, address.port, keepalive=KEEPALIVE_S)
+        except (OSError, ValueError) as e:
+            log.debug("%s could not connect to %s: %s", self.id, address, e)
             self._retry_connect()
 
     def _retry_connect(self) -> None:
         self.failures += 1
-        self.later(backoff_s(self.failures - 1, self.rng), self._reconnect)
-
-    def _reconnect(self) -> None:
-        if not self.online_wanted or self.connected:
-            return
-        try:
-            self.client.reconnect()
-        except (OSError, ValueError) as e:
-            log.debug("%s could not reconnect: %s", self.id, e)
-            self._retry_connect()
+        self.node = (self.node + 1) % len(self.sim.addresses)
+        self.later(backoff_s(self.failures - 1, self.rng), self.connect)
 
     def _on_connect(self, client: mqtt.Client, _u: object, _f: object, reason: Any, _p: object) -> None:
         if reason.is_failure:
@@ -295,7 +291,7 @@ class SimulatedDevice:
         if self.online_wanted:
             return
         self.online_wanted, self.failures = True, 0
-        self._reconnect()
+        self.connect()
 
     def later(self, delay_s: float, call: Callable[[], None]) -> None:
         self.sim.loop.call_later(delay_s, call)
@@ -562,7 +558,7 @@ class FleetSimulator:
         protocol: str = "3.1.1",
     ) -> None:
         """`serving`: NAME:VERSION every device runs at the start (none: they serve nothing)."""
-        self.address = BrokerAddress.parse(broker_url)
+        self.addresses = parse_brokers(broker_url)
         self.profile = profile or Profile()
         self.seed, self.connect_per_s, self.protocol = seed, connect_per_s, protocol
         self.serving = None
@@ -587,7 +583,7 @@ class FleetSimulator:
                     break
                 point -= weight
             fetches = _unit(seed, device_id, "fetch") < fetch_share
-            self.devices[device_id] = SimulatedDevice(self, device_id, hw, fetches)
+            self.devices[device_id] = SimulatedDevice(self, device_id, hw, fetches, index % len(self.addresses))
         self.sampling = True
         """Whether devices take telemetry samples (a benchmark stops them to drain what is queued)."""
         self.loop = asyncio.new_event_loop()

@@ -2,6 +2,9 @@
 
     mqtt://[user:password@]host[:1883]   plain TCP
     mqtts://[user:password@]host[:8883]  TLS, the server checked against `ca_file` (or the system's CAs)
+    mqtt://node-a:1883,mqtt://node-b:1883  the nodes of a broker cluster: the client connects to the
+                                          first and, each time the connection fails or is lost, tries
+                                          the next one
 
 Sockets get TCP_NODELAY: a chunk request or a one-chunk file is a small write, and without it
 Nagle's algorithm meeting delayed ACKs held each such round trip for 40 to 90 ms.
@@ -12,13 +15,15 @@ import random
 import socket
 import ssl
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
-from urllib.parse import urlsplit
+from typing import Annotated, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.client import _ConnectionState
 from paho.mqtt.enums import CallbackAPIVersion
+from pydantic import AfterValidator
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +75,46 @@ class BrokerAddress:
         return f"{self.host}:{self.port}"
 
 
+def broker_urls(urls: str) -> list[str]:
+    """The URLs of a comma-separated broker list (one URL is a list of one)."""
+    return [url.strip() for url in urls.split(",") if url.strip()]
+
+
+def parse_brokers(urls: str) -> tuple[BrokerAddress, ...]:
+    """The brokers of `urls` (mqtt://a:1883,mqtt://b:1883), in the order a client tries them."""
+    addresses = tuple(BrokerAddress.parse(url) for url in broker_urls(urls))
+    if not addresses:
+        raise ValueError(f"broker URL {urls!r}: expected mqtt://host:port or mqtts://host:port")
+    if len({address.tls for address in addresses}) > 1:
+        raise ValueError(f"broker URLs {with_credentials(urls, None)!r}: all mqtt:// or all mqtts://, not both")
+    return addresses
+
+
+def _brokers_checked(urls: str) -> str:
+    parse_brokers(urls)
+    return urls
+
+
+BrokerUrls = Annotated[str, AfterValidator(_brokers_checked)]
+"""A setting naming one broker or the comma-separated nodes of a cluster, checked when loaded."""
+
+
+def with_credentials(urls: str, credentials: str | None) -> str:
+    """`urls` with the credentials of each URL replaced by `credentials` ("name:password"), or removed (None)."""
+
+    def one(url: str) -> str:
+        parts = urlsplit(url)
+        host = parts.netloc.rpartition("@")[2]
+        return urlunsplit(parts._replace(netloc=f"{credentials}@{host}" if credentials else host))
+
+    return ",".join(one(url) for url in broker_urls(urls))
+
+
 class LinkClient(mqtt.Client):
-    """paho's client for `address`, with the one reconnect policy of both daemons:
+    """paho's client for `addresses` (one broker, or the nodes of a cluster), with the one reconnect
+    policy of both daemons:
+
+    - each retry goes to the next address of the list (a cluster node that died is left for the next);
 
     - backoff with jitter: after the n-th failed attempt in a row, a wait drawn from
       [c/2, c] with c = min(1 s · 2^n, 30 s), so a fleet that lost its broker does not come
@@ -84,7 +127,7 @@ class LinkClient(mqtt.Client):
 
     def __init__(
         self,
-        address: "BrokerAddress",
+        addresses: Sequence[BrokerAddress],
         client_id: str,
         protocol: Literal["3.1.1", "5"],
         fix: str,
@@ -93,19 +136,30 @@ class LinkClient(mqtt.Client):
         super().__init__(
             CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5 if protocol == "5" else mqtt.MQTTv311
         )
-        self.address, self.fix = address, fix
+        self.addresses, self.fix = tuple(addresses), fix
+        self._at = 0
         self.refused = ""
         """Why the broker refused the last attempt (credentials, certificate); empty once one is accepted."""
         self._failures = 0
-        if address.username:
-            self.username_pw_set(address.username, address.password)
-        if address.tls:
+        if self.address.username:
+            self.username_pw_set(self.address.username, self.address.password)
+        if self.address.tls:
             self.tls_set(ca_certs=ca_file, tls_version=ssl.PROTOCOL_TLS_CLIENT)
         self.on_socket_open = _no_delay
         # The net under our callbacks, which catch what they expect: an exception that still escapes
         # one is logged by paho (with its traceback) instead of ending its network thread.
         self.suppress_exceptions = True
         self.enable_logger(logging.getLogger("slmops.mqtt"))
+
+    @property
+    def address(self) -> BrokerAddress:
+        """The broker this client is connected to, or tries next."""
+        return self.addresses[self._at]
+
+    def connect_first(self, keepalive: int) -> None:
+        """Connect to the first address, in the background of paho's loop (started by the caller)."""
+        self._at = 0
+        self.connect_async(self.address.host, self.address.port, keepalive=keepalive)
 
     def accepted(self, reason: object) -> bool:
         """From on_connect: whether the broker took the connection. A refusal retrying cannot change
@@ -140,6 +194,13 @@ class LinkClient(mqtt.Client):
         stopping = (_ConnectionState.MQTT_CS_DISCONNECTING, _ConnectionState.MQTT_CS_DISCONNECTED)
         while self._state not in stopping and not self._thread_terminate and time.monotonic() < deadline:
             time.sleep(min(deadline - time.monotonic(), 0.2))
+        if len(self.addresses) > 1:
+            self._at = (self._at + 1) % len(self.addresses)
+            address = self.address
+            self._host, self._port = address.host, address.port  # paho's reconnect() reads these
+            if address.username:
+                self.username_pw_set(address.username, address.password)
+            log.info("trying the broker %s next", address)
 
 
 def _no_delay(_client: mqtt.Client, _userdata: object, sock: object) -> None:

@@ -29,7 +29,7 @@ from collections.abc import Callable
 import paho.mqtt.client as mqtt
 
 from slmops import __version__
-from slmops.broker import BrokerAddress, LinkClient
+from slmops.broker import LinkClient, parse_brokers
 from slmops.errors import MessageInvalid
 from slmops.messages import (
     Birth,
@@ -72,7 +72,6 @@ class Uplink:
         on_work: Callable[[DesiredState | Command], None] | None = None,
     ) -> None:
         assert config.broker_url is not None
-        self.address = BrokerAddress.parse(config.broker_url)
         self.config, self.server, self.queue, self.on_work = config, server, queue, on_work
         self.device_id = config.device_id
         self.connected = threading.Event()
@@ -92,7 +91,7 @@ class Uplink:
             f"serving goes on; check broker_url and broker_ca_file (enrol {self.device_id} again for new "
             "credentials: slmops fleet enrol), then restart the agent"
         )
-        self.client = LinkClient(self.address, self.client_id, config.broker_protocol, fix, ca_file)
+        self.client = LinkClient(parse_brokers(config.broker_url), self.client_id, config.broker_protocol, fix, ca_file)
         self._own = {
             device_topic(self.device_id, kind): kind for kind in ("telemetry_ack", "desired", "cmd", "fetch_refused")
         }
@@ -105,14 +104,14 @@ class Uplink:
         self.sender = Supervised("slmops-uplink", self._send_loop)
 
     def start(self) -> None:
-        self.client.connect_async(self.address.host, self.address.port, keepalive=KEEPALIVE_S)
+        self.client.connect_first(KEEPALIVE_S)
         self.client.loop_start()
         self.sender.start()
 
     def status(self) -> dict[str, object]:
         """The link as it is, for /health: paho's own view of the connection, not just the last event."""
         return {
-            "broker": str(self.address),
+            "broker": str(self.client.address),
             "client_id": self.client_id,
             "connected": self.connected.is_set() and self.client.is_connected(),
             "refused": self.client.refused or None,
@@ -140,12 +139,12 @@ class Uplink:
                 self._subacks[mid] = self.connected
         for digest in list(self._bundles):  # a transfer under way goes on after a reconnect
             client.subscribe(chunk_topic(digest), qos=1)
-        log.info("connected to the broker at %s as %s", self.address, self.device_id)
+        log.info("connected to the broker at %s as %s", self.client.address, self.device_id)
         self._announce.set()  # birth (a hardware probe: nvidia-smi, disks) and state, from the sender thread
 
     def _on_disconnect(self, *_: object) -> None:
         if self.connected.is_set() and not self._stop.is_set():
-            log.warning("lost the broker at %s; serving on, queueing telemetry", self.address)
+            log.warning("lost the broker at %s; serving on, queueing telemetry", self.client.address)
         self.connected.clear()
 
     # --- bundle transfer (agent/fleet/transfer.py's ChunkLink) ----------------------------

@@ -1,13 +1,13 @@
 """/v1/devices: the fleet as devices report it, their labels, telemetry, commands and enrolment."""
 
 from typing import Annotated
-from urllib.parse import urlsplit, urlunsplit
 
 from fastapi import APIRouter
 from fastapi import Path as FastApiPath
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
+from slmops.broker import with_credentials
 from slmops.http import error_responses
 from slmops.messages import DEVICE_ID_PATTERN
 
@@ -63,8 +63,7 @@ async def enrol(
     """New broker credentials for a device (its MQTT user name is its id), replacing any it had.
     The password is shown here once; the controller keeps only its hash."""
     password = await run_in_threadpool(enrolment.enrol, device_id, who)
-    parts = urlsplit(config.devices_broker_url)
-    broker_url = urlunsplit(parts._replace(netloc=f"{device_id}:{password}@{parts.netloc}"))
+    broker_url = with_credentials(config.devices_broker_url, f"{device_id}:{password}")
     return DeviceEnrolment(device_id=device_id, broker_url=broker_url, username=device_id, password=password)
 
 

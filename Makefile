@@ -35,11 +35,13 @@ $(STAMP): $(PY) pyproject.toml constraints.txt
 
 install: system-packages $(STAMP)
 
-# System packages the tests and the demo use (the tests start their own Mosquitto and PostgreSQL servers).
+# System packages the tests and the demo use (the tests start their own Mosquitto, PostgreSQL and RabbitMQ
+# servers; RabbitMQ for the broker-cluster test).
 # Installed through apt when run as root, otherwise named.
 system-packages:
 	@missing=""; command -v mosquitto >/dev/null || missing="$$missing mosquitto"; \
 	command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	test -x /usr/lib/rabbitmq/bin/rabbitmq-server || missing="$$missing rabbitmq-server"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing system packages:$$missing"; \

@@ -22,7 +22,6 @@ also handles the broker's acks for the chunks being sent.
 """
 
 import logging
-import secrets
 import threading
 import uuid
 from collections import Counter
@@ -101,10 +100,8 @@ class MqttBridge:
         self._replies: dict[str, tuple[threading.Event, list[CommandReply]]] = {}
         self._replies_lock = threading.Lock()
         self._republishing: list[threading.Thread] = []
-        # Unique to this process: a client connecting with a guessed id cannot take its session over.
-        self.client_id = f"slmops-controller-{secrets.token_hex(4)}"
         fix = "the REST API goes on; fix broker_url (credentials) or broker_ca_file, then restart the controller"
-        self.client = LinkClient(parse_brokers(broker_url), self.client_id, protocol, fix, ca_file)
+        self.client = LinkClient(parse_brokers(broker_url), "slmops-controller", protocol, fix, ca_file)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_subscribe = self._on_subscribe

@@ -195,6 +195,8 @@ class ControllerHealth(BaseModel):
     status: str = "ok"
     mqtt: str
     """off (no broker configured), connected or disconnected."""
+    mqtt_broker: str | None = None
+    """host:port of the broker (of a cluster's nodes, the one) the controller is connected to or tries next."""
     mqtt_refused: str | None
     """Why the broker refused the controller's credentials, when it did."""
     dropped_messages: int

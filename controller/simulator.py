@@ -28,7 +28,6 @@ import hashlib
 import json
 import logging
 import random
-import secrets
 import socket
 import threading
 import time
@@ -44,7 +43,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from slmops import __version__
-from slmops.broker import backoff_s, parse_brokers
+from slmops.broker import backoff_s, fresh_client_id, parse_brokers
 from slmops.errors import ConfigError, MessageInvalid, describe_validation
 from slmops.manifest import Manifest
 from slmops.messages import (
@@ -207,7 +206,6 @@ class SimulatedDevice:
     def _client(self) -> mqtt.Client:
         client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
-            client_id=f"slmops-sim-{self.id}-{secrets.token_hex(3)}",
             protocol=mqtt.MQTTv311 if self.sim.protocol == "3.1.1" else mqtt.MQTTv5,
         )
         offline = DeviceState(online=False, agent_version=__version__).payload()
@@ -231,6 +229,7 @@ class SimulatedDevice:
         address = self.sim.addresses[self.node]
         if address.username:
             self.client.username_pw_set(address.username, address.password)
+        fresh_client_id(self.client, f"slmops-sim-{self.id}")
         try:
             self.client.connect(address.host, address.port, keepalive=KEEPALIVE_S)
         except (OSError, ValueError) as e:

@@ -12,6 +12,7 @@ Nagle's algorithm meeting delayed ACKs held each such round trip for 40 to 90 ms
 
 import logging
 import random
+import secrets
 import socket
 import ssl
 import time
@@ -90,6 +91,16 @@ def parse_brokers(urls: str) -> tuple[BrokerAddress, ...]:
     return addresses
 
 
+def fresh_client_id(client: mqtt.Client, prefix: str) -> str:
+    """Give `client` a new id, `prefix-<random>`, for its next connection. Every connection is a clean
+    session under an id nobody can guess (no client can take another's session over), and a new one each
+    time: RabbitMQ names a subscriber's queue after its client id and keeps it on the node it was made on,
+    so a client that moves to another node after its node died is refused under its old id."""
+    client_id = f"{prefix}-{secrets.token_hex(4)}"
+    client._client_id = client_id.encode()  # paho (pinned) has no setter; its connect() sends this
+    return client_id
+
+
 def _brokers_checked(urls: str) -> str:
     parse_brokers(urls)
     return urls
@@ -128,14 +139,15 @@ class LinkClient(mqtt.Client):
     def __init__(
         self,
         addresses: Sequence[BrokerAddress],
-        client_id: str,
+        client_id_prefix: str,
         protocol: Literal["3.1.1", "5"],
         fix: str,
         ca_file: str | None = None,
     ) -> None:
-        super().__init__(
-            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5 if protocol == "5" else mqtt.MQTTv311
-        )
+        super().__init__(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5 if protocol == "5" else mqtt.MQTTv311)
+        self.client_id_prefix = client_id_prefix
+        self.client_id = fresh_client_id(self, client_id_prefix)
+        """The id of the current (or next) connection: client_id_prefix-<random>, new for each one."""
         self.addresses, self.fix = tuple(addresses), fix
         self._at = 0
         self.refused = ""
@@ -176,6 +188,7 @@ class LinkClient(mqtt.Client):
         return False
 
     def reconnect(self) -> mqtt.MQTTErrorCode:
+        self.client_id = fresh_client_id(self, self.client_id_prefix)
         try:
             return super().reconnect()
         except ssl.SSLCertVerificationError as e:

@@ -218,3 +218,109 @@ def create_database(server_url: str) -> str:
     with psycopg.connect(server_url.replace("postgresql+psycopg", "postgresql") + "/postgres", autocommit=True) as c:
         c.execute(f"CREATE DATABASE {name}")
     return f"{server_url}/{name}"
+
+
+class RabbitMqCluster:
+    """`nodes` RabbitMQ nodes of our own (Debian's rabbitmq-server, the MQTT plugin on, each on free
+    loopback ports, named slmops<random>n<i>@localhost so they never meet the system's node), joined into
+    one cluster; `kill(i)` kills a node's VM as a crash would. `mqtt_urls[i]` is node i's MQTT listener."""
+
+    SBIN = Path("/usr/lib/rabbitmq/bin")
+
+    def __init__(self, folder: Path, nodes: int = 2) -> None:
+        import secrets
+        import subprocess
+
+        if not (self.SBIN / "rabbitmq-server").exists():
+            raise RuntimeError("rabbitmq-server is missing: `make test` installs it")
+        run = secrets.token_hex(3)
+        self.nodes = [_RabbitNode(folder / f"rabbit{i}", f"slmops{run}n{i}") for i in range(nodes)]
+        self.processes: list[subprocess.Popen | None] = []
+        try:
+            for node in self.nodes:
+                self.processes.append(node.start())
+            for node in self.nodes:
+                node.ctl("wait", str(node.pid_file), "--timeout", "90")
+            for node in self.nodes[1:]:
+                node.ctl("stop_app")
+                node.ctl("join_cluster", self.nodes[0].node)
+                node.ctl("start_app")
+        except BaseException:
+            self.stop()
+            raise
+        self.mqtt_urls = [f"mqtt://127.0.0.1:{node.mqtt_port}" for node in self.nodes]
+
+    def kill(self, index: int) -> None:
+        """SIGKILL the node's Erlang VM: its clients' sockets close without a DISCONNECT."""
+        import os
+        import signal
+
+        node = self.nodes[index]
+        os.kill(int(node.pid_file.read_text()), signal.SIGKILL)
+        process = self.processes[index]
+        if process is not None:
+            process.wait(timeout=30)  # the start script, whose VM it was
+            self.processes[index] = None
+
+    def stop(self) -> None:
+        for index, process in enumerate(self.processes):
+            if process is not None and self.nodes[index].pid_file.exists():
+                self.kill(index)
+            elif process is not None:
+                process.kill()
+                process.wait(timeout=30)
+        self.processes = []
+
+
+class _RabbitNode:
+    def __init__(self, folder: Path, name: str) -> None:
+        import os
+
+        self.folder, self.node = folder, f"{name}@localhost"
+        self.amqp_port, self.mqtt_port, self.dist_port = free_port(), free_port(), free_port()
+        folder.mkdir(parents=True)
+        cookie = folder / ".erlang.cookie"  # its own: the CLI finds it in HOME, as the node does
+        cookie.write_text("SLMOPSTESTCLUSTER")
+        os.chmod(cookie, 0o400)
+        (folder / "rabbitmq.conf").write_text(
+            f"listeners.tcp.default = 127.0.0.1:{self.amqp_port}\n"
+            f"mqtt.listeners.tcp.default = 127.0.0.1:{self.mqtt_port}\n"
+            "loopback_users = none\n"
+        )
+        (folder / "enabled_plugins").write_text("[rabbitmq_mqtt].\n")
+        self.pid_file = folder / "pid"
+        self.env = dict(
+            os.environ,
+            HOME=str(folder),
+            RABBITMQ_NODENAME=self.node,
+            RABBITMQ_NODE_PORT=str(self.amqp_port),
+            RABBITMQ_DIST_PORT=str(self.dist_port),
+            RABBITMQ_MNESIA_BASE=str(folder / "mnesia"),
+            RABBITMQ_LOG_BASE=str(folder / "log"),
+            RABBITMQ_CONFIG_FILE=str(folder / "rabbitmq"),
+            RABBITMQ_ENABLED_PLUGINS_FILE=str(folder / "enabled_plugins"),
+            RABBITMQ_PID_FILE=str(self.pid_file),
+            RABBITMQ_CONF_ENV_FILE="/dev/null",  # not the system node's rabbitmq-env.conf
+            ERL_EPMD_ADDRESS="127.0.0.1",
+        )
+
+    def start(self) -> "Any":
+        import subprocess
+
+        with (self.folder / "console.log").open("w") as log:
+            return subprocess.Popen(
+                [RabbitMqCluster.SBIN / "rabbitmq-server"], env=self.env, stdout=log, stderr=subprocess.STDOUT
+            )
+
+    def ctl(self, *args: str) -> None:
+        import subprocess
+
+        done = subprocess.run(
+            [RabbitMqCluster.SBIN / "rabbitmqctl", "-n", self.node, *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if done.returncode != 0:
+            raise AssertionError(f"rabbitmqctl {' '.join(args)} on {self.node}: {done.stdout}{done.stderr}")

@@ -17,12 +17,11 @@ device's topic (a broker may deliver one: amqtt 0.12 sent a new client the retai
 of every client's subscriptions) and chunks of a bundle not being fetched are dropped before
 they are parsed. Anything a message does while it is handled on paho's thread is caught:
 a bad one is logged, counted (`dropped` in /health) and dropped, never fatal to the link.
-The client id is unique to this process (`slmops-agent-<id>-<random>`), so another client
+The client id is new for each connection (`slmops-agent-<id>-<random>`), so another client
 connecting with a guessed id cannot take this one's session over.
 """
 
 import logging
-import secrets
 import threading
 from collections.abc import Callable
 
@@ -86,12 +85,13 @@ class Uplink:
         self._subacks: dict[int, threading.Event] = {}
         self._subacks_lock = threading.Lock()
         ca_file = str(config.broker_ca_file) if config.broker_ca_file else None
-        self.client_id = f"slmops-agent-{self.device_id}-{secrets.token_hex(4)}"
         fix = (
             f"serving goes on; check broker_url and broker_ca_file (enrol {self.device_id} again for new "
             "credentials: slmops fleet enrol), then restart the agent"
         )
-        self.client = LinkClient(parse_brokers(config.broker_url), self.client_id, config.broker_protocol, fix, ca_file)
+        self.client = LinkClient(
+            parse_brokers(config.broker_url), f"slmops-agent-{self.device_id}", config.broker_protocol, fix, ca_file
+        )
         self._own = {
             device_topic(self.device_id, kind): kind for kind in ("telemetry_ack", "desired", "cmd", "fetch_refused")
         }
@@ -112,7 +112,7 @@ class Uplink:
         """The link as it is, for /health: paho's own view of the connection, not just the last event."""
         return {
             "broker": str(self.client.address),
-            "client_id": self.client_id,
+            "client_id": self.client.client_id,
             "connected": self.connected.is_set() and self.client.is_connected(),
             "refused": self.client.refused or None,
             "dropped_messages": self.dropped,

@@ -22,6 +22,7 @@ async def health(request: Request) -> ControllerHealth:
         threads.append(timer.thread)
     return ControllerHealth(
         mqtt="off" if bridge is None else "connected" if bridge.connected else "disconnected",
+        mqtt_broker=str(bridge.client.address) if bridge else None,
         mqtt_refused=(bridge.client.refused or None) if bridge else None,
         dropped_messages=bridge.dropped if bridge else 0,
         chunks_sent=bridge.chunks_sent if bridge else 0,

@@ -59,7 +59,8 @@ class Controller:
 
 class ControllerProcess:
     """`slmops controller serve` in its own process, on its own data folder: it can be killed and started
-    again on the same folder and port. `env` carries its admin token once it has started."""
+    again on the same folder and port. `env` carries its admin token once it has started. Its output goes to
+    a file beside the data folder (a pipe read only at the end fills, and a chatty controller blocks on it)."""
 
     def __init__(self, data: Path, *args: str, **settings: str) -> None:
         """`settings`: SLMOPS_CONTROLLER_* variables, e.g. ROLLOUT_TICK_S="0.3"."""
@@ -72,15 +73,19 @@ class ControllerProcess:
             **{f"SLMOPS_CONTROLLER_{k.upper()}": v for k, v in settings.items()},
         }
         self.process: subprocess.Popen | None = None
+        self.log = data.parent / f"{data.name}-{self.port}.log"
+        self._log_from = 0
 
     def start(self) -> "ControllerProcess":
-        self.process = subprocess.Popen(
-            [*SLMOPS, "controller", "serve", "--port", str(self.port), *self.args],
-            env=self.env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with self.log.open("a") as log:
+            self._log_from = log.tell()
+            self.process = subprocess.Popen(
+                [*SLMOPS, "controller", "serve", "--port", str(self.port), *self.args],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         deadline = time.monotonic() + 60
         while True:
             if self.process.poll() is not None:
@@ -97,9 +102,11 @@ class ControllerProcess:
         return self
 
     def stop(self, sig: int = signal.SIGTERM) -> str:
-        """Its output; SIGKILL: no goodbye, no flush."""
+        """What it wrote since it was started; SIGKILL: no goodbye, no flush."""
         assert self.process is not None
         if self.process.poll() is None:
             self.process.send_signal(sig)
-        out, _ = self.process.communicate(timeout=20)
-        return out
+        self.process.wait(timeout=20)
+        with self.log.open(errors="replace") as log:
+            log.seek(self._log_from)
+            return log.read()

@@ -101,13 +101,14 @@ def test_a_message_for_another_device_is_not_obeyed(uplink: Uplink) -> None:
 
 def test_an_impostor_with_the_agents_own_client_id_does_not_deafen_it(uplink: Uplink, rogue, mosquitto: int) -> None:
     """Finding 4: a client that connected with the agent's client id for a while and left made it
-    deaf for good (on amqtt). The id is unique per process now; and should an impostor learn it,
-    the broker's takeover is a disconnect the agent reconnects from, subscribing again."""
+    deaf for good (on amqtt). The id is new for each connection now; and should an impostor learn it,
+    the broker's takeover is a disconnect the agent reconnects from (under another id), subscribing again."""
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
-    assert uplink.client_id.startswith("slmops-agent-uplink-test-") and uplink.client_id != "slmops-agent-uplink-test"
-    impostor = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=uplink.client_id)
+    taken = uplink.status()["client_id"]
+    assert taken.startswith("slmops-agent-uplink-test-") and taken != "slmops-agent-uplink-test"
+    impostor = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=taken)
     impostor.connect("127.0.0.1", mosquitto)
     impostor.loop_start()
     time.sleep(2)
@@ -120,4 +121,4 @@ def test_an_impostor_with_the_agents_own_client_id_does_not_deafen_it(uplink: Up
         rogue.publish(device_topic("uplink-test", "desired"), DESIRED.payload(), qos=1).wait_for_publish(5)
         time.sleep(0.5)
     assert work and work[0] == DESIRED, "the agent stayed deaf after the impostor left"
-    assert uplink.status()["connected"]
+    assert uplink.status()["connected"] and uplink.status()["client_id"] != taken

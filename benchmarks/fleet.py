@@ -59,7 +59,7 @@ BROKER_SETTINGS = "max_queued_messages 200000\nmax_connections -1\n"
 """The controller's subscription may have a burst queued at the broker (Mosquitto's default keeps 1,000
 per client and drops the rest; the agents would send them again, but late)."""
 
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 200)  # a log file: the wide table stays readable
 
 
 class Controllers:
@@ -270,6 +270,7 @@ def main() -> None:
         "replicas",
         "db",
         "connect s",
+        "batches/device/s",
         "records",
         "lost",
         "drain s",
@@ -277,6 +278,7 @@ def main() -> None:
         "controller CPU %",
         "controller RSS MiB",
         "mosquitto CPU %",
+        "simulator CPU %",
         "notify s",
         "rollout s",
         "holds",

@@ -25,7 +25,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session
@@ -89,6 +89,15 @@ class _Told:
     rollout_id: int
     bundle: BundleRow
     device_ids: list[str] = field(default_factory=list)
+
+
+class _DeviceNow(NamedTuple):
+    """What a decision reads of a device (its row less the profile and telemetry it does not need)."""
+
+    id: str
+    online: bool
+    desired: dict[str, Any] | None
+    reported: dict[str, Any] | None
 
 
 class Rollouts:
@@ -229,10 +238,7 @@ class Rollouts:
             bundle = session.get(BundleRow, rollout.bundle_id)
             assert bundle is not None  # the foreign key keeps it
             members = _members(session, rollout_id)
-            devices = {
-                d.id: d
-                for d in session.scalars(select(DeviceRow).where(DeviceRow.id.in_([m.device_id for m in members])))
-            }
+            devices = _devices_now(session, [m for m in members if _waiting(m, rollout)])
             started = [m for m in members if m.wave <= rollout.wave]
             told = self._untold(rollout, started, devices, bundle)
             if rollout.status == ACTIVE:
@@ -271,7 +277,7 @@ class Rollouts:
         self,
         rollout: RolloutRow,
         started: Sequence[RolloutDeviceRow],
-        devices: dict[str, DeviceRow],
+        devices: dict[str, _DeviceNow],
         bundle: BundleRow,
     ) -> list[_Told]:
         """Devices a decision meant to tell and that were not told: the controller stopped between the
@@ -304,7 +310,7 @@ class Rollouts:
         bundle: BundleRow,
         members: Sequence[RolloutDeviceRow],
         wave: Sequence[RolloutDeviceRow],
-        devices: dict[str, DeviceRow],
+        devices: dict[str, _DeviceNow],
         now: datetime,
     ) -> list[_Told]:
         passed = sum(
@@ -435,6 +441,27 @@ def _view(session: Session, rollout: RolloutRow, with_devices: bool) -> RolloutV
     return RolloutView.of(rollout, bundle, _members(session, rollout.id), with_devices)
 
 
+def _waiting(member: RolloutDeviceRow, rollout: RolloutRow) -> bool:
+    """Whether a decision step may need the member's device: it is started and not finished, it is
+    rolled back (a rollback owed), or it starts with the next wave. A 5,000-device wave is read whole
+    only while its devices are under way."""
+    return (
+        (member.wave <= rollout.wave and member.state not in FINISHED)
+        or member.state == "rolled_back"
+        or member.wave == rollout.wave + 1
+    )
+
+
+def _devices_now(session: Session, members: Sequence[RolloutDeviceRow]) -> dict[str, _DeviceNow]:
+    ids = [m.device_id for m in members]
+    columns = select(DeviceRow.id, DeviceRow.online, DeviceRow.desired, DeviceRow.reported)
+    found: dict[str, _DeviceNow] = {}
+    for start in range(0, len(ids), 5000):  # SQLite binds at most 32,766 parameters
+        for row in session.execute(columns.where(DeviceRow.id.in_(ids[start : start + 5000]))):
+            found[row.id] = _DeviceNow(*row)
+    return found
+
+
 def _members(session: Session, rollout_id: int) -> list[RolloutDeviceRow]:
     """A rollout's devices, by wave and id."""
     query = (
@@ -559,7 +586,7 @@ def _figures(records: Sequence[dict[str, Any]]) -> dict[str, float]:
 
 def _follow(
     member: RolloutDeviceRow,
-    device: DeviceRow | None,
+    device: _DeviceNow | None,
     bundle: BundleRow,
     rollout: RolloutRow,
     now: datetime,

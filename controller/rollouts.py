@@ -143,8 +143,11 @@ class Rollouts:
             for wave, device_ids in enumerate(plan, start=1):
                 for device_id in device_ids:
                     serving = by_id[device_id].serving or {}
-                    previous = by_id[device_id].desired or registered.get(
-                        (serving.get("bundle"), serving.get("version"))
+                    running = registered.get((serving.get("bundle"), serving.get("version")))
+                    # what it returns to on a rollback: never the rollout's own bundle (a device told it
+                    # by hand before), then nothing (it keeps what it has)
+                    previous = next(
+                        (p for p in (by_id[device_id].desired, running) if p and p["digest"] != bundle.digest), None
                     )
                     session.add(
                         RolloutDeviceRow(
@@ -397,9 +400,9 @@ class Rollouts:
 
     @staticmethod
     def _registered(session: Session, devices: Sequence[DeviceRow]) -> dict[tuple[Any, Any], dict[str, Any]]:
-        """(name, version) → that bundle as a desired state, for what the devices without a desired state
-        serve and the registry has (a device's previous bundle, to roll back to)."""
-        served = {((d.serving or {}).get("bundle"), (d.serving or {}).get("version")) for d in devices if not d.desired}
+        """(name, version) → that bundle as a desired state, for what the devices serve and the registry has
+        (a device's previous bundle, to roll back to, when its desired state is none or the rollout's)."""
+        served = {((d.serving or {}).get("bundle"), (d.serving or {}).get("version")) for d in devices}
         names = {name for name, _ in served if name}
         rows: Sequence[BundleRow] = session.scalars(select(BundleRow).where(BundleRow.name.in_(names))).all()
         return {

@@ -176,6 +176,19 @@ def test_too_many_failures_halt_the_rollout_and_roll_back_what_it_switched(world
     assert {fleet.device(d).desired["version"] for d in second} == {"1.0.0"}
 
 
+def test_a_device_told_the_bundle_by_hand_before_rolls_back_to_what_it_serves(world) -> None:
+    """Its desired state is already the rollout's bundle: what it returns to on a halt is what it serves."""
+    fleet, control, rollouts, bundles = world
+    join(fleet, control, bundles, ["early", "other"])
+    control.desire(["early"], bundles["2.0.0"], OPERATOR)  # still serving 1.0.0: not there yet
+    rollout = rollouts.create(spec(waves="100%", max_failure="0%", min_reported=1, soak_s=0), OPERATOR)
+    rollouts.advance(T0)
+    report(fleet, bundles["2.0.0"], ["early", "other"], "failed", reason="smoke test: no tokens")
+    rollouts.advance(T0 + timedelta(seconds=10))
+    assert states(rollouts, rollout.id) == {"early": "rolled_back", "other": "rolled_back"}
+    assert {fleet.device(d).desired["version"] for d in ("early", "other")} == {"1.0.0"}
+
+
 def test_too_few_healthy_devices_pause_the_rollout_as_inconclusive(world) -> None:
     fleet, control, rollouts, bundles = world
     join(fleet, control, bundles, [f"dev-{i}" for i in range(6)])

@@ -246,24 +246,37 @@ def rollout_status_cmd(
     controller: ControllerUrl = "http://127.0.0.1:8700",
     token: Token = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable.")] = False,
+    state: Annotated[str | None, typer.Option(help="Only devices in this state (failed, timed_out, ...).")] = None,
+    wave: Annotated[int | None, typer.Option(min=1, help="Only devices of this wave.")] = None,
+    limit: Annotated[int, typer.Option(min=0, max=100_000, help="Devices shown; 0: counts only.")] = 1000,
+    offset: Annotated[int, typer.Option(min=0, help="Devices skipped (the next page).")] = 0,
 ) -> None:
-    """A rollout with every device: its wave, hardware class, state and what decided it."""
+    """A rollout, its devices counted by state, and each device (a page of them): its wave, hardware
+    class, state and what decided it."""
     from rich.table import Table
 
     with client(controller, token) as api:
-        rollout = answer(lambda: api.rollout(rollout_id))
+        rollout = answer(lambda: api.rollout(rollout_id, state, wave, limit, offset))
     if as_json:
         print(rollout.model_dump_json(indent=2))
         return
+    by_state = ", ".join(f"{name} {n}" for name, n in sorted(rollout.states.items()))
     console.print(
         f"rollout {rollout.id}: {rollout.bundle} {rollout.version} · {rollout.status} · wave "
-        f"{rollout.wave}/{rollout.wave_count} · target {rollout.target}"
+        f"{rollout.wave}/{rollout.wave_count} · target {rollout.target}\n{by_state}"
         + (f"\n{rollout.reason}" if rollout.reason else "")
     )
+    if not limit:
+        return
     table = Table("wave", "device", "hardware class", "state", "since", "detail")
     for d in rollout.devices:
         table.add_row(str(d.wave), d.device_id, d.hardware_class, d.state, _ago(d.state_at), d.detail)
     console.print(table)
+    if offset + len(rollout.devices) < rollout.devices_total:
+        console.print(
+            f"devices {offset + 1}-{offset + len(rollout.devices)} of {rollout.devices_total}: "
+            f"--offset {offset + len(rollout.devices)} for more"
+        )
 
 
 def _rollout_action(action: str, done: str) -> None:

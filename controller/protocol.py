@@ -1,7 +1,7 @@
 """Request and response models of the controller's REST API (slmops.client reads its answers into them)."""
 
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -241,12 +241,18 @@ class RolloutRequest(BaseModel):
     )
 
 
+RolloutDeviceState = Literal[
+    "pending", "notified", "unreached", "downloading", "activating", "soaking", "passed", "failed", "timed_out",
+    "rolled_back",
+]  # fmt: skip
+
+
 class RolloutDeviceView(BaseModel):
     device_id: str
     wave: int
     hardware_class: str
     state: str
-    """pending, notified, unreached, downloading, activating, soaking, passed, failed, timed_out, rolled_back"""
+    """One of RolloutDeviceState."""
     state_at: datetime
     detail: str
     figures: dict[str, Any] | None = None
@@ -286,16 +292,21 @@ class RolloutView(BaseModel):
     created_by: str
     updated_at: datetime
     states: dict[str, int]
-    """How many devices are in each state."""
+    """How many devices are in each state (all of them, whatever page `devices` is)."""
     devices: list[RolloutDeviceView] = []
+    """One page of its devices, by wave and id (GET /v1/rollouts/{id}?state=&wave=&limit=&offset=)."""
+    devices_total: int = 0
+    """How many devices match the page's filters (state, wave); more pages while offset + limit is below it."""
 
     @classmethod
     def of(
-        cls, row: "RolloutRow", bundle: "BundleRow", members: list["RolloutDeviceRow"], with_devices: bool
+        cls,
+        row: "RolloutRow",
+        bundle: "BundleRow",
+        states: dict[str, int],
+        page: list["RolloutDeviceRow"],
+        total: int,
     ) -> "RolloutView":
-        states: dict[str, int] = {}
-        for member in members:
-            states[member.state] = states.get(member.state, 0) + 1
         return cls(
             id=row.id,
             bundle=bundle.name,
@@ -315,5 +326,6 @@ class RolloutView(BaseModel):
             created_by=row.created_by,
             updated_at=row.updated_at,
             states=states,
-            devices=[RolloutDeviceView.of(m) for m in members] if with_devices else [],
+            devices=[RolloutDeviceView.of(m) for m in page],
+            devices_total=total,
         )

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, func, select, update
 from sqlalchemy.orm import Session
 
 from slmops.errors import Conflict, NotFound, Rejected
@@ -49,6 +49,8 @@ ACTIVE, PAUSED, HALTED, COMPLETED, ABORTED = "active", "paused", "halted", "comp
 SUPERSEDED = "superseded"
 REPAIR_S = 3600.0
 """How long after its halt a rollout's rollbacks are checked for devices not told (a restart between)."""
+DEVICE_PAGE = 1000
+"""Devices in a rollout view unless the request asks for another page size."""
 OWNING = (ACTIVE, PAUSED)
 """Statuses of a rollout that owns its devices: no other rollout nor a hand-set desired state may take them."""
 FINISHED = ("passed", "failed", "timed_out", "rolled_back")
@@ -162,15 +164,24 @@ class Rollouts:
             audit.record(session, actor, "rollout.create", f"rollout/{rollout.id}", detail, bundle.id)
         return self.get(rollout.id)
 
-    def get(self, rollout_id: int, with_devices: bool = True) -> RolloutView:
+    def get(
+        self,
+        rollout_id: int,
+        state: str | None = None,
+        wave: int | None = None,
+        limit: int = DEVICE_PAGE,
+        offset: int = 0,
+    ) -> RolloutView:
+        """The rollout, its devices counted by state, and one page of its devices (by wave and id) of
+        those in `state` and `wave` when given."""
         with Session(self.engine) as session:
-            return _view(session, self._row(session, rollout_id), with_devices)
+            return _view(session, self._row(session, rollout_id), state, wave, limit, offset)
 
     def all(self) -> list[RolloutView]:
         """Every rollout, newest first, with its devices counted by state."""
         with Session(self.engine) as session:
             rows = session.scalars(select(RolloutRow).order_by(RolloutRow.id.desc()))
-            return [_view(session, row, with_devices=False) for row in rows]
+            return [_view(session, row, limit=0) for row in rows]
 
     def set_status(self, rollout_id: int, status: str, actor: Actor) -> RolloutView:
         """pause (active → paused), resume (paused → active), abort (stops where it is, no rollback)."""
@@ -438,10 +449,36 @@ class RolloutTimer:
                 log.warning("%s; another replica decides from now on", e)
 
 
-def _view(session: Session, rollout: RolloutRow, with_devices: bool) -> RolloutView:
+def _view(
+    session: Session,
+    rollout: RolloutRow,
+    state: str | None = None,
+    wave: int | None = None,
+    limit: int = DEVICE_PAGE,
+    offset: int = 0,
+) -> RolloutView:
+    """Counted and paged in the database: a 10,000-device rollout's status costs one page, not all."""
     bundle = session.get(BundleRow, rollout.bundle_id)
     assert bundle is not None  # the foreign key keeps it
-    return RolloutView.of(rollout, bundle, _members(session, rollout.id), with_devices)
+    mine = RolloutDeviceRow.rollout_id == rollout.id
+    counted = session.execute(select(RolloutDeviceRow.state, func.count()).where(mine).group_by(RolloutDeviceRow.state))
+    states = {state: count for state, count in counted}
+    chosen = select(RolloutDeviceRow).where(mine)
+    if state is not None:
+        chosen = chosen.where(RolloutDeviceRow.state == state)
+    if wave is not None:
+        chosen = chosen.where(RolloutDeviceRow.wave == wave)
+    total = session.scalar(select(func.count()).select_from(chosen.subquery())) or 0
+    page = (
+        list(
+            session.scalars(
+                chosen.order_by(RolloutDeviceRow.wave, RolloutDeviceRow.device_id).limit(limit).offset(offset)
+            )
+        )
+        if limit
+        else []
+    )
+    return RolloutView.of(rollout, bundle, states, page, total)
 
 
 def _waiting(member: RolloutDeviceRow, rollout: RolloutRow) -> bool:

@@ -134,8 +134,13 @@ class ControllerClient:
     def rollouts(self) -> list[RolloutView]:
         return self._call("GET", "/v1/rollouts", list[RolloutView])
 
-    def rollout(self, rollout_id: int) -> RolloutView:
-        return self._call("GET", f"/v1/rollouts/{rollout_id}", RolloutView)
+    def rollout(
+        self, rollout_id: int, state: str | None = None, wave: int | None = None, limit: int = 1000, offset: int = 0
+    ) -> RolloutView:
+        """The rollout with a page of its devices (`limit` 0: its counts by state only)."""
+        params: dict[str, Any] = {"limit": limit, "offset": offset}
+        params.update({k: v for k, v in (("state", state), ("wave", wave)) if v is not None})
+        return self._call("GET", f"/v1/rollouts/{rollout_id}", RolloutView, params=params)
 
     def rollout_action(self, rollout_id: int, action: str) -> RolloutView:
         """pause, resume, abort, rollback or promote."""

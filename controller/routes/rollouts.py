@@ -3,13 +3,13 @@ operator's pause, resume, abort, rollback and promote. The controller moves acti
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Path
+from fastapi import APIRouter, Path, Query
 from fastapi.concurrency import run_in_threadpool
 
 from slmops.http import error_responses
 
-from ..protocol import RolloutRequest, RolloutView
-from ..rollouts import ABORTED, ACTIVE, PAUSED
+from ..protocol import RolloutDeviceState, RolloutRequest, RolloutView
+from ..rollouts import ABORTED, ACTIVE, DEVICE_PAGE, PAUSED
 from . import Admin, Reader, RolloutsOf
 
 router = APIRouter(tags=["rollouts"], responses=error_responses(400, 401, 403, 404, 409, 500))
@@ -30,9 +30,18 @@ async def list_rollouts(_who: Reader, rollouts: RolloutsOf) -> list[RolloutView]
 
 
 @router.get("/v1/rollouts/{rollout_id}")
-async def status(rollout_id: RolloutId, _who: Reader, rollouts: RolloutsOf) -> RolloutView:
-    """A rollout with every device: its wave, hardware class, state and what decided it."""
-    return await run_in_threadpool(rollouts.get, rollout_id)
+async def status(
+    rollout_id: RolloutId,
+    _who: Reader,
+    rollouts: RolloutsOf,
+    state: Annotated[RolloutDeviceState | None, Query(description="Only devices in this state.")] = None,
+    wave: Annotated[int | None, Query(ge=1, le=1000, description="Only devices of this wave.")] = None,
+    limit: Annotated[int, Query(ge=0, le=100_000, description="Devices in the page; 0: counts only.")] = DEVICE_PAGE,
+    offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
+) -> RolloutView:
+    """A rollout, its devices counted by state, and a page of its devices (by wave and id): each one's
+    wave, hardware class, state and what decided it. `devices_total` says how many match."""
+    return await run_in_threadpool(rollouts.get, rollout_id, state, wave, limit, offset)
 
 
 @router.post("/v1/rollouts/{rollout_id}/{action}")

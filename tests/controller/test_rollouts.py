@@ -189,6 +189,25 @@ def test_a_device_told_the_bundle_by_hand_before_rolls_back_to_what_it_serves(wo
     assert {fleet.device(d).desired["version"] for d in ("early", "other")} == {"1.0.0"}
 
 
+def test_a_rollout_view_pages_its_devices_and_counts_them_all(world) -> None:
+    fleet, control, rollouts, bundles = world
+    join(fleet, control, bundles, [f"dev-{i:02d}" for i in range(20)])
+    rollout = rollouts.create(spec(waves="5,100%"), OPERATOR)
+    rollouts.advance(T0)
+    whole = rollouts.get(rollout.id)
+    assert whole.devices_total == 20 and len(whole.devices) == 20
+    assert whole.states == {"notified": 5, "pending": 15}
+    pages = [rollouts.get(rollout.id, limit=8, offset=offset).devices for offset in (0, 8, 16)]
+    assert [len(page) for page in pages] == [8, 8, 4]
+    assert [d.device_id for page in pages for d in page] == [d.device_id for d in whole.devices], "by wave and id"
+    pending = rollouts.get(rollout.id, state="pending")
+    assert pending.devices_total == 15 and {d.state for d in pending.devices} == {"pending"}
+    canaries = rollouts.get(rollout.id, wave=1, limit=2)
+    assert canaries.devices_total == 5 and [d.wave for d in canaries.devices] == [1, 1]
+    counts = rollouts.get(rollout.id, limit=0)
+    assert counts.devices == [] and counts.states == whole.states and counts.devices_total == 20
+
+
 def test_too_few_healthy_devices_pause_the_rollout_as_inconclusive(world) -> None:
     fleet, control, rollouts, bundles = world
     join(fleet, control, bundles, [f"dev-{i}" for i in range(6)])

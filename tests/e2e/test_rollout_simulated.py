@@ -52,8 +52,8 @@ def sim_fleet(broker, signing_key, tmp_path: Path, request: pytest.FixtureReques
         controller.api.push(write_archive(bundle, tmp_path / f"{version}.tar"))
     simulators: list[FleetSimulator] = []
 
-    def simulate(count: int, profile: Profile, prefix: str = "sim") -> FleetSimulator:
-        sim = FleetSimulator(broker_url, count, profile, prefix=prefix, serving="tiny:1.0.0")
+    def simulate(count: int, profile: Profile, prefix: str = "sim", fetch_share: float = 0.0) -> FleetSimulator:
+        sim = FleetSimulator(broker_url, count, profile, prefix=prefix, serving="tiny:1.0.0", fetch_share=fetch_share)
         simulators.append(sim)
         sim.start()
         online = lambda: sum(d.online and d.id.startswith(prefix) for d in controller.api.devices())  # noqa: E731
@@ -145,6 +145,27 @@ def test_a_tokens_per_s_gate_judges_each_device_against_its_own_figures(sim_flee
     assert passed.status == "completed", passed.reason
     figures = [d.figures["during"]["tokens_per_s"] for d in passed.devices]
     assert max(figures) < 0.8 * 80, "the slow class runs far below the fast class's figure, and passes"
+
+
+def test_devices_in_fetch_mode_download_every_chunk_of_their_variant_from_the_controller(sim_fleet, tmp_path) -> None:
+    """--fetch: half the devices download 2.0.0 for real (manifest, then every file of the variant, each
+    chunk checked against its header) before they activate; the rest only pretend to."""
+    import json
+
+    sim = sim_fleet.simulate(8, Profile(**QUICK), fetch_share=0.5)
+    fetchers = sim.call(lambda: [d.id for d in sim.devices.values() if d.fetches])
+    assert 0 < len(fetchers) < 8
+    request = RolloutRequest(bundle="tiny", version="2.0.0", target="provider=cpu", waves="100%", min_reported=2,
+                             soak_s=1)  # fmt: skip
+    done = sim_fleet.rollout(request, lambda r: r.status != "active", "the rollout did not end")
+    assert done.status == "completed", done.reason
+    stats = sim.stats()
+    assert stats["fetched"] == len(fetchers) and stats["serving"] == {"tiny:2.0.0": 8}
+    folder = tmp_path / "2.0.0"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    variant = manifest["variants"][0]
+    one = sum(f["size"] for f in variant["files"]) + (folder / "manifest.json").stat().st_size
+    assert stats["chunk_bytes"] == len(fetchers) * one, "each fetching device got its variant, every byte once"
 
 
 def test_too_few_reports_pause_the_rollout_as_inconclusive(sim_fleet) -> None:

@@ -97,7 +97,8 @@ class AgentConfig(BaseSettings):
     telemetry_retention_s: float = Field(default=7 * 24 * 3600, gt=0)
     telemetry_batch_records: int = Field(default=500, ge=1, le=10_000)
     telemetry_ack_timeout_s: float = Field(default=10.0, gt=0)
-    """A batch not acknowledged in this time is sent again (the controller stores it once)."""
+    """A batch not acknowledged in this time is sent again (the controller stores it once); each further
+    wait is doubled, up to 8× this, until an ack comes."""
 
     @property
     def prefix_cache_bytes(self) -> int:

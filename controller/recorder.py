@@ -8,13 +8,16 @@ recorder thread: what is queued, up to 500 messages ─► fleet.record: one tra
        is sent that state again (retained)
     a transaction that fails: each message again on its own; the one that fails alone is
     logged and counted, the others are kept
-queue full (the database far behind): put() waits, and the broker holds what comes meanwhile
+queue full (the database far behind): put() waits, and the broker holds what comes meanwhile. The
+    queue is bounded in records, not messages: a backlog of 100-record batches held ten thousand of
+    them (about 1 GB) where a message bound would allow it
 stop(): what is queued is written first
 """
 
 import logging
 import queue
 import statistics
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -27,7 +30,8 @@ from .fleet import Fleet, Inbound
 log = logging.getLogger(__name__)
 
 BATCH_MESSAGES = 500
-QUEUED_MESSAGES = 10_000
+QUEUED_RECORDS = 20_000
+"""Records (a telemetry batch weighs its records, any other message one) queued before put() waits."""
 
 Received = tuple[str, Inbound, float]
 """device id, what it sent, when it was received (monotonic)"""
@@ -48,7 +52,10 @@ class Recorder:
         self.recorded = 0
         self.lags: deque[float] = deque(maxlen=LAG_WINDOW)
         """Seconds from receipt to commit of the last LAG_WINDOW messages recorded."""
-        self._queue: queue.Queue[Received | None] = queue.Queue(maxsize=QUEUED_MESSAGES)
+        self._queue: queue.Queue[Received | None] = queue.Queue()
+        self._room = threading.Condition()
+        self._weight = 0
+        """Records queued (see QUEUED_RECORDS)."""
         self.thread = Supervised("slmops-recorder", self._run)
 
     def start(self) -> None:
@@ -59,6 +66,11 @@ class Recorder:
         self.thread.join(timeout=30)
 
     def put(self, device_id: str, message: Inbound) -> None:
+        """Queue a message; while QUEUED_RECORDS are queued, wait (one bigger than that goes in alone)."""
+        weight = _weight(message)
+        with self._room:
+            self._room.wait_for(lambda: self._weight == 0 or self._weight + weight <= QUEUED_RECORDS)
+            self._weight += weight
         self._queue.put((device_id, message, time.monotonic()))
 
     @property
@@ -85,6 +97,9 @@ class Recorder:
                     break
                 batch.append(received)
             self._write(batch)
+            with self._room:
+                self._weight -= sum(_weight(message) for _, message, _ in batch)
+                self._room.notify_all()
             if stopping:
                 return
 
@@ -111,3 +126,7 @@ class Recorder:
                 "%s does not run its desired %s %s; telling it again", device_id, desired.bundle, desired.version
             )
             self.reassert(device_id, desired)
+
+
+def _weight(message: Inbound) -> int:
+    return len(message.records) if isinstance(message, TelemetryBatch) else 1

@@ -8,7 +8,7 @@
     every telemetry_interval_s: a system and an inference record (the class's tokens/s and TTFT,
         scaled by what the profile says of the bundle served) queued with sequence numbers
         ─► one batch in flight at a time, deleted when telemetry_ack covers it, sent again when not
-        acknowledged within ack_timeout_s
+        acknowledged within ack_timeout_s (doubled at each resend, up to 8×, as the agent)
     desired ─► already served: healthy · its previous slot: back to it · otherwise downloading %
         (or, with --fetch, the bundle's chunks for real over MQTT) ─► verifying ─► activating
         ─► healthy, or failed with the smoke test's reason (the profile's fail_activation share of
@@ -68,6 +68,7 @@ from slmops.messages import (
     parse,
     parse_chunk,
     request_topic,
+    resend_wait_s,
 )
 
 from ..agent.hardware import PROVIDERS
@@ -199,6 +200,8 @@ class SimulatedDevice:
         self.seq = 0
         self.queued: list[TelemetryRecord] = []
         self.in_flight: tuple[int, float] | None = None  # last seq sent, when
+        self.ack_wait_s = sim.profile.ack_timeout_s
+        """How long the batch in flight waits for its ack (doubled at each resend, as the agent's)."""
         self.working: DesiredState | None = None
         self.fetch: _Fetch | None = None
         self.client = self._client()
@@ -348,10 +351,11 @@ class SimulatedDevice:
     def _send_telemetry(self) -> None:
         if not self.queued:
             return
-        if self.in_flight is not None and time.monotonic() - self.in_flight[1] < self.sim.profile.ack_timeout_s:
+        if self.in_flight is not None and time.monotonic() - self.in_flight[1] < self.ack_wait_s:
             return  # one batch in flight at a time, as the agent
         if self.in_flight is not None:
             self.sim.counts["telemetry_resent"] += 1
+            self.ack_wait_s = resend_wait_s(self.ack_wait_s, self.sim.profile.ack_timeout_s)
         records = self.queued[:BATCH_RECORDS]
         self._publish("telemetry", TelemetryBatch(records=records))
         self.in_flight = (records[-1].seq, time.monotonic())
@@ -364,6 +368,7 @@ class SimulatedDevice:
         kept = [r for r in self.queued if r.seq > up_to]
         self.sim.counts["records_acked"] += len(self.queued) - len(kept)
         self.queued, self.in_flight = kept, None
+        self.ack_wait_s = self.sim.profile.ack_timeout_s
         self._send_telemetry()
 
     # --- desired state and commands ------------------------------------------------------------

@@ -116,6 +116,16 @@ class TelemetryBatch(Message):
     records: list[TelemetryRecord] = Field(min_length=1, max_length=10_000)
 
 
+RESEND_BACKOFF_MAX = 8
+"""A batch's ack wait grows to at most this many times the configured one."""
+
+
+def resend_wait_s(current_s: float, base_s: float) -> float:
+    """The ack wait after a batch went unacknowledged: doubled, up to RESEND_BACKOFF_MAX × `base_s`. A
+    controller that fell behind gets fewer copies of what it has not stored yet, not more."""
+    return min(current_s * 2, base_s * RESEND_BACKOFF_MAX)
+
+
 class TelemetryAck(Message):
     """The controller stored every record up to this sequence number: the agent may delete them."""
 

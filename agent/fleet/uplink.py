@@ -48,6 +48,7 @@ from slmops.messages import (
     parse,
     parse_chunk,
     request_topic,
+    resend_wait_s,
 )
 from slmops.supervision import Supervised
 
@@ -76,6 +77,9 @@ class Uplink:
         self.connected = threading.Event()
         self._acked = threading.Event()
         self._acked_seq = 0
+        self._ack_wait_s = config.telemetry_ack_timeout_s
+        """How long the batch in flight waits for its ack: doubled at each resend (up to 8×), so that a
+        fleet whose controller fell behind does not bury it under copies; back to the setting on an ack."""
         self._announce = threading.Event()  # set on every connect: birth and state are due
         self._stop = threading.Event()
         self.dropped = 0
@@ -253,7 +257,10 @@ class Uplink:
         )
         self._acked.clear()
         self.client.publish(device_topic(self.device_id, "telemetry"), batch.payload(), qos=1)
-        if not self._acked.wait(self.config.telemetry_ack_timeout_s):
+        if not self._acked.wait(self._ack_wait_s):
             log.info("no acknowledgement for telemetry %d-%d yet; sending again", records[0].seq, records[-1].seq)
-        elif (stored := min(self._acked_seq, records[-1].seq)) >= records[0].seq:
+            self._ack_wait_s = resend_wait_s(self._ack_wait_s, self.config.telemetry_ack_timeout_s)
+            return
+        self._ack_wait_s = self.config.telemetry_ack_timeout_s
+        if (stored := min(self._acked_seq, records[-1].seq)) >= records[0].seq:
             self.queue.ack(stored)  # never past what was sent: an ack cannot delete what the controller never had

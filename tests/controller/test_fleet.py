@@ -410,6 +410,28 @@ def test_a_message_the_database_refuses_loses_only_itself(
     assert [r.getMessage() for r in caplog.records] == ["could not record a Birth from device poison"]
 
 
+def test_the_recorders_queue_is_bounded_in_records_not_messages(refusing_fleet: Fleet, monkeypatch) -> None:
+    """A backlog of big batches must not hold thousands of them: put() waits once QUEUED_RECORDS are queued."""
+    import threading
+
+    from slmops.controller import recorder as recording
+
+    monkeypatch.setattr(recording, "QUEUED_RECORDS", 250)
+    recorder = Recorder(refusing_fleet, lambda device, seq: None)
+    recorder.put("edge-a", Birth(agent_version="0.1.0", profile=PROFILE))
+    recorder.put("edge-a", telemetry(*range(1, 101)))
+    recorder.put("edge-a", telemetry(*range(101, 201)))
+    third = threading.Thread(target=recorder.put, args=("edge-a", telemetry(*range(201, 301))))
+    third.start()
+    third.join(timeout=0.5)
+    assert third.is_alive() and recorder.queued == 3, "301 records would be past the bound: it waits"
+    recorder.start()  # the recorder writes what is queued: room for the third batch
+    third.join(timeout=10)
+    assert not third.is_alive()
+    recorder.stop()
+    assert [r.seq for r in refusing_fleet.telemetry("edge-a", limit=1000)][:1] == [300]
+
+
 def test_a_report_recorded_after_a_later_one_does_not_replace_it(controller_config) -> None:
     """Two controller replicas on a shared subscription may record one device's reports out of order."""
     from datetime import UTC, datetime, timedelta

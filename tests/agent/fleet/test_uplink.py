@@ -11,7 +11,7 @@ from slmops.agent import config as agent_config
 from slmops.agent.fleet.uplink import Uplink
 from slmops.agent.host import ModelHost
 from slmops.agent.telemetry import TelemetryQueue
-from slmops.messages import DesiredState, chunk_topic, device_topic
+from slmops.messages import DesiredState, chunk_topic, device_topic, resend_wait_s
 
 
 @pytest.fixture
@@ -122,3 +122,10 @@ def test_an_impostor_with_the_agents_own_client_id_does_not_deafen_it(uplink: Up
         time.sleep(0.5)
     assert work and work[0] == DESIRED, "the agent stayed deaf after the impostor left"
     assert uplink.status()["connected"] and uplink.status()["client_id"] != taken
+
+
+def test_an_unacknowledged_batch_waits_longer_each_time_up_to_eight_times() -> None:
+    waits = [10.0]
+    for _ in range(5):
+        waits.append(resend_wait_s(waits[-1], 10.0))
+    assert waits == [10, 20, 40, 80, 80, 80]

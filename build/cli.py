@@ -262,3 +262,69 @@ def evaluate_cmd(
         gates.check(evaluation, str(variant))
     except GateFailed as e:
         fail(str(e), code=GATE_FAILED_EXIT)
+
+
+@app.command("finetune")
+def finetune_cmd(
+    model: Annotated[str, typer.Argument(help="Catalogue name, Hugging Face folder or .gguf file.")],
+    data: Annotated[Path, typer.Option("--data", help='Chat JSONL: {"messages": [{"role", "content"}, ...]} a line.')],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the adapter (or model) and finetune.json.")],
+    method: Annotated[str, typer.Option(help="lora (peft adapters) or full (every weight).")] = "lora",
+    qlora: Annotated[bool, typer.Option(help="The base in 4 bits (bitsandbytes; a CUDA GPU).")] = False,
+    validation: Annotated[
+        Path | None, typer.Option(help="Chat JSONL to validate on; default: a seeded share of --data.")
+    ] = None,
+    epochs: Annotated[int, typer.Option(min=1)] = 3,
+    learning_rate: Annotated[float | None, typer.Option(help="Default: 2e-4 (lora), 2e-5 (full).")] = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 4,
+    gradient_accumulation: Annotated[int, typer.Option(min=1)] = 1,
+    max_length: Annotated[int, typer.Option(min=8, help="Tokens a conversation is cut to.")] = 512,
+    rank: Annotated[int, typer.Option(min=1, help="LoRA rank.")] = 8,
+    alpha: Annotated[int, typer.Option(min=1, help="LoRA alpha.")] = 16,
+    dropout: Annotated[float, typer.Option(help="LoRA dropout.")] = 0.05,
+    target_module: Annotated[
+        list[str] | None, typer.Option(help="A module LoRA adapts (repeat); default: every linear layer.")
+    ] = None,
+    patience: Annotated[int, typer.Option(min=1, help="Epochs without a better validation loss before stopping.")] = 2,
+    merge: Annotated[bool, typer.Option(help="Merge the adapter into the base and write the whole model.")] = False,
+    resume: Annotated[bool, typer.Option(help="Go on from the last checkpoint in --out.")] = False,
+    seed: int = 0,
+) -> None:
+    """Fine-tune on chat data (only the answers are learned): LoRA or every weight, validation each epoch,
+    early stopping, a checkpoint per epoch (--resume), provenance in finetune.json."""
+    from pydantic import ValidationError
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from slmops.build.finetune import FinetuneSettings, finetune
+
+    try:
+        settings = FinetuneSettings(
+            method=method, qlora=qlora, rank=rank, alpha=alpha, dropout=dropout,
+            target_modules=target_module or ["all-linear"], epochs=epochs, learning_rate=learning_rate,
+            batch_size=batch_size, gradient_accumulation=gradient_accumulation, max_length=max_length,
+            patience=patience, merge=merge, seed=seed,
+        )  # fmt: skip
+    except ValidationError as e:
+        fail("; ".join(f"{'.'.join(map(str, err['loc'])) or 'settings'}: {err['msg']}" for err in e.errors()), code=2)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err_console) as progress:
+        task = progress.add_task("training", total=None)
+
+        def on_step(step: int, total: int, figures: dict[str, float]) -> None:
+            shown = " · ".join(f"{k} {figures[k]:.4g}" for k in ("loss", "eval_loss") if k in figures)
+            progress.update(task, completed=step, total=total, description=f"training {shown}".strip())
+
+        try:
+            record = finetune(model, data, out, settings, validation, resume, on_step)
+        except SlmopsError as e:
+            fail(str(e))
+    table = Table(title=f"{out} ({record['output']}, {record['trainable_parameters']:,} trainable parameters)")
+    for column in ("epoch", "train loss", "validation loss"):
+        table.add_column(column, justify="right")
+    for epoch in record["epochs"]:
+        best = " (best)" if epoch["epoch"] == record["best_epoch"] else ""
+        train = "-" if epoch["train_loss"] is None else f"{epoch['train_loss']:.4f}"
+        table.add_row(str(epoch["epoch"]), train, f"{epoch['validation_loss']:.4f}{best}")
+    console.print(table)
+    if record["stopped_early"]:
+        console.print(f"stopped early: no better validation loss for {settings.patience} epoch(s)")

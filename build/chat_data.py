@@ -1,0 +1,131 @@
+"""Chat data for training: JSONL conversations, checked, and tokenized so that only answers are learned.
+
+    chat.jsonl: one conversation a line, {"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}
+        ─► read_chat: every bad line named at once (its number and why), or ChatDataError
+        ─► tokenize(tokenizer, conversation): the model's own chat template renders it; the labels are the
+           tokens of each assistant turn (its text and the template's end-of-turn mark, so the model learns
+           to stop) and -100 everywhere else (system, user, the template's scaffolding)
+
+A template renders a conversation cut before an answer as a prefix of the whole (ChatML, Llama 3, SmolLM2
+do); that prefix is where the answer starts. A template that does not is refused, naming the turn.
+"""
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from slmops.errors import BuildError
+
+IGNORE = -100
+"""The label of a token that is not learned (torch's cross-entropy ignore index)."""
+
+
+class ChatDataError(BuildError):
+    pass
+
+
+class Turn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(min_length=1)
+
+
+class Conversation(BaseModel):
+    model_config = ConfigDict(extra="allow")  # provenance fields (source, id, teacher...) ride along
+
+    messages: list[Turn] = Field(min_length=2)
+
+
+def read_chat(path: Path) -> list[Conversation]:
+    """The conversations of a chat JSONL file. Every line that is not one (bad JSON, a field missing, no
+    assistant turn) is reported together with its line number."""
+    if not path.is_file():
+        raise ChatDataError(f"{path}: no such file")
+    conversations: list[Conversation] = []
+    problems: list[str] = []
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                conversation = Conversation.model_validate(json.loads(line))
+            except json.JSONDecodeError as e:
+                problems.append(f"line {number}: not JSON ({e.msg})")
+                continue
+            except ValidationError as e:
+                where = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+                problems.append(f"line {number}: {where}")
+                continue
+            if not any(turn.role == "assistant" for turn in conversation.messages):
+                problems.append(f"line {number}: no assistant turn: nothing to learn")
+                continue
+            conversations.append(conversation)
+    if problems:
+        shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
+        raise ChatDataError(f"{path}: {len(problems)} bad line(s):\n  {shown}")
+    if not conversations:
+        raise ChatDataError(f"{path}: no conversations")
+    return conversations
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a data file, for provenance."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+
+    def as_features(self) -> dict[str, list[int]]:
+        return {"input_ids": self.input_ids, "attention_mask": [1] * len(self.input_ids), "labels": self.labels}
+
+
+def tokenize(tokenizer: Any, conversation: Conversation, max_length: int) -> Example:
+    """Token ids of the whole conversation and its labels: the assistant turns' tokens, IGNORE elsewhere.
+    Cut to `max_length` tokens (an answer cut short still teaches its beginning)."""
+    messages = [turn.model_dump() for turn in conversation.messages]
+    text = _render(tokenizer, messages, generation_prompt=False)
+    spans = _answer_spans(tokenizer, messages, text)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids: list[int] = encoded["input_ids"]
+    labels = [
+        token if any(start <= begin < end for start, end in spans) else IGNORE
+        for token, (begin, _) in zip(ids, encoded["offset_mapping"], strict=True)
+    ]
+    return Example(ids[:max_length], labels[:max_length])
+
+
+def _render(tokenizer: Any, messages: Sequence[dict[str, str]], generation_prompt: bool) -> str:
+    if not getattr(tokenizer, "chat_template", None):
+        raise ChatDataError("the model's tokenizer has no chat template: chat data cannot be rendered for it")
+    return str(tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=generation_prompt))
+
+
+def _answer_spans(tokenizer: Any, messages: list[dict[str, str]], text: str) -> list[tuple[int, int]]:
+    """Character spans of `text` (the whole conversation rendered) that are assistant turns: from where
+    the conversation cut before the turn (with the generation prompt) ends, to where it ends with the turn."""
+    spans = []
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = _render(tokenizer, messages[:index], generation_prompt=True)
+        through = _render(tokenizer, messages[: index + 1], generation_prompt=False)
+        if not (text.startswith(before) and text.startswith(through) and through.startswith(before)):
+            raise ChatDataError(
+                f"the chat template renders the conversation cut at turn {index + 1} differently from the whole: "
+                "its answers cannot be told from the rest"
+            )
+        spans.append((len(before), len(through)))
+    return spans

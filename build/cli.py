@@ -267,12 +267,18 @@ def evaluate_cmd(
 @app.command("finetune")
 def finetune_cmd(
     model: Annotated[str, typer.Argument(help="Catalogue name, Hugging Face folder or .gguf file.")],
-    data: Annotated[Path, typer.Option("--data", help='Chat JSONL: {"messages": [{"role", "content"}, ...]} a line.')],
+    data: Annotated[
+        Path,
+        typer.Option(
+            "--data", exists=True, dir_okay=False, help='Chat JSONL: {"messages": [{"role", "content"}, ...]} a line.'
+        ),
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the adapter (or model) and finetune.json.")],
     method: Annotated[str, typer.Option(help="lora (peft adapters) or full (every weight).")] = "lora",
     qlora: Annotated[bool, typer.Option(help="The base in 4 bits (bitsandbytes; a CUDA GPU).")] = False,
     validation: Annotated[
-        Path | None, typer.Option(help="Chat JSONL to validate on; default: a seeded share of --data.")
+        Path | None,
+        typer.Option(exists=True, dir_okay=False, help="Chat JSONL to validate on; default: a seeded share of --data."),
     ] = None,
     epochs: Annotated[int, typer.Option(min=1)] = 3,
     learning_rate: Annotated[float | None, typer.Option(help="Default: 2e-4 (lora), 2e-5 (full).")] = None,

@@ -45,33 +45,79 @@ class Conversation(BaseModel):
 def read_chat(path: Path) -> list[Conversation]:
     """The conversations of a chat JSONL file. Every line that is not one (bad JSON, a field missing, no
     assistant turn) is reported together with its line number."""
-    if not path.is_file():
-        raise ChatDataError(f"{path}: no such file")
     conversations: list[Conversation] = []
     problems: list[str] = []
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                conversation = Conversation.model_validate(json.loads(line))
-            except json.JSONDecodeError as e:
-                problems.append(f"line {number}: not JSON ({e.msg})")
-                continue
-            except ValidationError as e:
-                where = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
-                problems.append(f"line {number}: {where}")
-                continue
-            if not any(turn.role == "assistant" for turn in conversation.messages):
-                problems.append(f"line {number}: no assistant turn: nothing to learn")
-                continue
-            conversations.append(conversation)
-    if problems:
-        shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
-        raise ChatDataError(f"{path}: {len(problems)} bad line(s):\n  {shown}")
+    for number, line in _lines(path):
+        try:
+            conversation = Conversation.model_validate(json.loads(line))
+        except json.JSONDecodeError as e:
+            problems.append(f"line {number}: not JSON ({e.msg})")
+            continue
+        except ValidationError as e:
+            problems.append(f"line {number}: {_why(e)}")
+            continue
+        if not any(turn.role == "assistant" for turn in conversation.messages):
+            problems.append(f"line {number}: no assistant turn: nothing to learn")
+            continue
+        conversations.append(conversation)
+    _refuse(path, problems)
     if not conversations:
         raise ChatDataError(f"{path}: no conversations")
     return conversations
+
+
+class Prompt(BaseModel):
+    """A conversation for a model to answer: it ends with the user's turn. `id` names it in the output
+    (default: its line number)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str = ""
+    messages: list[Turn] = Field(min_length=1)
+
+
+def read_prompts(path: Path) -> list[Prompt]:
+    """The prompts of a JSONL file, every bad line named at once (as read_chat)."""
+    prompts: list[Prompt] = []
+    problems: list[str] = []
+    for number, line in _lines(path):
+        try:
+            prompt = Prompt.model_validate(json.loads(line))
+        except json.JSONDecodeError as e:
+            problems.append(f"line {number}: not JSON ({e.msg})")
+            continue
+        except ValidationError as e:
+            problems.append(f"line {number}: {_why(e)}")
+            continue
+        if prompt.messages[-1].role != "user":
+            problems.append(f"line {number}: the last turn is the {prompt.messages[-1].role}'s: nothing to answer")
+            continue
+        prompts.append(prompt if prompt.id else prompt.model_copy(update={"id": str(number)}))
+    _refuse(path, problems)
+    ids = [p.id for p in prompts]
+    if len(set(ids)) != len(ids):
+        twice = sorted({i for i in ids if ids.count(i) > 1})[:5]
+        raise ChatDataError(f"{path}: ids used more than once: {', '.join(twice)}")
+    if not prompts:
+        raise ChatDataError(f"{path}: no prompts")
+    return prompts
+
+
+def _lines(path: Path) -> list[tuple[int, str]]:
+    if not path.is_file():
+        raise ChatDataError(f"{path}: no such file")
+    with path.open(encoding="utf-8") as lines:
+        return [(number, line) for number, line in enumerate(lines, start=1) if line.strip()]
+
+
+def _why(error: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in error.errors())
+
+
+def _refuse(path: Path, problems: list[str]) -> None:
+    if problems:
+        shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
+        raise ChatDataError(f"{path}: {len(problems)} bad line(s):\n  {shown}")
 
 
 def file_digest(path: Path) -> str:

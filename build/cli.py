@@ -334,3 +334,49 @@ def finetune_cmd(
     console.print(table)
     if record["stopped_early"]:
         console.print(f"stopped early: no better validation loss for {settings.patience} epoch(s)")
+
+
+distill_app = typer.Typer(help="Distillation: the teacher answers prompts (generate), the student learns them (train).")
+app.add_typer(distill_app, name="distill")
+
+
+@distill_app.command("generate")
+def distill_generate_cmd(
+    teacher: Annotated[str, typer.Option(help="The teacher: catalogue name, Hugging Face folder or .gguf file.")],
+    prompts: Annotated[
+        Path, typer.Option(exists=True, dir_okay=False, help='JSONL: {"id", "messages": [... the user\'s turn last]}.')
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for answers.jsonl (run again there to resume).")],
+    temperature: Annotated[float, typer.Option(min=0, help="0: greedy; above: sampled.")] = 0.0,
+    top_p: Annotated[float, typer.Option(min=0, max=1)] = 1.0,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 256,
+    batch_size: Annotated[int, typer.Option(min=1)] = 8,
+    top_k_logprobs: Annotated[int, typer.Option(min=0, max=100, help="Keep the teacher's K most likely tokens.")] = 0,
+    keep_truncated: Annotated[bool, typer.Option(help="Keep answers cut by --max-new-tokens.")] = False,
+    seed: int = 0,
+) -> None:
+    """The teacher answers every prompt (batched, resumable); duplicates, empty and truncated answers are
+    filtered and counted; provenance in generate.json."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from slmops.build.teacher import GenerateSettings, generate
+
+    settings = GenerateSettings(
+        temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, batch_size=batch_size,
+        top_k_logprobs=top_k_logprobs, keep_truncated=keep_truncated, seed=seed,
+    )  # fmt: skip
+    columns = (TextColumn("answering"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err_console) as progress:
+        task = progress.add_task("answering", total=None)
+        try:
+            record = generate(
+                teacher, prompts, out, settings, lambda done, total: progress.update(task, completed=done, total=total)
+            )
+        except SlmopsError as e:
+            fail(str(e))
+    table = Table(title=f"{out} (teacher {teacher})")
+    table.add_column("")
+    table.add_column("prompts", justify="right")
+    for name, count in record["counts"].items():
+        table.add_row(name, str(count))
+    console.print(table)

@@ -249,6 +249,8 @@ def _write(
     import torch
     import transformers
 
+    from slmops.build import models
+
     model = trainer.model
     if settings.method == "lora" and settings.merge:
         model = model.merge_and_unload()
@@ -265,7 +267,7 @@ def _write(
     record = {
         "settings": settings.model_dump(mode="json"),
         "output": "adapter" if settings.method == "lora" and not settings.merge else "model",
-        "base": {"path": str(base), "digest": _weights_digest(base)},
+        "base": {"path": str(base), "digest": models.weights_digest(base)},
         "data": {"path": str(data), "sha256": file_digest(data)},
         "validation": {"path": str(validation), "sha256": file_digest(validation)} if validation else None,
         "trainable_parameters": trainable,
@@ -281,14 +283,3 @@ def _write(
 
 def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
-
-
-def _weights_digest(folder: Path) -> str:
-    """One digest over the model's weight files (their names and contents), for provenance."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for weights in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
-        digest.update(weights.name.encode())
-        digest.update(file_digest(weights).encode())
-    return digest.hexdigest()

@@ -173,6 +173,17 @@ def _materialize(gguf: Path, dest: Path, name: str, description: str, origin: di
     return dest
 
 
+def weights_digest(folder: Path) -> str:
+    """One digest over a model folder's weight files (their names and contents), for provenance."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for weights in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
+        digest.update(weights.name.encode())
+        digest.update(sha256_file(weights).encode())
+    return digest.hexdigest()
+
+
 def quiet_transformers() -> None:
     import transformers
 

@@ -380,3 +380,75 @@ def distill_generate_cmd(
     for name, count in record["counts"].items():
         table.add_row(name, str(count))
     console.print(table)
+
+
+@distill_app.command("train")
+def distill_train_cmd(
+    teacher: Annotated[str, typer.Option(help="The teacher: catalogue name, Hugging Face folder or .gguf file.")],
+    data: Annotated[Path, typer.Option(exists=True, help="The folder `distill generate` wrote, or its answers.jsonl.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the student and distill.json.")],
+    student: Annotated[
+        str | None, typer.Option(help="The student's initial weights (the teacher's tokenizer).")
+    ] = None,
+    keep_layers: Annotated[
+        int | None, typer.Option(min=3, help="Or: a student of the teacher's N most influential layers.")
+    ] = None,
+    layers: Annotated[str | None, typer.Option(help="Or: the teacher's layers to keep, e.g. 0,1,2,4,29.")] = None,
+    validation: Annotated[
+        Path | None, typer.Option(exists=True, dir_okay=False, help="Chat JSONL to validate on.")
+    ] = None,
+    alpha: Annotated[
+        float, typer.Option(min=0, max=1, help="Weight of the teacher's distribution (0: answers only).")
+    ] = 0.5,
+    beta: Annotated[float, typer.Option(min=0, max=1, help="GJSD: 0 forward KL, 1 reverse KL.")] = 0.0,
+    temperature: Annotated[float, typer.Option(min=0.01)] = 2.0,
+    teacher_distribution: Annotated[str, typer.Option(help="auto, stored (top-k in the data) or live.")] = "auto",
+    epochs: Annotated[int, typer.Option(min=1)] = 3,
+    learning_rate: Annotated[float | None, typer.Option(help="Default 5e-5.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 4,
+    gradient_accumulation: Annotated[int, typer.Option(min=1)] = 1,
+    max_length: Annotated[int, typer.Option(min=8)] = 512,
+    patience: Annotated[int, typer.Option(min=1)] = 2,
+    resume: Annotated[bool, typer.Option(help="Go on from the last checkpoint in --out.")] = False,
+    seed: int = 0,
+) -> None:
+    """The student learns the teacher's answers and its distribution over every answer token (stored top-k
+    or the live teacher); validation each epoch, early stopping, checkpoints (--resume), distill.json."""
+    from pydantic import ValidationError
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from slmops.build.distill import DistillSettings, distill
+
+    try:
+        settings = DistillSettings(
+            alpha=alpha, beta=beta, temperature=temperature, teacher_distribution=teacher_distribution,
+            epochs=epochs, learning_rate=learning_rate, batch_size=batch_size,
+            gradient_accumulation=gradient_accumulation, max_length=max_length, patience=patience, seed=seed,
+        )  # fmt: skip
+        kept = [int(n) for n in layers.split(",")] if layers else None
+    except (ValidationError, ValueError) as e:
+        fail(str(e), code=2)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err_console) as progress:
+        task = progress.add_task("distilling", total=None)
+
+        def on_step(step: int, total: int, figures: dict[str, float]) -> None:
+            shown = " · ".join(f"{k} {figures[k]:.4g}" for k in ("loss", "eval_loss") if k in figures)
+            progress.update(task, completed=step, total=total, description=f"distilling {shown}".strip())
+
+        try:
+            record = distill(teacher, data, out, settings, student, keep_layers, kept, validation, resume, on_step)
+        except SlmopsError as e:
+            fail(str(e))
+    table = Table(
+        title=f"{out}: {record['parameters']:,} parameters, teacher's distribution {record['teacher_distribution']}"
+    )
+    for column in ("epoch", "train loss", "validation loss"):
+        table.add_column(column, justify="right")
+    for epoch in record["epochs"]:
+        best = " (best)" if epoch["epoch"] == record["best_epoch"] else ""
+        train = "-" if epoch["train_loss"] is None else f"{epoch['train_loss']:.4f}"
+        table.add_row(str(epoch["epoch"]), train, f"{epoch['validation_loss']:.4f}{best}")
+    console.print(table)
+    agreement = record["agreement"]
+    console.print(f"agreement with the teacher: {agreement['before']:.1%} before, {agreement['after']:.1%} after")

@@ -104,6 +104,7 @@ def make_trainer(
         lr_scheduler_type="linear",
         max_grad_norm=1.0,
         eval_strategy="epoch",
+        prediction_loss_only=True,  # the validation loss only: no logits gathered (vocab × tokens × items)
         save_strategy="epoch",
         logging_strategy="steps",
         logging_steps=1,

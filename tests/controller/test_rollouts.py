@@ -287,8 +287,12 @@ def test_a_rollout_over_the_api_is_moved_by_the_controllers_timer(controller_con
         def view() -> dict:
             return client.get(f"/v1/rollouts/{rollout['id']}", headers=READER).json()
 
-        canary = wait_for(lambda: [d["device_id"] for d in view()["devices"] if d["state"] == "notified"], "wave 1")
-        assert len(canary) == 1 and state.fleet.device(canary[0]).desired["version"] == "2.0.0"
+        def told() -> list[str]:  # the decision commits, then the device is told: wait for both
+            notified = [d["device_id"] for d in view()["devices"] if d["state"] == "notified"]
+            return [d for d in notified if (state.fleet.device(d).desired or {}).get("version") == "2.0.0"]
+
+        canary = wait_for(told, "wave 1")
+        assert len(canary) == 1
         by_hand = {"bundle": "tiny", "version": "1.0.0"}
         mine = client.put(f"/v1/devices/{canary[0]}/desired", json=by_hand, headers=ADMIN)
         assert mine.status_code == 409 and f"rollout {rollout['id']}" in mine.json()["error"]["message"]

@@ -324,6 +324,8 @@ def finetune_cmd(
             record = finetune(model, data, out, settings, validation, resume, on_step)
         except SlmopsError as e:
             fail(str(e))
+    if not record:  # another process of a torchrun: the first one reports
+        return
     table = Table(title=f"{out} ({record['output']}, {record['trainable_parameters']:,} trainable parameters)")
     for column in ("epoch", "train loss", "validation loss"):
         table.add_column(column, justify="right")
@@ -440,6 +442,8 @@ def distill_train_cmd(
             record = distill(teacher, data, out, settings, student, keep_layers, kept, validation, resume, on_step)
         except SlmopsError as e:
             fail(str(e))
+    if not record:  # another process of a torchrun: the first one reports
+        return
     table = Table(
         title=f"{out}: {record['parameters']:,} parameters, teacher's distribution {record['teacher_distribution']}"
     )

@@ -159,3 +159,34 @@ def test_the_cli_trains_shows_each_epoch_and_refuses_bad_settings_with_code_2(ti
     assert json.loads((tmp_path / "out" / "finetune.json").read_text())["settings"]["rank"] == 4
     bad = subprocess.run([*command, "--method", "full", "--merge"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "LoRA's" in bad.stderr
+
+
+def test_two_processes_under_torchrun_train_what_one_process_trains(tiny_model: Path, tmp_path: Path) -> None:
+    """DDP over gloo with two CPU processes of batch 2 takes the same steps as one process of batch 4."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+    from safetensors.torch import load_file
+
+    data = chat_file(tmp_path / "train.jsonl", FACTS, copies=4)
+    validation = chat_file(tmp_path / "val.jsonl", FACTS)
+    args = ["-m", "slmops", "build", "finetune", str(tiny_model), "--data", str(data), "--validation", str(validation),
+            "--method", "full", "--epochs", "2", "--learning-rate", "1e-2"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-P", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    runs = {
+        "one": [sys.executable, "-P", *args, "--batch-size", "4", "-o", str(tmp_path / "one")],
+        "two": [*torchrun, *args, "--batch-size", "2", "-o", str(tmp_path / "two")],
+    }
+    for name, command in runs.items():
+        done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+        assert done.returncode == 0, f"{name}: {done.stderr[-3000:]}"
+    one, two = (json.loads((tmp_path / n / "finetune.json").read_text()) for n in ("one", "two"))
+    assert one["steps"] == two["steps"]
+    assert [e["validation_loss"] for e in two["epochs"]] == pytest.approx(
+        [e["validation_loss"] for e in one["epochs"]], rel=1e-5
+    )
+    weights_one, weights_two = (load_file(tmp_path / n / "model.safetensors") for n in ("one", "two"))
+    assert all(torch.allclose(weights_one[k], weights_two[k], atol=1e-5) for k in weights_one)

@@ -7,14 +7,21 @@ each with a bootstrap 95 % interval.
                  which reaches for a hub)
     interval     the 2.5th and 97.5th percentiles of the mean over `resamples` resamples of the items
                  with replacement (seeded): how far the figure could move on another draw of questions
+
+`answers(model, conversations)` has a model answer each test conversation's question, greedy: a variant
+folder (an exported ONNX/OpenVINO/QNN variant) through the runtime that serves it, or a Hugging Face
+folder through transformers (what a user would run without us); `score_model` scores what it answered.
 """
 
 import random
 import re
 import string
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from pydantic import BaseModel
+
+from slmops.build.chat_data import Conversation, Prompt
 
 _PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
 
@@ -63,3 +70,79 @@ def bootstrap(values: Sequence[float], resamples: int = 1000, seed: int = 0) -> 
     return Figure(
         mean=sum(values) / n, low=means[int(0.025 * (resamples - 1))], high=means[int(0.975 * (resamples - 1))]
     )
+
+
+def answers(
+    model: Path,
+    conversations: Sequence[Conversation],
+    max_new_tokens: int = 128,
+    batch_size: int = 8,
+    on_answer: Callable[[int], None] | None = None,
+) -> list[str]:
+    """Greedy answers to each conversation's turns before its last (the reference answer)."""
+    questions = [Prompt(id=str(i), messages=c.messages[:-1]) for i, c in enumerate(conversations)]
+    if (model / "genai_config.json").is_file() or (model / "openvino_model.xml").is_file():
+        return _variant_answers(model, questions, max_new_tokens, on_answer)
+    return _transformers_answers(model, questions, max_new_tokens, batch_size, on_answer)
+
+
+class ScoredModel(BaseModel):
+    model: str
+    score: TaskScore
+    answers: list[str]
+
+
+def score_model(
+    model: Path,
+    conversations: Sequence[Conversation],
+    max_new_tokens: int = 128,
+    on_answer: Callable[[int], None] | None = None,
+) -> ScoredModel:
+    """`model`'s answers to the conversations, scored against their last turns and their `key` fields."""
+    missing = [i for i, c in enumerate(conversations) if not (c.model_extra or {}).get("key")]
+    if missing:
+        raise ValueError(f"conversation(s) {missing[:5]} have no `key` (the fact a right answer states)")
+    said = answers(model, conversations, max_new_tokens, on_answer=on_answer)
+    references = [c.messages[-1].content for c in conversations]
+    keys = [str((c.model_extra or {})["key"]) for c in conversations]
+    return ScoredModel(model=str(model), score=score(said, references, keys), answers=said)
+
+
+def _variant_answers(
+    variant: Path, questions: list[Prompt], max_new_tokens: int, on_answer: Callable[[int], None] | None
+) -> list[str]:
+    from slmops.agent.serve.runtime import LoadedVariant
+
+    loaded = LoadedVariant.load(variant)
+    said = []
+    for index, question in enumerate(questions):
+        prompt = loaded.chat_prompt([t.model_dump() for t in question.messages])
+        tokens = loaded.generate(loaded.encode(prompt), max_new_tokens)
+        said.append("".join(loaded.stream_text(tokens)).strip())
+        if on_answer is not None:
+            on_answer(index + 1)
+    return said
+
+
+def _transformers_answers(
+    model: Path, questions: list[Prompt], max_new_tokens: int, batch_size: int, on_answer: Callable[[int], None] | None
+) -> list[str]:
+    from slmops.build import models
+    from slmops.build.teacher import GenerateSettings, answer_batch
+
+    models.quiet_transformers()
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model, padding_side="left")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    network = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    settings = GenerateSettings(max_new_tokens=max_new_tokens, batch_size=batch_size, keep_truncated=True)
+    said: dict[str, str] = {}
+    for start in range(0, len(questions), batch_size):
+        kept, _dropped = answer_batch(network, tokenizer, questions[start : start + batch_size], settings)
+        said.update({item["id"]: item["messages"][-1]["content"] for item in kept})  # an empty answer stays ""
+        if on_answer is not None:
+            on_answer(min(start + batch_size, len(questions)))
+    return [said.get(q.id, "") for q in questions]

@@ -98,7 +98,7 @@ def generate(
     finished = len(prompts) - len(todo)
     for start in range(0, len(todo), settings.batch_size):
         batch = todo[start : start + settings.batch_size]
-        kept, dropped = _answer(model, tokenizer, batch, settings)
+        kept, dropped = answer_batch(model, tokenizer, batch, settings)
         _append(answers_path, kept)
         _append(filtered_path, dropped)
         finished += len(batch)
@@ -111,7 +111,7 @@ def generate(
     return record
 
 
-def _answer(
+def answer_batch(
     model: Any, tokenizer: Any, batch: list[Prompt], settings: GenerateSettings
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     import torch

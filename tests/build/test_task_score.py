@@ -30,3 +30,35 @@ def test_the_bootstrap_interval_narrows_with_more_items() -> None:
     assert few.mean == many.mean == 0.5
     assert few.low <= 0.5 <= few.high and many.low <= 0.5 <= many.high
     assert many.high - many.low < (few.high - few.low) / 3
+
+
+def test_a_model_is_scored_on_held_out_items_through_transformers_and_its_variant(
+    tiny_model, tiny_export, tmp_path
+) -> None:
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from support import SLMOPS
+
+    from slmops.build.chat_data import read_chat
+    from slmops.build.task_score import score_model
+
+    script = Path(__file__).resolve().parents[2] / "examples" / "support-task" / "make_data.py"
+    subprocess.run([sys.executable, script, "--out", str(tmp_path)], check=True, capture_output=True, timeout=60)
+    items = read_chat(tmp_path / "test.jsonl")[:3]
+    for model in (tiny_model, tiny_export / "variants" / "cpu-fp32"):
+        scored = score_model(model, items, max_new_tokens=6)
+        assert scored.score.items == 3 and len(scored.answers) == 3
+        for figure in (scored.score.exact_match, scored.score.rouge_l):
+            assert 0 <= figure.low <= figure.mean <= figure.high <= 1
+    command = [*SLMOPS, "build", "score", str(tiny_model), "--test", str(tmp_path / "test.jsonl"), "--limit", "2"]
+    done = subprocess.run([*command, "--max-new-tokens", "4", "--json"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["score"]["items"] == 2
+    keyless = tmp_path / "keyless.jsonl"
+    keyless.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n')
+    refused = subprocess.run([*SLMOPS, "build", "score", str(tiny_model), "--test", str(keyless)], capture_output=True,
+                             text=True, timeout=300)  # fmt: skip
+    assert refused.returncode == 1 and "no `key`" in refused.stderr

@@ -494,3 +494,46 @@ def score_cmd(
     for name, figure in (("exact match (key fact)", scored.score.exact_match), ("ROUGE-L F1", scored.score.rouge_l)):
         table.add_row(name, f"{figure.mean:.3f}", f"{figure.low:.3f} – {figure.high:.3f}")
     console.print(table)
+
+
+@app.command("run")
+def run_cmd(
+    recipe: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="The recipe (YAML).")],
+    work: Annotated[
+        Path | None, typer.Option(help="Where the stages go; default: a `work` folder beside the recipe.")
+    ] = None,
+) -> None:
+    """Run a recipe: fine-tune the teacher, generate, distil the student, export, score, bundle. A stage
+    whose inputs did not change since the last run is taken from WORK."""
+    from slmops.build import pipeline
+
+    try:
+        loaded = pipeline.load(recipe)
+    except SlmopsError as e:
+        fail(str(e), code=2)
+    try:
+        with err_console.status("starting") as status:
+
+            def on_stage(stage: str, what: str) -> None:
+                if what == "running":
+                    status.update(f"{stage}: running")
+                else:
+                    err_console.print(f"{stage}: {what}")
+
+            record = pipeline.run(loaded, work or recipe.parent / "work", on_stage)
+    except GateFailed as e:
+        fail(str(e), code=GATE_FAILED_EXIT)
+    except SlmopsError as e:
+        fail(str(e))
+    table = Table(title=f"{recipe}")
+    for column in ("stage", "from", "seconds", "folder"):
+        table.add_column(column)
+    for name, stage in record["stages"].items():
+        table.add_row(name, "cache" if stage["cached"] else "run", f"{stage['seconds']:.1f}", stage["folder"])
+    console.print(table)
+    for variant, score in record.get("scores", {}).items():
+        console.print(
+            f"{variant}: exact match {score['exact_match']['mean']:.3f} "
+            f"({score['exact_match']['low']:.3f}–{score['exact_match']['high']:.3f}), "
+            f"ROUGE-L {score['rouge_l']['mean']:.3f}"
+        )

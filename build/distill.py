@@ -122,6 +122,11 @@ def distill(
             f"{answers}: not every answer has the teacher's top_logprobs (distill generate --top-k-logprobs)"
         )
     use_stored = stored and settings.teacher_distribution != "live"
+    if use_stored and held_out is not None and not all(extra.get("top_logprobs") for _, extra in held_out):
+        raise ChatDataError(
+            f"{validation}: the teacher's distribution is stored for the training answers but not for these: "
+            "validate on answers `distill generate` made too, or on a share of the data (no validation file)"
+        )
     train_items, validation_items = split(items, held_out, settings)
     train_features = [_features(tokenizer, c, extra, settings.max_length, use_stored) for c, extra in train_items]
     validation_features = [

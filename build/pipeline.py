@@ -15,7 +15,7 @@ change upstream changes every key after it.
     bundle    (optional) the variants signed into a bundle                     build/bundle
 
 WORK/pipeline.json: every stage's key, folder, whether it ran or came from the cache, its seconds,
-and the scores.
+and the scores; WORK/report.md with its plots (build/report).
 """
 
 import hashlib
@@ -84,6 +84,8 @@ class ScoreStage(BaseModel):
     max_new_tokens: int = Field(default=128, ge=1)
     min_exact_match: float | None = Field(default=None, ge=0, le=1)
     min_rouge_l: float | None = Field(default=None, ge=0, le=1)
+    speed_runs: int = Field(default=3, ge=1)
+    """Decode runs whose median is each variant's tokens/s (with its TTFT, peak RSS and size)."""
 
 
 class BundleStage(BaseModel):
@@ -143,7 +145,7 @@ def load(path: Path) -> PipelineRecipe:
 def run(recipe: PipelineRecipe, work: Path, on_stage: OnStage | None = None) -> dict[str, Any]:
     """Run the recipe's stages into WORK, reusing every stage whose inputs did not change."""
     from slmops.build import bundle as bundles
-    from slmops.build import distill, finetune, task_score, teacher
+    from slmops.build import distill, evaluate, finetune, report, task_score, teacher
     from slmops.build.chat_data import file_digest, read_chat
     from slmops.build.export import Recipe, export
 
@@ -222,11 +224,14 @@ def run(recipe: PipelineRecipe, work: Path, on_stage: OnStage | None = None) -> 
             for variant in sorted((exported / "variants").iterdir()):
                 if variant.name.startswith("cpu-"):
                     scored = task_score.score_model(variant, items, scoring.max_new_tokens)
-                    (out / f"{variant.name}.json").write_text(scored.model_dump_json(indent=2) + "\n")
+                    measured = evaluate.evaluate(variant, runs=scoring.speed_runs, new_tokens=scoring.max_new_tokens)
+                    body = {**scored.model_dump(mode="json"), "evaluation": measured.model_dump(mode="json")}
+                    (out / f"{variant.name}.json").write_text(json.dumps(body, indent=2) + "\n")
 
         scored_folder = stage("score", scoring, {"export": exported.name, "test": file_digest(scoring.test)}, score)
         scores = {p.stem: json.loads(p.read_text())["score"] for p in sorted(scored_folder.glob("*.json"))}
         record["scores"] = scores
+        record["report"] = str(report.write(work, record))
         (work / RECORD).write_text(json.dumps(record, indent=2) + "\n")
         _check_gates(scoring, scores)
 
@@ -237,6 +242,8 @@ def run(recipe: PipelineRecipe, work: Path, on_stage: OnStage | None = None) -> 
             lambda out: bundles.create(exported, out, name=packing.name, version=packing.version,
                                        description=packing.description, key=packing.key),
         )  # fmt: skip
+    record["report"] = str(report.write(work, record))
+    (work / RECORD).write_text(json.dumps(record, indent=2) + "\n")
     return record
 
 

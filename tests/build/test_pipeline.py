@@ -70,7 +70,7 @@ def test_the_example_recipe_runs_on_a_tiny_teacher_and_a_rerun_reuses_its_stages
     recipe["student"] = {"keep_layers": 3}
     recipe["distill"].update(epochs=1, batch_size=4)
     recipe["export"] = {"targets": ["cpu-fp32"], "max_ppl_increase": None}
-    recipe["score"].update(limit=3, max_new_tokens=4)
+    recipe["score"].update(limit=3, max_new_tokens=4, speed_runs=1)
     recipe["bundle"]["key"] = str(signing_key[0])
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -83,6 +83,10 @@ def test_the_example_recipe_runs_on_a_tiny_teacher_and_a_rerun_reuses_its_stages
     assert record["scores"]["cpu-fp32"]["items"] == 3
     bundle = Path(record["stages"]["bundle"]["folder"])
     assert json.loads((bundle / "manifest.json").read_text())["name"] == "nimbus-support"
+    report = (tmp_path / "work" / "report.md").read_text()
+    assert "| cpu-fp32 |" in report and "agreement with the teacher" in report
+    for plot in ("training.png", "scores.png"):
+        assert (tmp_path / "work" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     recipe["distill"]["learning_rate"] = 1e-4  # only what comes after distillation runs again
     path.write_text(yaml.safe_dump(recipe))

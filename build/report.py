@@ -81,6 +81,8 @@ def _training_plot(curves: dict[str, dict[str, Any]], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import MaxNLocator
+
     figure, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 3.5), squeeze=False)
     for axis, (name, data) in zip(axes[0], curves.items(), strict=True):
         epochs = [e["epoch"] for e in data["epochs"]]
@@ -89,6 +91,7 @@ def _training_plot(curves: dict[str, dict[str, Any]], out: Path) -> None:
         if trained:
             axis.plot(*zip(*trained, strict=True), marker="s", label="training")
         axis.set_title(name)
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.set_xlabel("epoch")
         axis.set_ylabel("loss")
         axis.legend()

@@ -537,3 +537,96 @@ def run_cmd(
             f"({score['exact_match']['low']:.3f}–{score['exact_match']['high']:.3f}), "
             f"ROUGE-L {score['rouge_l']['mean']:.3f}"
         )
+
+
+ControllerUrl = Annotated[
+    str, typer.Option("--controller", envvar="SLMOPS_CONTROLLER_URL", help="Controller base URL.")
+]
+Token = Annotated[str | None, typer.Option(envvar="SLMOPS_TOKEN", help="API token (admin to submit or cancel).")]
+
+
+@app.command("submit")
+def submit_cmd(
+    recipe: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="The recipe (YAML).")],
+    controller: ControllerUrl = "http://127.0.0.1:8700",
+    token: Token = None,
+) -> None:
+    """Send a recipe and the files it names to the controller, which runs it (`build jobs`, `build logs`)."""
+    import tempfile
+
+    from slmops.build import pipeline
+    from slmops.controller.fleet_cli import answer, client
+
+    with tempfile.TemporaryDirectory() as scratch:
+        try:
+            archive = pipeline.pack(recipe, Path(scratch) / "recipe.tar")
+        except SlmopsError as e:
+            fail(str(e), code=2)
+        with client(controller, token) as api:
+            job = answer(lambda: api.submit_build(archive))
+    console.print(f"build {job.id} queued: slmops build logs {job.id} -f")
+
+
+@app.command("jobs")
+def jobs_cmd(
+    controller: ControllerUrl = "http://127.0.0.1:8700",
+    token: Token = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable.")] = False,
+) -> None:
+    """The controller's build jobs, newest first."""
+    from slmops.controller.fleet_cli import answer, client
+
+    with client(controller, token) as api:
+        jobs = answer(api.builds)
+    if as_json:
+        print(json.dumps([j.model_dump(mode="json") for j in jobs], indent=2))
+        return
+    table = Table("id", "status", "stage", "bundle", "by", "detail")
+    for j in jobs:
+        made = f"{j.bundle_name} {j.bundle_version}" if j.bundle_name else ""
+        table.add_row(str(j.id), j.status, j.stage, made, j.created_by, j.detail[-80:])
+    console.print(table)
+
+
+@app.command("logs")
+def logs_cmd(
+    build_id: Annotated[int, typer.Argument(help="Build job id.")],
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Until the job ends.")] = False,
+    controller: ControllerUrl = "http://127.0.0.1:8700",
+    token: Token = None,
+) -> None:
+    """A build job's log (its stages' output); -f follows it until the job ends, then says how it ended."""
+    import sys
+    import time
+
+    from slmops.controller.fleet_cli import answer, client
+
+    with client(controller, token) as api:
+        offset = 0
+        while True:
+            part = answer(lambda at=offset: api.build_log(build_id, at))
+            sys.stdout.write(part.text)
+            sys.stdout.flush()
+            offset = part.offset
+            if not follow or (part.finished and not part.text):
+                break
+            time.sleep(1)
+        job = answer(lambda: api.build(build_id))
+    if follow:
+        err_console.print(f"build {job.id}: {job.status} {job.detail}")
+        if job.status != "succeeded":
+            raise typer.Exit(1)
+
+
+@app.command("cancel")
+def cancel_cmd(
+    build_id: Annotated[int, typer.Argument(help="Build job id.")],
+    controller: ControllerUrl = "http://127.0.0.1:8700",
+    token: Token = None,
+) -> None:
+    """Cancel a queued build job, or stop a running one."""
+    from slmops.controller.fleet_cli import answer, client
+
+    with client(controller, token) as api:
+        job = answer(lambda: api.cancel_build(build_id))
+    console.print(f"build {job.id}: {job.status}{' (stopping)' if job.status == 'running' else ''}")

@@ -14,8 +14,8 @@ change upstream changes every key after it.
               gates on exact match and ROUGE-L                                 build/task_score
     bundle    (optional) the variants signed into a bundle                     build/bundle
 
-WORK/pipeline.json: every stage's key, folder, whether it ran or came from the cache, its seconds,
-and the scores; WORK/report.md with its plots (build/report).
+WORK/pipeline.json: every stage's key, folder, whether it ran or came from the cache, its seconds (the
+stage under way: "running"), and the scores; WORK/report.md with its plots (build/report).
 """
 
 import hashlib
@@ -142,6 +142,24 @@ def load(path: Path) -> PipelineRecipe:
     return recipe
 
 
+def pack(path: Path, out: Path) -> Path:
+    """A tar of the recipe (as recipe.yaml) and the files it names, relative to its folder, for a
+    controller to run (`slmops build submit`). Its bundle key stays here: the controller signs with its own."""
+    import tarfile
+
+    recipe = load(path)
+    folder = path.parent.resolve()
+    named = [p for p in recipe.files() if recipe.bundle is None or p != recipe.bundle.key]
+    outside = [str(p) for p in named if not p.resolve().is_relative_to(folder)]
+    if outside:
+        raise ConfigError(f"{path}: file(s) outside the recipe's folder cannot be sent: {', '.join(outside)}")
+    with tarfile.open(out, "w") as tar:
+        tar.add(path, arcname="recipe.yaml")
+        for file in sorted(set(named)):
+            tar.add(file, arcname=str(file.resolve().relative_to(folder)))
+    return out
+
+
 def run(recipe: PipelineRecipe, work: Path, on_stage: OnStage | None = None) -> dict[str, Any]:
     """Run the recipe's stages into WORK, reusing every stage whose inputs did not change."""
     from slmops.build import bundle as bundles
@@ -161,6 +179,8 @@ def run(recipe: PipelineRecipe, work: Path, on_stage: OnStage | None = None) -> 
             tell(name, "cached")
         else:
             tell(name, "running")
+            record["stages"][name] = {"key": key, "folder": str(folder), "cached": False, "running": True}
+            (work / RECORD).write_text(json.dumps(record, indent=2) + "\n")
             partial = folder.with_name(folder.name + ".partial")
             shutil.rmtree(partial, ignore_errors=True)  # what an interrupted run left
             make(partial)

@@ -12,6 +12,7 @@ from slmops.http import document_errors, install_errors
 
 from . import metrics
 from .bridge import MqttBridge
+from .builds import Builds
 from .config import ApiToken, ControllerConfig
 from .control import FleetControl
 from .embedded_broker import EmbeddedBroker
@@ -19,7 +20,7 @@ from .enrolment import Enrolment
 from .fleet import Fleet
 from .registry import Registry
 from .rollouts import Rollouts
-from .routes import bundles, desired, devices, rollouts, service, store
+from .routes import builds, bundles, desired, devices, rollouts, service, store
 
 
 def create_app(
@@ -39,8 +40,12 @@ def create_app(
     app.state.tokens, app.state.bridge, app.state.broker = tokens, bridge, broker
     app.state.control = FleetControl(fleet, bridge, broker)
     app.state.rollouts = Rollouts(registry.engine, registry, app.state.control)
+    app.state.builds = Builds(
+        registry.engine, config.data_dir / "builds", registry, config.build_signing_key, config.replica
+    )
     app.state.metrics = metrics.registry(registry.engine, bridge, app.state)
-    for router in (bundles.router, devices.router, desired.router, rollouts.router, store.router, service.router):
+    routers = (bundles.router, devices.router, desired.router, rollouts.router, builds.router, store.router)
+    for router in (*routers, service.router):
         app.include_router(router)
     install_errors(app, "controller")
     document_errors(app)

@@ -61,6 +61,11 @@ class ControllerConfig(BaseSettings):
     replica_name: str | None = Field(default=None, max_length=200)
     """This replica's name in the rollout lease; unset: host:port. A replica restarted under the same
     name takes its lease back at once."""
+    build_signing_key: Path | None = None
+    """The Ed25519 key build jobs sign their bundles with (slmops bundle keygen); none: a recipe with a
+    bundle stage is refused."""
+    builds: bool = True
+    """Run build jobs on this replica (`slmops build submit`); they need the build extra installed."""
     shared_subscriptions: bool = True
     """Receive what devices send through $share/slmops/... so that replicas split it (Mosquitto 2, EMQX);
     false for a broker without shared subscriptions, with a single controller."""

@@ -183,6 +183,34 @@ class RolloutDeviceRow(Base):
     decision meant to tell and a stop left untold differs from it."""
 
 
+class BuildJobRow(Base):
+    """A recipe the controller runs (controller/builds.py): queued, running, succeeded, failed, cancelled."""
+
+    __tablename__ = "build_job"
+    __table_args__ = (Index("ix_build_job_status", "status"),)  # the queue
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    recipe: Mapped[str] = mapped_column(String(256))
+    """The recipe file's name, as submitted."""
+    status: Mapped[str] = mapped_column(String(16), default="queued")
+    stage: Mapped[str] = mapped_column(String(32), default="")
+    """The stage under way, or the last one that ran."""
+    stages: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    """Each stage done so far: cached or run, its seconds (from the pipeline's record)."""
+    detail: Mapped[str] = mapped_column(String(4096), default="")
+    """Why it failed, or what it made."""
+    runner: Mapped[str | None] = mapped_column(String(256), default=None)
+    """The replica running it."""
+    pid: Mapped[int | None] = mapped_column(default=None)
+    cancel_requested: Mapped[bool] = mapped_column(default=False)
+    bundle_name: Mapped[str | None] = mapped_column(String(128), default=None)
+    bundle_version: Mapped[str | None] = mapped_column(String(64), default=None)
+    created_by: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
 class LeaseRow(Base):
     """A lease one controller replica holds at a time (controller/lease.py)."""
 

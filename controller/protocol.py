@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from slmops.messages import CommandName, CommandReply, DesiredState
 
 if TYPE_CHECKING:  # the models stand alone: slmops.client uses them without the database layer
-    from .db import AuditRow, BundleRow, DeviceRow, RolloutDeviceRow, RolloutRow, TelemetryRow
+    from .db import AuditRow, BuildJobRow, BundleRow, DeviceRow, RolloutDeviceRow, RolloutRow, TelemetryRow
 
 
 class BundleSummary(BaseModel):
@@ -329,3 +329,43 @@ class RolloutView(BaseModel):
             devices=[RolloutDeviceView.of(m) for m in page],
             devices_total=total,
         )
+
+
+class BuildJobView(BaseModel):
+    """A build job: a recipe the controller runs (POST /v1/builds)."""
+
+    id: int
+    recipe: str
+    status: str
+    """queued, running, succeeded, failed, cancelled"""
+    stage: str
+    """The stage under way, or the last one that ran."""
+    stages: dict[str, Any]
+    """Each stage done so far: cached or run, its seconds."""
+    detail: str
+    """Why it failed, or what it made."""
+    runner: str | None
+    bundle_name: str | None
+    bundle_version: str | None
+    created_by: str
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @classmethod
+    def of(cls, row: "BuildJobRow") -> "BuildJobView":
+        return cls(
+            id=row.id, recipe=row.recipe, status=row.status, stage=row.stage, stages=row.stages or {},
+            detail=row.detail, runner=row.runner, bundle_name=row.bundle_name, bundle_version=row.bundle_version,
+            created_by=row.created_by, created_at=row.created_at, started_at=row.started_at,
+            finished_at=row.finished_at,
+        )  # fmt: skip
+
+
+class BuildLog(BaseModel):
+    text: str
+    """The log from `offset`."""
+    offset: int
+    """Where the next read starts (`?offset=` it to follow the log)."""
+    finished: bool
+    """The job is over: nothing more will be written."""

@@ -14,6 +14,7 @@ from slmops.signing import trusted_keys
 
 from .api import create_app
 from .bridge import MqttBridge
+from .builds import BuildRunner
 from .config import ApiToken, ControllerConfig
 from .db import open_database
 from .embedded_broker import EmbeddedBroker
@@ -74,14 +75,20 @@ def build_app(config: ControllerConfig) -> FastAPI:
         lease = Lease(engine, "rollouts", config.replica, config.rollout_lease_s)
         timer = RolloutTimer(app.state.rollouts, lease, config.rollout_tick_s)
         app.state.lease, app.state.rollout_timer = lease, timer
+        runner = BuildRunner(app.state.builds) if config.builds else None
+        app.state.build_runner = runner
         try:  # a start that fails (the broker's port taken) still gives the database's connections back
             if broker is not None:
                 await run_in_threadpool(broker.start)
             if bridge is not None:
                 bridge.start()
             timer.start()
+            if runner is not None:
+                await run_in_threadpool(runner.start)
             yield
         finally:
+            if runner is not None:
+                await run_in_threadpool(runner.stop)
             await run_in_threadpool(timer.stop)
             if bridge is not None:
                 bridge.stop()

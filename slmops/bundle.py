@@ -150,7 +150,8 @@ def write_archive(bundle: Bundle, out: Path) -> Path:
     return out
 
 
-def _safe_member(member: tarfile.TarInfo) -> str:
+def safe_member(member: tarfile.TarInfo) -> str:
+    """The member's path, or UnsafeArchive: `..`, absolute paths, links, devices and FIFOs are refused."""
     name = member.name
     try:
         check_relative_path(name.rstrip("/") if member.isdir() else name)
@@ -163,6 +164,20 @@ def _safe_member(member: tarfile.TarInfo) -> str:
     if not (member.isfile() or member.isdir()):
         raise UnsafeArchive(f"archive member {name!r} has unsupported type {member.type!r}")
     return name
+
+
+def extract_safely(archive: IO[bytes], dest: Path, max_bytes: int) -> list[str]:
+    """Unpack a tar of plain files and folders into `dest` (made), every member checked first (safe_member)
+    and the sum of their sizes bounded; returns the files' paths. Nothing is written when one is refused."""
+    with tarfile.open(fileobj=archive, mode="r:*") as tar:
+        members = tar.getmembers()
+        names = [safe_member(m) for m in members]
+        total = sum(m.size for m in members if m.isfile())
+        if total > max_bytes:
+            raise UnsafeArchive(f"the archive unpacks to {total} bytes, past the {max_bytes} allowed")
+        dest.mkdir(parents=True, exist_ok=True)
+        tar.extractall(dest, members=members, filter="data")
+    return [n for n, m in zip(names, members, strict=True) if m.isfile()]
 
 
 def _read_small(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
@@ -204,13 +219,13 @@ def _stream_verify(archive: Path | IO[bytes], keys: list[Ed25519PublicKey], stag
     with tarfile.open(mode="r|", **source) as tar:
         members = iter(tar)
         first = next(members, None)
-        if first is None or _safe_member(first) != MANIFEST_FILE:
+        if first is None or safe_member(first) != MANIFEST_FILE:
             raise ManifestInvalid(f"the archive does not start with {MANIFEST_FILE}")
         manifest_bytes = _read_small(tar, first)
         manifest = Manifest.parse(manifest_bytes, origin=f"archive {MANIFEST_FILE}")
         second = next(members, None)
         signature = None
-        if second is not None and _safe_member(second) == SIGNATURE_FILE:
+        if second is not None and safe_member(second) == SIGNATURE_FILE:
             signature = Signature.parse(_read_small(tar, second), origin=f"archive {SIGNATURE_FILE}")
             second = None
         # Checked before any model byte is read: an untrusted archive costs us nothing more.
@@ -223,7 +238,7 @@ def _stream_verify(archive: Path | IO[bytes], keys: list[Ed25519PublicKey], stag
         seen: set[str] = set()
         pending = [second] if second is not None else []
         for member in _chain(pending, members):
-            name = _safe_member(member).rstrip("/")
+            name = safe_member(member).rstrip("/")
             if member.isdir():
                 continue
             if name not in expected or name in seen:

@@ -18,6 +18,8 @@ from pydantic import TypeAdapter
 
 from slmops.controller.protocol import (
     AuditEntry,
+    BuildJobView,
+    BuildLog,
     BundleDetail,
     BundleSummary,
     CommandAnswer,
@@ -147,6 +149,25 @@ class ControllerClient:
         return self._call("POST", f"/v1/rollouts/{rollout_id}/{action}", RolloutView)
 
     # --- the wire ----------------------------------------------------------------------------
+
+    def submit_build(self, archive: Path) -> BuildJobView:
+        """Queue a recipe: `archive` is a tar with recipe.yaml at its root and the files it names."""
+        headers = {"Content-Type": "application/x-tar"}
+        with archive.open("rb") as f:
+            response = self._send("POST", "/v1/builds", content=f.read(), headers=headers, timeout=UPLOAD_TIMEOUT)
+        return BuildJobView.model_validate(response.json())
+
+    def builds(self) -> list[BuildJobView]:
+        return self._call("GET", "/v1/builds", list[BuildJobView])
+
+    def build(self, build_id: int) -> BuildJobView:
+        return self._call("GET", f"/v1/builds/{build_id}", BuildJobView)
+
+    def build_log(self, build_id: int, offset: int = 0) -> BuildLog:
+        return self._call("GET", f"/v1/builds/{build_id}/log", BuildLog, params={"offset": offset})
+
+    def cancel_build(self, build_id: int) -> BuildJobView:
+        return self._call("POST", f"/v1/builds/{build_id}/cancel", BuildJobView)
 
     def _call(self, method: str, path: str, answer: type[T], **kwargs: Any) -> T:
         return TypeAdapter(answer).validate_json(self._send(method, path, **kwargs).content)

@@ -10,6 +10,7 @@ from fastapi import Depends, Query, Request
 from slmops.errors import HttpError
 
 from ..audit import Actor
+from ..builds import Builds
 from ..config import ApiToken, ControllerConfig
 from ..control import FleetControl
 from ..enrolment import Enrolment
@@ -50,5 +51,6 @@ FleetOf = Annotated[Fleet, _state("fleet")]
 ControlOf = Annotated[FleetControl, _state("control")]
 EnrolmentOf = Annotated[Enrolment, _state("enrolment")]
 RolloutsOf = Annotated[Rollouts, _state("rollouts")]
+BuildsOf = Annotated[Builds, _state("builds")]
 Limit = Annotated[int, Query(ge=1, le=100_000, description="How many, newest first (at most 100,000).")]
 """A list's length, as the audit and telemetry routes take it."""

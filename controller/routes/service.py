@@ -20,6 +20,8 @@ async def health(request: Request) -> ControllerHealth:
     threads = [] if bridge is None else list(bridge.threads)
     if (timer := getattr(request.app.state, "rollout_timer", None)) is not None:
         threads.append(timer.thread)
+    if (runner := getattr(request.app.state, "build_runner", None)) is not None:
+        threads.append(runner.thread)
     return ControllerHealth(
         mqtt="off" if bridge is None else "connected" if bridge.connected else "disconnected",
         mqtt_broker=str(bridge.client.address) if bridge else None,

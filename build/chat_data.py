@@ -12,10 +12,10 @@ do); that prefix is where the answer starts. A template that does not is refused
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -45,22 +45,13 @@ class Conversation(BaseModel):
 def read_chat(path: Path) -> list[Conversation]:
     """The conversations of a chat JSONL file. Every line that is not one (bad JSON, a field missing, no
     assistant turn) is reported together with its line number."""
-    conversations: list[Conversation] = []
-    problems: list[str] = []
-    for number, line in _lines(path):
-        try:
-            conversation = Conversation.model_validate(json.loads(line))
-        except json.JSONDecodeError as e:
-            problems.append(f"line {number}: not JSON ({e.msg})")
-            continue
-        except ValidationError as e:
-            problems.append(f"line {number}: {_why(e)}")
-            continue
+
+    def learnable(_number: int, conversation: Conversation) -> tuple[Conversation | None, str]:
         if not any(turn.role == "assistant" for turn in conversation.messages):
-            problems.append(f"line {number}: no assistant turn: nothing to learn")
-            continue
-        conversations.append(conversation)
-    _refuse(path, problems)
+            return None, "no assistant turn: nothing to learn"
+        return conversation, ""
+
+    conversations = _read_jsonl(path, Conversation, learnable)
     if not conversations:
         raise ChatDataError(f"{path}: no conversations")
     return conversations
@@ -78,22 +69,13 @@ class Prompt(BaseModel):
 
 def read_prompts(path: Path) -> list[Prompt]:
     """The prompts of a JSONL file, every bad line named at once (as read_chat)."""
-    prompts: list[Prompt] = []
-    problems: list[str] = []
-    for number, line in _lines(path):
-        try:
-            prompt = Prompt.model_validate(json.loads(line))
-        except json.JSONDecodeError as e:
-            problems.append(f"line {number}: not JSON ({e.msg})")
-            continue
-        except ValidationError as e:
-            problems.append(f"line {number}: {_why(e)}")
-            continue
+
+    def answerable(number: int, prompt: Prompt) -> tuple[Prompt | None, str]:
         if prompt.messages[-1].role != "user":
-            problems.append(f"line {number}: the last turn is the {prompt.messages[-1].role}'s: nothing to answer")
-            continue
-        prompts.append(prompt if prompt.id else prompt.model_copy(update={"id": str(number)}))
-    _refuse(path, problems)
+            return None, f"the last turn is the {prompt.messages[-1].role}'s: nothing to answer"
+        return (prompt if prompt.id else prompt.model_copy(update={"id": str(number)})), ""
+
+    prompts = _read_jsonl(path, Prompt, answerable)
     ids = [p.id for p in prompts]
     if len(set(ids)) != len(ids):
         twice = sorted({i for i in ids if ids.count(i) > 1})[:5]
@@ -101,6 +83,31 @@ def read_prompts(path: Path) -> list[Prompt]:
     if not prompts:
         raise ChatDataError(f"{path}: no prompts")
     return prompts
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _read_jsonl(path: Path, model: type[M], check: Callable[[int, M], tuple[M | None, str]]) -> list[M]:
+    """Each line of `path` as `model`, passed through `check` (the item kept, or why not); every bad line is
+    named with its number in one ChatDataError."""
+    items: list[M] = []
+    problems: list[str] = []
+    for number, line in _lines(path):
+        try:
+            item, why = check(number, model.model_validate(json.loads(line)))
+        except json.JSONDecodeError as e:
+            problems.append(f"line {number}: not JSON ({e.msg})")
+            continue
+        except ValidationError as e:
+            problems.append(f"line {number}: {_why(e)}")
+            continue
+        if item is None:
+            problems.append(f"line {number}: {why}")
+        else:
+            items.append(item)
+    _refuse(path, problems)
+    return items
 
 
 def _lines(path: Path) -> list[tuple[int, str]]:

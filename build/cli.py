@@ -1,6 +1,7 @@
 """`slmops build ...`: source models, export per target, evaluation with gates."""
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -299,7 +300,6 @@ def finetune_cmd(
     """Fine-tune on chat data (only the answers are learned): LoRA or every weight, validation each epoch,
     early stopping, a checkpoint per epoch (--resume), provenance in finetune.json."""
     from pydantic import ValidationError
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from slmops.build.finetune import FinetuneSettings, finetune
 
@@ -312,28 +312,11 @@ def finetune_cmd(
         )  # fmt: skip
     except ValidationError as e:
         fail("; ".join(f"{'.'.join(map(str, err['loc'])) or 'settings'}: {err['msg']}" for err in e.errors()), code=2)
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=err_console) as progress:
-        task = progress.add_task("training", total=None)
-
-        def on_step(step: int, total: int, figures: dict[str, float]) -> None:
-            shown = " · ".join(f"{k} {figures[k]:.4g}" for k in ("loss", "eval_loss") if k in figures)
-            progress.update(task, completed=step, total=total, description=f"training {shown}".strip())
-
-        try:
-            record = finetune(model, data, out, settings, validation, resume, on_step)
-        except SlmopsError as e:
-            fail(str(e))
+    record = _train("training", lambda on_step: finetune(model, data, out, settings, validation, resume, on_step))
     if not record:  # another process of a torchrun: the first one reports
         return
-    table = Table(title=f"{out} ({record['output']}, {record['trainable_parameters']:,} trainable parameters)")
-    for column in ("epoch", "train loss", "validation loss"):
-        table.add_column(column, justify="right")
-    for epoch in record["epochs"]:
-        best = " (best)" if epoch["epoch"] == record["best_epoch"] else ""
-        train = "-" if epoch["train_loss"] is None else f"{epoch['train_loss']:.4f}"
-        table.add_row(str(epoch["epoch"]), train, f"{epoch['validation_loss']:.4f}{best}")
-    console.print(table)
+    trainable = record["trainable_parameters"]
+    console.print(_epochs(f"{out} ({record['output']}, {trainable:,} trainable parameters)", record))
     if record["stopped_early"]:
         console.print(f"stopped early: no better validation loss for {settings.patience} epoch(s)")
 
@@ -417,7 +400,6 @@ def distill_train_cmd(
     """The student learns the teacher's answers and its distribution over every answer token (stored top-k
     or the live teacher); validation each epoch, early stopping, checkpoints (--resume), distill.json."""
     from pydantic import ValidationError
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from slmops.build.distill import DistillSettings, distill
 
@@ -430,30 +412,14 @@ def distill_train_cmd(
         kept = [int(n) for n in layers.split(",")] if layers else None
     except (ValidationError, ValueError) as e:
         fail(str(e), code=2)
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=err_console) as progress:
-        task = progress.add_task("distilling", total=None)
-
-        def on_step(step: int, total: int, figures: dict[str, float]) -> None:
-            shown = " · ".join(f"{k} {figures[k]:.4g}" for k in ("loss", "eval_loss") if k in figures)
-            progress.update(task, completed=step, total=total, description=f"distilling {shown}".strip())
-
-        try:
-            record = distill(teacher, data, out, settings, student, keep_layers, kept, validation, resume, on_step)
-        except SlmopsError as e:
-            fail(str(e))
+    record = _train(
+        "distilling",
+        lambda on_step: distill(teacher, data, out, settings, student, keep_layers, kept, validation, resume, on_step),
+    )
     if not record:  # another process of a torchrun: the first one reports
         return
-    table = Table(
-        title=f"{out}: {record['parameters']:,} parameters, teacher's distribution {record['teacher_distribution']}"
-    )
-    for column in ("epoch", "train loss", "validation loss"):
-        table.add_column(column, justify="right")
-    for epoch in record["epochs"]:
-        best = " (best)" if epoch["epoch"] == record["best_epoch"] else ""
-        train = "-" if epoch["train_loss"] is None else f"{epoch['train_loss']:.4f}"
-        table.add_row(str(epoch["epoch"]), train, f"{epoch['validation_loss']:.4f}{best}")
-    console.print(table)
+    distribution = record["teacher_distribution"]
+    console.print(_epochs(f"{out}: {record['parameters']:,} parameters, teacher's distribution {distribution}", record))
     agreement = record["agreement"]
     console.print(f"agreement with the teacher: {agreement['before']:.1%} before, {agreement['after']:.1%} after")
 
@@ -630,3 +596,33 @@ def cancel_cmd(
     with client(controller, token) as api:
         job = answer(lambda: api.cancel_build(build_id))
     console.print(f"build {job.id}: {job.status}{' (stopping)' if job.status == 'running' else ''}")
+
+
+def _train(what: str, run: "Callable[[Callable[[int, int, dict[str, float]], None]], dict]") -> dict:
+    """Run a training with a progress bar (step, total, the last losses); its record, or fail on an error."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err_console) as progress:
+        task = progress.add_task(what, total=None)
+
+        def on_step(step: int, total: int, figures: dict[str, float]) -> None:
+            shown = " · ".join(f"{k} {figures[k]:.4g}" for k in ("loss", "eval_loss") if k in figures)
+            progress.update(task, completed=step, total=total, description=f"{what} {shown}".strip())
+
+        try:
+            return run(on_step)
+        except SlmopsError as e:
+            fail(str(e))
+
+
+def _epochs(title: str, record: dict) -> Table:
+    """A training record's losses per epoch, the best marked."""
+    table = Table(title=title)
+    for column in ("epoch", "train loss", "validation loss"):
+        table.add_column(column, justify="right")
+    for epoch in record["epochs"]:
+        best = " (best)" if epoch["epoch"] == record["best_epoch"] else ""
+        train = "-" if epoch["train_loss"] is None else f"{epoch['train_loss']:.4f}"
+        table.add_row(str(epoch["epoch"]), train, f"{epoch['validation_loss']:.4f}{best}")
+    return table

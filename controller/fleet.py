@@ -52,14 +52,18 @@ class Fleet:
             # UPDATE and its records one INSERT. Devices are loaded for what changes them.
             ids = {device_id for device_id, _ in messages}
             changing = {device_id for device_id, m in messages if not isinstance(m, TelemetryBatch)}
+            insert = sqlite_insert if self.engine.dialect.name == "sqlite" else postgresql_insert
+            # New devices registered first, by an insert that yields to another replica registering the same
+            # device at the same moment (a plain INSERT lost that race: the message was dropped).
+            new = ids - set(session.scalars(select(DeviceRow.id).where(DeviceRow.id.in_(ids))))
+            if new:
+                rows = [{"id": d, "tags": {}, "groups": [], "profile": {}, "last_seen": now} for d in sorted(new)]
+                session.execute(insert(DeviceRow).on_conflict_do_nothing(index_elements=["id"]), rows)
             # Locked, in one order, until the commit: another replica recording the same devices waits, then
             # reads what this one wrote (its reports stay in the order the device sent them).
             locked = select(DeviceRow.id).where(DeviceRow.id.in_(ids)).order_by(DeviceRow.id).with_for_update()
-            known = set(session.scalars(locked))
-            devices = {d.id: d for d in session.scalars(select(DeviceRow).where(DeviceRow.id.in_(changing & known)))}
-            for device_id in sorted(ids - known):
-                devices[device_id] = DeviceRow(id=device_id, tags={}, groups=[], profile={}, last_seen=now)
-                session.add(devices[device_id])
+            session.execute(locked)
+            devices = {d.id: d for d in session.scalars(select(DeviceRow).where(DeviceRow.id.in_(changing)))}
             for device_id, message in messages:
                 if isinstance(message, TelemetryBatch):
                     telemetry += _telemetry_rows(device_id, message, now)
@@ -91,7 +95,6 @@ class Fleet:
                 reporting = {row["device_id"] for row in telemetry} - changing
                 seen = update(DeviceRow).where(DeviceRow.id.in_(reporting)).values(last_seen=now)
                 session.execute(seen, execution_options={"synchronize_session": False})
-                insert = sqlite_insert if self.engine.dialect.name == "sqlite" else postgresql_insert
                 session.connection().execute(insert(TelemetryRow).on_conflict_do_nothing(), telemetry)
         return drifted
 

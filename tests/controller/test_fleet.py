@@ -474,3 +474,35 @@ def test_a_device_born_short_of_its_desired_state_is_told_it_again(controller_co
         assert fleet.record([("edge-a", Birth(agent_version="0.1.0", profile=PROFILE))]) == [], "it reached it"
     finally:
         engine.dispose()
+
+
+def test_two_replicas_registering_the_same_new_devices_at_once_lose_no_message(database_url: str) -> None:
+    """One replica records a device's birth while another records its state (a shared subscription splits
+    them): both register the device at the same moment. A plain INSERT lost that race (the loser's message
+    was dropped: the device never got its profile)."""
+    import threading
+
+    engine = open_database(database_url)
+    replicas = [Fleet(engine), Fleet(engine)]
+    devices = [f"race-{i:02d}" for i in range(40)]
+    start, failures = threading.Barrier(2), []
+
+    def record(fleet: Fleet, message) -> None:
+        start.wait()
+        try:
+            for device_id in devices:
+                fleet.record([(device_id, message)])
+        except Exception as e:
+            failures.append(e)
+
+    threads = [threading.Thread(target=record, args=(replicas[0], Birth(agent_version="0.1.0", profile=PROFILE))),
+               threading.Thread(target=record, args=(replicas[1], DeviceState(online=True)))]  # fmt: skip
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not failures, failures
+    assert all(
+        replicas[0].device(d).profile["cpu_model"] == "test CPU" and replicas[0].device(d).online for d in devices
+    )
+    engine.dispose()

@@ -239,7 +239,9 @@ def test_two_replicas_split_the_fleet_decide_each_wave_once_and_the_survivor_tak
         sim = FleetSimulator(f"mqtt://127.0.0.1:{broker.port}", 30, Profile(download_s=2, activate_s=0.3),
                              serving="tiny:1.0.0")  # fmt: skip
         sim.start()
-        wait_for(lambda: sum(d.online for d in controllers[1].api.devices()) == 30, "the devices did not join", 30)
+        # online (state, on every replica) and born (birth: a shared subscription, one replica): targetable
+        joined = lambda: sum(d.online and bool(d.profile) for d in controllers[1].api.devices()) == 30  # noqa: E731
+        wait_for(joined, "the devices did not join", 30)
 
         def holders() -> list[bool]:
             return [c.api.health().rollout_lease.held for c in controllers]

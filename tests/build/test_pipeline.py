@@ -52,6 +52,7 @@ def test_the_shipped_example_data_is_what_its_script_makes(tmp_path: Path) -> No
     assert pipeline.PipelineRecipe.model_validate(yaml.safe_load((EXAMPLE / "recipe.yaml").read_text()))
 
 
+@pytest.mark.timeout(600)  # the whole recipe, twice (about 35 s here, alone)
 def test_the_example_recipe_runs_on_a_tiny_teacher_and_a_rerun_reuses_its_stages(tmp_path: Path, signing_key) -> None:
     from slmops.build import models
 

@@ -14,6 +14,7 @@ from controller_under_test import Controller, ControllerProcess
 from support import SLMOPS, wait_for
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "support-task"
+pytestmark = pytest.mark.timeout(600)  # each runs the whole recipe (about 40 s here, alone), one twice
 
 
 @pytest.fixture(scope="module")

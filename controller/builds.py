@@ -38,11 +38,14 @@ from slmops.supervision import Supervised
 from . import audit
 from .audit import Actor
 from .db import BuildJobRow
+from .protocol import BuildLog
 from .registry import Registry
 
 log = logging.getLogger(__name__)
 
 RECIPE = "recipe.yaml"
+KEYED = "recipe.controller.yaml"
+"""The recipe as the runner runs it: the bundle stage signed with the controller's build_signing_key."""
 MAX_UPLOAD_BYTES = 2 * 2**30
 POLL_S = 1.0
 FINISHED = ("succeeded", "failed", "cancelled")
@@ -82,6 +85,7 @@ class Builds:
             shutil.rmtree(staging, ignore_errors=True)
 
     def _check(self, recipe: Path) -> None:
+        """Refuse a recipe that cannot run here; write the one the runner runs (KEYED) beside it."""
         import yaml
 
         try:
@@ -92,10 +96,16 @@ class Builds:
             raw = yaml.safe_load(recipe.read_text(encoding="utf-8"))
         except yaml.YAMLError as e:
             raise Rejected(f"{RECIPE} is not YAML: {e}") from None
-        if isinstance(raw, dict) and raw.get("bundle") is not None and self.signing_key is None:
-            raise Rejected("the recipe makes a bundle, and this controller has no build_signing_key to sign it with")
+        if isinstance(raw, dict) and isinstance(raw.get("bundle"), dict):
+            if self.signing_key is None:
+                raise Rejected(
+                    "the recipe makes a bundle, and this controller has no build_signing_key to sign it with"
+                )
+            raw["bundle"]["key"] = str(self.signing_key)  # never a key from the upload
+        keyed = recipe.with_name(KEYED)
+        keyed.write_text(yaml.safe_dump(raw))
         try:
-            pipeline.load(_keyed(recipe, self.signing_key))
+            pipeline.load(keyed)
         except ConfigError as e:
             raise Rejected(str(e).replace(str(recipe.parent) + "/", "")) from None
 
@@ -110,16 +120,16 @@ class Builds:
                 raise NotFound(f"no build job {job_id}")
             return job
 
-    def log(self, job_id: int, offset: int, limit: int = 1 << 20) -> tuple[str, int]:
-        """The job's log from byte `offset` (at most `limit` bytes), and the offset after it."""
-        self.job(job_id)
+    def log(self, job_id: int, offset: int, limit: int = 1 << 20) -> BuildLog:
+        """The job's log from byte `offset` (at most `limit` bytes), the offset after it, whether it is over."""
+        finished = self.job(job_id).status in FINISHED
         path = self._dir(job_id) / "log.txt"
-        if not path.is_file():
-            return "", offset
-        with path.open("rb") as f:
-            f.seek(offset)
-            data = f.read(limit)
-        return data.decode("utf-8", errors="replace"), offset + len(data)
+        data = b""
+        if path.is_file():
+            with path.open("rb") as f:
+                f.seek(offset)
+                data = f.read(limit)
+        return BuildLog(text=data.decode("utf-8", errors="replace"), offset=offset + len(data), finished=finished)
 
     def cancel(self, job_id: int, who: Actor) -> BuildJobRow:
         with Session(self.engine, expire_on_commit=False) as session, session.begin():
@@ -175,7 +185,7 @@ class Builds:
     def run(self, job_id: int, stopping: threading.Event) -> None:
         """Run a claimed job to its end (or until this replica stops: then it stays running, for recover)."""
         folder = self._dir(job_id)
-        recipe = _keyed(folder / "input" / RECIPE, self.signing_key)
+        recipe = folder / "input" / KEYED
         command = [sys.executable, "-P", "-m", "slmops", "build", "run", str(recipe), "--work", str(self.work(job_id))]
         with (folder / "log.txt").open("ab") as output:
             process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
@@ -268,18 +278,6 @@ class BuildRunner:
             except Exception as e:  # a job the runner could not follow fails; the runner goes on
                 log.exception("build %s could not be run", job_id)
                 self.builds._finish(job_id, "failed", f"the controller could not run it: {e}")
-
-
-def _keyed(recipe: Path, key: Path | None) -> Path:
-    """The recipe with its bundle stage's key replaced by the controller's (written beside it)."""
-    import yaml
-
-    raw = yaml.safe_load(recipe.read_text(encoding="utf-8"))
-    if isinstance(raw, dict) and isinstance(raw.get("bundle"), dict):
-        raw["bundle"]["key"] = str(key) if key else "(no build_signing_key on this controller)"
-    keyed = recipe.with_name("recipe.controller.yaml")
-    keyed.write_text(yaml.safe_dump(raw))
-    return keyed
 
 
 def _kill(pid: int) -> None:

@@ -462,22 +462,17 @@ def _view(
     assert bundle is not None  # the foreign key keeps it
     mine = RolloutDeviceRow.rollout_id == rollout.id
     counted = session.execute(select(RolloutDeviceRow.state, func.count()).where(mine).group_by(RolloutDeviceRow.state))
-    states = {state: count for state, count in counted}
+    states = {name: count for name, count in counted}
     chosen = select(RolloutDeviceRow).where(mine)
     if state is not None:
         chosen = chosen.where(RolloutDeviceRow.state == state)
     if wave is not None:
         chosen = chosen.where(RolloutDeviceRow.wave == wave)
     total = session.scalar(select(func.count()).select_from(chosen.subquery())) or 0
-    page = (
-        list(
-            session.scalars(
-                chosen.order_by(RolloutDeviceRow.wave, RolloutDeviceRow.device_id).limit(limit).offset(offset)
-            )
-        )
-        if limit
-        else []
-    )
+    page: list[RolloutDeviceRow] = []
+    if limit:
+        ordered = chosen.order_by(RolloutDeviceRow.wave, RolloutDeviceRow.device_id).limit(limit).offset(offset)
+        page = list(session.scalars(ordered))
     return RolloutView.of(rollout, bundle, states, page, total)
 
 

@@ -166,18 +166,18 @@ def safe_member(member: tarfile.TarInfo) -> str:
     return name
 
 
-def extract_safely(archive: IO[bytes], dest: Path, max_bytes: int) -> list[str]:
+def extract_safely(archive: IO[bytes], dest: Path, max_bytes: int) -> None:
     """Unpack a tar of plain files and folders into `dest` (made), every member checked first (safe_member)
-    and the sum of their sizes bounded; returns the files' paths. Nothing is written when one is refused."""
+    and the sum of their sizes bounded. Nothing is written when one is refused."""
     with tarfile.open(fileobj=archive, mode="r:*") as tar:
         members = tar.getmembers()
-        names = [safe_member(m) for m in members]
+        for member in members:
+            safe_member(member)
         total = sum(m.size for m in members if m.isfile())
         if total > max_bytes:
             raise UnsafeArchive(f"the archive unpacks to {total} bytes, past the {max_bytes} allowed")
         dest.mkdir(parents=True, exist_ok=True)
         tar.extractall(dest, members=members, filter="data")
-    return [n for n, m in zip(names, members, strict=True) if m.isfile()]
 
 
 def _read_small(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:

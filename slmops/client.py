@@ -148,13 +148,11 @@ class ControllerClient:
         """pause, resume, abort, rollback or promote."""
         return self._call("POST", f"/v1/rollouts/{rollout_id}/{action}", RolloutView)
 
-    # --- the wire ----------------------------------------------------------------------------
-
     def submit_build(self, archive: Path) -> BuildJobView:
         """Queue a recipe: `archive` is a tar with recipe.yaml at its root and the files it names."""
         headers = {"Content-Type": "application/x-tar"}
-        with archive.open("rb") as f:
-            response = self._send("POST", "/v1/builds", content=f.read(), headers=headers, timeout=UPLOAD_TIMEOUT)
+        with archive.open("rb") as f:  # streamed, as a bundle push is: recipes carry their data
+            response = self._send("POST", "/v1/builds", content=f, headers=headers, timeout=UPLOAD_TIMEOUT)
         return BuildJobView.model_validate(response.json())
 
     def builds(self) -> list[BuildJobView]:
@@ -168,6 +166,8 @@ class ControllerClient:
 
     def cancel_build(self, build_id: int) -> BuildJobView:
         return self._call("POST", f"/v1/builds/{build_id}/cancel", BuildJobView)
+
+    # --- the wire ----------------------------------------------------------------------------
 
     def _call(self, method: str, path: str, answer: type[T], **kwargs: Any) -> T:
         return TypeAdapter(answer).validate_json(self._send(method, path, **kwargs).content)

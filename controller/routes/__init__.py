@@ -3,7 +3,7 @@ store, audit, health. Handlers reach the registry and the fleet through `app.sta
 asks through `Reader` / `Admin` (`Authorization: Bearer <token>`; readers may GET, admins change)."""
 
 import secrets
-from typing import Annotated, Any
+from typing import IO, Annotated, Any
 
 from fastapi import Depends, Query, Request
 
@@ -52,5 +52,19 @@ ControlOf = Annotated[FleetControl, _state("control")]
 EnrolmentOf = Annotated[Enrolment, _state("enrolment")]
 RolloutsOf = Annotated[Rollouts, _state("rollouts")]
 BuildsOf = Annotated[Builds, _state("builds")]
+
+
+async def spool(request: Request, into: IO[bytes], max_bytes: int) -> None:
+    """The request's body written to `into` (a file: uploads are large), refused with 413 past `max_bytes`;
+    `into` is left at its start for the reader."""
+    received = 0
+    async for chunk in request.stream():
+        received += len(chunk)
+        if received > max_bytes:
+            raise HttpError(413, f"the upload exceeds {max_bytes} bytes", "invalid_request_error")
+        into.write(chunk)
+    into.seek(0)
+
+
 Limit = Annotated[int, Query(ge=1, le=100_000, description="How many, newest first (at most 100,000).")]
 """A list's length, as the audit and telemetry routes take it."""

@@ -6,12 +6,11 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 
-from slmops.errors import HttpError
 from slmops.http import error_responses
 
-from ..builds import FINISHED, MAX_UPLOAD_BYTES
+from ..builds import MAX_UPLOAD_BYTES
 from ..protocol import BuildJobView, BuildLog
-from . import Admin, BuildsOf, Config, Reader
+from . import Admin, BuildsOf, Config, Reader, spool
 from .bundles import ARCHIVE
 
 router = APIRouter(prefix="/v1/builds", tags=["builds"], responses=error_responses(400, 401, 403, 404, 500))
@@ -23,13 +22,7 @@ async def submit(request: Request, who: Admin, config: Config, builds: BuildsOf)
     """Queue a recipe: the body is a tar with recipe.yaml at its root and the files it names (`slmops build
     submit` packs it). The recipe is checked whole before it is queued."""
     with tempfile.TemporaryFile(dir=config.data_dir) as upload:
-        received = 0
-        async for chunk in request.stream():
-            received += len(chunk)
-            if received > MAX_UPLOAD_BYTES:
-                raise HttpError(413, f"the upload exceeds {MAX_UPLOAD_BYTES} bytes", "invalid_request_error")
-            upload.write(chunk)
-        upload.seek(0)
+        await spool(request, upload, MAX_UPLOAD_BYTES)
         return BuildJobView.of(await run_in_threadpool(builds.submit, upload, who))
 
 
@@ -52,9 +45,7 @@ async def build_log(
     offset: Annotated[int, Query(ge=0, le=2**40, description="Byte to read from (the last answer's offset).")] = 0,
 ) -> BuildLog:
     """The job's log from `offset`: follow it by asking again from the offset each answer gives."""
-    job = await run_in_threadpool(builds.job, build_id)
-    text, after = await run_in_threadpool(builds.log, build_id, offset)
-    return BuildLog(text=text, offset=after, finished=job.status in FINISHED)
+    return await run_in_threadpool(builds.log, build_id, offset)
 
 
 @router.post("/{build_id}/cancel")

@@ -6,11 +6,10 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 
-from slmops.errors import HttpError
 from slmops.http import error_responses
 
 from ..protocol import BundleDetail, BundleSummary
-from . import Admin, Config, Reader, RegistryOf
+from . import Admin, Config, Reader, RegistryOf, spool
 
 router = APIRouter(prefix="/v1/bundles", tags=["bundles"], responses=error_responses(400, 401, 403, 404, 500))
 
@@ -39,13 +38,7 @@ ARCHIVE = {
 async def push(request: Request, who: Admin, config: Config, registry: RegistryOf) -> Response:
     """Upload a bundle archive (the body is the .tar); 201 when new, 200 when it was there already."""
     with tempfile.TemporaryFile(dir=config.store_dir) as upload:  # on disk: bundles are large
-        received = 0
-        async for chunk in request.stream():
-            received += len(chunk)
-            if received > config.max_upload_bytes:
-                raise HttpError(413, f"the upload exceeds {config.max_upload_bytes} bytes", "invalid_request_error")
-            upload.write(chunk)
-        upload.seek(0)
+        await spool(request, upload, config.max_upload_bytes)
         row, created = await run_in_threadpool(registry.push, upload, who)
     return JSONResponse(BundleSummary.of(row).model_dump(mode="json"), status_code=201 if created else 200)
 

@@ -163,13 +163,16 @@ def pack(path: Path, out: Path) -> Path:
 def run(recipe: PipelineRecipe, work: Path, on_stage: OnStage | None = None) -> dict[str, Any]:
     """Run the recipe's stages into WORK, reusing every stage whose inputs did not change."""
     from slmops.build import bundle as bundles
-    from slmops.build import distill, evaluate, finetune, report, task_score, teacher
+    from slmops.build import distill, evaluate, finetune, models, report, task_score, teacher
     from slmops.build.chat_data import file_digest, read_chat
     from slmops.build.export import Recipe, export
 
     tell = on_stage or (lambda _stage, _what: None)
     work.mkdir(parents=True, exist_ok=True)
     record: dict[str, Any] = {"stages": {}}
+
+    def save() -> None:
+        (work / RECORD).write_text(json.dumps(record, indent=2) + "\n")
 
     def stage(name: str, settings: BaseModel | None, inputs: dict[str, Any], make: Callable[[Path], None]) -> Path:
         key = _key(name, settings, inputs)
@@ -180,7 +183,7 @@ def run(recipe: PipelineRecipe, work: Path, on_stage: OnStage | None = None) -> 
         else:
             tell(name, "running")
             record["stages"][name] = {"key": key, "folder": str(folder), "cached": False, "running": True}
-            (work / RECORD).write_text(json.dumps(record, indent=2) + "\n")
+            save()
             partial = folder.with_name(folder.name + ".partial")
             shutil.rmtree(partial, ignore_errors=True)  # what an interrupted run left
             make(partial)
@@ -190,10 +193,8 @@ def run(recipe: PipelineRecipe, work: Path, on_stage: OnStage | None = None) -> 
             tell(name, "done")
         record["stages"][name] = {"key": key, "folder": str(folder), "cached": cached,
                                   "seconds": round(time.monotonic() - started, 1)}  # fmt: skip
-        (work / RECORD).write_text(json.dumps(record, indent=2) + "\n")
+        save()
         return folder
-
-    from slmops.build import models
 
     teacher_model = recipe.teacher
     teacher_key: dict[str, Any] = {
@@ -252,7 +253,7 @@ def run(recipe: PipelineRecipe, work: Path, on_stage: OnStage | None = None) -> 
         scores = {p.stem: json.loads(p.read_text())["score"] for p in sorted(scored_folder.glob("*.json"))}
         record["scores"] = scores
         record["report"] = str(report.write(work, record))
-        (work / RECORD).write_text(json.dumps(record, indent=2) + "\n")
+        save()
         _check_gates(scoring, scores)
 
     if recipe.bundle is not None:
@@ -263,7 +264,7 @@ def run(recipe: PipelineRecipe, work: Path, on_stage: OnStage | None = None) -> 
                                        description=packing.description, key=packing.key),
         )  # fmt: skip
     record["report"] = str(report.write(work, record))
-    (work / RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    save()
     return record
 
 

@@ -302,6 +302,7 @@ class _RabbitNode:
             RABBITMQ_PID_FILE=str(self.pid_file),
             RABBITMQ_CONF_ENV_FILE="/dev/null",  # not the system node's rabbitmq-env.conf
             ERL_EPMD_ADDRESS="127.0.0.1",
+            ERL_CRASH_DUMP=str(folder / "erl_crash.dump"),  # not into the working directory
         )
 
     def start(self) -> "Any":

@@ -150,4 +150,5 @@ def _copy_variant(build_dir: Path, out: Path, record: BuildRecord, variant_id: s
         context_length=context_length,
         evaluation=evaluation,
         build_options=record.variants[variant_id].build_options,
+        adapters=record.variants[variant_id].adapters,
     )

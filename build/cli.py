@@ -132,6 +132,13 @@ def export_cmd(
         QnnSoc,
         typer.Option(help="The Snapdragon SoC qnn-npu's context binary is compiled for (SM8650 is 8 Gen 3)."),
     ] = "sm8650",
+    adapter: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="NAME=FOLDER: a LoRA adapter (build finetune without --merge) every variant carries beside its "
+            "base graph; requests pick it as model `BUNDLE:NAME`. Repeat for several."
+        ),
+    ] = None,
     force: Annotated[bool, typer.Option(help="Replace a non-empty export folder.")] = False,
 ) -> None:
     """Build one variant per target into OUT/variants/<target>/.
@@ -151,6 +158,7 @@ def export_cmd(
             quant=QuantOptions(method=quant, block_size=block_size, accuracy_level=accuracy_level),
             from_gguf=from_gguf,
             qnn_soc=qnn_soc,
+            adapters=_named_folders(adapter or []),
         )
         bound = None if max_ppl_increase.strip().lower() == "off" else parse_fraction(max_ppl_increase)
     except ValidationError as e:
@@ -167,6 +175,18 @@ def export_cmd(
     _print_export(record, out)
 
 
+def _named_folders(pairs: list[str]) -> dict[str, str]:
+    named: dict[str, str] = {}
+    for pair in pairs:
+        name, sep, folder = pair.partition("=")
+        if not sep or not name or not folder:
+            fail(f"--adapter {pair!r}: write NAME=FOLDER", code=2)
+        if name in named:
+            fail(f"--adapter {name} is given twice", code=2)
+        named[name] = folder
+    return named
+
+
 def _print_export(record: BuildRecord, out: Path) -> None:
     reference = f"float source perplexity {record.reference.perplexity:.3f}" if record.reference else "no reference"
     table = Table(title=f"exported to {out} ({reference})")
@@ -179,6 +199,8 @@ def _print_export(record: BuildRecord, out: Path) -> None:
             options += f" quant={v.quant}"
         if v.blocks:
             options += " (" + ", ".join(f"{n} {kind}" for kind, n in v.blocks.items()) + ")"
+        if v.adapters:
+            options += " adapters=" + ",".join(a.name for a in v.adapters)
         a = v.accuracy
         if a is None:
             ppl, delta, gate = "–", "–", "[yellow]not run here[/]"

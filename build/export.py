@@ -5,7 +5,8 @@
       ├─ the int4 blocks, made once: a GGUF source's own, or --quant's from the float weights
       └─ per target ─► variants/<target>/
            ├─ onnxruntime-genai targets: the model builder, in a child process (its output
-           │  goes to logs/<target>.log), then the blocks written into its cpu-int4 graph
+           │  goes to logs/<target>.log), then the blocks written into its cpu-int4 graph, then
+           │  the recipe's LoRA adapters beside the base graph (build/adapters.py)
            ├─ openvino targets: slmops' own OpenVINO IR with the same blocks (openvino_ir)
            └─ a variant that runs here (CPU): its perplexity ─► evaluation/<target>.json
       ─► build.json (provenance, each variant's accuracy and gate)
@@ -24,6 +25,7 @@ fails before any work.
 import hashlib
 import importlib.util
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -39,11 +41,12 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from slmops.bundle import VARIANTS_DIR
-from slmops.errors import GateFailed, TargetError
-from slmops.manifest import Evaluation, canonical_json, tree_digest
+from slmops.errors import BuildError, GateFailed, TargetError
+from slmops.manifest import ADAPTER_NAME, Adapter, Evaluation, canonical_json, tree_digest
 from slmops.targets import Target, target
 
 from . import evaluate, models, openvino_ir, qnn_graph
+from .adapters import LoraAdapter, add_lora_inputs, read_adapter, write_adapter
 from .block_graph import write_blocks
 from .blocks import BLOCK, BlockWeight
 from .gguf_blocks import gguf_matrices
@@ -110,6 +113,26 @@ class Recipe(BaseModel):
     weight is the GGUF's); `dequantize` lets the builder re-round the float weights."""
     qnn_soc: QnnSoc = qnn_graph.DEFAULT_SOC
     """The Snapdragon SoC the qnn-npu variant's context binary is compiled for."""
+    adapters: dict[str, str] = {}
+    """LoRA adapters (name -> peft adapter folder) every variant carries beside its base graph
+    (build/adapters.py): the agent picks one per request by model name."""
+
+    @field_validator("adapters")
+    @classmethod
+    def _adapter_names(cls, adapters: dict[str, str]) -> dict[str, str]:
+        for name in adapters:
+            if not re.match(ADAPTER_NAME, name):
+                raise ValueError(f"adapter name {name!r}: use lowercase letters, digits, '-' and '_', a letter first")
+        return adapters
+
+    @model_validator(mode="after")
+    def _adapters_on_builder_targets(self) -> "Recipe":
+        if self.adapters:
+            others = [t for t in self.targets if target(t).builder_precision is None]
+            if others:
+                raise ValueError(f"runtime adapters ship on onnxruntime-genai targets only, not {', '.join(others)}: "
+                                 "merge the adapter into the source for those (build finetune --merge)")  # fmt: skip
+        return self
 
     @field_validator("targets")
     @classmethod
@@ -158,6 +181,7 @@ class VariantRecord(BaseModel):
     blocks: dict[str, int] | None = None
     """Matrices slmops wrote in place of the builder's, per block kind (and how many have an offset
     term); None where the builder's weights were kept."""
+    adapters: list[Adapter] = []
     accuracy: Accuracy | None = None
     """None where the variant cannot run on the build machine (a GPU variant built on a CPU)."""
 
@@ -275,6 +299,7 @@ def export(
     (out / LOGS_DIR).mkdir()
     with console.status("hashing the source checkpoint"):
         source_digest = tree_digest(source)
+    adapters = _read_adapters(recipe, source)
     reference = None
     if any(t.device_class == "cpu" or t.openvino or t.qnn for t in plan):
         with console.status("perplexity of the float source (the accuracy reference)"):
@@ -303,6 +328,7 @@ def export(
                 progress.update(task, description=f"{target_id}: {what}")
 
             made_by: str | None
+            cards: list[Adapter] = []
             if t.openvino:
                 options: dict[str, str | int | float | bool] = {}
                 made_by, matrices = blocks.get(t, note)
@@ -318,6 +344,11 @@ def export(
                 _run_builder(source, dest, t, options, out / LOGS_DIR / f"{t.id}.log", out)
                 made_by, by_kind = _own_blocks(blocks, dest, t, recipe.quant, note)
                 made_with = builder
+                if adapters:
+                    note(f"adding {len(adapters)} adapters")
+                    config = json.loads((source / "config.json").read_text())
+                    found = add_lora_inputs(dest, config)
+                    cards = [write_adapter(dest, adapter, found) for adapter in adapters]
                 if t.device_class == "cpu":
                     _check_loads(dest, t)
             accuracy = None
@@ -341,6 +372,7 @@ def export(
                 seconds=round(time.monotonic() - started, 2),
                 quant=made_by,
                 blocks=by_kind,
+                adapters=cards,
                 accuracy=accuracy,
             )
             progress.advance(task)
@@ -362,6 +394,20 @@ def export(
             + f"\n(recorded in {out / BUILD_RECORD}; `bundle create` refuses these variants)"
         )
     return record
+
+
+def _read_adapters(recipe: Recipe, source: Path) -> list[LoraAdapter]:
+    """The recipe's adapters, each checked to have been trained on `source` where its finetune.json says."""
+    adapters = [read_adapter(name, Path(folder)) for name, folder in recipe.adapters.items()]
+    if adapters:
+        digest = models.weights_digest(source)
+        for adapter in adapters:
+            if adapter.base_digest is not None and adapter.base_digest != digest:
+                raise BuildError(
+                    f"adapter {adapter.name} was trained on another model: its finetune.json names weights "
+                    f"{adapter.base_digest[:12]}, {source} has {digest[:12]}"
+                )
+    return adapters
 
 
 def _measure_accuracy(

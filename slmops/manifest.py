@@ -92,6 +92,27 @@ class Evaluation(Strict):
         return self.perplexity / self.reference_perplexity - 1
 
 
+ADAPTERS_DIR = "adapters"
+ADAPTER_SUFFIX = ".onnx_adapter"
+"""A variant's LoRA adapters lie in <variant>/adapters/<name>.onnx_adapter (onnxruntime's AdapterFormat)."""
+ADAPTER_NAME = r"^[a-z][a-z0-9_-]{0,62}$"
+"""An adapter's name: its file's stem and the last part of the model name that asks for it (`bundle:name`)."""
+
+
+class Adapter(Strict):
+    """A LoRA adapter a variant carries beside its base graph (build/adapters.py): a request picks it by name."""
+
+    name: str = Field(pattern=ADAPTER_NAME)
+    path: str
+    """Its .onnx_adapter file, relative to the variant's folder (one of the variant's files)."""
+    rank: int = Field(ge=1)
+    alpha: float = Field(gt=0)
+    modules: list[str]
+    """The Hugging Face modules it adapts (q_proj, ...)."""
+    base_digest: Sha256Hex | None = None
+    """The weights digest of the model it was trained on (its finetune.json), where known."""
+
+
 class Variant(Strict):
     id: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
     execution_provider: str
@@ -102,6 +123,7 @@ class Variant(Strict):
     context_length: int = Field(ge=1)
     evaluation: Evaluation | None = None
     build_options: dict[str, str | int | float | bool] = {}
+    adapters: list[Adapter] = []
 
     @field_validator("files")
     @classmethod
@@ -110,6 +132,17 @@ class Variant(Strict):
         if len(paths) != len(set(paths)):
             raise ValueError("a file path appears twice")
         return files
+
+    @model_validator(mode="after")
+    def _adapters_are_files(self) -> "Variant":
+        names = [a.name for a in self.adapters]
+        if len(names) != len(set(names)):
+            raise ValueError("an adapter name appears twice")
+        paths = {f.path for f in self.files}
+        for adapter in self.adapters:
+            if adapter.path not in paths:
+                raise ValueError(f"adapter {adapter.name}'s file {adapter.path} is not one of the variant's files")
+        return self
 
     @property
     def size_bytes(self) -> int:

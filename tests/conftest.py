@@ -55,6 +55,43 @@ def tiny_export(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 
 
 @pytest.fixture(scope="session")
+def tiny_adapters(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two peft LoRA adapters of the tiny model with random weights (so each changes the answers): `terse`
+    on every linear (r 8), `verbose` on q, v and down (r 4)."""
+    from support import lora_adapter
+
+    folder = tmp_path_factory.mktemp("adapters")
+    return {
+        "terse": lora_adapter(tiny_model, folder / "terse", seed=1, rank=8, targets="all-linear"),
+        "verbose": lora_adapter(
+            tiny_model, folder / "verbose", seed=2, rank=4, targets=["q_proj", "v_proj", "down_proj"]
+        ),
+    }
+
+
+@pytest.fixture(scope="session")
+def adapter_export(tiny_model: Path, tiny_adapters: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model's cpu-int4 and cpu-fp32 variants, each carrying both adapters."""
+    from slmops.build.export import Recipe, export
+
+    out = tmp_path_factory.mktemp("adapter-export")
+    adapters = {name: str(path) for name, path in tiny_adapters.items()}
+    export(Recipe(source=str(tiny_model), targets=["cpu-int4", "cpu-fp32"], adapters=adapters), out, force=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def adapter_bundle(
+    adapter_export: Path, signing_key: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    from slmops.build.bundle import create
+
+    out = tmp_path_factory.mktemp("adapter-bundle") / "tiny"
+    create(adapter_export, out, name="tiny", version="1.0.0", key=signing_key[0], variant_ids=["cpu-int4"])
+    return out
+
+
+@pytest.fixture(scope="session")
 def openvino_export(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An export folder with the tiny model's openvino-cpu and openvino-npu variants."""
     from slmops.build.export import Recipe, export

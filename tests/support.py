@@ -91,6 +91,20 @@ def synthetic_bundle(
     return Bundle.open(out).sign(load_private_key(key))
 
 
+def lora_adapter(model: Path, out: Path, seed: int, rank: int, targets: "str | list[str]") -> Path:
+    """A peft LoRA adapter of `model` with random A and B (peft's init_lora_weights=False), as
+    `slmops build finetune` writes one without --merge (the files peft saves; no finetune.json)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    network = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, init_lora_weights=False)
+    get_peft_model(network, config).save_pretrained(out)
+    return out
+
+
 def conformance_run(openapi_url: str, token: str, out: Path, seconds: int = 30) -> tuple[int, str]:
     """Schemathesis against a live service's OpenAPI document for `seconds`, as the token's holder:
     every check but positive_data_acceptance (a schema cannot say "devices or group, not both",

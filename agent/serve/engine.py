@@ -20,7 +20,7 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from slmops.manifest import Manifest
 
@@ -37,7 +37,8 @@ class QueueFull(Exception):
 
 @dataclass(frozen=True)
 class ServedModel:
-    """A loaded variant and what it is, as /health, /v1/models and telemetry report it."""
+    """A loaded variant and what it is, as /health, /v1/models and telemetry report it; with `adapter`,
+    the same variant as a request names it with one of its LoRA adapters (`bundle:adapter`)."""
 
     variant: LoadedVariant
     model_id: str
@@ -47,6 +48,14 @@ class ServedModel:
     provider: str
     manifest: Manifest
     loaded_at: float = field(default_factory=time.time)
+    adapter: str | None = None
+
+    def with_adapter(self, adapter: str) -> "ServedModel":
+        return replace(self, model_id=f"{self.bundle}:{adapter}", adapter=adapter)
+
+    def choices(self) -> list["ServedModel"]:
+        """The model itself, then itself with each of its adapters: what /v1/models lists."""
+        return [self, *(self.with_adapter(name) for name in self.variant.adapters)]
 
 
 @dataclass
@@ -59,6 +68,8 @@ class Job:
     """(kind, value): ("text", piece) … then ("done", finish_reason) or ("error", message)."""
     cancelled: threading.Event = field(default_factory=threading.Event)
     model: ServedModel | None = None
+    adapter: str | None = None
+    """The LoRA adapter the request named, if any (the variant's start() refuses one it lacks)."""
     stats: GenerationStats = field(default_factory=GenerationStats)
     submitted_at: float = field(default_factory=time.perf_counter)
 
@@ -161,7 +172,7 @@ class Engine:
             return
         assert job.model is not None
         try:
-            generation = job.model.variant.start(job.prompt_ids, job.max_new_tokens, job.sampling)
+            generation = job.model.variant.start(job.prompt_ids, job.max_new_tokens, job.sampling, job.adapter)
         except Exception as e:  # a request the model cannot take must not stop the scheduler
             log.exception("could not start a generation")
             job.emit("error", str(e))

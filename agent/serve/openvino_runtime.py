@@ -123,7 +123,9 @@ class OpenVinoVariant(LoadedVariant):
     def text_stream(self) -> TextStream:
         return _OpenVinoTextStream(self.tokenizer)
 
-    def _generation(self, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling) -> Generation:
+    def _generation(
+        self, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling, adapter: str | None
+    ) -> Generation:
         if self.sequential:
             if len(prompt_ids) > NPU_MAX_PROMPT_TOKENS:
                 raise ValueError(

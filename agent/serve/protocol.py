@@ -146,6 +146,8 @@ class ModelCard(BaseModel):
     variant: str
     provider: str
     context_length: int
+    adapter: str | None = None
+    """The LoRA adapter this id selects on the variant; None for the base model."""
 
 
 class ModelList(BaseModel):

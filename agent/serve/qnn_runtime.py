@@ -97,7 +97,9 @@ class QnnVariant(LoadedVariant):
     def text_stream(self) -> TextStream:
         return _QnnTextStream(self.tokenizer)
 
-    def _generation(self, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling) -> Generation:
+    def _generation(
+        self, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling, adapter: str | None
+    ) -> Generation:
         return QnnGeneration(self, prompt_ids, max_new_tokens, sampling)
 
     def new_cache(self) -> "KvCache":

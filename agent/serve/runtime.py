@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from slmops.errors import RuntimeLoadError
+from slmops.manifest import ADAPTER_SUFFIX, ADAPTERS_DIR
 
 from ..hardware import inference_threads
 from .prefix_cache import PrefixCache
@@ -176,11 +177,22 @@ class LoadedVariant(ABC):
     def token_logits(self, token_ids: list[int]) -> Any:
         """Logits for every position of one forward pass (numpy, [len, vocab])."""
 
-    @abstractmethod
-    def _generation(self, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling) -> Generation: ...
+    @property
+    def adapters(self) -> tuple[str, ...]:
+        """The LoRA adapters a request may pick by name (the variant's adapters/ folder, build/adapters.py)."""
+        return ()
 
-    def start(self, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling | None = None) -> Generation:
-        """A generation that advances one token per `step()`; many can interleave on one model."""
+    @abstractmethod
+    def _generation(
+        self, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling, adapter: str | None
+    ) -> Generation:
+        """`adapter` is None or one of `adapters` (start() checked)."""
+
+    def start(
+        self, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling | None = None, adapter: str | None = None
+    ) -> Generation:
+        """A generation that advances one token per `step()`; many can interleave on one model, each with
+        its own adapter or none."""
         if not prompt_ids:
             raise ValueError("the prompt is empty")
         if len(prompt_ids) + max_new_tokens > self.context_length:
@@ -188,7 +200,9 @@ class LoadedVariant(ABC):
                 f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
                 f"context length of {self.context_length} tokens"
             )
-        return self._generation(prompt_ids, max_new_tokens, sampling or Sampling())
+        if adapter is not None and adapter not in self.adapters:
+            raise ValueError(f"{self.path.name} has no adapter {adapter!r}")
+        return self._generation(prompt_ids, max_new_tokens, sampling or Sampling(), adapter)
 
     def generate(
         self,
@@ -239,10 +253,17 @@ class GenaiVariant(LoadedVariant):
     vocab_size: int | None = None
     prefix_cache: PrefixCache | None = None
     """Idle generators kept for requests that share a prompt prefix; None: every request prefills all."""
+    adapter_set: "og.Adapters | None" = None
+    """The variant's LoRA adapters, loaded once; a generator activates one of them by name."""
+    adapter_names: tuple[str, ...] = ()
 
     @property
     def runtime(self) -> str:
         return f"onnxruntime-genai {_version('onnxruntime-genai')}"
+
+    @property
+    def adapters(self) -> tuple[str, ...]:
+        return self.adapter_names
 
     @classmethod
     def open(cls, path: Path, threads: int, prefix_cache_bytes: int = 0, reuse_decoded: bool = False) -> "GenaiVariant":
@@ -258,10 +279,15 @@ class GenaiVariant(LoadedVariant):
         import onnxruntime_genai as og  # here, not at the top: an agent without a model stays small
 
         session = {"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}
+        adapter_files = sorted((path / ADAPTERS_DIR).glob(f"*{ADAPTER_SUFFIX}"))
         try:
             og_config = og.Config(str(path))
             og_config.overlay(json.dumps(session))
             model = og.Model(og_config)
+            adapter_set = og.Adapters(model) if adapter_files else None
+            for file in adapter_files:
+                assert adapter_set is not None
+                adapter_set.load(str(file), file.name.removesuffix(ADAPTER_SUFFIX))
         except Exception as e:  # onnxruntime-genai raises plain RuntimeError for every load failure
             raise RuntimeLoadError(f"onnxruntime-genai cannot load {path}: {e}") from None
         eos = config["model"].get("eos_token_id", [])
@@ -279,6 +305,8 @@ class GenaiVariant(LoadedVariant):
             eos_token_ids=frozenset(eos if isinstance(eos, list) else [eos]),
             vocab_size=int(config["model"]["vocab_size"]) if "vocab_size" in config["model"] else None,
             prefix_cache=cache,
+            adapter_set=adapter_set,
+            adapter_names=tuple(file.name.removesuffix(ADAPTER_SUFFIX) for file in adapter_files),
         )
 
     def chat_prompt(self, messages: list[dict[str, str]]) -> str:
@@ -290,8 +318,10 @@ class GenaiVariant(LoadedVariant):
     def text_stream(self) -> TextStream:
         return _GenaiTextStream(self.tokenizer)
 
-    def _generation(self, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling) -> Generation:
-        return GenaiGeneration(self, prompt_ids, max_new_tokens, sampling)
+    def _generation(
+        self, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling, adapter: str | None
+    ) -> Generation:
+        return GenaiGeneration(self, prompt_ids, max_new_tokens, sampling, adapter)
 
     def token_logits(self, token_ids: list[int]) -> Any:
         import onnxruntime_genai as og
@@ -306,15 +336,24 @@ class GenaiVariant(LoadedVariant):
 class GenaiGeneration:
     """One request's generator. Its KV cache is sized for prompt + max_new_tokens, not the full context;
     with a prefix cache, it may come from an earlier request that shared the prompt's beginning (and then
-    keeps FOLLOW_UP_TOKENS more room, so that it can serve the next turn too)."""
+    keeps FOLLOW_UP_TOKENS more room, so that it can serve the next turn too). A generator with an adapter
+    active is reused only for the same adapter."""
 
-    def __init__(self, variant: GenaiVariant, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling) -> None:
+    def __init__(
+        self,
+        variant: GenaiVariant,
+        prompt_ids: list[int],
+        max_new_tokens: int,
+        sampling: Sampling,
+        adapter: str | None = None,
+    ) -> None:
         self.variant = variant
         self.max_new_tokens = max_new_tokens
         self._stops = sampling.stops(variant.eos_token_ids)
         self.stats = GenerationStats(prompt_tokens=len(prompt_ids))
         total = len(prompt_ids) + max_new_tokens
-        cache, self._cache_key = variant.prefix_cache, sampling.cache_key()
+        cache, sampling_key = variant.prefix_cache, sampling.cache_key()
+        self._cache_key = None if sampling_key is None else (adapter, sampling_key)
         self._cacheable = cache is not None and self._cache_key is not None
         reuse = cache.take(self._cache_key, prompt_ids, total) if cache is not None and self._cacheable else None
         if reuse is not None:
@@ -334,6 +373,8 @@ class GenaiGeneration:
                 **sampling.search_options(variant.vocab_size),
             )
             self._generator = og.Generator(variant.model, params)
+            if adapter is not None:
+                self._generator.set_active_adapter(variant.adapter_set, adapter)
         self._prompt = prompt_ids
         self._started = 0.0
         self._failed = False

@@ -46,18 +46,25 @@ class Serving:
         self.metrics = metrics
 
     def model(self, requested: str) -> ServedModel:
+        """The served model a request names: `bundle`, `bundle:version` or `default` (or nothing) for the
+        base; `bundle:adapter` or `bundle:version:adapter` for one of its LoRA adapters."""
         model = self.engine.current
         if model is None:
             raise HttpError(503, "the model is still loading", "service_unavailable", "model_loading")
-        if requested and requested not in (model.model_id, model.bundle, "default"):
-            raise HttpError(
-                404,
-                f"model {requested!r} is not served here; this agent serves {model.model_id!r}",
-                "invalid_request_error",
-                "model_not_found",
-                "model",
-            )
-        return model
+        if not requested or requested in (model.model_id, model.bundle, "default"):
+            return model
+        for prefix in (f"{model.model_id}:", f"{model.bundle}:"):
+            adapter = requested.removeprefix(prefix)
+            if adapter != requested and adapter in model.variant.adapters:
+                return model.with_adapter(adapter)
+        served = ", ".join(repr(choice.model_id) for choice in model.choices())
+        raise HttpError(
+            404,
+            f"model {requested!r} is not served here; this agent serves {served}",
+            "invalid_request_error",
+            "model_not_found",
+            "model",
+        )
 
     def chat_prompt(self, model: ServedModel, messages: list[ChatMessage]) -> str:
         roles = {"developer": "system"}
@@ -118,7 +125,7 @@ class Serving:
             ignore_eos=fields.ignore_eos,
             repetition_penalty=fields.repetition_penalty,
         )
-        job = Job(prompt_ids, max_new, sampling, asyncio.get_running_loop())
+        job = Job(prompt_ids, max_new, sampling, asyncio.get_running_loop(), adapter=model.adapter)
         try:
             self.engine.submit(job)
         except QueueFull as e:

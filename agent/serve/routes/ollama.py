@@ -41,6 +41,7 @@ NS = 1_000_000_000
 
 @router.get("/tags")
 async def tags(host: Host) -> OllamaTags:
+    """The served model, then the same model with each of its LoRA adapters (`bundle:adapter`)."""
     model = host.engine.current
     if model is None:
         return OllamaTags(models=[])
@@ -49,10 +50,14 @@ async def tags(host: Host) -> OllamaTags:
         format="onnx", family=model.bundle, parameter_size="", quantization_level=model.variant_id
     )
     modified = datetime.fromtimestamp(model.loaded_at, UTC).isoformat()
-    card = OllamaModel(
-        name=model.model_id, model=model.model_id, modified_at=modified, size=size, digest="", details=details
+    return OllamaTags(
+        models=[
+            OllamaModel(
+                name=choice.model_id, model=choice.model_id, modified_at=modified, size=size, digest="", details=details
+            )
+            for choice in model.choices()
+        ]
     )
-    return OllamaTags(models=[card])
 
 
 @router.get("/version")

@@ -49,19 +49,24 @@ router = APIRouter(prefix="/v1", tags=["OpenAI"], responses=error_responses(400,
 
 @router.get("/models")
 async def models(host: Host) -> ModelList:
+    """The served model, then the same model with each of its LoRA adapters (`bundle:adapter`)."""
     model = host.engine.current
     if model is None:
         return ModelList(data=[])
-    card = ModelCard(
-        id=model.model_id,
-        created=int(model.loaded_at),
-        bundle=model.bundle,
-        version=model.version,
-        variant=model.variant_id,
-        provider=model.provider,
-        context_length=model.variant.context_length,
-    )
-    return ModelList(data=[card])
+    cards = [
+        ModelCard(
+            id=choice.model_id,
+            created=int(choice.loaded_at),
+            bundle=choice.bundle,
+            version=choice.version,
+            variant=choice.variant_id,
+            provider=choice.provider,
+            context_length=choice.variant.context_length,
+            adapter=choice.adapter,
+        )
+        for choice in model.choices()
+    ]
+    return ModelList(data=cards)
 
 
 @router.post("/chat/completions", response_model=ChatCompletion, responses=STREAMED)  # type: ignore[arg-type]

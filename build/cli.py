@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from slmops.build.executors import ExecutorName
 from slmops.build.export import QUANT_METHODS, BuildRecord, FromGguf, QnnSoc, QuantMethod, missing_tools
 from slmops.bundle import VARIANTS_DIR
 from slmops.errors import GateFailed, SlmopsError
@@ -490,13 +491,25 @@ def run_cmd(
     work: Annotated[
         Path | None, typer.Option(help="Where the stages go; default: a `work` folder beside the recipe.")
     ] = None,
+    executor: Annotated[
+        ExecutorName,
+        typer.Option(
+            help="local: every stage in this process; ray: each stage on the Ray cluster at --ray-address, "
+            "the training stages with Ray Train over --train-workers processes (WORK must be shared)."
+        ),
+    ] = "local",
+    ray_address: Annotated[str | None, typer.Option(help="The Ray cluster's address (HOST:PORT).")] = None,
+    train_workers: Annotated[
+        int, typer.Option(min=1, help="Processes that train each training stage on Ray (batch size is per process).")
+    ] = 2,
 ) -> None:
     """Run a recipe: fine-tune the teacher, generate, distil the student, export, score, bundle. A stage
     whose inputs did not change since the last run is taken from WORK."""
-    from slmops.build import pipeline
+    from slmops.build import executors, pipeline
 
     try:
         loaded = pipeline.load(recipe)
+        runner = executors.executor(executor, ray_address, train_workers)
     except SlmopsError as e:
         fail(str(e), code=2)
     try:
@@ -508,7 +521,7 @@ def run_cmd(
                 else:
                     err_console.print(f"{stage}: {what}")
 
-            record = pipeline.run(loaded, work or recipe.parent / "work", on_stage)
+            record = pipeline.run(loaded, work or recipe.parent / "work", on_stage, runner)
     except GateFailed as e:
         fail(str(e), code=GATE_FAILED_EXIT)
     except SlmopsError as e:

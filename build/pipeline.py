@@ -3,8 +3,9 @@
 recipe.yaml ─► PipelineRecipe (pydantic, every bad field named at once; the files it names checked
                before any work; relative paths are the recipe's folder's)
 stages, each in WORK/<stage>-<key> where key = sha256(the stage's settings, its input files' digests,
-the keys of the stages it reads): a stage whose folder is complete is skipped on a re-run, and any
-change upstream changes every key after it.
+the keys of the stages it reads, and for a stage trained by several processes their number): a stage whose
+folder is complete is skipped on a re-run, and any change upstream changes every key after it. Each runs
+where the executor puts it (build/executors: here, or on a Ray cluster with Ray Train for training).
 
     finetune  (optional) the teacher adapted to the task: LoRA, merged        build/finetune
     generate  the (tuned) teacher answers the prompts                          build/teacher
@@ -29,10 +30,12 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from slmops.build.distill import DistillSettings
+from slmops.build.executors import Executor, LocalExecutor
 from slmops.build.export import DEFAULT_MAX_PPL_INCREASE, QuantOptions
 from slmops.build.finetune import FinetuneSettings
 from slmops.build.teacher import GenerateSettings
 from slmops.errors import ConfigError, GateFailed
+from slmops.paths import replace_file
 
 DONE = ".done"
 RECORD = "pipeline.json"
@@ -160,39 +163,45 @@ def pack(path: Path, out: Path) -> Path:
     return out
 
 
-def run(recipe: PipelineRecipe, work: Path, on_stage: OnStage | None = None) -> dict[str, Any]:
-    """Run the recipe's stages into WORK, reusing every stage whose inputs did not change."""
+def run(
+    recipe: PipelineRecipe, work: Path, on_stage: OnStage | None = None, executor: Executor | None = None
+) -> dict[str, Any]:
+    """Run the recipe's stages into WORK, reusing every stage whose inputs did not change; each stage runs
+    where `executor` puts it (build/executors: here by default, or on a Ray cluster)."""
     from slmops.build import bundle as bundles
     from slmops.build import distill, evaluate, finetune, models, report, task_score, teacher
     from slmops.build.chat_data import file_digest, read_chat
     from slmops.build.export import Recipe, export
 
     tell = on_stage or (lambda _stage, _what: None)
+    runner = executor or LocalExecutor()
     work.mkdir(parents=True, exist_ok=True)
     record: dict[str, Any] = {"stages": {}}
 
-    def save() -> None:
-        (work / RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    def save() -> None:  # whole: the controller reads it while a build job runs
+        replace_file(work / RECORD, (json.dumps(record, indent=2) + "\n").encode())
 
     def stage(name: str, settings: BaseModel | None, inputs: dict[str, Any], make: Callable[[Path], None]) -> Path:
-        key = _key(name, settings, inputs)
+        processes = runner.processes(name)
+        key = _key(name, settings, inputs | ({"processes": processes} if processes > 1 else {}))
         folder = work / f"{name}-{key[:12]}"
         started, cached = time.monotonic(), (folder / DONE).is_file()
         if cached:
             tell(name, "cached")
         else:
             tell(name, "running")
-            record["stages"][name] = {"key": key, "folder": str(folder), "cached": False, "running": True}
+            record["stages"][name] = {"key": key, "folder": str(folder), "cached": False, "running": True,
+                                      "executor": runner.name, "processes": processes}  # fmt: skip
             save()
             partial = folder.with_name(folder.name + ".partial")
             shutil.rmtree(partial, ignore_errors=True)  # what an interrupted run left
-            make(partial)
+            runner.run(name, make, partial)
             (partial / DONE).write_text(key + "\n")
             shutil.rmtree(folder, ignore_errors=True)
             partial.rename(folder)
             tell(name, "done")
-        record["stages"][name] = {"key": key, "folder": str(folder), "cached": cached,
-                                  "seconds": round(time.monotonic() - started, 1)}  # fmt: skip
+        record["stages"][name] = {"key": key, "folder": str(folder), "cached": cached, "executor": runner.name,
+                                  "processes": processes, "seconds": round(time.monotonic() - started, 1)}  # fmt: skip
         save()
         return folder
 

@@ -9,6 +9,7 @@ the split into training and validation, and transformers' Trainer set up one way
 """
 
 import math
+import os
 import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -60,7 +61,8 @@ def split(items: Sequence[T], held_out: Sequence[T] | None, settings: TrainingSe
 
 
 def resume_point(out: Path, resume: bool) -> Path | None:
-    """The checkpoint to go on from (resume), after checking that OUT may be written."""
+    """The checkpoint to go on from (resume), after checking that OUT may be written. Of several processes
+    (torchrun, Ray Train) the first checks: the others may come here after it has begun to write OUT."""
     from transformers.trainer_utils import get_last_checkpoint
 
     checkpoints = out / CHECKPOINTS
@@ -69,7 +71,7 @@ def resume_point(out: Path, resume: bool) -> Path | None:
         if not found:
             raise BuildError(f"nothing to resume: {checkpoints} holds no checkpoint")
         return Path(found)
-    if out.exists() and any(out.iterdir()):
+    if int(os.environ.get("RANK", "0")) == 0 and out.exists() and any(out.iterdir()):
         raise BuildError(f"{out} is not empty: choose another folder, or --resume a run stopped there")
     return None
 
@@ -119,6 +121,7 @@ def make_trainer(
         disable_tqdm=True,
         remove_unused_columns=False,
         dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,  # every trainable weight takes part (DDP skips a graph traversal)
     )
 
     class Reporting(TrainerCallback):
@@ -156,6 +159,7 @@ def epochs_record(trainer: Any, settings: TrainingSettings) -> dict[str, Any]:
         "best_epoch": best["epoch"],
         "stopped_early": len(epochs) < settings.epochs,
         "steps": trainer.state.global_step,
+        "processes": trainer.args.world_size,
     }
 
 

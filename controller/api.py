@@ -41,8 +41,9 @@ def create_app(
     app.state.control = FleetControl(fleet, bridge, broker)
     app.state.rollouts = Rollouts(registry.engine, registry, app.state.control)
     app.state.builds = Builds(
-        registry.engine, config.data_dir / "builds", registry, config.build_signing_key, config.replica
-    )
+        registry.engine, config.data_dir / "builds", registry, config.build_signing_key, config.replica,
+        config.build_run_options,
+    )  # fmt: skip
     app.state.metrics = metrics.registry(registry.engine, bridge, app.state)
     routers = (bundles.router, devices.router, desired.router, rollouts.router, builds.router, store.router)
     for router in (*routers, service.router):

@@ -4,7 +4,8 @@
         safely, the recipe checked whole (every bad field named) before it is queued; a bundle stage is
         signed with the controller's build_signing_key (a key in the upload is never used)
     the `slmops-builds` thread (BuildRunner): claims a queued job (a conditional UPDATE: one replica wins),
-        runs `slmops build run` in a process of its own (its output: the job's log), follows its stages
+        runs `slmops build run` in a process of its own (its output: the job's log), its stages there or on
+        a Ray cluster (build_executor, build/executors.py), follows its stages
         from the pipeline's record, kills it on cancel; on success pushes the bundle it made into the
         registry (verified and signed, as any push) and records which
     a controller restarted: the jobs it was running are queued again and resume from the stages their
@@ -54,10 +55,18 @@ BUILDER = Actor(name="builder", role="admin")
 
 class Builds:
     def __init__(
-        self, engine: Engine, folder: Path, registry: Registry, signing_key: Path | None, replica: str
+        self,
+        engine: Engine,
+        folder: Path,
+        registry: Registry,
+        signing_key: Path | None,
+        replica: str,
+        run_options: list[str] | None = None,
     ) -> None:
+        """`run_options`: more for `slmops build run` (where the stages run: ControllerConfig.build_run_options)."""
         self.engine, self.folder, self.registry = engine, folder, registry
         self.signing_key, self.replica = signing_key, replica
+        self.run_options = run_options or []
 
     # --- the API's side ---------------------------------------------------------------------------
 
@@ -186,7 +195,8 @@ class Builds:
         """Run a claimed job to its end (or until this replica stops: then it stays running, for recover)."""
         folder = self._dir(job_id)
         recipe = folder / "input" / KEYED
-        command = [sys.executable, "-P", "-m", "slmops", "build", "run", str(recipe), "--work", str(self.work(job_id))]
+        command = [sys.executable, "-P", "-m", "slmops", "build", "run", str(recipe), "--work", str(self.work(job_id)),
+                   *self.run_options]  # fmt: skip
         with (folder / "log.txt").open("ab") as output:
             process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
         self._set(job_id, pid=process.pid)

@@ -8,11 +8,12 @@ import socket
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from slmops import paths
 from slmops.broker import BrokerUrls, with_credentials
+from slmops.build.executors import ExecutorName
 from slmops.errors import ConfigError
 from slmops.settings import load_settings
 
@@ -66,12 +67,33 @@ class ControllerConfig(BaseSettings):
     bundle stage is refused."""
     builds: bool = True
     """Run build jobs on this replica (`slmops build submit`); they need the build extra installed."""
+    build_executor: ExecutorName = "local"
+    """Where a build job's stages run: local (in the job's process on this replica) or ray (each stage on
+    the Ray cluster at ray_address, fine-tuning and distillation with Ray Train over ray_train_workers
+    processes; the data_dir's builds/ folder must then be shared with the cluster's nodes)."""
+    ray_address: str | None = None
+    """The Ray cluster's address (HOST:PORT) for build_executor = ray."""
+    ray_train_workers: int = Field(default=2, ge=1, le=4096)
     shared_subscriptions: bool = True
     """Receive what devices send through $share/slmops/... so that replicas split it (Mosquitto 2, EMQX);
     false for a broker without shared subscriptions, with a single controller."""
     device_broker_url: BrokerUrls | None = Field(default=None, pattern=r"^[^@]*$")
     """The broker as devices reach it, for their enrolment (no credentials in it). Unset: the
     embedded broker's address, or broker_url without its credentials."""
+
+    @model_validator(mode="after")
+    def _ray_needs_its_address(self) -> "ControllerConfig":
+        if self.build_executor == "ray" and not self.ray_address:
+            raise ValueError("build_executor = ray needs ray_address (the cluster's HOST:PORT)")
+        return self
+
+    @property
+    def build_run_options(self) -> list[str]:
+        """What `slmops build run` is given for a build job: where its stages run."""
+        if self.build_executor == "local":
+            return []
+        assert self.ray_address is not None
+        return ["--executor", "ray", "--ray-address", self.ray_address, "--train-workers", str(self.ray_train_workers)]
 
     @property
     def database(self) -> str:

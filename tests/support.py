@@ -4,6 +4,8 @@ signed bundle, a Mosquitto of the test's own, and schemathesis against a live se
 Importable as `support` from any test (tests/conftest.py puts this folder on sys.path).
 """
 
+import contextlib
+import os
 import shutil
 import socket
 import sys
@@ -133,6 +135,50 @@ def conformance_run(openapi_url: str, token: str, out: Path, seconds: int = 30) 
     ]
     done = subprocess.run(command, cwd=out, capture_output=True, text=True, timeout=seconds + 120)
     return done.returncode, done.stdout[-12000:] + done.stderr[-4000:]
+
+
+class RayHead:
+    """A Ray head of our own on loopback (`ray start --head --block` in its own process group, which
+    `with` kills on the way out); its session files in a short /tmp folder (Ray's unix sockets must fit
+    in 107 characters)."""
+
+    def __init__(self, folder: Path, cpus: int = 2) -> None:
+        import tempfile
+
+        self.port, self.cpus = free_port(), cpus
+        self.temp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
+        self.log = folder / "ray-head.log"
+        self.address = f"127.0.0.1:{self.port}"
+        self.process: Any = None
+
+    def __enter__(self) -> "RayHead":
+        import subprocess
+        import sys
+
+        from slmops.build.executors import LOOPBACK_ONLY
+
+        ray = Path(sys.executable).with_name("ray")
+        command = [str(ray), "start", "--head", "--block", "--port", str(self.port), "--num-cpus", str(self.cpus),
+                   "--include-dashboard", "false", "--disable-usage-stats", "--temp-dir", str(self.temp)]  # fmt: skip
+        env = dict(os.environ, **LOOPBACK_ONLY, PATH=f"{ray.parent}:{os.environ['PATH']}")
+        with self.log.open("w") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                            start_new_session=True)  # fmt: skip
+        wait_for(lambda: (self.temp / "ray_current_cluster").is_file() or self.process.poll() is not None,
+                 "the Ray head to start", timeout_s=60)  # fmt: skip
+        if self.process.poll() is not None:
+            raise AssertionError(f"ray start failed: {self.log.read_text()[-2000:]}")
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        """SIGKILL to the whole group: `ray start --block` took over 20 s to end on SIGTERM, and the
+        cluster holds nothing to keep."""
+        import signal
+
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=10)
+        shutil.rmtree(self.temp, ignore_errors=True)
 
 
 class Mosquitto:

@@ -38,6 +38,7 @@ from typing import NamedTuple, Protocol
 
 from slmops.errors import DiskFull, TransferError
 from slmops.messages import ChunkHeader, ChunkRequest, chunk_count
+from slmops.paths import replace_file
 
 log = logging.getLogger(__name__)
 
@@ -317,13 +318,7 @@ class _File:
     def _save(self, claimed: bytes) -> None:
         """The bitmap: `claimed` was taken after those chunks were written (a power cut can still keep
         them from the disk: the sha256 of each chunk claimed finds that on the restart)."""
-        tmp = self.bitmap_path.with_suffix(".tmp")
-        try:
-            tmp.write_bytes(claimed)
-            os.replace(tmp, self.bitmap_path)
-        except OSError:
-            tmp.unlink(missing_ok=True)
-            raise
+        replace_file(self.bitmap_path, claimed)
 
     def _settle(self) -> None:
         if self.checkpoint is not None:

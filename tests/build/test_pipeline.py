@@ -52,8 +52,8 @@ def test_the_shipped_example_data_is_what_its_script_makes(tmp_path: Path) -> No
     assert pipeline.PipelineRecipe.model_validate(yaml.safe_load((EXAMPLE / "recipe.yaml").read_text()))
 
 
-@pytest.mark.timeout(600)  # the whole recipe, twice (about 35 s here, alone)
-def test_the_example_recipe_runs_on_a_tiny_teacher_and_a_rerun_reuses_its_stages(tmp_path: Path, signing_key) -> None:
+def tiny_recipe(tmp_path: Path, signing_key) -> tuple[Path, dict]:
+    """The example recipe on a 5-layer tiny teacher and a few items, written to tmp_path/recipe.yaml."""
     from slmops.build import models
 
     teacher = models.make_tiny(tmp_path / "teacher", layers=5, seed=2)
@@ -75,7 +75,12 @@ def test_the_example_recipe_runs_on_a_tiny_teacher_and_a_rerun_reuses_its_stages
     recipe["bundle"]["key"] = str(signing_key[0])
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
+    return path, recipe
 
+
+@pytest.mark.timeout(600)  # the whole recipe, twice (about 35 s here, alone)
+def test_the_example_recipe_runs_on_a_tiny_teacher_and_a_rerun_reuses_its_stages(tmp_path: Path, signing_key) -> None:
+    path, recipe = tiny_recipe(tmp_path, signing_key)
     first = subprocess.run([*SLMOPS, "build", "run", str(path)], capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]
     record = json.loads((tmp_path / "work" / "pipeline.json").read_text())
@@ -98,3 +103,11 @@ def test_the_example_recipe_runs_on_a_tiny_teacher_and_a_rerun_reuses_its_stages
     assert cached == {"finetune": True, "generate": True, "distill": False, "export": False, "score": False,
                       "bundle": False}  # fmt: skip
     assert "cache" in second.stdout
+
+
+def test_the_ray_executor_without_an_address_is_refused_before_any_work(tmp_path: Path, signing_key) -> None:
+    path, _ = tiny_recipe(tmp_path, signing_key)
+    done = subprocess.run(
+        [*SLMOPS, "build", "run", str(path), "--executor", "ray"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2 and "--ray-address" in done.stderr

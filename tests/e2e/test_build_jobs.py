@@ -1,7 +1,7 @@
 """Build jobs on a controller process (controller/builds.py): a recipe submitted with `slmops build submit`
-runs in a worker process, its log can be followed, and the bundle it makes is registered; a running job
-is cancelled; a bad recipe is refused before it is queued; a job the controller was running when it was
-killed resumes from the stages it had finished."""
+runs in a worker process (or on a Ray cluster), its log can be followed, and the bundle it makes is
+registered; a running job is cancelled; a bad recipe is refused before it is queued; a job the controller
+was running when it was killed resumes from the stages it had finished."""
 
 import json
 import signal
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 from controller_under_test import Controller, ControllerProcess
-from support import SLMOPS, wait_for
+from support import SLMOPS, RayHead, wait_for
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "support-task"
 pytestmark = pytest.mark.timeout(600)  # each runs the whole recipe (about 40 s here, alone), one twice
@@ -77,6 +77,35 @@ def test_a_submitted_recipe_is_built_and_its_bundle_registered(builder, teacher:
     assert not (uploaded / "keys").exists(), "the recipe's own key is never sent"
     listed = cli(process, "jobs", "--json")
     assert json.loads(listed.stdout)[0]["id"] == job_id
+
+
+def test_a_controller_with_the_ray_executor_builds_on_a_ray_cluster(teacher: Path, tmp_path: Path, signing_key) -> None:
+    """build_executor = ray: each stage on a Ray head this test starts on loopback, fine-tuning and
+    distillation with Ray Train over two processes (DDP); the bundle is registered as with `local`."""
+    with RayHead(tmp_path) as head:
+        process = ControllerProcess(
+            tmp_path / "controller", "-k", str(signing_key[1]), build_signing_key=str(signing_key[0]),
+            build_executor="ray", ray_address=head.address, ray_train_workers="2",
+        ).start()  # fmt: skip
+        controller = Controller(process.url, process.env["SLMOPS_TOKEN"])
+        try:
+            submitted = cli(process, "submit", str(recipe(tmp_path / "r", teacher)))
+            job_id = int(submitted.stdout.split()[1])
+            followed = cli(process, "logs", str(job_id), "-f")
+            job = controller.api.build(job_id)
+        finally:
+            controller.api.close()
+            process.stop()
+    assert job.status == "succeeded", followed.stdout[-3000:]
+    assert (job.bundle_name, job.bundle_version) == ("nimbus-support", "1.0.0")
+    stages = json.loads((process.data / "builds" / str(job_id) / "work" / "pipeline.json").read_text())["stages"]
+    assert {name: (s["executor"], s["processes"]) for name, s in stages.items()} == {
+        "finetune": ("ray", 2), "generate": ("ray", 1), "distill": ("ray", 2), "export": ("ray", 1),
+        "score": ("ray", 1), "bundle": ("ray", 1),
+    }  # fmt: skip
+    for stage, provenance in (("finetune", "finetune.json"), ("distill", "distill.json")):
+        trained = json.loads((Path(stages[stage]["folder"]) / provenance).read_text())
+        assert trained["processes"] == 2, f"{stage} was trained by {trained['processes']} process(es)"
 
 
 def test_a_bad_recipe_is_refused_and_a_running_job_cancelled(builder, teacher: Path, tmp_path: Path) -> None:

@@ -3,6 +3,7 @@ tuned with LoRA, a layer-subset student healed by distillation, both int4, again
 without us (the teacher in transformers, fp32).
 
     teacher      SmolLM2 + LoRA on the task's training answers (merged)           build/finetune
+                 and the same LoRA unmerged, beside SmolLM2's int4 at run time      build/adapters
     answers      the teacher answers the training prompts, greedy, top-8 kept     build/teacher
     student      --keep-layers of its 30 layers by block influence                 build/student
     distilled    the student healed by distillation (CE + forward KL on the top-8)  build/distill
@@ -109,14 +110,20 @@ def main() -> None:
         "student distilled int4": int4("distilled", distilled),
         "student on gold answers int4": int4("gold", gold),
     }
-    contenders = {"teacher fp32 (transformers)": teacher, **variants}
+    # The same LoRA not merged: SmolLM2's own int4 blocks and the adapter beside them, float (build/adapters)
+    adapter = step(work, "teacher-adapter-int4", lambda out: export(Recipe(
+        source=TEACHER, targets=["cpu-int4"], adapters={"support": str(best_checkpoint(teacher))}), out, force=True,
+        max_ppl_increase=None), console) / "variants" / "cpu-int4"  # fmt: skip
+    contenders = {name: (model, None) for name, model in {"teacher fp32 (transformers)": teacher, **variants}.items()}
+    contenders["teacher int4 + its LoRA at run time"] = (adapter, "support")
     scores = {}
-    for name, model in contenders.items():
+    for name, (model, adapter_name) in contenders.items():
         scored_file = work / "scores" / f"{name}.json"
         if not scored_file.is_file():
             console.print(f"scoring {name} on {len(test)} held-out items")
             scored_file.parent.mkdir(exist_ok=True)
-            scored_file.write_text(score_model(model, test, args.max_new_tokens).model_dump_json(indent=2))
+            scored = score_model(model, test, args.max_new_tokens, adapter=adapter_name)
+            scored_file.write_text(scored.model_dump_json(indent=2))
         scores[name] = json.loads(scored_file.read_text())["score"]
 
     speed_of = {"teacher fp32 (transformers)": (run_transformers, str(teacher)),
@@ -179,6 +186,13 @@ def main() -> None:
     }  # fmt: skip
     _plot(scores, speed, RESULTS / "distill.png")
     write_report("distill", report, console)
+
+
+def best_checkpoint(tuned: Path) -> Path:
+    """The LoRA adapter of the epoch a fine-tuning kept (its trainer saves the adapter alone per epoch)."""
+    states = sorted((tuned / "checkpoints").glob("checkpoint-*/trainer_state.json"), key=lambda p: p.stat().st_mtime)
+    best = json.loads(states[-1].read_text())["best_model_checkpoint"]
+    return tuned / "checkpoints" / Path(best).name
 
 
 def _spread(figure: dict) -> str:

@@ -456,6 +456,7 @@ def score_cmd(
     limit: Annotated[int | None, typer.Option(min=1, help="Score the first N items only.")] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 128,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the score and answers as JSON.")] = None,
+    adapter: Annotated[str | None, typer.Option(help="Answer with this LoRA adapter of the variant active.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable.")] = False,
 ) -> None:
     """The task score of a model on held-out items: exact match on the key fact and ROUGE-L, with bootstrap
@@ -469,7 +470,9 @@ def score_cmd(
         items = read_chat(test)[:limit]
         with Progress(TextColumn("answering"), BarColumn(), MofNCompleteColumn(), console=err_console) as progress:
             task = progress.add_task("answering", total=len(items))
-            scored = score_model(model, items, max_new_tokens, lambda done: progress.update(task, completed=done))
+            scored = score_model(
+                model, items, max_new_tokens, lambda done: progress.update(task, completed=done), adapter
+            )
     except (SlmopsError, ValueError) as e:
         fail(str(e))
     if output is not None:

@@ -78,11 +78,15 @@ def answers(
     max_new_tokens: int = 128,
     batch_size: int = 8,
     on_answer: Callable[[int], None] | None = None,
+    adapter: str | None = None,
 ) -> list[str]:
-    """Greedy answers to each conversation's turns before its last (the reference answer)."""
+    """Greedy answers to each conversation's turns before its last (the reference answer); `adapter`: one
+    of a variant's LoRA adapters (build/adapters.py), active for every answer."""
     questions = [Prompt(id=str(i), messages=c.messages[:-1]) for i, c in enumerate(conversations)]
     if (model / "genai_config.json").is_file() or (model / "openvino_model.xml").is_file():
-        return _variant_answers(model, questions, max_new_tokens, on_answer)
+        return _variant_answers(model, questions, max_new_tokens, on_answer, adapter)
+    if adapter is not None:
+        raise ValueError(f"{model} is a Hugging Face folder: an adapter is picked on an exported variant")
     return _transformers_answers(model, questions, max_new_tokens, batch_size, on_answer)
 
 
@@ -97,19 +101,25 @@ def score_model(
     conversations: Sequence[Conversation],
     max_new_tokens: int = 128,
     on_answer: Callable[[int], None] | None = None,
+    adapter: str | None = None,
 ) -> ScoredModel:
-    """`model`'s answers to the conversations, scored against their last turns and their `key` fields."""
+    """`model`'s answers to the conversations (with `adapter` active), scored against their last turns and
+    their `key` fields."""
     missing = [i for i, c in enumerate(conversations) if not (c.model_extra or {}).get("key")]
     if missing:
         raise ValueError(f"conversation(s) {missing[:5]} have no `key` (the fact a right answer states)")
-    said = answers(model, conversations, max_new_tokens, on_answer=on_answer)
+    said = answers(model, conversations, max_new_tokens, on_answer=on_answer, adapter=adapter)
     references = [c.messages[-1].content for c in conversations]
     keys = [str((c.model_extra or {})["key"]) for c in conversations]
     return ScoredModel(model=str(model), score=score(said, references, keys), answers=said)
 
 
 def _variant_answers(
-    variant: Path, questions: list[Prompt], max_new_tokens: int, on_answer: Callable[[int], None] | None
+    variant: Path,
+    questions: list[Prompt],
+    max_new_tokens: int,
+    on_answer: Callable[[int], None] | None,
+    adapter: str | None,
 ) -> list[str]:
     from slmops.agent.serve.runtime import LoadedVariant
 
@@ -117,7 +127,7 @@ def _variant_answers(
     said = []
     for index, question in enumerate(questions):
         prompt = loaded.chat_prompt([t.model_dump() for t in question.messages])
-        tokens = loaded.generate(loaded.encode(prompt), max_new_tokens)
+        tokens = loaded.generate(loaded.encode(prompt), max_new_tokens, adapter=adapter)
         said.append("".join(loaded.stream_text(tokens)).strip())
         if on_answer is not None:
             on_answer(index + 1)

@@ -210,9 +210,10 @@ class LoadedVariant(ABC):
         max_new_tokens: int,
         stats: GenerationStats | None = None,
         ignore_eos: bool = False,
+        adapter: str | None = None,
     ) -> Iterator[int]:
-        """Tokens one at a time, greedy."""
-        generation = self.start(prompt_ids, max_new_tokens, Sampling(ignore_eos=ignore_eos))
+        """Tokens one at a time, greedy (with `adapter` active)."""
+        generation = self.start(prompt_ids, max_new_tokens, Sampling(ignore_eos=ignore_eos), adapter)
         if stats is not None:
             stats.prompt_tokens, stats.cached_prompt_tokens = len(prompt_ids), generation.stats.cached_prompt_tokens
             generation.stats = stats

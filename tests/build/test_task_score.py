@@ -62,3 +62,19 @@ def test_a_model_is_scored_on_held_out_items_through_transformers_and_its_varian
     refused = subprocess.run([*SLMOPS, "build", "score", str(tiny_model), "--test", str(keyless)], capture_output=True,
                              text=True, timeout=300)  # fmt: skip
     assert refused.returncode == 1 and "no `key`" in refused.stderr
+
+
+def test_a_variant_is_scored_with_one_of_its_adapters_active(tiny_model, adapter_export) -> None:
+    from pathlib import Path
+
+    from slmops.build.chat_data import read_chat
+    from slmops.build.task_score import score_model
+
+    items = read_chat(Path(__file__).resolve().parents[2] / "examples" / "support-task" / "data" / "test.jsonl")[:3]
+    variant = adapter_export / "variants" / "cpu-fp32"
+    said = {name: score_model(variant, items, 8, adapter=name).answers for name in (None, "terse", "verbose")}
+    assert said[None] != said["terse"] != said["verbose"] != said[None]
+    with pytest.raises(ValueError, match="no adapter 'chatty'"):
+        score_model(variant, items, 8, adapter="chatty")
+    with pytest.raises(ValueError, match="Hugging Face folder"):
+        score_model(tiny_model, items, 8, adapter="terse")

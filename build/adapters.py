@@ -136,6 +136,8 @@ class Slot:
     modules: tuple[tuple[str, int], ...]
     """The Hugging Face modules it computes and their output widths, in column order."""
     in_features: int
+    x: str
+    """The MatMul's input (what the LoRA branch reads too)."""
 
     @property
     def a_input(self) -> str:
@@ -152,7 +154,8 @@ class Slot:
 
 def slots(graph: "onnx.GraphProto", config: dict) -> list[Slot]:
     """Every linear of every decoder layer in the builder's graph, with its modules' widths (from the
-    source's config.json); BuildError where one of a layer's seven linears has no MatMul of its own."""
+    source's config.json); BuildError where one of a layer's seven linears has no MatMul of its own. Its
+    output may come from another node than the MatMul (an Add of the offsets of asymmetric int4 blocks)."""
     heads, kv_heads, hidden = config["num_attention_heads"], config["num_key_value_heads"], config["hidden_size"]
     head_dim = config.get("head_dim") or hidden // heads
     width = {
@@ -161,16 +164,18 @@ def slots(graph: "onnx.GraphProto", config: dict) -> list[Slot]:
         "down_proj": hidden,
     }  # fmt: skip
     in_features = {"o_proj": heads * head_dim, "down_proj": config["intermediate_size"]}
-    producers = {out: node for node in graph.node for out in node.output}
+    matmuls = {n.name: n for n in graph.node if n.op_type in ("MatMul", "MatMulNBits")}
+    outputs = {out for node in graph.node for out in node.output}
     found: list[Slot] = []
     for layer in range(config["num_hidden_layers"]):
         covered: list[str] = []
         for graph_name, modules in GRAPH_LINEARS:
-            node = producers.get(f"/model/layers.{layer}/{graph_name}/MatMul/output_0")
-            if node is None or node.op_type not in ("MatMul", "MatMulNBits"):
+            prefix = f"/model/layers.{layer}/{graph_name}/MatMul"
+            node = matmuls.get(prefix) or matmuls.get(f"{prefix}_Q4") or matmuls.get(f"{prefix}_Q8")
+            if node is None or f"{prefix}/output_0" not in outputs:
                 continue
             found.append(Slot(layer, graph_name, tuple((m, width[m]) for m in modules),
-                              in_features.get(modules[0], hidden)))  # fmt: skip
+                              in_features.get(modules[0], hidden), node.input[0]))  # fmt: skip
             covered += modules
         missing = sorted(set(ATTENTION + MLP) - set(covered))
         if missing:
@@ -209,9 +214,9 @@ def add_lora_inputs(variant: Path, config: dict) -> list[Slot]:
             numpy_helper.from_array(np.zeros((slot.in_features, 0), dtype), slot.a_input),
             numpy_helper.from_array(np.zeros((0, out_features), dtype), slot.b_input),
         ])  # fmt: skip
-        x = base.input[0]
         graph.node.extend([
-            helper.make_node("MatMul", [x, slot.a_input], [f"{prefix}/lora_A/output_0"], f"{prefix}/lora_A/MatMul"),
+            helper.make_node("MatMul", [slot.x, slot.a_input], [f"{prefix}/lora_A/output_0"],
+                             f"{prefix}/lora_A/MatMul"),
             helper.make_node("MatMul", [f"{prefix}/lora_A/output_0", slot.b_input], [f"{prefix}/lora_B/output_0"],
                              f"{prefix}/lora_B/MatMul"),
             helper.make_node("Add", [base_output, f"{prefix}/lora_B/output_0"], [slot.output], f"{prefix}/lora/Add"),

@@ -70,6 +70,22 @@ def test_on_the_int4_graph_the_adapters_move_the_logits_as_peft_does(
         assert np.corrcoef(change.ravel(), expected.ravel())[0, 1] > 0.95
 
 
+def test_an_adapter_on_asymmetric_int4_blocks_reads_the_matmuls_input(
+    tiny_model: Path, tiny_adapters: dict[str, Path], tmp_path: Path
+) -> None:
+    """Asymmetric blocks (imatrix-asym, a GGUF's Q4_1) add an offsets term after each MatMulNBits: the
+    linear's output is an Add's, its input the MatMul's."""
+    from slmops.build.export import QuantOptions
+
+    recipe = Recipe(source=str(tiny_model), targets=["cpu-int4"], quant=QuantOptions(method="imatrix-asym"),
+                    adapters={"verbose": str(tiny_adapters["verbose"])})  # fmt: skip
+    export(recipe, tmp_path / "asym", max_ppl_increase=None)
+    variant = tmp_path / "asym" / "variants" / "cpu-int4"
+    expected = peft_logits(tiny_model, tiny_adapters["verbose"]) - peft_logits(tiny_model, None)
+    change = genai_logits(variant, "verbose") - genai_logits(variant, None)
+    assert np.corrcoef(change.ravel(), expected.ravel())[0, 1] > 0.95
+
+
 def test_the_base_graph_without_an_adapter_is_unchanged(adapter_export: Path, tiny_export: Path) -> None:
     for variant in ("cpu-int4", "cpu-fp32"):
         np.testing.assert_array_equal(

@@ -21,7 +21,10 @@ layers removed at 92 % or more of its score. Every step's output is kept in --wo
 there (delete it to measure again). Prints a table; writes benchmarks/results/distill.json and
 benchmarks/results/distill.png.
 
-    python benchmarks/distill.py [--keep-layers 22] [--test-items 240] [--rounds 3] [--work DIR]
+Every training and generation setting is the example recipe's (examples/support-task/recipe.yaml); the
+student trained on gold answers takes its distillation's epochs, learning rate and batch size.
+
+    python benchmarks/distill.py [--keep-layers N] [--test-items 240] [--rounds 3] [--work DIR]
 """
 
 import argparse
@@ -30,6 +33,7 @@ import statistics
 import time
 from pathlib import Path
 
+import yaml
 from common import RESULTS, write_report
 from inference import in_child, run_ours, run_transformers
 
@@ -56,7 +60,7 @@ def step(work: Path, name: str, make, console) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--keep-layers", type=int, default=22)
+    parser.add_argument("--keep-layers", type=int, default=None, help="default: the recipe's")
     parser.add_argument("--test-items", type=int, default=240)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -71,6 +75,7 @@ def main() -> None:
     from slmops.build.distill import DistillSettings, distill
     from slmops.build.export import Recipe, export
     from slmops.build.finetune import FinetuneSettings, finetune
+    from slmops.build.pipeline import PipelineRecipe
     from slmops.build.student import make_student
     from slmops.build.task_score import score_model
     from slmops.build.teacher import GenerateSettings, generate
@@ -82,20 +87,24 @@ def main() -> None:
     base = models.resolve(TEACHER, console=console)
     started = time.monotonic()
 
-    lora = FinetuneSettings(
-        method="lora", rank=8, epochs=2, learning_rate=3e-4, batch_size=8, max_length=160, merge=True
-    )
+    # The example recipe's own settings, stage by stage (its paths are the shipped data's)
+    recipe = PipelineRecipe.model_validate(yaml.safe_load((EXAMPLE / "recipe.yaml").read_text()))
+    assert recipe.finetune is not None and recipe.student.keep_layers is not None
+    lora = FinetuneSettings(**recipe.finetune.model_dump(exclude={"data", "validation"}))
+    keep = args.keep_layers or recipe.student.keep_layers
     teacher = step(work, "teacher", lambda out: finetune(str(base), data / "train.jsonl", out, lora,
                                                          data / "validation.jsonl"), console)  # fmt: skip
-    answered = step(work, "answers", lambda out: generate(str(teacher), data / "prompts.jsonl", out, GenerateSettings(
-        max_new_tokens=args.max_new_tokens, batch_size=16, top_k_logprobs=8)), console)  # fmt: skip
+    answering = GenerateSettings(**recipe.generate.model_dump(exclude={"prompts"}))
+    answered = step(work, "answers", lambda out: generate(str(teacher), data / "prompts.jsonl", out, answering),
+                    console)  # fmt: skip
     calibration = ["\n".join(t.content for t in c.messages) for c in read_chat(answered / "answers.jsonl")[:128]]
-    student = step(work, "student", lambda out: make_student(str(teacher), out, keep=args.keep_layers,
-                                                             calibration=calibration), console)  # fmt: skip
-    healing = DistillSettings(epochs=2, learning_rate=2e-4, batch_size=8, max_length=160, alpha=0.5, temperature=2.0)
+    student = step(work, "student", lambda out: make_student(str(teacher), out, keep=keep, calibration=calibration),
+                   console)  # fmt: skip
+    healing = DistillSettings(**recipe.distill.model_dump(exclude={"validation"}))
     distilled = step(work, "distilled", lambda out: distill(str(teacher), answered, out, healing, student=str(student)),
                      console)  # fmt: skip
-    gold_settings = FinetuneSettings(method="full", epochs=2, learning_rate=2e-4, batch_size=8, max_length=160)
+    gold_settings = FinetuneSettings(method="full", epochs=healing.epochs, learning_rate=healing.learning_rate,
+                                     batch_size=healing.batch_size, max_length=healing.max_length)  # fmt: skip
     gold = step(work, "gold", lambda out: finetune(str(student), data / "train.jsonl", out, gold_settings,
                                                    data / "validation.jsonl"), console)  # fmt: skip
 
@@ -180,7 +189,8 @@ def main() -> None:
         console.print(f"{name}: {value:.3f}")
     console.print(f"agreement with the teacher: {distilled_record['agreement']}")
     report = {
-        "test_items": len(test), "rounds": args.rounds, "keep_layers": args.keep_layers, "student_layers": layers,
+        "test_items": len(test), "rounds": args.rounds, "keep_layers": keep, "student_layers": layers,
+        "recipe": recipe.model_dump(mode="json"),
         "scores": scores, "speed": speed, "targets": targets, "distill": distilled_record,
         "seconds": time.monotonic() - started,
     }  # fmt: skip

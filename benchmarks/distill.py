@@ -226,7 +226,9 @@ def _plot(scores: dict, speed: dict, out: Path) -> None:
     for name, s in speed.items():
         right.scatter(s["ms_per_token"]["median"], scores[name]["exact_match"]["mean"], s=60)
         right.annotate(name, (s["ms_per_token"]["median"], scores[name]["exact_match"]["mean"]), fontsize=8)
-    right.set_xlabel("ms per token (median)")
+    right.set_xscale("log")
+    right.set_ylim(0, 1)
+    right.set_xlabel("ms per token (median, log scale)")
     right.set_ylabel("exact match")
     figure.tight_layout()
     RESULTS.mkdir(parents=True, exist_ok=True)

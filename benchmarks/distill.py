@@ -211,6 +211,7 @@ def _spread(figure: dict) -> str:
 
 def _plot(scores: dict, speed: dict, out: Path) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -223,10 +224,12 @@ def _plot(scores: dict, speed: dict, out: Path) -> None:
     left.barh(names, means, xerr=errors, capsize=4)
     left.set_xlabel("exact match on the key fact (95 % interval)")
     left.set_xlim(0, 1)
-    for name, s in speed.items():
-        right.scatter(s["ms_per_token"]["median"], scores[name]["exact_match"]["mean"], s=60)
-        right.annotate(name, (s["ms_per_token"]["median"], scores[name]["exact_match"]["mean"]), fontsize=8)
+    for i, (name, s) in enumerate(speed.items()):
+        point = (s["ms_per_token"]["median"], scores[name]["exact_match"]["mean"])
+        right.scatter(*point, s=60)
+        right.annotate(name, point, xytext=(4, 10 + 14 * i), textcoords="offset points", fontsize=8)
     right.set_xscale("log")
+    right.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     right.set_ylim(0, 1)
     right.set_xlabel("ms per token (median, log scale)")
     right.set_ylabel("exact match")

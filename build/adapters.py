@@ -13,7 +13,8 @@
 The builder packs q/k/v into one qkv_proj MatMul (and gate/up into gate_up_proj on CPU). An adapter's
 modules of a packed MatMul become one pair: A is their A matrices side by side ([in, r_q + r_k + r_v]),
 B is block-diagonal, so each module's delta lands in its own columns of the packed output. A module an
-adapter leaves alone has no block, and a MatMul it leaves alone is not fed (the empty default).
+adapter leaves alone has no block, and a MatMul it leaves alone is not fed (the empty default); a MatMul
+no adapter of the variant adapts gets no branch at all (an empty one still costs decode time).
 """
 
 import json
@@ -184,9 +185,11 @@ def slots(graph: "onnx.GraphProto", config: dict) -> list[Slot]:
     return found
 
 
-def add_lora_inputs(variant: Path, config: dict) -> list[Slot]:
-    """Give every linear of `variant`'s graph a LoRA branch fed by two graph inputs (see the module's
-    docstring); returns the slots. The weights stay in their external data file; only the graph changes."""
+def add_lora_inputs(variant: Path, config: dict, adapters: list[LoraAdapter]) -> list[Slot]:
+    """Give each linear of `variant`'s graph that one of `adapters` adapts a LoRA branch fed by two graph
+    inputs (see the module's docstring); returns those slots. A linear no adapter touches keeps no
+    branch: each costs decode time even when empty. The weights stay in their external data file; only
+    the graph changes."""
     import numpy as np
     import onnx
     from onnx import helper, numpy_helper
@@ -198,7 +201,8 @@ def add_lora_inputs(variant: Path, config: dict) -> list[Slot]:
         raise BuildError(f"{path} already has LoRA inputs")
     elem_type = next(o.type.tensor_type.elem_type for o in graph.output if o.name == "logits")
     dtype = helper.tensor_dtype_to_np_dtype(elem_type)
-    found = slots(graph, config)
+    adapted = {where for adapter in adapters for where in adapter.pairs}
+    found = [s for s in slots(graph, config) if any((s.layer, module) in adapted for module, _ in s.modules)]
     producers = {out: node for node in graph.node for out in node.output}
     for slot in found:
         base = producers[slot.output]
@@ -255,8 +259,8 @@ def write_adapter(variant: Path, adapter: LoraAdapter, found: list[Slot]) -> Ada
     placed = {(slot.layer, module) for slot in found for module, _ in slot.modules}
     stray = sorted(set(adapter.pairs) - placed)
     if stray:
-        raise BuildError(f"adapter {adapter.name} adapts layer {stray[0][0]}'s {stray[0][1]}, which the base "
-                         f"graph does not have: was it trained on another model?")  # fmt: skip
+        raise BuildError(f"adapter {adapter.name} adapts layer {stray[0][0]}'s {stray[0][1]}, which the graph's "
+                         f"adapter inputs do not cover: was it trained on another model?")  # fmt: skip
     parameters = {}
     for slot in found:
         blocks = [(adapter.pairs.get((slot.layer, module)), width) for module, width in slot.modules]

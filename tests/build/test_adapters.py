@@ -81,6 +81,11 @@ def test_an_adapter_on_asymmetric_int4_blocks_reads_the_matmuls_input(
                     adapters={"verbose": str(tiny_adapters["verbose"])})  # fmt: skip
     export(recipe, tmp_path / "asym", max_ppl_increase=None)
     variant = tmp_path / "asym" / "variants" / "cpu-int4"
+    import onnx
+
+    branches = {i.name for i in onnx.load(str(variant / "model.onnx"), load_external_data=False).graph.input}
+    assert "model.layers.1.mlp.down_proj.lora_A" in branches and "model.layers.1.attn.qkv_proj.lora_B" in branches
+    assert not any("o_proj" in name or "gate_up" in name for name in branches), "verbose adapts q, v, down only"
     expected = peft_logits(tiny_model, tiny_adapters["verbose"]) - peft_logits(tiny_model, None)
     change = genai_logits(variant, "verbose") - genai_logits(variant, None)
     assert np.corrcoef(change.ravel(), expected.ravel())[0, 1] > 0.95

@@ -20,6 +20,8 @@ the teacher's) before and after.
 """
 
 import json
+import os
+import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -96,15 +98,17 @@ def distill(
     tokenizer = AutoTokenizer.from_pretrained(teacher_path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    origin: dict[str, Any]
     if student is None:
         init = out / INIT
-        made = (
-            json.loads((init / students.RECORD).read_text())
-            if resume and (init / students.RECORD).is_file()
-            else students.make_student(
+        if int(os.environ.get("RANK", "0")) > 0:  # under torchrun or Ray Train the first process makes it
+            made = _wait_for_json(init / students.RECORD)
+        elif resume and (init / students.RECORD).is_file():
+            made = json.loads((init / students.RECORD).read_text())
+        else:
+            made = students.make_student(
                 teacher, init, keep_layers, layers, [_render(tokenizer, c) for c, _ in items[:256]]
             )
-        )
         student_path, origin = init, {"made_from_teacher": made}
     else:
         student_path, origin = models.resolve(student), {"model": student}
@@ -195,6 +199,16 @@ def agreement(model: Any, features: list[dict[str, Any]], teacher: Any | None) -
 
 def _items(path: Path) -> list[tuple[Conversation, dict[str, Any]]]:
     return [(c, dict(c.model_extra or {})) for c in read_chat(path)]
+
+
+def _wait_for_json(path: Path, timeout_s: float = 1800) -> dict[str, Any]:
+    """The JSON another process writes last when it is done (the student's record), once it is there."""
+    deadline = time.monotonic() + timeout_s
+    while not path.is_file():
+        if time.monotonic() > deadline:
+            raise BuildError(f"{path} did not appear in {timeout_s:.0f} s: did the first process fail?")
+        time.sleep(0.5)
+    return json.loads(path.read_text())
 
 
 def _render(tokenizer: Any, conversation: Conversation) -> str:

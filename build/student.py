@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from slmops.errors import BuildError
+from slmops.paths import replace_file
 
 RECORD = "student.json"
 ALWAYS_FIRST, ALWAYS_LAST = 2, 1
@@ -110,5 +111,5 @@ def make_student(
         "influence": influence,
         "parameters": sum(p.numel() for p in model.parameters()),
     }
-    (out / RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    replace_file(out / RECORD, (json.dumps(record, indent=2) + "\n").encode())  # last and whole: it says done
     return record

@@ -185,9 +185,17 @@ def slots(graph: "onnx.GraphProto", config: dict) -> list[Slot]:
     return found
 
 
-def add_lora_inputs(variant: Path, config: dict, adapters: list[LoraAdapter]) -> list[Slot]:
+@dataclass(frozen=True)
+class Branches:
+    """What add_lora_inputs gave a graph: its slots, and the float type of their inputs (the graph's)."""
+
+    slots: list[Slot]
+    dtype: "np.dtype"
+
+
+def add_lora_inputs(variant: Path, config: dict, adapters: list[LoraAdapter]) -> Branches:
     """Give each linear of `variant`'s graph that one of `adapters` adapts a LoRA branch fed by two graph
-    inputs (see the module's docstring); returns those slots. A linear no adapter touches keeps no
+    inputs (see the module's docstring). A linear no adapter touches keeps no
     branch: each costs decode time even when empty. The weights stay in their external data file; only
     the graph changes."""
     import numpy as np
@@ -227,7 +235,7 @@ def add_lora_inputs(variant: Path, config: dict, adapters: list[LoraAdapter]) ->
         ])  # fmt: skip
     _topological(graph)
     onnx.save(model, str(path))
-    return found
+    return Branches(found, np.dtype(dtype))
 
 
 def _topological(graph: "onnx.GraphProto") -> None:
@@ -241,21 +249,18 @@ def _topological(graph: "onnx.GraphProto") -> None:
         for node in ready:
             ordered.append(node)
             available.update(node.output)
-        pending = [n for n in pending if all(n is not r for r in ready)]
+        taken = {id(node) for node in ready}
+        pending = [n for n in pending if id(n) not in taken]
     del graph.node[:]
     graph.node.extend(ordered)
 
 
-def write_adapter(variant: Path, adapter: LoraAdapter, found: list[Slot]) -> Adapter:
+def write_adapter(variant: Path, adapter: LoraAdapter, branches: Branches) -> Adapter:
     """`adapter` as variants/<id>/adapters/<name>.onnx_adapter, its tensors named as the graph's inputs."""
     import numpy as np
-    import onnx
     import onnxruntime as ort
-    from onnx import helper
 
-    model = onnx.load(str(variant / MODEL_FILE), load_external_data=False)
-    elem_type = next(o.type.tensor_type.elem_type for o in model.graph.output if o.name == "logits")
-    dtype = helper.tensor_dtype_to_np_dtype(elem_type)
+    found, dtype = branches.slots, branches.dtype
     placed = {(slot.layer, module) for slot in found for module, _ in slot.modules}
     stray = sorted(set(adapter.pairs) - placed)
     if stray:

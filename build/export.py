@@ -347,8 +347,8 @@ def export(
                 if adapters:
                     note(f"adding {len(adapters)} adapters")
                     config = json.loads((source / "config.json").read_text())
-                    found = add_lora_inputs(dest, config, adapters)
-                    cards = [write_adapter(dest, adapter, found) for adapter in adapters]
+                    branches = add_lora_inputs(dest, config, adapters)
+                    cards = [write_adapter(dest, adapter, branches) for adapter in adapters]
                 if t.device_class == "cpu":
                     _check_loads(dest, t)
             accuracy = None

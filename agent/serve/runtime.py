@@ -280,15 +280,18 @@ class GenaiVariant(LoadedVariant):
         import onnxruntime_genai as og  # here, not at the top: an agent without a model stays small
 
         session = {"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}
-        adapter_files = sorted((path / ADAPTERS_DIR).glob(f"*{ADAPTER_SUFFIX}"))
+        adapter_files = {
+            f.name.removesuffix(ADAPTER_SUFFIX): f for f in sorted((path / ADAPTERS_DIR).glob(f"*{ADAPTER_SUFFIX}"))
+        }
         try:
             og_config = og.Config(str(path))
             og_config.overlay(json.dumps(session))
             model = og.Model(og_config)
-            adapter_set = og.Adapters(model) if adapter_files else None
-            for file in adapter_files:
-                assert adapter_set is not None
-                adapter_set.load(str(file), file.name.removesuffix(ADAPTER_SUFFIX))
+            adapter_set: og.Adapters | None = None
+            if adapter_files:
+                adapter_set = og.Adapters(model)
+                for name, file in adapter_files.items():
+                    adapter_set.load(str(file), name)
         except Exception as e:  # onnxruntime-genai raises plain RuntimeError for every load failure
             raise RuntimeLoadError(f"onnxruntime-genai cannot load {path}: {e}") from None
         eos = config["model"].get("eos_token_id", [])
@@ -307,7 +310,7 @@ class GenaiVariant(LoadedVariant):
             vocab_size=int(config["model"]["vocab_size"]) if "vocab_size" in config["model"] else None,
             prefix_cache=cache,
             adapter_set=adapter_set,
-            adapter_names=tuple(file.name.removesuffix(ADAPTER_SUFFIX) for file in adapter_files),
+            adapter_names=tuple(adapter_files),
         )
 
     def chat_prompt(self, messages: list[dict[str, str]]) -> str:

@@ -411,6 +411,10 @@ def distill_train_cmd(
     beta: Annotated[float, typer.Option(min=0, max=1, help="GJSD: 0 forward KL, 1 reverse KL.")] = 0.0,
     temperature: Annotated[float, typer.Option(min=0.01)] = 2.0,
     teacher_distribution: Annotated[str, typer.Option(help="auto, stored (top-k in the data) or live.")] = "auto",
+    on_policy: Annotated[
+        float, typer.Option(min=0, max=1, help="Share of batches the student answers itself (GKD; slmops[trl]).")
+    ] = 0.0,
+    on_policy_new_tokens: Annotated[int, typer.Option(min=1, help="Length of the student's own answers.")] = 128,
     epochs: Annotated[int, typer.Option(min=1)] = 3,
     learning_rate: Annotated[float | None, typer.Option(help="Default 5e-5.")] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 4,
@@ -421,7 +425,8 @@ def distill_train_cmd(
     seed: int = 0,
 ) -> None:
     """The student learns the teacher's answers and its distribution over every answer token (stored top-k
-    or the live teacher); validation each epoch, early stopping, checkpoints (--resume), distill.json."""
+    or the live teacher), with --on-policy also over answers of its own; validation each epoch, early
+    stopping, checkpoints (--resume), distill.json."""
     from pydantic import ValidationError
 
     from slmops.build.distill import DistillSettings, distill
@@ -429,8 +434,9 @@ def distill_train_cmd(
     try:
         settings = DistillSettings(
             alpha=alpha, beta=beta, temperature=temperature, teacher_distribution=teacher_distribution,
-            epochs=epochs, learning_rate=learning_rate, batch_size=batch_size,
-            gradient_accumulation=gradient_accumulation, max_length=max_length, patience=patience, seed=seed,
+            on_policy=on_policy, on_policy_new_tokens=on_policy_new_tokens, epochs=epochs,
+            learning_rate=learning_rate, batch_size=batch_size, gradient_accumulation=gradient_accumulation,
+            max_length=max_length, patience=patience, seed=seed,
         )  # fmt: skip
         kept = [int(n) for n in layers.split(",")] if layers else None
     except (ValidationError, ValueError) as e:
@@ -445,6 +451,8 @@ def distill_train_cmd(
     console.print(_epochs(f"{out}: {record['parameters']:,} parameters, teacher's distribution {distribution}", record))
     agreement = record["agreement"]
     console.print(f"agreement with the teacher: {agreement['before']:.1%} before, {agreement['after']:.1%} after")
+    if "on_policy_batches" in record:
+        console.print(f"the student answered itself on {record['on_policy_batches']} batches")
 
 
 @app.command("score")

@@ -11,6 +11,10 @@ teacher's distribution over every answer token.
         (the teacher run on every batch, the whole vocabulary)
     the student: a folder (any model with the teacher's tokenizer), or made from the teacher's layers
         (build/student: --keep-layers N by block influence on the training conversations, or --layers)
+    on-policy (--on-policy λ, the extra slmops[trl]): on a share λ of the batches the student answers the
+        prompts itself (sampled) and learns the live teacher's distribution over its own answer, as in
+        GKD (Agarwal et al.) through TRL's GKDTrainer; the other batches learn it over the teacher's
+        answers. The student's own answers are no target, so the loss is the divergence alone (α = 1).
 
 Training is build/training's loop (validation each epoch, best epoch kept, early stopping,
 checkpoints, --resume, DDP under torchrun). OUT/ holds the student, its tokenizer and distill.json:
@@ -25,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from slmops.build.chat_data import ChatDataError, Conversation, file_digest, read_chat, tokenize
 from slmops.build.training import OnStep, TrainingSettings, epochs_record, make_trainer, resume_point, split, versions
@@ -44,6 +48,20 @@ class DistillSettings(TrainingSettings):
     temperature: float = Field(default=2.0, gt=0, le=20)
     teacher_distribution: Literal["auto", "stored", "live"] = "auto"
     """auto: stored where the data has it, else live."""
+    on_policy: float = Field(default=0.0, ge=0, le=1)
+    """Share of batches on which the student answers the prompts itself (GKD's λ; needs slmops[trl])."""
+    on_policy_new_tokens: int = Field(default=128, ge=1)
+    """How long the student's own answers may grow on those batches."""
+
+    @model_validator(mode="after")
+    def _on_policy_learns_the_distribution(self) -> "DistillSettings":
+        if self.on_policy > 0 and self.alpha != 1:
+            raise ValueError("on-policy distillation learns the teacher's distribution alone (the student's own "
+                             "answers are no target): set alpha to 1")  # fmt: skip
+        if self.on_policy > 0 and self.teacher_distribution == "stored":
+            raise ValueError("on-policy distillation needs the live teacher: its distribution over the student's "
+                             "own answers cannot have been stored")  # fmt: skip
+        return self
 
     @property
     def lr(self) -> float:
@@ -80,6 +98,7 @@ def distill(
     on_step: OnStep | None = None,
 ) -> dict[str, Any]:
     """Train the student and write OUT (see the module's docstring); returns the record."""
+    on_policy = _on_policy_trainer() if settings.on_policy > 0 else None  # TRL missing: said before any work
     answers = data / "answers.jsonl" if data.is_dir() else data
     items = _items(answers)
     held_out = _items(validation) if validation else None
@@ -125,7 +144,7 @@ def distill(
         raise ChatDataError(
             f"{answers}: not every answer has the teacher's top_logprobs (distill generate --top-k-logprobs)"
         )
-    use_stored = stored and settings.teacher_distribution != "live"
+    use_stored = stored and settings.teacher_distribution != "live" and settings.on_policy == 0
     if use_stored and held_out is not None and not all(extra.get("top_logprobs") for _, extra in held_out):
         raise ChatDataError(
             f"{validation}: the teacher's distribution is stored for the training answers but not for these: "
@@ -144,11 +163,27 @@ def distill(
         live = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=torch.float32).eval()
         live.requires_grad_(False)
     before = agreement(network, validation_features, live)
-    trainer = make_trainer(
-        network, tokenizer, train_features, validation_features, out, settings, settings.lr,
-        _Collator(tokenizer.pad_token_id), on_step, trainer_class=_distill_trainer(),
-        teacher=live if settings.alpha > 0 and not use_stored else None, distill_settings=settings,
-    )  # fmt: skip
+    if on_policy is not None:
+        from datasets import Dataset  # with TRL, in slmops[trl]
+
+        config_class, trainer_class = on_policy
+        chats = [Dataset.from_list([{"messages": [t.model_dump() for t in c.messages]} for c, _ in part])
+                 for part in (train_items, validation_items)]  # fmt: skip
+        gkd = {"lmbda": settings.on_policy, "beta": settings.beta, "max_new_tokens": settings.on_policy_new_tokens,
+               "temperature": 1.0, "max_length": settings.max_length, "seq_kd": False, "bf16": False,
+               "gradient_checkpointing": False}  # fmt: skip
+        # the student samples its own distribution (T = 1); the divergence takes the settings' temperature
+        trainer = make_trainer(
+            network, tokenizer, chats[0], chats[1], out, settings, settings.lr, None, on_step,
+            trainer_class=trainer_class, arguments_class=config_class, more_arguments=gkd, teacher_model=live,
+            distill_settings=settings,
+        )  # fmt: skip
+    else:
+        trainer = make_trainer(
+            network, tokenizer, train_features, validation_features, out, settings, settings.lr,
+            _Collator(tokenizer.pad_token_id), on_step, trainer_class=_distill_trainer(),
+            teacher=live if settings.alpha > 0 and not use_stored else None, distill_settings=settings,
+        )  # fmt: skip
     trainer.train(resume_from_checkpoint=str(last) if last else None)
     if not trainer.is_world_process_zero():
         return {}
@@ -164,6 +199,7 @@ def distill(
         "parameters": sum(p.numel() for p in trainer.model.parameters()),
         **epochs_record(trainer, settings),
         "agreement": {"before": before, "after": agreement(trainer.model, validation_features, live)},
+        **({"on_policy_batches": trainer.on_policy_batches} if settings.on_policy > 0 else {}),
         "versions": versions(),
     }
     (out / PROVENANCE).write_text(json.dumps(record, indent=2) + "\n")
@@ -305,3 +341,35 @@ def _distill_trainer() -> type:
             return (loss, outputs) if return_outputs else loss
 
     return DistillTrainer
+
+
+def _on_policy_trainer() -> tuple[type, type]:
+    """TRL's GKD config and trainer, set to our loss (imported late: TRL is the extra slmops[trl])."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TRL keeps GKD under trl.experimental and warns so on import
+            from trl.experimental.gkd import GKDConfig, GKDTrainer
+    except ImportError as e:
+        raise BuildError(f"on-policy distillation needs TRL: pip install 'slmops[trl]' ({e})") from e
+
+    class OnPolicyTrainer(GKDTrainer):
+        def __init__(self, *args: Any, distill_settings: DistillSettings, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.distill_settings, self.on_policy_batches = distill_settings, 0
+            # TRL 1.16 divides a batch's summed divergence by the token count of the data's answers, also on a
+            # batch where the student's own answer (of another length) replaced them; without that count it
+            # takes each batch's mean
+            self.model_accepts_loss_kwargs = False
+
+        # TRL's two are static methods; these read the instance (a count, the settings) and TRL calls them on it
+        def generate_on_policy_outputs(self, model: Any, inputs: Any, generation_config: Any) -> Any:  # type: ignore[override]
+            self.on_policy_batches += 1
+            return GKDTrainer.generate_on_policy_outputs(model, inputs, generation_config)
+
+        def generalized_jsd_loss(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+            t = self.distill_settings.temperature  # softened and T²-scaled like the off-policy loss
+            return GKDTrainer.generalized_jsd_loss(*args, **{**kwargs, "temperature": t}) * t * t
+
+    return GKDConfig, OnPolicyTrainer

@@ -79,22 +79,25 @@ def resume_point(out: Path, resume: bool) -> Path | None:
 def make_trainer(
     network: Any,
     tokenizer: Any,
-    train_features: list[dict[str, Any]],
-    validation_features: list[dict[str, Any]],
+    train_features: Sequence[dict[str, Any]],
+    validation_features: Sequence[dict[str, Any]],
     out: Path,
     settings: TrainingSettings,
     learning_rate: float,
     collator: Any,
     on_step: OnStep | None,
     trainer_class: type | None = None,
+    arguments_class: type | None = None,
+    more_arguments: dict[str, Any] | None = None,
     **extra: Any,
 ) -> Any:
-    """transformers' Trainer (or `trainer_class`, a subclass, given `extra`) set up as the module says."""
+    """transformers' Trainer (or `trainer_class`, a subclass, given `extra`) set up as the module says;
+    its arguments are TrainingArguments (or `arguments_class`, a subclass, given `more_arguments`)."""
     import torch
     from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments
     from transformers.trainer_callback import PrinterCallback
 
-    arguments = TrainingArguments(
+    arguments = (arguments_class or TrainingArguments)(
         output_dir=str(out / CHECKPOINTS),
         num_train_epochs=settings.epochs,
         learning_rate=learning_rate,
@@ -122,6 +125,7 @@ def make_trainer(
         remove_unused_columns=False,
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False,  # every trainable weight takes part (DDP skips a graph traversal)
+        **(more_arguments or {}),
     )
 
     class Reporting(TrainerCallback):

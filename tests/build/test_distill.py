@@ -103,3 +103,50 @@ def test_the_cli_distils_and_shows_the_agreement(teacher: Path, tmp_path: Path) 
     bad = subprocess.run([*command, "-o", str(tmp_path / "b"), "--layers", "0,x"], capture_output=True, text=True,
                          timeout=300)  # fmt: skip
     assert bad.returncode == 2
+
+
+def test_on_policy_distillation_learns_over_the_students_own_answers(teacher: Path, tmp_path: Path) -> None:
+    data = answers(teacher, tmp_path, top_k=4)  # stored top-k is there, and on-policy takes the live teacher
+    settings = DistillSettings(alpha=1, beta=0.5, on_policy=0.5, on_policy_new_tokens=12, epochs=3,
+                               learning_rate=2e-3, batch_size=4, patience=3, validation_share=0.25)  # fmt: skip
+    record = distill(str(teacher), data, tmp_path / "student", settings, keep_layers=3)
+    assert record["teacher_distribution"] == "live"
+    batches = record["steps"]  # one batch per optimizer step here
+    assert 0 < record["on_policy_batches"] < batches, record  # λ = 0.5: some batches on its own answers, not all
+    losses = [e["validation_loss"] for e in record["epochs"]]
+    assert losses == sorted(losses, reverse=True) and losses[-1] < losses[0] * 0.8, losses
+    assert (tmp_path / "student" / "model.safetensors").is_file()
+
+
+def test_on_policy_without_its_own_answers_is_the_off_policy_loss(teacher: Path, tmp_path: Path) -> None:
+    """TRL's trainer, set to our loss: where it draws no on-policy batch (λ near 0, seeded) it computes what
+    our own trainer does with the live teacher at α = 1, temperature and T² included."""
+    data = answers(teacher, tmp_path, top_k=0)
+    common = {"alpha": 1, "beta": 0.5, "temperature": 2.0, "epochs": 1, "learning_rate": 2e-3, "batch_size": 4,
+              "validation_share": 0.25}  # fmt: skip
+    ours = distill(str(teacher), data, tmp_path / "ours", DistillSettings(**common), layers=[0, 1, 5])
+    trl = distill(str(teacher), data, tmp_path / "trl", DistillSettings(**common, on_policy=1e-4), layers=[0, 1, 5])
+    assert trl["on_policy_batches"] == 0
+    for a, b in zip(ours["epochs"], trl["epochs"], strict=True):
+        assert b["validation_loss"] == pytest.approx(a["validation_loss"], rel=1e-4)
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
+
+
+def test_on_policy_settings_that_cannot_take_effect_are_refused() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="set alpha to 1"):
+        DistillSettings(on_policy=0.5)  # α = 0.5 would weigh a cross-entropy on the student's own answers
+    with pytest.raises(ValidationError, match="live teacher"):
+        DistillSettings(on_policy=0.5, alpha=1, teacher_distribution="stored")
+
+
+def test_on_policy_without_trl_says_what_to_install(
+    teacher: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "trl.experimental.gkd", None)  # an import of it raises ImportError
+    with pytest.raises(BuildError, match=r"slmops\[trl\]"):
+        distill(str(teacher), tmp_path, tmp_path / "s", DistillSettings(alpha=1, on_policy=1), keep_layers=3)
+    assert not (tmp_path / "s").exists()

@@ -36,12 +36,14 @@ $(STAMP): $(PY) pyproject.toml constraints.txt
 install: system-packages $(STAMP)
 
 # System packages the tests and the demo use (the tests start their own Mosquitto, PostgreSQL and RabbitMQ
-# servers; RabbitMQ for the broker-cluster test).
+# servers; RabbitMQ for the broker-cluster test; Chromium and its driver for the dashboard's browser tests).
 # Installed through apt when run as root, otherwise named.
 system-packages:
 	@missing=""; command -v mosquitto >/dev/null || missing="$$missing mosquitto"; \
 	command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	test -x /usr/lib/rabbitmq/bin/rabbitmq-server || missing="$$missing rabbitmq-server"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v chromedriver >/dev/null || missing="$$missing chromium-driver"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing system packages:$$missing"; \

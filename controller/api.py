@@ -1,7 +1,8 @@
 """The controller's REST API (OpenAPI docs at /docs): thin routers over the registry and the fleet.
 
 Each surface is a router in `routes/`; this module assembles them with the one error envelope
-of `slmops.http`. Auth: `Authorization: Bearer <token>`; readers may GET, admins may change.
+of `slmops.http`, and the web dashboard at /ui (`dashboard/`). Auth: `Authorization: Bearer <token>`;
+readers may GET, admins may change.
 """
 
 from typing import Any
@@ -10,7 +11,7 @@ from fastapi import FastAPI
 
 from slmops.http import document_errors, install_errors
 
-from . import metrics
+from . import dashboard, metrics
 from .bridge import MqttBridge
 from .builds import Builds
 from .config import ApiToken, ControllerConfig
@@ -48,6 +49,7 @@ def create_app(
     routers = (bundles.router, devices.router, desired.router, rollouts.router, builds.router, store.router)
     for router in (*routers, service.router):
         app.include_router(router)
+    dashboard.install(app)
     install_errors(app, "controller")
     document_errors(app)
     return app

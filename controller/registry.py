@@ -104,6 +104,10 @@ class Registry:
             session.delete(row)
         self.store.delete(digest)
 
-    def audit_log(self, limit: int = 100) -> list[AuditRow]:
+    def audit_log(self, limit: int = 100, target: str | None = None) -> list[AuditRow]:
+        """The newest audit rows, of one target (a device id, rollout/N, build/N) when given."""
+        query = select(AuditRow).order_by(AuditRow.id.desc()).limit(limit)
+        if target is not None:
+            query = query.where(AuditRow.target == target)
         with Session(self.engine) as session:
-            return list(session.scalars(select(AuditRow).order_by(AuditRow.id.desc()).limit(limit)))
+            return list(session.scalars(query))

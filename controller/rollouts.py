@@ -387,8 +387,9 @@ class Rollouts:
                 member.detail = "nothing to roll back to: it had no bundle before this rollout"
                 continue
             self._tell_previous(told, rollout.id, member)
+            why = f"{member.detail}; " if member.state in ("failed", "timed_out") and member.detail else ""
             _set(member, "rolled_back", now)
-            member.detail = f"told to return to {previous['bundle']} {previous['version']}"
+            member.detail = f"{why}told to return to {previous['bundle']} {previous['version']}"[-1024:]
         audit.record(session, actor, "rollout.halt", f"rollout/{rollout.id}", {"reason": reason})
         return list(told.values())
 

@@ -1,0 +1,383 @@
+"""The dashboard's pages under /ui: server-rendered (Jinja2) from the same registry, fleet, rollouts and
+builds the REST API serves, so any replica renders any page from the database. Live parts are htmx
+partials the page polls (`…/live`); charts read `…/telemetry.json` and draw with uPlot. Readers see;
+admins act, through forms that carry the session's CSRF token and go through the same calls (and audit
+rows) as the API. Lists paginate: no page grows with the fleet."""
+
+import math
+import secrets
+from collections import Counter
+from datetime import UTC, datetime
+from importlib import resources
+from typing import Any
+from urllib.parse import parse_qs, urlencode
+
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.templating import Jinja2Templates
+
+from slmops.errors import HttpError
+
+from ..db import DeviceRow
+from ..fleet import drift_detail
+from ..protocol import BuildJobView, RolloutDeviceView, RolloutView
+from ..rollout_plan import hardware_class
+from ..rollouts import ABORTED, ACTIVE, HALTED, PAUSED
+from . import session
+from .session import Viewer
+
+PAGE_SIZE = 50
+FAILED_SHOWN = 50
+ONLINE, OFFLINE = "online", "offline"
+ROLLOUT_ACTIONS = {
+    "pause": "Pause: no further wave is told until resumed.",
+    "resume": "Resume: the next wave is told when this one's soak passes.",
+    "promote": "Promote: the current wave's healthy devices pass without the rest of their soak.",
+    "abort": "Abort: the rollout stops where it is; no device is switched back.",
+    "rollback": "Roll back: every device this rollout switched is told its previous bundle.",
+}
+DEVICE_COMMANDS = {
+    "probe": "Probe: the device reports what it serves now.",
+    "reload": "Reload: the device reloads its active slot.",
+    "rollback": "Roll back: the device goes back to its previous slot.",
+}
+
+router = APIRouter(prefix="/ui", include_in_schema=False)
+templates = Jinja2Templates(directory=str(resources.files("slmops.controller.dashboard") / "templates"))
+
+
+def iso(at: datetime | None) -> str:
+    """A time as ISO 8601 in UTC: the page shows it in the viewer's zone (static/app.js)."""
+    if at is None:
+        return ""
+    return (at if at.tzinfo else at.replace(tzinfo=UTC)).astimezone(UTC).isoformat(timespec="seconds")
+
+
+templates.env.filters["iso"] = iso
+templates.env.filters["mib"] = lambda n: f"{n / 2**20:,.1f} MiB" if n is not None else "–"
+
+
+# --- signing in -----------------------------------------------------------------------------------
+
+
+def _viewer(request: Request) -> Viewer | None:
+    return session.viewer(request.app.state.tokens, request.cookies.get(session.COOKIE))
+
+
+def _signed_in(request: Request) -> Viewer:
+    """The viewer, or HttpError 401 (pages send the browser to the sign-in page instead)."""
+    who = _viewer(request)
+    if who is None:
+        raise HttpError(401, "sign in to the dashboard first", "authentication_error")
+    return who
+
+
+async def _form(request: Request, who: Viewer, admin: bool = True) -> dict[str, str]:
+    """A POSTed form (urlencoded), after the CSRF check; admins only unless `admin` is False."""
+    body = (await request.body()).decode("utf-8", errors="replace")
+    form = {k: v[0] for k, v in parse_qs(body, keep_blank_values=True).items()}
+    given = form.get(session.CSRF_FIELD) or request.headers.get(session.CSRF_HEADER, "")
+    if not secrets.compare_digest(given.encode(), who.csrf.encode()):
+        raise HttpError(403, "the form's CSRF token is missing or wrong: reload the page", "permission_error")
+    if admin and not who.admin:
+        raise HttpError(403, f"{who.actor.name} is a reader; this needs an admin", "permission_error")
+    return form
+
+
+def _render(request: Request, template: str, who: Viewer | None, **context: Any) -> HTMLResponse:
+    return templates.TemplateResponse(request, template, {"who": who, "path": request.url.path, **context})
+
+
+@router.get("", response_class=HTMLResponse)
+async def home(request: Request) -> Response:
+    return RedirectResponse("/ui/fleet", status_code=303)
+
+
+@router.get("/signin", response_class=HTMLResponse)
+async def signin_page(request: Request, next: str = "/ui/fleet", error: str = "") -> Response:
+    return _render(request, "signin.html", None, next=_local(next), error=error)
+
+
+@router.post("/signin")
+async def signin(request: Request) -> Response:
+    body = (await request.body()).decode("utf-8", errors="replace")
+    form = {k: v[0] for k, v in parse_qs(body).items()}
+    signed = session.sign_in(request.app.state.tokens, form.get("token", "").strip())
+    target = _local(form.get("next", "/ui/fleet"))
+    if signed is None:
+        query = urlencode({"next": target, "error": "That token is not one of this controller's API tokens."})
+        return RedirectResponse(f"/ui/signin?{query}", status_code=303)
+    cookie, _who = signed
+    response = RedirectResponse(target, status_code=303)
+    response.set_cookie(
+        session.COOKIE, cookie, max_age=session.LIFETIME_S, httponly=True, samesite="strict",
+        secure=request.url.scheme == "https", path="/ui",
+    )  # fmt: skip
+    return response
+
+
+@router.post("/signout")
+async def signout(request: Request) -> Response:
+    await _form(request, _signed_in(request), admin=False)
+    response = RedirectResponse("/ui/signin", status_code=303)
+    response.delete_cookie(session.COOKIE, path="/ui")
+    return response
+
+
+def _local(target: str) -> str:
+    """Only a path of this dashboard: a sign-in link cannot send the browser elsewhere."""
+    return target if target.startswith("/ui/") and not target.startswith("//") else "/ui/fleet"
+
+
+# --- fleet ----------------------------------------------------------------------------------------
+
+
+def _fleet_view(devices: list[DeviceRow], query: dict[str, str]) -> dict[str, Any]:
+    """The devices that pass the filters, one page of them, and the counts the filters choose among."""
+    status, group, klass = query.get("status", ""), query.get("group", ""), query.get("class", "")
+    key, _, value = query.get("tag", "").partition("=")
+    text = query.get("q", "").strip().lower()
+
+    def chosen(d: DeviceRow, cls: str) -> bool:
+        return not (
+            (status == ONLINE and not d.online) or (status == OFFLINE and d.online)
+            or (group and group not in d.groups) or (key and str(d.tags.get(key)) != value)
+            or (klass and cls != klass) or (text and text not in d.id.lower())
+        )  # fmt: skip
+
+    rows = [(d, cls) for d in devices if chosen(d, cls := hardware_class(d.profile))]
+    pages = max(1, math.ceil(len(rows) / PAGE_SIZE))
+    page = min(max(1, _int(query.get("page"), 1)), pages)
+    serving = Counter(_serving(d) for d in devices)
+    shown = rows[(page - 1) * PAGE_SIZE : page * PAGE_SIZE]
+    return {
+        "devices": [{"row": d, "class": cls, "serving": _serving(d), "drift": drift_detail(d)} for d, cls in shown],
+        "matching": len(rows),
+        "page": page,
+        "pages": pages,
+        "query": query,
+        "total": len(devices),
+        "online": sum(d.online for d in devices),
+        "classes": sorted(Counter(hardware_class(d.profile) for d in devices).items()),
+        "groups": sorted({g for d in devices for g in d.groups}),
+        "serving": sorted(serving.items(), key=lambda kv: -kv[1]),
+    }
+
+
+def _serving(device: DeviceRow) -> str:
+    s = device.serving or {}
+    if not s.get("bundle"):
+        return "nothing"
+    return f"{s['bundle']} {s.get('version', '')} · {s.get('variant', '?')} · {s.get('provider', '?')}"
+
+
+def _int(text: str | None, default: int) -> int:
+    try:
+        return int(text) if text else default
+    except ValueError:
+        return default
+
+
+@router.get("/fleet", response_class=HTMLResponse)
+async def fleet(request: Request) -> Response:
+    who = _viewer(request)
+    if who is None:
+        return _to_signin(request)
+    devices = await run_in_threadpool(request.app.state.fleet.devices)
+    return _render(request, "fleet.html", who, **_fleet_view(devices, dict(request.query_params)))
+
+
+@router.get("/fleet/live", response_class=HTMLResponse)
+async def fleet_live(request: Request) -> Response:
+    who = _signed_in(request)
+    devices = await run_in_threadpool(request.app.state.fleet.devices)
+    return _render(request, "_fleet_table.html", who, **_fleet_view(devices, dict(request.query_params)))
+
+
+@router.get("/devices/{device_id}", response_class=HTMLResponse)
+async def device(request: Request, device_id: str) -> Response:
+    who = _viewer(request)
+    if who is None:
+        return _to_signin(request)
+    row = await run_in_threadpool(request.app.state.fleet.device, device_id)
+    audit = await run_in_threadpool(request.app.state.registry.audit_log, 50, device_id)
+    desired = [f"{a.detail.get('bundle')} {a.detail.get('version')}" for a in audit if a.action == "device.desired"]
+    previous = next((d for d in desired[1:] if d != desired[0]), None)  # the agent reports its active slot only
+    return _render(request, "device.html", who, device=row, hw_class=hardware_class(row.profile),
+                   drift=drift_detail(row), audit=audit[:20], previous=previous, commands=DEVICE_COMMANDS,
+                   message=request.query_params.get("message", ""))  # fmt: skip
+
+
+@router.get("/devices/{device_id}/telemetry.json")
+async def device_telemetry(request: Request, device_id: str, limit: int = 500) -> JSONResponse:
+    """The device's newest records as columns for uPlot: time (s), then one series per figure."""
+    _signed_in(request)
+    fleet_ = request.app.state.fleet
+    await run_in_threadpool(fleet_.device, device_id)
+    rows = await run_in_threadpool(fleet_.telemetry, device_id, max(1, min(limit, 5000)))
+    series: dict[str, list[tuple[float, float]]] = {}
+    for row in reversed(rows):
+        for name, value in row.payload.items():
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                series.setdefault(f"{row.kind}.{name}", []).append((row.created.timestamp(), float(value)))
+    return JSONResponse(series)
+
+
+@router.post("/devices/{device_id}/commands")
+async def device_command(request: Request, device_id: str) -> Response:
+    who = _signed_in(request)
+    form = await _form(request, who)
+    command = form.get("command", "")
+    if command not in DEVICE_COMMANDS:
+        raise HttpError(400, f"unknown command {command!r}: one of {', '.join(DEVICE_COMMANDS)}",
+                        "invalid_request_error")  # fmt: skip
+    reply = await run_in_threadpool(request.app.state.control.command, device_id, command, 10.0, who.actor)
+    said = f"{command}: " + ("done" if reply.ok else f"failed: {reply.error}")
+    return RedirectResponse(f"/ui/devices/{device_id}?{urlencode({'message': said})}", status_code=303)
+
+
+# --- rollouts -------------------------------------------------------------------------------------
+
+
+@router.get("/rollouts", response_class=HTMLResponse)
+async def rollouts(request: Request) -> Response:
+    who = _viewer(request)
+    if who is None:
+        return _to_signin(request)
+    return _render(request, "rollouts.html", who, **await _rollout_list(request))
+
+
+@router.get("/rollouts/live", response_class=HTMLResponse)
+async def rollouts_live(request: Request) -> Response:
+    return _render(request, "_rollouts_table.html", _signed_in(request), **await _rollout_list(request))
+
+
+async def _rollout_list(request: Request) -> dict[str, Any]:
+    views: list[RolloutView] = await run_in_threadpool(request.app.state.rollouts.all)
+    pages = max(1, math.ceil(len(views) / PAGE_SIZE))
+    page = min(max(1, _int(request.query_params.get("page"), 1)), pages)
+    return {"rollouts": views[(page - 1) * PAGE_SIZE : page * PAGE_SIZE], "page": page, "pages": pages}
+
+
+@router.get("/rollouts/{rollout_id}", response_class=HTMLResponse)
+async def rollout(request: Request, rollout_id: int) -> Response:
+    who = _viewer(request)
+    if who is None:
+        return _to_signin(request)
+    return _render(request, "rollout.html", who, **await _rollout_detail(request, rollout_id))
+
+
+@router.get("/rollouts/{rollout_id}/live", response_class=HTMLResponse)
+async def rollout_live(request: Request, rollout_id: int) -> Response:
+    who = _signed_in(request)
+    return _render(request, "_rollout_live.html", who, **await _rollout_detail(request, rollout_id))
+
+
+async def _rollout_detail(request: Request, rollout_id: int) -> dict[str, Any]:
+    query = request.query_params
+    state = query.get("state") or None
+    page = max(1, _int(query.get("page"), 1))
+    view: RolloutView = await run_in_threadpool(
+        request.app.state.rollouts.get, rollout_id, state, None, PAGE_SIZE, (page - 1) * PAGE_SIZE
+    )
+    wave: RolloutView = await run_in_threadpool(request.app.state.rollouts.get, rollout_id, None, view.wave, 1000, 0)
+    failed = [d for d in wave.devices if _failed(d)][:FAILED_SHOWN]
+    decisions = await run_in_threadpool(request.app.state.registry.audit_log, 50, f"rollout/{rollout_id}")
+    return {
+        "rollout": view, "state": state or "", "page": page, "pages": max(1, math.ceil(view.devices_total / PAGE_SIZE)),
+        "failed": failed, "decisions": decisions, "gates": _gate_figures(failed),
+        "actions": _actions(view), "descriptions": ROLLOUT_ACTIONS,
+    }  # fmt: skip
+
+
+def _failed(device: RolloutDeviceView) -> bool:
+    """Failed or timed out, or rolled back after it did (its reason kept), or it broke a gate."""
+    verdicts = ((device.figures or {}).get("gates") or {}).values()
+    return (
+        device.state in ("failed", "timed_out")
+        or (device.state == "rolled_back" and "; told to return to" in device.detail)
+        or any(v.get("held") is False for v in verdicts)
+    )
+
+
+def _gate_figures(devices: list[RolloutDeviceView]) -> list[dict[str, Any]]:
+    """Each failed device's figure against its gate's bound, for the chart of the halted wave."""
+    points = []
+    for d in devices:
+        for gate, verdict in ((d.figures or {}).get("gates") or {}).items():
+            points.append({"device": d.device_id, "wave": d.wave, "gate": gate, "value": verdict.get("value"),
+                           "limit": verdict.get("limit"), "held": verdict.get("held")})  # fmt: skip
+    return points
+
+
+def _actions(view: RolloutView) -> list[str]:
+    if view.status == ACTIVE:
+        return ["pause", "promote", "abort", "rollback"]
+    if view.status == PAUSED:
+        return ["resume", "promote", "abort", "rollback"]
+    if view.status == HALTED:
+        return ["rollback"]
+    return []
+
+
+@router.post("/rollouts/{rollout_id}/{action}")
+async def rollout_action(request: Request, rollout_id: int, action: str) -> Response:
+    who = _signed_in(request)
+    await _form(request, who)
+    if action not in ROLLOUT_ACTIONS:
+        raise HttpError(404, f"no rollout action {action!r}", "not_found_error")
+    machine = request.app.state.rollouts
+    if action == "rollback":
+        await run_in_threadpool(machine.roll_back, rollout_id, who.actor)
+    elif action == "promote":
+        await run_in_threadpool(machine.promote, rollout_id, who.actor)
+    else:
+        status = {"pause": PAUSED, "resume": ACTIVE, "abort": ABORTED}[action]
+        await run_in_threadpool(machine.set_status, rollout_id, status, who.actor)
+    return RedirectResponse(f"/ui/rollouts/{rollout_id}", status_code=303)
+
+
+# --- bundles and builds ---------------------------------------------------------------------------
+
+
+@router.get("/bundles", response_class=HTMLResponse)
+async def bundles(request: Request) -> Response:
+    who = _viewer(request)
+    if who is None:
+        return _to_signin(request)
+    rows = await run_in_threadpool(request.app.state.registry.bundles)
+    return _render(request, "bundles.html", who, bundles=rows)
+
+
+@router.get("/builds", response_class=HTMLResponse)
+async def builds(request: Request) -> Response:
+    who = _viewer(request)
+    if who is None:
+        return _to_signin(request)
+    jobs = [BuildJobView.of(j) for j in await run_in_threadpool(request.app.state.builds.jobs)]
+    return _render(request, "builds.html", who, jobs=jobs[:PAGE_SIZE])
+
+
+@router.get("/builds/{build_id}", response_class=HTMLResponse)
+async def build(request: Request, build_id: int) -> Response:
+    who = _viewer(request)
+    if who is None:
+        return _to_signin(request)
+    return _render(request, "build.html", who, **await _build_detail(request, build_id))
+
+
+@router.get("/builds/{build_id}/live", response_class=HTMLResponse)
+async def build_live(request: Request, build_id: int) -> Response:
+    return _render(request, "_build_live.html", _signed_in(request), **await _build_detail(request, build_id))
+
+
+async def _build_detail(request: Request, build_id: int) -> dict[str, Any]:
+    machine = request.app.state.builds
+    job = BuildJobView.of(await run_in_threadpool(machine.job, build_id))
+    log = await run_in_threadpool(machine.log, build_id, 0)
+    return {"job": job, "log_tail": log.text[-8000:], "finished": log.finished}
+
+
+def _to_signin(request: Request) -> Response:
+    return RedirectResponse(f"/ui/signin?{urlencode({'next': request.url.path})}", status_code=303)

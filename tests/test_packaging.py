@@ -83,5 +83,28 @@ def test_wheel_holds_the_packages_and_nothing_is_written_into_build(tmp_path: Pa
         "slmops/agent/fleet/sync.py",
         "slmops/controller/__init__.py",
         "slmops/build/data/heldout.txt",
+        "slmops/controller/dashboard/templates/fleet.html",
+        "slmops/controller/dashboard/static/app.js",
+        "slmops/controller/dashboard/static/vendor/htmx.min.js",
+        "slmops/controller/dashboard/static/vendor/VENDORED.json",
     ):
         assert module in names, module
+
+
+def test_every_vendored_file_is_the_one_its_record_names() -> None:
+    """The dashboard's scripts and styles (and the tests' axe-core) are what VENDORED.json says: package,
+    version, licence and sha256, with the licence text beside them."""
+    import hashlib
+    import json
+
+    for record in (
+        REPO / "controller/dashboard/static/vendor/VENDORED.json",
+        REPO / "tests/controller/vendor/VENDORED.json",
+    ):
+        entries = json.loads(record.read_text())
+        assert {p.name for p in record.parent.iterdir()} == {e["file"] for e in entries} | {record.name}
+        for entry in entries:
+            data = (record.parent / entry["file"]).read_bytes()
+            assert hashlib.sha256(data).hexdigest() == entry["sha256"], entry["file"]
+            assert entry["licence"] and entry["version"] and entry["source"].startswith("https://registry.npmjs.org/")
+            assert any(e["file"].startswith("LICENSE") and e["package"] == entry["package"] for e in entries)

@@ -14,7 +14,7 @@ from urllib.parse import parse_qs, urlencode
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
 from slmops.errors import HttpError
@@ -29,6 +29,7 @@ from .session import Viewer
 
 PAGE_SIZE = 50
 FAILED_SHOWN = 50
+BUILD_PLOTS = {"training.png": "Training and validation loss per epoch", "scores.png": "Task scores per variant"}
 ONLINE, OFFLINE = "online", "offline"
 ROLLOUT_ACTIONS = {
     "pause": "Pause: no further wave is told until resumed.",
@@ -376,7 +377,21 @@ async def _build_detail(request: Request, build_id: int) -> dict[str, Any]:
     machine = request.app.state.builds
     job = BuildJobView.of(await run_in_threadpool(machine.job, build_id))
     log = await run_in_threadpool(machine.log, build_id, 0)
-    return {"job": job, "log_tail": log.text[-8000:], "finished": log.finished}
+    plots = [name for name in BUILD_PLOTS if (machine.work(build_id) / name).is_file()]
+    return {"job": job, "log_tail": log.text[-8000:], "finished": log.finished, "plots": plots,
+            "plot_titles": BUILD_PLOTS}  # fmt: skip
+
+
+@router.get("/builds/{build_id}/{plot}")
+async def build_plot(request: Request, build_id: int, plot: str) -> Response:
+    """One of the build report's plots (build/report.py), from the job's work folder."""
+    _signed_in(request)
+    machine = request.app.state.builds
+    await run_in_threadpool(machine.job, build_id)  # 404 for an unknown job
+    path = machine.work(build_id) / plot
+    if plot not in BUILD_PLOTS or not path.is_file():
+        raise HttpError(404, f"build {build_id} has no plot {plot!r}", "not_found_error")
+    return FileResponse(path, media_type="image/png")
 
 
 def _to_signin(request: Request) -> Response:

@@ -78,6 +78,18 @@ def test_a_submitted_recipe_is_built_and_its_bundle_registered(builder, teacher:
     listed = cli(process, "jobs", "--json")
     assert json.loads(listed.stdout)[0]["id"] == job_id
 
+    # the dashboard's build page: its stages, the log's tail and the report's plots
+    import httpx
+
+    with httpx.Client(base_url=process.url) as web:
+        web.post("/ui/signin", data={"token": process.env["SLMOPS_TOKEN"]})
+        page = web.get(f"/ui/builds/{job_id}").text
+        assert "succeeded" in page and "bundle: done" in page
+        assert all(f"<td>{stage}</td>" in page for stage in job.stages)
+        plot = web.get(f"/ui/builds/{job_id}/training.png")
+        assert f'src="/ui/builds/{job_id}/training.png"' in page and plot.content.startswith(b"\x89PNG")
+        assert web.get(f"/ui/builds/{job_id}/log.txt").status_code == 404  # the plots only, nothing else there
+
 
 def test_a_controller_with_the_ray_executor_builds_on_a_ray_cluster(teacher: Path, tmp_path: Path, signing_key) -> None:
     """build_executor = ray: each stage on a Ray head this test starts on loopback, fine-tuning and

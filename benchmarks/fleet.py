@@ -149,7 +149,11 @@ class Usage:
 
 
 @contextlib.contextmanager
-def fleet_under_test(work: Path, size: int, replicas: int, database_url: str | None) -> Iterator[dict[str, Any]]:
+def fleet_under_test(
+    work: Path, size: int, replicas: int, database_url: str | None, profile: Profile | None = None
+) -> Iterator[dict[str, Any]]:
+    """Mosquitto, the controllers with tiny 1.0.0 and 2.0.0 pushed, and a simulator of `size` devices serving
+    1.0.0 (not started)."""
     key = work / "keys" / "bench"
     generate_keypair(key)
     broker = Mosquitto(work, BROKER_SETTINGS)
@@ -160,7 +164,7 @@ def fleet_under_test(work: Path, size: int, replicas: int, database_url: str | N
             bundle = synthetic_bundle(work / version, key.with_suffix(".key"), version=version, variants=("cpu-int4",))
             archive = write_archive(bundle, work / f"{version}.tar").read_bytes()
             controllers.api.post(f"{controllers.urls[0]}/v1/bundles", content=archive).raise_for_status()
-        sim = FleetSimulator(f"mqtt://127.0.0.1:{broker.port}", size, Profile(download_s=2, activate_s=0.5),
+        sim = FleetSimulator(f"mqtt://127.0.0.1:{broker.port}", size, profile or Profile(download_s=2, activate_s=0.5),
                              serving="tiny:1.0.0", connect_per_s=1000)  # fmt: skip
         yield {"broker": broker, "controllers": controllers, "sim": sim}
     finally:

@@ -71,6 +71,7 @@ class AuditRow(Base):
     """One change made through the API, by whom, to what."""
 
     __tablename__ = "audit"
+    __table_args__ = (Index("ix_audit_target", "target"),)  # one device's or rollout's trail
 
     id: Mapped[int] = mapped_column(primary_key=True)
     at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -85,6 +86,7 @@ class DeviceRow(Base):
     """A device, registered from its first birth message; tags and groups are set by operators."""
 
     __tablename__ = "device"
+    __table_args__ = (Index("ix_device_hardware_class", "hardware_class"),)  # the dashboard's filter and counts
 
     id: Mapped[str] = mapped_column(String(128), primary_key=True)
     first_seen: Mapped[datetime] = mapped_column(default=utcnow)
@@ -92,6 +94,8 @@ class DeviceRow(Base):
     online: Mapped[bool] = mapped_column(default=False)
     agent_version: Mapped[str] = mapped_column(String(64), default="")
     profile: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    hardware_class: Mapped[str] = mapped_column(String(256), default="")
+    """rollout_plan.hardware_class of the profile, kept with it: what lists filter and count by."""
     serving: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     """bundle, version, variant and provider the device reports it serves."""
     tags: Mapped[dict[str, Any]] = mapped_column(default=dict)

@@ -5,11 +5,13 @@ updated by every state message (online or not, what it serves); `last_seen` move
 each. Tags and groups are the operator's, changed through the API and audited.
 """
 
+import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, String, cast, func, select, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -20,6 +22,7 @@ from slmops.messages import Birth, DesiredState, DeviceState, Reported, Telemetr
 from . import audit
 from .audit import Actor
 from .db import BundleRow, DeviceRow, TelemetryRow
+from .rollout_plan import hardware_class
 
 Inbound = Birth | DeviceState | Reported | TelemetryBatch
 """What devices send that the fleet records."""
@@ -72,6 +75,7 @@ class Fleet:
                 device.last_seen = now
                 if isinstance(message, Birth):
                     device.profile = message.profile.model_dump(mode="json")
+                    device.hardware_class = hardware_class(device.profile)
                     device.agent_version, device.online = message.agent_version, True
                     if (desired := _owed(device)) is not None:  # told again, not left to the broker's retained copy
                         drifted.append((device_id, desired))
@@ -149,6 +153,38 @@ class Fleet:
                 .limit(limit)
             )
             return list(session.scalars(query))
+
+    def listing(self, chosen: "DeviceFilter", limit: int, offset: int) -> tuple[list[DeviceRow], int]:
+        """One page of the devices `chosen` selects, by id, and how many it selects: in the database,
+        so that neither grows with the fleet."""
+        where = chosen.clauses()
+        with Session(self.engine) as session:
+            total = session.scalar(select(func.count()).select_from(DeviceRow).where(*where)) or 0
+            page = select(DeviceRow).where(*where).order_by(DeviceRow.id).limit(limit).offset(offset)
+            return list(session.scalars(page)), total
+
+    def overview(self) -> "FleetOverview":
+        """Devices counted: online, by hardware class, by what they serve; the groups in use."""
+        with Session(self.engine) as session:
+            online = dict(session.execute(select(DeviceRow.online, func.count()).group_by(DeviceRow.online)).all())
+            classes = session.execute(
+                select(DeviceRow.hardware_class, func.count()).group_by(DeviceRow.hardware_class)
+            ).all()
+            serving_text = cast(DeviceRow.serving, String)
+            serving = session.execute(select(serving_text, func.count()).group_by(serving_text)).all()
+            group_sets = session.scalars(select(cast(DeviceRow.groups, String)).distinct()).all()
+        by_serving: dict[str, int] = {}
+        for text, count in serving:
+            s = json.loads(text) if text and text != "null" else None
+            what = f"{s['bundle']} {s['version']} · {s['variant']} · {s['provider']}" if s else "nothing"
+            by_serving[what] = by_serving.get(what, 0) + count
+        return FleetOverview(
+            total=sum(online.values()),
+            online=online.get(True, 0),
+            classes=sorted((c or "not born yet", n) for c, n in classes),
+            serving=sorted(by_serving.items(), key=lambda kv: -kv[1]),
+            groups=sorted({g for text in group_sets if text for g in json.loads(text)}),
+        )
 
     def devices(self) -> list[DeviceRow]:
         with Session(self.engine) as session:
@@ -232,3 +268,45 @@ def _telemetry_rows(device_id: str, batch: TelemetryBatch, received_at: datetime
         }
         for r in batch.records
     ]
+
+
+@dataclass(frozen=True)
+class DeviceFilter:
+    """What a list of devices is narrowed to; empty fields select everything."""
+
+    status: str = ""
+    """online or offline"""
+    hardware_class: str = ""
+    group: str = ""
+    tag: str = ""
+    """key=value"""
+    text: str = ""
+    """part of the id"""
+
+    def clauses(self) -> list[Any]:
+        """The filter as SQL. Groups and tags are matched in their JSON text, which SQLAlchemy writes with
+        json.dumps on every database: a quoted name (or "key": "value") matches only a whole one."""
+        where: list[Any] = []
+        if self.status in ("online", "offline"):
+            where.append(DeviceRow.online.is_(self.status == "online"))
+        if self.hardware_class:
+            where.append(DeviceRow.hardware_class == self.hardware_class)
+        if self.text:
+            where.append(func.lower(DeviceRow.id).contains(self.text.lower(), autoescape=True))
+        if self.group:
+            where.append(cast(DeviceRow.groups, String).contains(json.dumps(self.group), autoescape=True))
+        if self.tag:
+            key, _, value = self.tag.partition("=")
+            pair = f"{json.dumps(key.strip())}: {json.dumps(value.strip())}"
+            where.append(cast(DeviceRow.tags, String).contains(pair, autoescape=True))
+        return where
+
+
+@dataclass(frozen=True)
+class FleetOverview:
+    total: int
+    online: int
+    classes: list[tuple[str, int]]
+    serving: list[tuple[str, int]]
+    """"bundle version · variant · provider" (or "nothing") → devices"""
+    groups: list[str]

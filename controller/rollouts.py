@@ -39,7 +39,7 @@ from .control import FleetControl
 from .db import BundleRow, DeviceRow, RolloutDeviceRow, RolloutRow, TelemetryRow
 from .fleet import CONTROLLER
 from .lease import Lease, LeaseLost
-from .protocol import RolloutRequest, RolloutView
+from .protocol import RolloutDeviceView, RolloutRequest, RolloutView
 from .registry import Registry
 from .rollout_plan import Gate, Selector, WaveSize, hardware_class, parse_share, parse_waves, plan_waves
 
@@ -54,6 +54,8 @@ DEVICE_PAGE = 1000
 OWNING = (ACTIVE, PAUSED)
 """Statuses of a rollout that owns its devices: no other rollout nor a hand-set desired state may take them."""
 FINISHED = ("passed", "failed", "timed_out", "rolled_back")
+ROLLED_BACK_AFTER = "; then "
+"""Between why a device failed and its rollback, in the detail of a device rolled back after it failed."""
 """A device's states after which it waits for nothing."""
 ANSWERED = ("downloading", "activating", "soaking", "passed", "failed", "timed_out")
 """States of devices that reported (or ran out of time): the failure rate's denominator."""
@@ -176,6 +178,22 @@ class Rollouts:
         those in `state` and `wave` when given."""
         with Session(self.engine) as session:
             return _view(session, self._row(session, rollout_id), state, wave, limit, offset)
+
+    def failures(self, rollout_id: int, limit: int) -> list[RolloutDeviceView]:
+        """Its devices that failed or timed out, those rolled back after they did (ROLLED_BACK_AFTER keeps
+        their reason), by wave and id: what an operator looks at first on a halted rollout."""
+        failed = RolloutDeviceRow.state.in_(("failed", "timed_out")) | (
+            (RolloutDeviceRow.state == "rolled_back") & RolloutDeviceRow.detail.contains(ROLLED_BACK_AFTER)
+        )
+        chosen = (
+            select(RolloutDeviceRow)
+            .where(RolloutDeviceRow.rollout_id == rollout_id, failed)
+            .order_by(RolloutDeviceRow.wave, RolloutDeviceRow.device_id)
+            .limit(limit)
+        )
+        with Session(self.engine) as session:
+            self._row(session, rollout_id)  # NotFound for an unknown rollout
+            return [RolloutDeviceView.of(row) for row in session.scalars(chosen)]
 
     def all(self) -> list[RolloutView]:
         """Every rollout, newest first, with its devices counted by state."""
@@ -387,7 +405,7 @@ class Rollouts:
                 member.detail = "nothing to roll back to: it had no bundle before this rollout"
                 continue
             self._tell_previous(told, rollout.id, member)
-            why = f"{member.detail}; " if member.state in ("failed", "timed_out") and member.detail else ""
+            why = f"{member.detail}{ROLLED_BACK_AFTER}" if member.state in ("failed", "timed_out") else ""
             _set(member, "rolled_back", now)
             member.detail = f"{why}told to return to {previous['bundle']} {previous['version']}"[-1024:]
         audit.record(session, actor, "rollout.halt", f"rollout/{rollout.id}", {"reason": reason})

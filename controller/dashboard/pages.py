@@ -6,7 +6,6 @@ rows) as the API. Lists paginate: no page grows with the fleet."""
 
 import math
 import secrets
-from collections import Counter
 from datetime import UTC, datetime
 from importlib import resources
 from typing import Any
@@ -20,9 +19,8 @@ from fastapi.templating import Jinja2Templates
 from slmops.errors import HttpError
 
 from ..db import DeviceRow
-from ..fleet import drift_detail
+from ..fleet import DeviceFilter, Fleet, drift_detail
 from ..protocol import BuildJobView, RolloutDeviceView, RolloutView
-from ..rollout_plan import hardware_class
 from ..rollouts import ABORTED, ACTIVE, HALTED, PAUSED
 from . import session
 from .session import Viewer
@@ -30,7 +28,6 @@ from .session import Viewer
 PAGE_SIZE = 50
 FAILED_SHOWN = 50
 BUILD_PLOTS = {"training.png": "Training and validation loss per epoch", "scores.png": "Task scores per variant"}
-ONLINE, OFFLINE = "online", "offline"
 ROLLOUT_ACTIONS = {
     "pause": "Pause: no further wave is told until resumed.",
     "resume": "Resume: the next wave is told when this one's soak passes.",
@@ -134,35 +131,31 @@ def _local(target: str) -> str:
 # --- fleet ----------------------------------------------------------------------------------------
 
 
-def _fleet_view(devices: list[DeviceRow], query: dict[str, str]) -> dict[str, Any]:
-    """The devices that pass the filters, one page of them, and the counts the filters choose among."""
-    status, group, klass = query.get("status", ""), query.get("group", ""), query.get("class", "")
-    key, _, value = query.get("tag", "").partition("=")
-    text = query.get("q", "").strip().lower()
-
-    def chosen(d: DeviceRow, cls: str) -> bool:
-        return not (
-            (status == ONLINE and not d.online) or (status == OFFLINE and d.online)
-            or (group and group not in d.groups) or (key and str(d.tags.get(key)) != value)
-            or (klass and cls != klass) or (text and text not in d.id.lower())
-        )  # fmt: skip
-
-    rows = [(d, cls) for d in devices if chosen(d, cls := hardware_class(d.profile))]
-    pages = max(1, math.ceil(len(rows) / PAGE_SIZE))
-    page = min(max(1, _int(query.get("page"), 1)), pages)
-    serving = Counter(_serving(d) for d in devices)
-    shown = rows[(page - 1) * PAGE_SIZE : page * PAGE_SIZE]
+def _fleet_view(fleet: Fleet, query: dict[str, str]) -> dict[str, Any]:
+    """One page of the devices the filters choose, and the counts the filters choose among (all of them
+    from the database: nothing here grows with the fleet)."""
+    chosen = DeviceFilter(
+        status=query.get("status", ""), hardware_class=query.get("class", ""), group=query.get("group", ""),
+        tag=query.get("tag", ""), text=query.get("q", "").strip(),
+    )  # fmt: skip
+    overview = fleet.overview()
+    page = max(1, _int(query.get("page"), 1))
+    rows, matching = fleet.listing(chosen, PAGE_SIZE, (page - 1) * PAGE_SIZE)
+    pages = max(1, math.ceil(matching / PAGE_SIZE))
+    if page > pages:  # the filters changed under a later page: its last
+        page = pages
+        rows, matching = fleet.listing(chosen, PAGE_SIZE, (page - 1) * PAGE_SIZE)
     return {
-        "devices": [{"row": d, "class": cls, "serving": _serving(d), "drift": drift_detail(d)} for d, cls in shown],
-        "matching": len(rows),
+        "devices": [{"row": d, "serving": _serving(d), "drift": drift_detail(d)} for d in rows],
+        "matching": matching,
         "page": page,
         "pages": pages,
         "query": query,
-        "total": len(devices),
-        "online": sum(d.online for d in devices),
-        "classes": sorted(Counter(hardware_class(d.profile) for d in devices).items()),
-        "groups": sorted({g for d in devices for g in d.groups}),
-        "serving": sorted(serving.items(), key=lambda kv: -kv[1]),
+        "total": overview.total,
+        "online": overview.online,
+        "classes": overview.classes,
+        "groups": overview.groups,
+        "serving": overview.serving,
     }
 
 
@@ -185,15 +178,15 @@ async def fleet(request: Request) -> Response:
     who = _viewer(request)
     if who is None:
         return _to_signin(request)
-    devices = await run_in_threadpool(request.app.state.fleet.devices)
-    return _render(request, "fleet.html", who, **_fleet_view(devices, dict(request.query_params)))
+    view = await run_in_threadpool(_fleet_view, request.app.state.fleet, dict(request.query_params))
+    return _render(request, "fleet.html", who, **view)
 
 
 @router.get("/fleet/live", response_class=HTMLResponse)
 async def fleet_live(request: Request) -> Response:
     who = _signed_in(request)
-    devices = await run_in_threadpool(request.app.state.fleet.devices)
-    return _render(request, "_fleet_table.html", who, **_fleet_view(devices, dict(request.query_params)))
+    view = await run_in_threadpool(_fleet_view, request.app.state.fleet, dict(request.query_params))
+    return _render(request, "_fleet_table.html", who, **view)
 
 
 @router.get("/devices/{device_id}", response_class=HTMLResponse)
@@ -205,7 +198,7 @@ async def device(request: Request, device_id: str) -> Response:
     audit = await run_in_threadpool(request.app.state.registry.audit_log, 50, device_id)
     desired = [f"{a.detail.get('bundle')} {a.detail.get('version')}" for a in audit if a.action == "device.desired"]
     previous = next((d for d in desired[1:] if d != desired[0]), None)  # the agent reports its active slot only
-    return _render(request, "device.html", who, device=row, hw_class=hardware_class(row.profile),
+    return _render(request, "device.html", who, device=row, hw_class=row.hardware_class,
                    drift=drift_detail(row), audit=audit[:20], previous=previous, commands=DEVICE_COMMANDS,
                    message=request.query_params.get("message", ""))  # fmt: skip
 
@@ -282,24 +275,13 @@ async def _rollout_detail(request: Request, rollout_id: int) -> dict[str, Any]:
     view: RolloutView = await run_in_threadpool(
         request.app.state.rollouts.get, rollout_id, state, None, PAGE_SIZE, (page - 1) * PAGE_SIZE
     )
-    wave: RolloutView = await run_in_threadpool(request.app.state.rollouts.get, rollout_id, None, view.wave, 1000, 0)
-    failed = [d for d in wave.devices if _failed(d)][:FAILED_SHOWN]
+    failed = await run_in_threadpool(request.app.state.rollouts.failures, rollout_id, FAILED_SHOWN)
     decisions = await run_in_threadpool(request.app.state.registry.audit_log, 50, f"rollout/{rollout_id}")
     return {
         "rollout": view, "state": state or "", "page": page, "pages": max(1, math.ceil(view.devices_total / PAGE_SIZE)),
         "failed": failed, "decisions": decisions, "gates": _gate_figures(failed),
         "actions": _actions(view), "descriptions": ROLLOUT_ACTIONS,
     }  # fmt: skip
-
-
-def _failed(device: RolloutDeviceView) -> bool:
-    """Failed or timed out, or rolled back after it did (its reason kept), or it broke a gate."""
-    verdicts = ((device.figures or {}).get("gates") or {}).values()
-    return (
-        device.state in ("failed", "timed_out")
-        or (device.state == "rolled_back" and "; told to return to" in device.detail)
-        or any(v.get("held") is False for v in verdicts)
-    )
 
 
 def _gate_figures(devices: list[RolloutDeviceView]) -> list[dict[str, Any]]:

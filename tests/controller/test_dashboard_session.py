@@ -67,3 +67,18 @@ def test_a_session_cookie_is_checked_whole() -> None:
     assert "=" not in cookie  # a padded value would be quoted by the server and come back quoted
     for broken in ("", "x", "a.b.c", f"{body}.", "!!!.00"):
         assert session.viewer(TOKENS, broken, now=1001.0) is None
+
+
+def test_a_session_signed_in_on_one_replica_is_good_on_another(client, controller_config) -> None:
+    """Nothing of a session is stored: a second controller on the same database and tokens reads the
+    cookie the first one set, and renders the same rows."""
+    from fastapi.testclient import TestClient
+
+    from slmops.controller.service import build_app
+
+    sign_in(client, READER)
+    cookie = client.cookies.get(session.COOKIE)
+    with TestClient(build_app(controller_config)) as other:
+        other.cookies.set(session.COOKIE, cookie, path="/ui")
+        page = other.get("/ui/fleet", follow_redirects=False)
+        assert page.status_code == 200 and "bob" in page.text and "No devices yet" in page.text

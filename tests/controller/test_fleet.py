@@ -506,3 +506,54 @@ def test_two_replicas_registering_the_same_new_devices_at_once_lose_no_message(d
         replicas[0].device(d).profile["cpu_model"] == "test CPU" and replicas[0].device(d).online for d in devices
     )
     engine.dispose()
+
+
+def test_a_page_of_devices_is_filtered_and_counted_in_the_database(controller_config) -> None:
+    """What the dashboard lists: every filter in SQL on both databases, groups and tags matched whole in
+    their JSON (a name inside another, quotes, LIKE's own % and _, non-ASCII), pages by id."""
+    from slmops.controller.audit import Actor
+    from slmops.controller.fleet import DeviceFilter
+    from slmops.controller.rollout_plan import hardware_class
+
+    engine = open_database(controller_config.database_url)
+    migrate(engine)
+    fleet, admin = Fleet(engine), Actor("alice", "admin")
+    npu = HardwareProfile(**{**PROFILE.model_dump(), "cpu_model": "Snapdragon X", "accelerators": [
+        {"provider": "cpu", "onnxruntime_name": "CPUExecutionProvider"},
+        {"provider": "qnn", "onnxruntime_name": "QNNExecutionProvider"}]})  # fmt: skip
+    births = [(f"edge-{i:02d}", Birth(agent_version="0.1", profile=npu if i % 4 == 0 else PROFILE)) for i in range(12)]
+    fleet.record([*births, ("edge-03", DeviceState(online=False)), ("edge-07", DeviceState(online=False)),
+                  ("edge-05", DeviceState(online=True, serving=Serving(bundle="b", version="1", variant="v",
+                                                                       provider="cpu")))])  # fmt: skip
+    fleet.label("edge-01", admin, {"site": 'plant "3"'}, ["canary", "eu"])
+    fleet.label("edge-02", admin, {"site": "plant 3x"}, ["not-canary"])
+    fleet.label("edge-05", admin, {"site": "ünïcode"}, ["50%_off"])
+    fleet.label("edge-06", admin, {"owner": "site"}, ["5000_off"])
+
+    def ids(**chosen: str) -> list[str]:
+        rows, total = fleet.listing(DeviceFilter(**chosen), 100, 0)
+        assert total == len(rows)
+        return [d.id for d in rows]
+
+    assert ids() == [d for d, _ in births]
+    assert ids(status="offline") == ["edge-03", "edge-07"] and len(ids(status="online")) == 10
+    assert ids(hardware_class=hardware_class(npu.model_dump(mode="json"))) == ["edge-00", "edge-04", "edge-08"]
+    assert ids(group="canary") == ["edge-01"]  # not edge-02's "not-canary"
+    assert ids(group="50%_off") == ["edge-05"]  # % and _ are not wildcards
+    assert ids(tag='site=plant "3"') == ["edge-01"] and ids(tag="site=plant 3x") == ["edge-02"]
+    assert ids(tag="site=ünïcode") == ["edge-05"] and ids(tag="owner=site") == ["edge-06"]
+    assert ids(text="EDGE-1") == ["edge-10", "edge-11"] and ids(text="%") == []
+    assert ids(status="online", hardware_class=hardware_class(npu.model_dump(mode="json"))) == [
+        "edge-00",
+        "edge-04",
+        "edge-08",
+    ]
+    page, total = fleet.listing(DeviceFilter(), 5, 10)
+    assert [d.id for d in page] == ["edge-10", "edge-11"] and total == 12
+
+    overview = fleet.overview()
+    assert (overview.total, overview.online) == (12, 10)
+    assert sorted(n for _, n in overview.classes) == [3, 9]
+    assert overview.serving == [("nothing", 11), ("b 1 · v · cpu", 1)]
+    assert overview.groups == sorted(["5000_off", "50%_off", "canary", "eu", "not-canary"])
+    engine.dispose()

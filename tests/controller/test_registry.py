@@ -196,3 +196,34 @@ def test_the_store_serves_a_bundle_files_with_ranges_and_nothing_outside_it(clie
         assert client.get(f"/v1/store/{digest}/{path}", headers=READER).status_code == 404, path
     assert client.get(f"/v1/store/..%2f{digest}/manifest.json", headers=READER).status_code == 404
     assert client.get(f"/v1/store/{digest}/manifest.json").status_code == 401
+
+
+def test_devices_born_before_the_hardware_class_column_get_theirs(controller_config) -> None:
+    """Migration 0009 fills the new column from each device's stored profile."""
+    import json
+    from datetime import UTC, datetime
+
+    from sqlalchemy import create_engine, text
+
+    from slmops.controller.db import migrate
+    from slmops.controller.rollout_plan import hardware_class
+
+    profile = {"cpu_model": "Cortex-A76", "memory_total_bytes": 8 << 30,
+               "accelerators": [{"provider": "cpu"}, {"provider": "cuda"}]}  # fmt: skip
+    engine = create_engine(controller_config.database_url)
+    try:
+        migrate(engine, "0008")
+        with engine.begin() as connection:
+            connection.execute(
+                text("INSERT INTO device (id, first_seen, last_seen, online, agent_version, profile, tags, groups) "
+                     "VALUES ('old', :now, :now, false, '', :profile, '{}', '[]'), "
+                     "('unborn', :now, :now, false, '', '{}', '{}', '[]')"),
+                {"now": datetime.now(UTC), "profile": json.dumps(profile)},
+            )  # fmt: skip
+        migrate(engine)
+        with engine.connect() as connection:
+            rows = dict(connection.execute(text("SELECT id, hardware_class FROM device")).all())
+        assert rows == {"old": hardware_class(profile), "unborn": ""}
+        assert rows["old"].startswith("cuda · 8+ GiB")
+    finally:
+        engine.dispose()

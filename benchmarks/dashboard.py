@@ -6,7 +6,8 @@ For each fleet size (default 100 and 5,000: pages paginate, so neither should gr
     paint        time to first contentful paint (the Paint Timing API), fresh navigation, signed in
     interactive  DOMContentLoaded done: the deferred scripts (htmx, uPlot, app.js) have run
     refresh      the controller's CPU (user + system) per request of what an open page polls: the fleet
-                 table partial (every 5 s) and the rollout's live partial (every 2 s), and per full page;
+                 table partial (every 5 s) and the rollout's live partial (every 2 s), and per full page,
+                 less what it spends in as long again without requests (the devices' own telemetry);
                  the partial's size in bytes
 
 A rollout to every device, in waves with a long soak, is under way while the rollout page is measured.
@@ -121,11 +122,15 @@ def measure(size: int, rounds: int, requests: int) -> dict[str, Any]:
                 size_bytes = 0
                 for _ in range(rounds):
                     for kind, path in (("partial", partials[name]), ("page", pages[name])):
-                        before = cpu_s(controller)
+                        before, started = cpu_s(controller), time.monotonic()
                         for _ in range(requests):
                             answer = web.get(path)
                             answer.raise_for_status()
-                        per[kind].append((cpu_s(controller) - before) / requests * 1000)
+                        busy, took = cpu_s(controller) - before, time.monotonic() - started
+                        before = cpu_s(controller)
+                        time.sleep(took)  # as long again without requests: what the fleet's own traffic costs
+                        idle = cpu_s(controller) - before
+                        per[kind].append(max(0.0, busy - idle) / requests * 1000)
                         size_bytes = len(answer.content) if kind == "partial" else size_bytes
                 refresh[name] = {"cpu_ms_per_partial": spread(per["partial"]), "cpu_ms_per_page": spread(per["page"]),
                                  "partial_bytes": size_bytes}  # fmt: skip

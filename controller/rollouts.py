@@ -54,6 +54,8 @@ DEVICE_PAGE = 1000
 OWNING = (ACTIVE, PAUSED)
 """Statuses of a rollout that owns its devices: no other rollout nor a hand-set desired state may take them."""
 FINISHED = ("passed", "failed", "timed_out", "rolled_back")
+ACTIONS = ("pause", "resume", "abort", "rollback", "promote")
+"""What an operator may do to a rollout (Rollouts.act)."""
 ROLLED_BACK_AFTER = "; then "
 """Between why a device failed and its rollback, in the detail of a device rolled back after it failed."""
 """A device's states after which it waits for nothing."""
@@ -212,6 +214,14 @@ class Rollouts:
             rollout.reason = "" if status == ACTIVE else f"{status} by {actor.name}"
             audit.record(session, actor, f"rollout.{status}", f"rollout/{rollout_id}", {})
         return self.get(rollout_id)
+
+    def act(self, rollout_id: int, action: str, actor: Actor) -> RolloutView:
+        """One of the operator's ACTIONS, as the API and the dashboard take it."""
+        if action == "rollback":
+            return self.roll_back(rollout_id, actor)
+        if action == "promote":
+            return self.promote(rollout_id, actor)
+        return self.set_status(rollout_id, {"pause": PAUSED, "resume": ACTIVE, "abort": ABORTED}[action], actor)
 
     def refuse_owned(self, device_ids: Sequence[str]) -> None:
         """A Conflict when a rollout under way owns any of these devices (a desired state set by hand

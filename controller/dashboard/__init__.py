@@ -10,11 +10,12 @@ from importlib import resources
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
-from .pages import router
+from .pages import SignInFirst, router, to_signin
 
 
 def install(app: FastAPI) -> None:
     """The dashboard's pages and static files on `app`."""
     app.include_router(router)
+    app.add_exception_handler(SignInFirst, to_signin)
     static = resources.files("slmops.controller.dashboard") / "static"
     app.mount("/ui/static", StaticFiles(directory=str(static)), name="dashboard-static")

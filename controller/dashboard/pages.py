@@ -8,10 +8,10 @@ import math
 import secrets
 from datetime import UTC, datetime
 from importlib import resources
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import parse_qs, urlencode
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
@@ -21,7 +21,7 @@ from slmops.errors import HttpError
 from ..db import DeviceRow
 from ..fleet import DeviceFilter, Fleet, drift_detail
 from ..protocol import BuildJobView, RolloutDeviceView, RolloutView
-from ..rollouts import ABORTED, ACTIVE, HALTED, PAUSED
+from ..rollouts import ACTIONS, ACTIVE, HALTED, PAUSED
 from . import session
 from .session import Viewer
 
@@ -59,16 +59,41 @@ templates.env.filters["mib"] = lambda n: f"{n / 2**20:,.1f} MiB" if n is not Non
 # --- signing in -----------------------------------------------------------------------------------
 
 
+class SignInFirst(Exception):
+    """A page asked for without a session: `install` answers it with a redirect to the sign-in page."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.path = path
+
+
 def _viewer(request: Request) -> Viewer | None:
     return session.viewer(request.app.state.tokens, request.cookies.get(session.COOKIE))
 
 
+def _page_viewer(request: Request) -> Viewer:
+    """Who asks for a page; without a session, the browser is sent to sign in (and back)."""
+    who = _viewer(request)
+    if who is None:
+        raise SignInFirst(request.url.path)
+    return who
+
+
 def _signed_in(request: Request) -> Viewer:
-    """The viewer, or HttpError 401 (pages send the browser to the sign-in page instead)."""
+    """Who asks for a partial, a chart's figures or a form's POST; HttpError 401 without a session."""
     who = _viewer(request)
     if who is None:
         raise HttpError(401, "sign in to the dashboard first", "authentication_error")
     return who
+
+
+PageViewer = Annotated[Viewer, Depends(_page_viewer)]
+Signed = Annotated[Viewer, Depends(_signed_in)]
+
+
+def to_signin(_request: Request, missing: Exception) -> Response:
+    assert isinstance(missing, SignInFirst)
+    return RedirectResponse(f"/ui/signin?{urlencode({'next': missing.path})}", status_code=303)
 
 
 async def _form(request: Request, who: Viewer, admin: bool = True) -> dict[str, str]:
@@ -116,8 +141,8 @@ async def signin(request: Request) -> Response:
 
 
 @router.post("/signout")
-async def signout(request: Request) -> Response:
-    await _form(request, _signed_in(request), admin=False)
+async def signout(request: Request, who: Signed) -> Response:
+    await _form(request, who, admin=False)
     response = RedirectResponse("/ui/signin", status_code=303)
     response.delete_cookie(session.COOKIE, path="/ui")
     return response
@@ -174,26 +199,19 @@ def _int(text: str | None, default: int) -> int:
 
 
 @router.get("/fleet", response_class=HTMLResponse)
-async def fleet(request: Request) -> Response:
-    who = _viewer(request)
-    if who is None:
-        return _to_signin(request)
+async def fleet(request: Request, who: PageViewer) -> Response:
     view = await run_in_threadpool(_fleet_view, request.app.state.fleet, dict(request.query_params))
     return _render(request, "fleet.html", who, **view)
 
 
 @router.get("/fleet/live", response_class=HTMLResponse)
-async def fleet_live(request: Request) -> Response:
-    who = _signed_in(request)
+async def fleet_live(request: Request, who: Signed) -> Response:
     view = await run_in_threadpool(_fleet_view, request.app.state.fleet, dict(request.query_params))
     return _render(request, "_fleet_table.html", who, **view)
 
 
 @router.get("/devices/{device_id}", response_class=HTMLResponse)
-async def device(request: Request, device_id: str) -> Response:
-    who = _viewer(request)
-    if who is None:
-        return _to_signin(request)
+async def device(request: Request, device_id: str, who: PageViewer) -> Response:
     row = await run_in_threadpool(request.app.state.fleet.device, device_id)
     audit = await run_in_threadpool(request.app.state.registry.audit_log, 50, device_id)
     desired = [f"{a.detail.get('bundle')} {a.detail.get('version')}" for a in audit if a.action == "device.desired"]
@@ -204,9 +222,8 @@ async def device(request: Request, device_id: str) -> Response:
 
 
 @router.get("/devices/{device_id}/telemetry.json")
-async def device_telemetry(request: Request, device_id: str, limit: int = 500) -> JSONResponse:
+async def device_telemetry(request: Request, device_id: str, _who: Signed, limit: int = 500) -> JSONResponse:
     """The device's newest records as columns for uPlot: time (s), then one series per figure."""
-    _signed_in(request)
     fleet_ = request.app.state.fleet
     await run_in_threadpool(fleet_.device, device_id)
     rows = await run_in_threadpool(fleet_.telemetry, device_id, max(1, min(limit, 5000)))
@@ -219,8 +236,7 @@ async def device_telemetry(request: Request, device_id: str, limit: int = 500) -
 
 
 @router.post("/devices/{device_id}/commands")
-async def device_command(request: Request, device_id: str) -> Response:
-    who = _signed_in(request)
+async def device_command(request: Request, device_id: str, who: Signed) -> Response:
     form = await _form(request, who)
     command = form.get("command", "")
     if command not in DEVICE_COMMANDS:
@@ -235,16 +251,13 @@ async def device_command(request: Request, device_id: str) -> Response:
 
 
 @router.get("/rollouts", response_class=HTMLResponse)
-async def rollouts(request: Request) -> Response:
-    who = _viewer(request)
-    if who is None:
-        return _to_signin(request)
+async def rollouts(request: Request, who: PageViewer) -> Response:
     return _render(request, "rollouts.html", who, **await _rollout_list(request))
 
 
 @router.get("/rollouts/live", response_class=HTMLResponse)
-async def rollouts_live(request: Request) -> Response:
-    return _render(request, "_rollouts_table.html", _signed_in(request), **await _rollout_list(request))
+async def rollouts_live(request: Request, who: Signed) -> Response:
+    return _render(request, "_rollouts_table.html", who, **await _rollout_list(request))
 
 
 async def _rollout_list(request: Request) -> dict[str, Any]:
@@ -255,16 +268,12 @@ async def _rollout_list(request: Request) -> dict[str, Any]:
 
 
 @router.get("/rollouts/{rollout_id}", response_class=HTMLResponse)
-async def rollout(request: Request, rollout_id: int) -> Response:
-    who = _viewer(request)
-    if who is None:
-        return _to_signin(request)
+async def rollout(request: Request, rollout_id: int, who: PageViewer) -> Response:
     return _render(request, "rollout.html", who, **await _rollout_detail(request, rollout_id))
 
 
 @router.get("/rollouts/{rollout_id}/live", response_class=HTMLResponse)
-async def rollout_live(request: Request, rollout_id: int) -> Response:
-    who = _signed_in(request)
+async def rollout_live(request: Request, rollout_id: int, who: Signed) -> Response:
     return _render(request, "_rollout_live.html", who, **await _rollout_detail(request, rollout_id))
 
 
@@ -305,19 +314,11 @@ def _actions(view: RolloutView) -> list[str]:
 
 
 @router.post("/rollouts/{rollout_id}/{action}")
-async def rollout_action(request: Request, rollout_id: int, action: str) -> Response:
-    who = _signed_in(request)
+async def rollout_action(request: Request, rollout_id: int, action: str, who: Signed) -> Response:
     await _form(request, who)
-    if action not in ROLLOUT_ACTIONS:
+    if action not in ACTIONS:
         raise HttpError(404, f"no rollout action {action!r}", "not_found_error")
-    machine = request.app.state.rollouts
-    if action == "rollback":
-        await run_in_threadpool(machine.roll_back, rollout_id, who.actor)
-    elif action == "promote":
-        await run_in_threadpool(machine.promote, rollout_id, who.actor)
-    else:
-        status = {"pause": PAUSED, "resume": ACTIVE, "abort": ABORTED}[action]
-        await run_in_threadpool(machine.set_status, rollout_id, status, who.actor)
+    await run_in_threadpool(request.app.state.rollouts.act, rollout_id, action, who.actor)
     return RedirectResponse(f"/ui/rollouts/{rollout_id}", status_code=303)
 
 
@@ -325,34 +326,25 @@ async def rollout_action(request: Request, rollout_id: int, action: str) -> Resp
 
 
 @router.get("/bundles", response_class=HTMLResponse)
-async def bundles(request: Request) -> Response:
-    who = _viewer(request)
-    if who is None:
-        return _to_signin(request)
+async def bundles(request: Request, who: PageViewer) -> Response:
     rows = await run_in_threadpool(request.app.state.registry.bundles)
     return _render(request, "bundles.html", who, bundles=rows)
 
 
 @router.get("/builds", response_class=HTMLResponse)
-async def builds(request: Request) -> Response:
-    who = _viewer(request)
-    if who is None:
-        return _to_signin(request)
+async def builds(request: Request, who: PageViewer) -> Response:
     jobs = [BuildJobView.of(j) for j in await run_in_threadpool(request.app.state.builds.jobs)]
     return _render(request, "builds.html", who, jobs=jobs[:PAGE_SIZE])
 
 
 @router.get("/builds/{build_id}", response_class=HTMLResponse)
-async def build(request: Request, build_id: int) -> Response:
-    who = _viewer(request)
-    if who is None:
-        return _to_signin(request)
+async def build(request: Request, build_id: int, who: PageViewer) -> Response:
     return _render(request, "build.html", who, **await _build_detail(request, build_id))
 
 
 @router.get("/builds/{build_id}/live", response_class=HTMLResponse)
-async def build_live(request: Request, build_id: int) -> Response:
-    return _render(request, "_build_live.html", _signed_in(request), **await _build_detail(request, build_id))
+async def build_live(request: Request, build_id: int, who: Signed) -> Response:
+    return _render(request, "_build_live.html", who, **await _build_detail(request, build_id))
 
 
 async def _build_detail(request: Request, build_id: int) -> dict[str, Any]:
@@ -365,16 +357,11 @@ async def _build_detail(request: Request, build_id: int) -> dict[str, Any]:
 
 
 @router.get("/builds/{build_id}/{plot}")
-async def build_plot(request: Request, build_id: int, plot: str) -> Response:
+async def build_plot(request: Request, build_id: int, plot: str, _who: Signed) -> Response:
     """One of the build report's plots (build/report.py), from the job's work folder."""
-    _signed_in(request)
     machine = request.app.state.builds
     await run_in_threadpool(machine.job, build_id)  # 404 for an unknown job
     path = machine.work(build_id) / plot
     if plot not in BUILD_PLOTS or not path.is_file():
         raise HttpError(404, f"build {build_id} has no plot {plot!r}", "not_found_error")
     return FileResponse(path, media_type="image/png")
-
-
-def _to_signin(request: Request) -> Response:
-    return RedirectResponse(f"/ui/signin?{urlencode({'next': request.url.path})}", status_code=303)

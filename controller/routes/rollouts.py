@@ -9,11 +9,10 @@ from fastapi.concurrency import run_in_threadpool
 from slmops.http import error_responses
 
 from ..protocol import RolloutDeviceState, RolloutRequest, RolloutView
-from ..rollouts import ABORTED, ACTIVE, DEVICE_PAGE, PAUSED
+from ..rollouts import DEVICE_PAGE
 from . import Admin, Reader, RolloutsOf
 
 router = APIRouter(tags=["rollouts"], responses=error_responses(400, 401, 403, 404, 409, 500))
-STATUS_OF = {"pause": PAUSED, "resume": ACTIVE, "abort": ABORTED}
 RolloutId = Annotated[int, Path(ge=1, le=2**31 - 1, description="The rollout's id")]
 
 
@@ -54,8 +53,4 @@ async def act(
     """pause (an active rollout stops telling waves), resume, abort (stops where it is, no rollback),
     rollback (every device it switched is told its previous bundle; halted), promote (the current
     wave's healthy devices pass without the rest of their soak)."""
-    if action == "rollback":
-        return await run_in_threadpool(rollouts.roll_back, rollout_id, who)
-    if action == "promote":
-        return await run_in_threadpool(rollouts.promote, rollout_id, who)
-    return await run_in_threadpool(rollouts.set_status, rollout_id, STATUS_OF[action], who)
+    return await run_in_threadpool(rollouts.act, rollout_id, action, who)

@@ -163,10 +163,16 @@ class Fleet:
             page = select(DeviceRow).where(*where).order_by(DeviceRow.id).limit(limit).offset(offset)
             return list(session.scalars(page)), total
 
-    def overview(self) -> "FleetOverview":
-        """Devices counted: online, by hardware class, by what they serve; the groups in use."""
+    def online(self) -> tuple[int, int]:
+        """How many devices are online, of how many."""
         with Session(self.engine) as session:
             online = dict(session.execute(select(DeviceRow.online, func.count()).group_by(DeviceRow.online)).all())
+        return online.get(True, 0), sum(online.values())
+
+    def overview(self) -> "FleetOverview":
+        """Devices counted: online, by hardware class, by what they serve; the groups in use."""
+        online, total = self.online()
+        with Session(self.engine) as session:
             classes = session.execute(
                 select(DeviceRow.hardware_class, func.count()).group_by(DeviceRow.hardware_class)
             ).all()
@@ -179,8 +185,8 @@ class Fleet:
             what = f"{s['bundle']} {s['version']} · {s['variant']} · {s['provider']}" if s else "nothing"
             by_serving[what] = by_serving.get(what, 0) + count
         return FleetOverview(
-            total=sum(online.values()),
-            online=online.get(True, 0),
+            total=total,
+            online=online,
             classes=sorted((c or "not born yet", n) for c, n in classes),
             serving=sorted(by_serving.items(), key=lambda kv: -kv[1]),
             groups=sorted({g for text in group_sets if text for g in json.loads(text)}),

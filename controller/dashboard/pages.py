@@ -156,32 +156,27 @@ def _local(target: str) -> str:
 # --- fleet ----------------------------------------------------------------------------------------
 
 
-def _fleet_view(fleet: Fleet, query: dict[str, str]) -> dict[str, Any]:
-    """One page of the devices the filters choose, and the counts the filters choose among (all of them
-    from the database: nothing here grows with the fleet)."""
+def _fleet_view(fleet: Fleet, query: dict[str, str], whole: bool) -> dict[str, Any]:
+    """One page of the devices the filters choose and how many are online; for the `whole` page also the
+    counts the filters choose among (all from the database: nothing here grows with the fleet)."""
     chosen = DeviceFilter(
         status=query.get("status", ""), hardware_class=query.get("class", ""), group=query.get("group", ""),
         tag=query.get("tag", ""), text=query.get("q", "").strip(),
     )  # fmt: skip
-    overview = fleet.overview()
     page = max(1, _int(query.get("page"), 1))
     rows, matching = fleet.listing(chosen, PAGE_SIZE, (page - 1) * PAGE_SIZE)
     pages = max(1, math.ceil(matching / PAGE_SIZE))
     if page > pages:  # the filters changed under a later page: its last
         page = pages
         rows, matching = fleet.listing(chosen, PAGE_SIZE, (page - 1) * PAGE_SIZE)
-    return {
-        "devices": [{"row": d, "serving": _serving(d), "drift": drift_detail(d)} for d in rows],
-        "matching": matching,
-        "page": page,
-        "pages": pages,
-        "query": query,
-        "total": overview.total,
-        "online": overview.online,
-        "classes": overview.classes,
-        "groups": overview.groups,
-        "serving": overview.serving,
-    }
+    view = {"devices": [{"row": d, "serving": _serving(d), "drift": drift_detail(d)} for d in rows],
+            "matching": matching, "page": page, "pages": pages, "query": query}  # fmt: skip
+    if not whole:  # the table's refresh
+        online, total = fleet.online()
+        return {**view, "online": online, "total": total}
+    overview = fleet.overview()
+    return {**view, "online": overview.online, "total": overview.total, "classes": overview.classes,
+            "groups": overview.groups, "serving": overview.serving}  # fmt: skip
 
 
 def _serving(device: DeviceRow) -> str:
@@ -200,13 +195,13 @@ def _int(text: str | None, default: int) -> int:
 
 @router.get("/fleet", response_class=HTMLResponse)
 async def fleet(request: Request, who: PageViewer) -> Response:
-    view = await run_in_threadpool(_fleet_view, request.app.state.fleet, dict(request.query_params))
+    view = await run_in_threadpool(_fleet_view, request.app.state.fleet, dict(request.query_params), True)
     return _render(request, "fleet.html", who, **view)
 
 
 @router.get("/fleet/live", response_class=HTMLResponse)
 async def fleet_live(request: Request, who: Signed) -> Response:
-    view = await run_in_threadpool(_fleet_view, request.app.state.fleet, dict(request.query_params))
+    view = await run_in_threadpool(_fleet_view, request.app.state.fleet, dict(request.query_params), False)
     return _render(request, "_fleet_table.html", who, **view)
 
 

@@ -125,7 +125,9 @@ class Fleet:
 
     def group(self, name: str) -> list[str]:
         """The ids of the devices in a group (NotFound when none is)."""
-        members = [device.id for device in self.devices() if name in device.groups]
+        with Session(self.engine) as session:
+            chosen = select(DeviceRow.id).where(*DeviceFilter(group=name).clauses()).order_by(DeviceRow.id)
+            members = list(session.scalars(chosen))
         if not members:
             raise NotFound(f"no device is in group {name!r}")
         return members

@@ -140,6 +140,11 @@ class Builds:
                 data = f.read(limit)
         return BuildLog(text=data.decode("utf-8", errors="replace"), offset=offset + len(data), finished=finished)
 
+    def tail(self, job_id: int, limit: int) -> BuildLog:
+        """The last `limit` bytes of the job's log (what a page shows of it)."""
+        path = self._dir(job_id) / "log.txt"
+        return self.log(job_id, max(0, path.stat().st_size - limit) if path.is_file() else 0, limit)
+
     def cancel(self, job_id: int, who: Actor) -> BuildJobRow:
         with Session(self.engine, expire_on_commit=False) as session, session.begin():
             job = session.get(BuildJobRow, job_id, with_for_update=True)

@@ -183,8 +183,7 @@ class Fleet:
             group_sets = session.scalars(select(cast(DeviceRow.groups, String)).distinct()).all()
         by_serving: dict[str, int] = {}
         for text, count in serving:
-            s = json.loads(text) if text and text != "null" else None
-            what = f"{s['bundle']} {s['version']} · {s['variant']} · {s['provider']}" if s else "nothing"
+            what = serving_label(json.loads(text) if text else None)
             by_serving[what] = by_serving.get(what, 0) + count
         return FleetOverview(
             total=total,
@@ -278,6 +277,14 @@ def _telemetry_rows(device_id: str, batch: TelemetryBatch, received_at: datetime
     ]
 
 
+def serving_label(serving: dict[str, Any] | None) -> str:
+    """What a device reports it serves, as lists show it: "bundle version · variant · provider"."""
+    if not serving or not serving.get("bundle"):
+        return "nothing"
+    return (f"{serving['bundle']} {serving.get('version', '')} · {serving.get('variant', '?')} · "
+            f"{serving.get('provider', '?')}")  # fmt: skip
+
+
 @dataclass(frozen=True)
 class DeviceFilter:
     """What a list of devices is narrowed to; empty fields select everything."""
@@ -316,5 +323,5 @@ class FleetOverview:
     online: int
     classes: list[tuple[str, int]]
     serving: list[tuple[str, int]]
-    """"bundle version · variant · provider" (or "nothing") → devices"""
+    """serving_label → devices"""
     groups: list[str]

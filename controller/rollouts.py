@@ -54,11 +54,11 @@ DEVICE_PAGE = 1000
 OWNING = (ACTIVE, PAUSED)
 """Statuses of a rollout that owns its devices: no other rollout nor a hand-set desired state may take them."""
 FINISHED = ("passed", "failed", "timed_out", "rolled_back")
+"""A device's states after which it waits for nothing."""
 ACTIONS = ("pause", "resume", "abort", "rollback", "promote")
 """What an operator may do to a rollout (Rollouts.act)."""
 ROLLED_BACK_AFTER = "; then "
 """Between why a device failed and its rollback, in the detail of a device rolled back after it failed."""
-"""A device's states after which it waits for nothing."""
 ANSWERED = ("downloading", "activating", "soaking", "passed", "failed", "timed_out")
 """States of devices that reported (or ran out of time): the failure rate's denominator."""
 REPORTED_STATE = {"downloading": "downloading", "verifying": "downloading", "activating": "activating"}

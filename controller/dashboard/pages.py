@@ -18,8 +18,7 @@ from fastapi.templating import Jinja2Templates
 
 from slmops.errors import HttpError
 
-from ..db import DeviceRow
-from ..fleet import DeviceFilter, Fleet, drift_detail
+from ..fleet import DeviceFilter, Fleet, drift_detail, serving_label
 from ..protocol import BuildJobView, RolloutDeviceView, RolloutView
 from ..rollouts import ACTIONS, ACTIVE, HALTED, PAUSED
 from . import session
@@ -27,6 +26,7 @@ from .session import Viewer
 
 PAGE_SIZE = 50
 FAILED_SHOWN = 50
+LOG_TAIL_BYTES = 8000
 BUILD_PLOTS = {"training.png": "Training and validation loss per epoch", "scores.png": "Task scores per variant"}
 ROLLOUT_ACTIONS = {
     "pause": "Pause: no further wave is told until resumed.",
@@ -96,10 +96,15 @@ def to_signin(_request: Request, missing: Exception) -> Response:
     return RedirectResponse(f"/ui/signin?{urlencode({'next': missing.path})}", status_code=303)
 
 
-async def _form(request: Request, who: Viewer, admin: bool = True) -> dict[str, str]:
-    """A POSTed form (urlencoded), after the CSRF check; admins only unless `admin` is False."""
+async def _posted(request: Request) -> dict[str, str]:
+    """A POSTed urlencoded form, each field's first value."""
     body = (await request.body()).decode("utf-8", errors="replace")
-    form = {k: v[0] for k, v in parse_qs(body, keep_blank_values=True).items()}
+    return {k: v[0] for k, v in parse_qs(body, keep_blank_values=True).items()}
+
+
+async def _form(request: Request, who: Viewer, admin: bool = True) -> dict[str, str]:
+    """A POSTed form, after the CSRF check; admins only unless `admin` is False."""
+    form = await _posted(request)
     given = form.get(session.CSRF_FIELD) or request.headers.get(session.CSRF_HEADER, "")
     if not secrets.compare_digest(given.encode(), who.csrf.encode()):
         raise HttpError(403, "the form's CSRF token is missing or wrong: reload the page", "permission_error")
@@ -124,8 +129,7 @@ async def signin_page(request: Request, next: str = "/ui/fleet", error: str = ""
 
 @router.post("/signin")
 async def signin(request: Request) -> Response:
-    body = (await request.body()).decode("utf-8", errors="replace")
-    form = {k: v[0] for k, v in parse_qs(body).items()}
+    form = await _posted(request)
     signed = session.sign_in(request.app.state.tokens, form.get("token", "").strip())
     target = _local(form.get("next", "/ui/fleet"))
     if signed is None:
@@ -169,21 +173,16 @@ def _fleet_view(fleet: Fleet, query: dict[str, str], whole: bool) -> dict[str, A
     if page > pages:  # the filters changed under a later page: its last
         page = pages
         rows, matching = fleet.listing(chosen, PAGE_SIZE, (page - 1) * PAGE_SIZE)
-    view = {"devices": [{"row": d, "serving": _serving(d), "drift": drift_detail(d)} for d in rows],
-            "matching": matching, "page": page, "pages": pages, "query": query}  # fmt: skip
+    filters = {k: v for k, v in query.items() if k != "page"}
+    view = {"devices": [{"row": d, "serving": serving_label(d.serving), "drift": drift_detail(d)} for d in rows],
+            "matching": matching, "page": page, "pages": pages, "query": query,
+            "page_link": "/ui/fleet?" + urlencode({**filters, "page": ""})}  # fmt: skip
     if not whole:  # the table's refresh
         online, total = fleet.online()
         return {**view, "online": online, "total": total}
     overview = fleet.overview()
     return {**view, "online": overview.online, "total": overview.total, "classes": overview.classes,
             "groups": overview.groups, "serving": overview.serving}  # fmt: skip
-
-
-def _serving(device: DeviceRow) -> str:
-    s = device.serving or {}
-    if not s.get("bundle"):
-        return "nothing"
-    return f"{s['bundle']} {s.get('version', '')} · {s.get('variant', '?')} · {s.get('provider', '?')}"
 
 
 def _int(text: str | None, default: int) -> int:
@@ -345,9 +344,9 @@ async def build_live(request: Request, build_id: int, who: Signed) -> Response:
 async def _build_detail(request: Request, build_id: int) -> dict[str, Any]:
     machine = request.app.state.builds
     job = BuildJobView.of(await run_in_threadpool(machine.job, build_id))
-    log = await run_in_threadpool(machine.log, build_id, 0)
+    log = await run_in_threadpool(machine.tail, build_id, LOG_TAIL_BYTES)
     plots = [name for name in BUILD_PLOTS if (machine.work(build_id) / name).is_file()]
-    return {"job": job, "log_tail": log.text[-8000:], "finished": log.finished, "plots": plots,
+    return {"job": job, "log_tail": log.text, "finished": log.finished, "plots": plots,
             "plot_titles": BUILD_PLOTS}  # fmt: skip
 
 

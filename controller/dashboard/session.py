@@ -46,7 +46,7 @@ def sign_in(tokens: list[ApiToken], given: str, now: float | None = None) -> tup
             nonce = secrets.token_urlsafe(16)
             payload = {"name": token.name, "expires": int((now or time.time()) + LIFETIME_S), "nonce": nonce}
             body = base64.urlsafe_b64encode(json.dumps(payload).encode()).decode().rstrip("=")  # no quoting
-            return f"{body}.{_mac(token, body)}", Viewer(Actor(token.name, token.role), _mac(token, CSRF_FIELD + nonce))
+            return f"{body}.{_mac(token, body)}", _viewer_of(token, nonce)
     return None
 
 
@@ -63,6 +63,10 @@ def viewer(tokens: list[ApiToken], cookie: str | None, now: float | None = None)
     token = next((t for t in tokens if t.name == name), None)
     if token is None or not secrets.compare_digest(mac, _mac(token, body)) or expires < (now or time.time()):
         return None
+    return _viewer_of(token, nonce)
+
+
+def _viewer_of(token: ApiToken, nonce: str) -> Viewer:
     return Viewer(Actor(token.name, token.role), _mac(token, CSRF_FIELD + nonce))
 
 

@@ -29,7 +29,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO
 
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, func, select, update
 from sqlalchemy.orm import Session
 
 from slmops.bundle import Bundle, extract_safely, write_archive
@@ -118,9 +118,12 @@ class Builds:
         except ConfigError as e:
             raise Rejected(str(e).replace(str(recipe.parent) + "/", "")) from None
 
-    def jobs(self) -> list[BuildJobRow]:
+    def jobs(self, limit: int, offset: int = 0) -> tuple[list[BuildJobRow], int]:
+        """One page of the build jobs, newest first, and how many there are."""
         with Session(self.engine) as session:
-            return list(session.scalars(select(BuildJobRow).order_by(BuildJobRow.id.desc())))
+            total = session.scalar(select(func.count()).select_from(BuildJobRow)) or 0
+            page = select(BuildJobRow).order_by(BuildJobRow.id.desc()).limit(limit).offset(offset)
+            return list(session.scalars(page)), total
 
     def job(self, job_id: int) -> BuildJobRow:
         with Session(self.engine) as session:

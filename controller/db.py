@@ -98,6 +98,8 @@ class DeviceRow(Base):
     """rollout_plan.hardware_class of the profile, kept with it: what lists filter and count by."""
     serving: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     """bundle, version, variant and provider the device reports it serves."""
+    previous: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    """bundle, version and variant in its other A/B slot, as it reports it: what a rollback returns it to."""
     tags: Mapped[dict[str, Any]] = mapped_column(default=dict)
     """key → value labels, e.g. {"site": "plant-3"}"""
     groups: Mapped[list[str]] = mapped_column(JSON, default=list)

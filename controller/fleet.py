@@ -84,6 +84,8 @@ class Fleet:
                     if message.agent_version:
                         device.agent_version = message.agent_version
                     device.serving = message.serving.model_dump() if message.serving else None
+                    if message.online:  # the will says nothing of the slots, which stay on the device's disk
+                        device.previous = message.previous.model_dump() if message.previous else None
                     # offline (the will, a goodbye), it serves nothing to compare
                     if message.online and (desired := _drift(device)) is not None:
                         drifted.append((device_id, desired))
@@ -192,10 +194,6 @@ class Fleet:
             serving=sorted(by_serving.items(), key=lambda kv: -kv[1]),
             groups=sorted({g for text in group_sets if text for g in json.loads(text)}),
         )
-
-    def devices(self) -> list[DeviceRow]:
-        with Session(self.engine) as session:
-            return list(session.scalars(select(DeviceRow).order_by(DeviceRow.id)))
 
     def device(self, device_id: str) -> DeviceRow:
         with Session(self.engine) as session:

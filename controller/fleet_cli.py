@@ -52,13 +52,19 @@ def _ago(timestamp: datetime) -> str:
 def devices_cmd(
     controller: ControllerUrl = "http://127.0.0.1:8700",
     token: Token = None,
+    status: Annotated[str, typer.Option(help="Only devices online, or offline.")] = "",
+    hardware_class: Annotated[str, typer.Option("--class", help="Only devices of this hardware class.")] = "",
+    group: Annotated[str, typer.Option(help="Only members of this group.")] = "",
+    tag: Annotated[str, typer.Option(help="Only devices with this tag (key=value).")] = "",
+    id_contains: Annotated[str, typer.Option(help="Only devices whose id holds this text.")] = "",
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable list.")] = False,
 ) -> None:
     """Devices with their online state, what they serve and when they were last seen."""
     from rich.table import Table
 
+    chosen = {"status": status, "hardware_class": hardware_class, "group": group, "tag": tag, "q": id_contains}
     with client(controller, token) as api:
-        devices = answer(api.devices)
+        devices = answer(lambda: api.devices(**{k: v for k, v in chosen.items() if v}))
     if as_json:
         print(json.dumps([d.model_dump(mode="json") for d in devices], indent=2))
         return

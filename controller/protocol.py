@@ -10,6 +10,9 @@ from slmops.messages import CommandName, CommandReply, DesiredState
 if TYPE_CHECKING:  # the models stand alone: slmops.client uses them without the database layer
     from .db import AuditRow, BuildJobRow, BundleRow, DeviceRow, RolloutDeviceRow, RolloutRow, TelemetryRow
 
+TOTAL_HEADER = "X-Total-Count"
+"""How many items a paged list route (`?limit=&offset=`: devices, rollouts, builds) holds in all."""
+
 
 class BundleSummary(BaseModel):
     name: str
@@ -60,6 +63,8 @@ class DeviceSummary(BaseModel):
     first_seen: datetime
     agent_version: str
     serving: dict[str, Any] | None
+    previous: dict[str, Any] | None = None
+    """Its other A/B slot (bundle, version, variant): what a rollback returns it to."""
     tags: dict[str, Any]
     groups: list[str]
     profile: dict[str, Any]
@@ -79,6 +84,7 @@ class DeviceSummary(BaseModel):
             first_seen=row.first_seen,
             agent_version=row.agent_version,
             serving=row.serving,
+            previous=row.previous,
             tags=row.tags,
             groups=row.groups,
             profile=row.profile,
@@ -293,6 +299,8 @@ class RolloutView(BaseModel):
     updated_at: datetime
     states: dict[str, int]
     """How many devices are in each state (all of them, whatever page `devices` is)."""
+    actions: list[str] = []
+    """What an admin may do to it now: pause, resume, promote, abort, rollback (POST …/{action})."""
     devices: list[RolloutDeviceView] = []
     """One page of its devices, by wave and id (GET /v1/rollouts/{id}?state=&wave=&limit=&offset=)."""
     devices_total: int = 0
@@ -306,6 +314,7 @@ class RolloutView(BaseModel):
         states: dict[str, int],
         page: list["RolloutDeviceRow"],
         total: int,
+        actions: list[str],
     ) -> "RolloutView":
         return cls(
             id=row.id,
@@ -328,6 +337,7 @@ class RolloutView(BaseModel):
             states=states,
             devices=[RolloutDeviceView.of(m) for m in page],
             devices_total=total,
+            actions=actions,
         )
 
 

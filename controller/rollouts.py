@@ -55,8 +55,8 @@ OWNING = (ACTIVE, PAUSED)
 """Statuses of a rollout that owns its devices: no other rollout nor a hand-set desired state may take them."""
 FINISHED = ("passed", "failed", "timed_out", "rolled_back")
 """A device's states after which it waits for nothing."""
-ACTIONS = ("pause", "resume", "abort", "rollback", "promote")
-"""What an operator may do to a rollout (Rollouts.act)."""
+ACTIONS = ("pause", "resume", "promote", "abort", "rollback")
+"""What an operator may do to a rollout (Rollouts.act); which of them a rollout takes now: `permitted_actions`."""
 ROLLED_BACK_AFTER = "; then "
 """Between why a device failed and its rollback, in the detail of a device rolled back after it failed."""
 ANSWERED = ("downloading", "activating", "soaking", "passed", "failed", "timed_out")
@@ -197,18 +197,20 @@ class Rollouts:
             self._row(session, rollout_id)  # NotFound for an unknown rollout
             return [RolloutDeviceView.of(row) for row in session.scalars(chosen)]
 
-    def all(self) -> list[RolloutView]:
-        """Every rollout, newest first, with its devices counted by state."""
+    def listing(self, limit: int, offset: int = 0) -> tuple[list[RolloutView], int]:
+        """One page of the rollouts, newest first, each with its devices counted by state, and how many
+        rollouts there are."""
         with Session(self.engine) as session:
-            rows = session.scalars(select(RolloutRow).order_by(RolloutRow.id.desc()))
-            return [_view(session, row, limit=0) for row in rows]
+            total = session.scalar(select(func.count()).select_from(RolloutRow)) or 0
+            rows = session.scalars(select(RolloutRow).order_by(RolloutRow.id.desc()).limit(limit).offset(offset))
+            return [_view(session, row, limit=0) for row in rows], total
 
     def set_status(self, rollout_id: int, status: str, actor: Actor) -> RolloutView:
         """pause (active → paused), resume (paused → active), abort (stops where it is, no rollback)."""
-        allowed = {PAUSED: (ACTIVE,), ACTIVE: (PAUSED,), ABORTED: (ACTIVE, PAUSED)}
+        action = {PAUSED: "pause", ACTIVE: "resume", ABORTED: "abort"}[status]
         with Session(self.engine, expire_on_commit=False) as session, session.begin():
             rollout = self._row(session, rollout_id, lock=True)
-            if rollout.status not in allowed[status]:
+            if action not in permitted_actions(rollout.status, rollout.wave):
                 raise Conflict(f"rollout {rollout_id} is {rollout.status}: it cannot become {status}")
             rollout.status, rollout.updated_at = status, datetime.now(UTC)
             rollout.reason = "" if status == ACTIVE else f"{status} by {actor.name}"
@@ -235,7 +237,7 @@ class Rollouts:
         told: list[_Told] = []
         with Session(self.engine, expire_on_commit=False) as session, session.begin():
             rollout = self._row(session, rollout_id, lock=True)
-            if rollout.status in (SUPERSEDED, ABORTED) or rollout.wave == 0:
+            if "rollback" not in permitted_actions(rollout.status, rollout.wave):
                 raise Conflict(f"rollout {rollout_id} is {rollout.status} at wave {rollout.wave}: nothing to roll back")
             members = _members(session, rollout_id)
             started = [m for m in members if m.wave <= rollout.wave and m.state != "rolled_back"]
@@ -247,7 +249,7 @@ class Rollouts:
         """The current wave's healthy devices pass now, without the rest of their soak."""
         with Session(self.engine, expire_on_commit=False) as session, session.begin():
             rollout = self._row(session, rollout_id, lock=True)
-            if rollout.status not in OWNING:
+            if "promote" not in permitted_actions(rollout.status, rollout.wave):
                 raise Conflict(f"rollout {rollout_id} is {rollout.status}: there is no wave to promote")
             now = datetime.now(UTC)
             soaking = [m for m in _members(session, rollout_id) if m.wave == rollout.wave and m.state == "soaking"]
@@ -478,6 +480,20 @@ class RolloutTimer:
                 log.warning("%s; another replica decides from now on", e)
 
 
+def permitted_actions(status: str, wave: int) -> list[str]:
+    """The ACTIONS a rollout in `status` at `wave` takes: pause an active one, resume a paused one, promote
+    or abort either; roll back any that switched devices (a wave told) unless aborted or superseded, a
+    completed one included."""
+    taken = {
+        "pause": status == ACTIVE,
+        "resume": status == PAUSED,
+        "promote": status in OWNING,
+        "abort": status in OWNING,
+        "rollback": status not in (SUPERSEDED, ABORTED) and wave > 0,
+    }
+    return [action for action in ACTIONS if taken[action]]
+
+
 def _view(
     session: Session,
     rollout: RolloutRow,
@@ -502,7 +518,7 @@ def _view(
     if limit:
         ordered = chosen.order_by(RolloutDeviceRow.wave, RolloutDeviceRow.device_id).limit(limit).offset(offset)
         page = list(session.scalars(ordered))
-    return RolloutView.of(rollout, bundle, states, page, total)
+    return RolloutView.of(rollout, bundle, states, page, total, permitted_actions(rollout.status, rollout.wave))
 
 
 def _waiting(member: RolloutDeviceRow, rollout: RolloutRow) -> bool:

@@ -60,6 +60,7 @@ from slmops.messages import (
     HardwareProfile,
     Reported,
     Serving,
+    SlotHeld,
     TelemetryAck,
     TelemetryBatch,
     TelemetryRecord,
@@ -302,13 +303,15 @@ class SimulatedDevice:
         self.client.publish(device_topic(self.id, kind), message.payload(), qos=1, retain=retain)
 
     def _publish_state(self) -> None:
-        serving = None
+        provider = self.hw.providers[-1]
+        serving, previous = None, None
         if self.active is not None:
-            provider = self.hw.providers[-1]
-            serving = Serving(
-                bundle=self.active.bundle, version=self.active.version, variant=f"{provider}-int4", provider=provider
-            )
-        self._publish("state", DeviceState(online=True, agent_version=__version__, serving=serving), retain=True)
+            serving = Serving(bundle=self.active.bundle, version=self.active.version, variant=f"{provider}-int4",
+                              provider=provider)  # fmt: skip
+        if self.previous is not None:
+            previous = SlotHeld(bundle=self.previous.bundle, version=self.previous.version, variant=f"{provider}-int4")
+        state = DeviceState(online=True, agent_version=__version__, serving=serving, previous=previous)
+        self._publish("state", state, retain=True)
 
     # --- telemetry -----------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ import httpx
 from pydantic import TypeAdapter
 
 from slmops.controller.protocol import (
+    TOTAL_HEADER,
     AuditEntry,
     BuildJobView,
     BuildLog,
@@ -92,8 +93,10 @@ class ControllerClient:
 
     # --- devices -----------------------------------------------------------------------------
 
-    def devices(self) -> list[DeviceSummary]:
-        return self._call("GET", "/v1/devices", list[DeviceSummary])
+    def devices(self, page_size: int = 1000, **filters: str) -> list[DeviceSummary]:
+        """Every device the filters choose (status, hardware_class, group, tag, q), by id, `page_size` a
+        request."""
+        return self._all("/v1/devices", DeviceSummary, page_size, filters)
 
     def device(self, device_id: str) -> DeviceSummary:
         return self._call("GET", f"/v1/devices/{device_id}", DeviceSummary)
@@ -134,7 +137,8 @@ class ControllerClient:
         return self._call("POST", "/v1/rollouts", RolloutView, json=request.model_dump())
 
     def rollouts(self) -> list[RolloutView]:
-        return self._call("GET", "/v1/rollouts", list[RolloutView])
+        """Every rollout, newest first, page by page."""
+        return self._all("/v1/rollouts", RolloutView, 100)
 
     def rollout(
         self, rollout_id: int, state: str | None = None, wave: int | None = None, limit: int = 1000, offset: int = 0
@@ -156,7 +160,8 @@ class ControllerClient:
         return BuildJobView.model_validate(response.json())
 
     def builds(self) -> list[BuildJobView]:
-        return self._call("GET", "/v1/builds", list[BuildJobView])
+        """Every build job, newest first, page by page."""
+        return self._all("/v1/builds", BuildJobView, 100)
 
     def build(self, build_id: int) -> BuildJobView:
         return self._call("GET", f"/v1/builds/{build_id}", BuildJobView)
@@ -168,6 +173,17 @@ class ControllerClient:
         return self._call("POST", f"/v1/builds/{build_id}/cancel", BuildJobView)
 
     # --- the wire ----------------------------------------------------------------------------
+
+    def _all(self, path: str, item: type[T], page_size: int, params: dict[str, str] | None = None) -> list[T]:
+        """A paged list route's items, every page (`limit`, `offset`; the X-Total-Count header)."""
+        items: list[T] = []
+        while True:
+            asked = {**(params or {}), "limit": page_size, "offset": len(items)}
+            response = self._send("GET", path, params=asked)
+            page = TypeAdapter(list[item]).validate_json(response.content)  # type: ignore[valid-type]
+            items.extend(page)
+            if not page or len(items) >= int(response.headers.get(TOTAL_HEADER, len(items))):
+                return items
 
     def _call(self, method: str, path: str, answer: type[T], **kwargs: Any) -> T:
         return TypeAdapter(answer).validate_json(self._send(method, path, **kwargs).content)

@@ -88,12 +88,24 @@ class Serving(BaseModel):
     provider: str
 
 
+class SlotHeld(BaseModel):
+    """A bundle a device keeps in one of its A/B slots, and the variant of it it runs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    bundle: str
+    version: str
+    variant: str
+
+
 class DeviceState(Message):
     """Presence (retained). The agent's will publishes it with online = false."""
 
     online: bool
     agent_version: str = ""
     serving: Serving | None = None
+    previous: SlotHeld | None = None
+    """Its other A/B slot: what a rollback returns it to (none before its second bundle)."""
 
 
 class Birth(Message):

@@ -40,6 +40,7 @@ from slmops.messages import (
     FetchRefused,
     Reported,
     Serving,
+    SlotHeld,
     TelemetryAck,
     TelemetryBatch,
     TelemetryRecord,
@@ -56,6 +57,7 @@ from .. import hardware
 from ..config import AgentConfig
 from ..host import ModelHost
 from ..telemetry import TelemetryQueue
+from .slots import Slots
 from .transfer import OnChunk, OnRefused
 
 log = logging.getLogger(__name__)
@@ -74,6 +76,7 @@ class Uplink:
         assert config.broker_url is not None
         self.config, self.server, self.queue, self.on_work = config, server, queue, on_work
         self.device_id = config.device_id
+        self.slots = Slots(config.data_dir)  # read for the previous slot each state announces
         self.connected = threading.Event()
         self._acked = threading.Event()
         self._acked_seq = 0
@@ -226,7 +229,9 @@ class Uplink:
 
     def _publish_state(self) -> None:
         serving = self._serving()
-        state = DeviceState(online=True, agent_version=__version__, serving=serving)
+        held = self.slots.previous()
+        previous = SlotHeld(bundle=held.bundle, version=held.version, variant=held.variant) if held else None
+        state = DeviceState(online=True, agent_version=__version__, serving=serving, previous=previous)
         self.client.publish(device_topic(self.device_id, "state"), state.payload(), qos=1, retain=True)
         self._announced = serving
 

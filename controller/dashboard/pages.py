@@ -6,9 +6,10 @@ rows) as the API. Lists paginate: no page grows with the fleet."""
 
 import math
 import secrets
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from importlib import resources
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 from urllib.parse import parse_qs, urlencode
 
 from fastapi import APIRouter, Depends, Request
@@ -20,10 +21,11 @@ from slmops.errors import HttpError
 
 from ..fleet import DeviceFilter, Fleet, drift_detail, serving_label
 from ..protocol import BuildJobView, RolloutDeviceView, RolloutView
-from ..rollouts import ACTIONS, ACTIVE, HALTED, PAUSED
+from ..rollouts import ACTIONS
 from . import session
 from .session import Viewer
 
+T = TypeVar("T")
 PAGE_SIZE = 50
 FAILED_SHOWN = 50
 LOG_TAIL_BYTES = 8000
@@ -167,12 +169,7 @@ def _fleet_view(fleet: Fleet, query: dict[str, str], whole: bool) -> dict[str, A
         status=query.get("status", ""), hardware_class=query.get("class", ""), group=query.get("group", ""),
         tag=query.get("tag", ""), text=query.get("q", "").strip(),
     )  # fmt: skip
-    page = max(1, _int(query.get("page"), 1))
-    rows, matching = fleet.listing(chosen, PAGE_SIZE, (page - 1) * PAGE_SIZE)
-    pages = max(1, math.ceil(matching / PAGE_SIZE))
-    if page > pages:  # the filters changed under a later page: its last
-        page = pages
-        rows, matching = fleet.listing(chosen, PAGE_SIZE, (page - 1) * PAGE_SIZE)
+    rows, matching, page, pages = _page_of(lambda limit, offset: fleet.listing(chosen, limit, offset), query)
     filters = {k: v for k, v in query.items() if k != "page"}
     view = {"devices": [{"row": d, "serving": serving_label(d.serving), "drift": drift_detail(d)} for d in rows],
             "matching": matching, "page": page, "pages": pages, "query": query,
@@ -183,6 +180,21 @@ def _fleet_view(fleet: Fleet, query: dict[str, str], whole: bool) -> dict[str, A
     overview = fleet.overview()
     return {**view, "online": overview.online, "total": overview.total, "classes": overview.classes,
             "groups": overview.groups, "serving": overview.serving}  # fmt: skip
+
+
+def _page_of(
+    listing: Callable[[int, int], tuple[list[T], int]], query: Mapping[str, str]
+) -> tuple[list[T], int, int, int]:
+    """The page of a listing (limit, offset → rows, how many in all) that `query` asks for: its rows, how
+    many in all, its number and how many pages. A page past the end (the list shrank since the link was
+    made) gives the last one."""
+    page = max(1, _int(query.get("page"), 1))
+    rows, total = listing(PAGE_SIZE, (page - 1) * PAGE_SIZE)
+    pages = max(1, math.ceil(total / PAGE_SIZE))
+    if page > pages:
+        page = pages
+        rows, total = listing(PAGE_SIZE, (page - 1) * PAGE_SIZE)
+    return rows, total, page, pages
 
 
 def _int(text: str | None, default: int) -> int:
@@ -207,12 +219,9 @@ async def fleet_live(request: Request, who: Signed) -> Response:
 @router.get("/devices/{device_id}", response_class=HTMLResponse)
 async def device(request: Request, device_id: str, who: PageViewer) -> Response:
     row = await run_in_threadpool(request.app.state.fleet.device, device_id)
-    audit = await run_in_threadpool(request.app.state.registry.audit_log, 50, device_id)
-    desired = [f"{a.detail.get('bundle')} {a.detail.get('version')}" for a in audit if a.action == "device.desired"]
-    previous = next((d for d in desired[1:] if d != desired[0]), None)  # the agent reports its active slot only
-    return _render(request, "device.html", who, device=row, hw_class=row.hardware_class,
-                   drift=drift_detail(row), audit=audit[:20], previous=previous, commands=DEVICE_COMMANDS,
-                   message=request.query_params.get("message", ""))  # fmt: skip
+    audit = await run_in_threadpool(request.app.state.registry.audit_log, 20, device_id)
+    return _render(request, "device.html", who, device=row, hw_class=row.hardware_class, drift=drift_detail(row),
+                   audit=audit, commands=DEVICE_COMMANDS, message=request.query_params.get("message", ""))  # fmt: skip
 
 
 @router.get("/devices/{device_id}/telemetry.json")
@@ -255,10 +264,10 @@ async def rollouts_live(request: Request, who: Signed) -> Response:
 
 
 async def _rollout_list(request: Request) -> dict[str, Any]:
-    views: list[RolloutView] = await run_in_threadpool(request.app.state.rollouts.all)
-    pages = max(1, math.ceil(len(views) / PAGE_SIZE))
-    page = min(max(1, _int(request.query_params.get("page"), 1)), pages)
-    return {"rollouts": views[(page - 1) * PAGE_SIZE : page * PAGE_SIZE], "page": page, "pages": pages}
+    views, _total, page, pages = await run_in_threadpool(
+        _page_of, request.app.state.rollouts.listing, request.query_params
+    )
+    return {"rollouts": views, "page": page, "pages": pages}
 
 
 @router.get("/rollouts/{rollout_id}", response_class=HTMLResponse)
@@ -283,7 +292,7 @@ async def _rollout_detail(request: Request, rollout_id: int) -> dict[str, Any]:
     return {
         "rollout": view, "state": state or "", "page": page, "pages": max(1, math.ceil(view.devices_total / PAGE_SIZE)),
         "failed": failed, "decisions": decisions, "gates": _gate_figures(failed),
-        "actions": _actions(view), "descriptions": ROLLOUT_ACTIONS,
+        "descriptions": ROLLOUT_ACTIONS,
     }  # fmt: skip
 
 
@@ -295,16 +304,6 @@ def _gate_figures(devices: list[RolloutDeviceView]) -> list[dict[str, Any]]:
             points.append({"device": d.device_id, "wave": d.wave, "gate": gate, "value": verdict.get("value"),
                            "limit": verdict.get("limit"), "held": verdict.get("held")})  # fmt: skip
     return points
-
-
-def _actions(view: RolloutView) -> list[str]:
-    if view.status == ACTIVE:
-        return ["pause", "promote", "abort", "rollback"]
-    if view.status == PAUSED:
-        return ["resume", "promote", "abort", "rollback"]
-    if view.status == HALTED:
-        return ["rollback"]
-    return []
 
 
 @router.post("/rollouts/{rollout_id}/{action}")
@@ -327,8 +326,8 @@ async def bundles(request: Request, who: PageViewer) -> Response:
 
 @router.get("/builds", response_class=HTMLResponse)
 async def builds(request: Request, who: PageViewer) -> Response:
-    jobs = [BuildJobView.of(j) for j in await run_in_threadpool(request.app.state.builds.jobs)]
-    return _render(request, "builds.html", who, jobs=jobs[:PAGE_SIZE])
+    rows, _total, page, pages = await run_in_threadpool(_page_of, request.app.state.builds.jobs, request.query_params)
+    return _render(request, "builds.html", who, jobs=[BuildJobView.of(j) for j in rows], page=page, pages=pages)
 
 
 @router.get("/builds/{build_id}", response_class=HTMLResponse)

@@ -3,9 +3,10 @@ store, audit, health. Handlers reach the registry and the fleet through `app.sta
 asks through `Reader` / `Admin` (`Authorization: Bearer <token>`; readers may GET, admins change)."""
 
 import secrets
+from dataclasses import dataclass
 from typing import IO, Annotated, Any
 
-from fastapi import Depends, Query, Request
+from fastapi import Depends, Query, Request, Response
 
 from slmops.errors import HttpError
 
@@ -15,6 +16,7 @@ from ..config import ApiToken, ControllerConfig
 from ..control import FleetControl
 from ..enrolment import Enrolment
 from ..fleet import Fleet
+from ..protocol import TOTAL_HEADER
 from ..registry import Registry
 from ..rollouts import Rollouts
 
@@ -68,3 +70,31 @@ async def spool(request: Request, into: IO[bytes], max_bytes: int) -> None:
 
 Limit = Annotated[int, Query(ge=1, le=100_000, description="How many, newest first (at most 100,000).")]
 """A list's length, as the audit and telemetry routes take it."""
+
+
+LIST_PAGE = 1000
+"""Items in a page of a list route unless the request asks for fewer."""
+
+
+@dataclass(frozen=True)
+class Page:
+    """The page of a list a request asks for (`?limit=&offset=`); `counted` puts the list's size in the
+    answer's X-Total-Count header."""
+
+    limit: int
+    offset: int
+    response: Response
+
+    def counted(self, total: int) -> None:
+        self.response.headers[TOTAL_HEADER] = str(total)
+
+
+def _page(
+    response: Response,
+    limit: Annotated[int, Query(ge=1, le=LIST_PAGE, description="Items in the page.")] = LIST_PAGE,
+    offset: Annotated[int, Query(ge=0, le=10_000_000, description="Items before the page.")] = 0,
+) -> Page:
+    return Page(limit, offset, response)
+
+
+Paged = Annotated[Page, Depends(_page)]

@@ -1,8 +1,8 @@
 """/v1/devices: the fleet as devices report it, their labels, telemetry, commands and enrolment."""
 
-from typing import Annotated
+from typing import Annotated, Literal
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query
 from fastapi import Path as FastApiPath
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
@@ -11,6 +11,7 @@ from slmops.broker import with_credentials
 from slmops.http import error_responses
 from slmops.messages import DEVICE_ID_PATTERN
 
+from ..fleet import DeviceFilter
 from ..protocol import (
     CommandAnswer,
     CommandRequest,
@@ -19,14 +20,29 @@ from ..protocol import (
     DeviceSummary,
     TelemetryEntry,
 )
-from . import Admin, Config, ControlOf, EnrolmentOf, FleetOf, Limit, Reader
+from . import Admin, Config, ControlOf, EnrolmentOf, FleetOf, Limit, Paged, Reader
 
 router = APIRouter(tags=["devices"], responses=error_responses(400, 401, 403, 404, 500))
 
 
 @router.get("/v1/devices")
-async def list_devices(_who: Reader, fleet: FleetOf) -> list[DeviceSummary]:
-    return [DeviceSummary.of(row) for row in await run_in_threadpool(fleet.devices)]
+async def list_devices(
+    _who: Reader,
+    fleet: FleetOf,
+    page: Paged,
+    status: Annotated[
+        Literal["online", "offline"] | None, Query(description="Only devices online, or offline.")
+    ] = None,
+    hardware_class: Annotated[str, Query(max_length=200, description="Only devices of this hardware class.")] = "",
+    group: Annotated[str, Query(max_length=200, description="Only members of this group.")] = "",
+    tag: Annotated[str, Query(max_length=400, description="Only devices with this tag (key=value).")] = "",
+    q: Annotated[str, Query(max_length=200, description="Only devices whose id holds this text.")] = "",
+) -> list[DeviceSummary]:
+    """A page of the devices the filters choose, by id; X-Total-Count says how many they choose."""
+    chosen = DeviceFilter(status=status or "", hardware_class=hardware_class, group=group, tag=tag, text=q)
+    rows, total = await run_in_threadpool(fleet.listing, chosen, page.limit, page.offset)
+    page.counted(total)
+    return [DeviceSummary.of(row) for row in rows]
 
 
 @router.get("/v1/devices/{device_id}")

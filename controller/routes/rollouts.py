@@ -10,7 +10,7 @@ from slmops.http import error_responses
 
 from ..protocol import RolloutDeviceState, RolloutRequest, RolloutView
 from ..rollouts import DEVICE_PAGE
-from . import Admin, Reader, RolloutsOf
+from . import Admin, Paged, Reader, RolloutsOf
 
 router = APIRouter(tags=["rollouts"], responses=error_responses(400, 401, 403, 404, 409, 500))
 RolloutId = Annotated[int, Path(ge=1, le=2**31 - 1, description="The rollout's id")]
@@ -23,9 +23,12 @@ async def create(body: RolloutRequest, who: Admin, rollouts: RolloutsOf) -> Roll
 
 
 @router.get("/v1/rollouts")
-async def list_rollouts(_who: Reader, rollouts: RolloutsOf) -> list[RolloutView]:
-    """Every rollout, newest first, with its devices counted by state."""
-    return await run_in_threadpool(rollouts.all)
+async def list_rollouts(_who: Reader, rollouts: RolloutsOf, page: Paged) -> list[RolloutView]:
+    """A page of the rollouts, newest first, with their devices counted by state; X-Total-Count says how
+    many there are."""
+    views, total = await run_in_threadpool(rollouts.listing, page.limit, page.offset)
+    page.counted(total)
+    return views
 
 
 @router.get("/v1/rollouts/{rollout_id}")

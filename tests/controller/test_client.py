@@ -48,3 +48,37 @@ def test_a_controller_that_is_not_there_is_a_controller_error_without_status():
     ):
         controller.devices()
     assert gone.value.status is None and "cannot reach the controller" in gone.value.message
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_lists_come_in_pages_the_client_walks_through(live_controller: str, controller_config):
+    """/v1/devices, /v1/rollouts and /v1/builds answer one page (`limit`, `offset`) and count the whole
+    list in X-Total-Count; the device filters are the dashboard's; the client reads every page."""
+    import httpx
+
+    from slmops.controller.audit import Actor
+    from slmops.controller.db import open_database
+    from slmops.controller.fleet import Fleet
+    from slmops.messages import Birth, DeviceState, HardwareProfile
+
+    profile = HardwareProfile(cpu_model="test CPU", cpu_cores_physical=2, cpu_cores_logical=2, isa=[],
+                              memory_total_bytes=4 << 30, memory_available_bytes=2 << 30, disk_free_bytes=8 << 30,
+                              os="Linux", arch="x86_64", accelerators=[])  # fmt: skip
+    engine = open_database(controller_config.database_url)  # the devices join as their births would record them
+    fleet = Fleet(engine)
+    fleet.record([(f"edge-{i}", Birth(agent_version="0.1", profile=profile)) for i in range(7)])
+    fleet.record([("edge-2", DeviceState(online=False))])
+    fleet.label("edge-5", Actor("alice", "admin"), {}, ["eu"])
+    engine.dispose()
+
+    with ControllerClient(live_controller, READER) as reader:
+        assert [d.id for d in reader.devices(page_size=3)] == [f"edge-{i}" for i in range(7)]
+        assert [d.id for d in reader.devices(page_size=3, status="offline")] == ["edge-2"]
+        assert [d.id for d in reader.devices(group="eu", q="EDGE")] == ["edge-5"]
+        assert reader.rollouts() == [] and reader.builds() == []
+    headers = {"Authorization": f"Bearer {READER}"}
+    page = httpx.get(f"{live_controller}/v1/devices", params={"limit": 2, "offset": 4}, headers=headers)
+    assert [d["id"] for d in page.json()] == ["edge-4", "edge-5"] and page.headers["X-Total-Count"] == "7"
+    for bad in ({"limit": 0}, {"limit": 1001}, {"offset": -1}, {"status": "asleep"}):
+        refused = httpx.get(f"{live_controller}/v1/devices", params=bad, headers=headers)
+        assert refused.status_code == 400 and next(iter(bad)) in refused.json()["error"]["message"]

@@ -455,6 +455,27 @@ def test_a_report_recorded_after_a_later_one_does_not_replace_it(controller_conf
         engine.dispose()
 
 
+def test_a_devices_previous_slot_is_what_its_state_says_and_outlives_its_will(controller_config) -> None:
+    """The agent's other A/B slot (what a rollback returns to), as the dashboard's device page shows it."""
+    from slmops.controller.protocol import DeviceSummary
+    from slmops.messages import SlotHeld
+
+    engine = open_database(controller_config.database_url)
+    migrate(engine)
+    fleet = Fleet(engine)
+    try:
+        serving = Serving(bundle="tiny", version="2.0.0", variant="cpu-int4", provider="cpu")
+        held = SlotHeld(bundle="tiny", version="1.0.0", variant="cpu-int4")
+        fleet.record([("edge-a", DeviceState(online=True, serving=serving))])
+        assert fleet.device("edge-a").previous is None  # its first bundle: no other slot yet
+        fleet.record([("edge-a", DeviceState(online=True, serving=serving, previous=held))])
+        fleet.record([("edge-a", DeviceState(online=False))])  # the will: the slots stay on its disk
+        summary = DeviceSummary.of(fleet.device("edge-a"))
+        assert summary.previous == held.model_dump() and summary.serving is None and not summary.online
+    finally:
+        engine.dispose()
+
+
 def test_a_device_born_short_of_its_desired_state_is_told_it_again(controller_config) -> None:
     """Not left to the broker's retained copy, which a broker cluster may not have on the device's node."""
     from slmops.messages import DesiredState, Reported

@@ -12,7 +12,7 @@ from slmops.bundle import write_archive
 from slmops.controller.audit import Actor
 from slmops.controller.control import FleetControl
 from slmops.controller.db import open_database
-from slmops.controller.fleet import Fleet
+from slmops.controller.fleet import DeviceFilter, Fleet
 from slmops.controller.protocol import RolloutRequest
 from slmops.controller.registry import Registry
 from slmops.controller.rollout_plan import Selector, WaveSize, hardware_class, parse_waves, plan_waves
@@ -353,8 +353,49 @@ def test_an_operator_rolls_back_or_promotes_a_wave(world) -> None:
     assert {fleet.device(d).desired["version"] for d in fleet_ids(fleet)} == {"1.0.0"}
 
 
+def test_the_actions_a_rollout_offers_are_the_ones_it_takes(world) -> None:
+    """The view's `actions` (what the dashboard shows as buttons) through a rollout's life; every action
+    it does not offer is refused, and those it offers are taken (a completed rollout rolls back)."""
+    from slmops.controller.rollouts import ACTIONS
+    from slmops.errors import Conflict
+
+    fleet, control, rollouts, bundles = world
+    join(fleet, control, bundles, [f"dev-{i}" for i in range(4)])
+    rollout = rollouts.create(spec(waves="2,100%", min_reported=1, soak_s=60), OPERATOR)
+
+    def offered(expected: list[str]) -> None:
+        view = rollouts.get(rollout.id)
+        assert view.actions == expected, view.status
+        for action in set(ACTIONS) - set(expected):
+            with pytest.raises(Conflict, match=f"rollout {rollout.id} is {view.status}"):
+                rollouts.act(rollout.id, action, OPERATOR)
+
+    offered(["pause", "promote", "abort"])  # no wave told yet: nothing to roll back
+    rollouts.advance(T0)
+    offered(["pause", "promote", "abort", "rollback"])
+    rollouts.act(rollout.id, "pause", OPERATOR)
+    offered(["resume", "promote", "abort", "rollback"])
+    rollouts.act(rollout.id, "resume", OPERATOR)
+    now = T0
+    for wave in (1, 2):
+        report(fleet, bundles["2.0.0"], wave_of(rollouts, rollout.id, wave), "healthy")
+        rollouts.advance(now := now + timedelta(seconds=1))
+        rollouts.act(rollout.id, "promote", OPERATOR)
+        rollouts.advance(now := now + timedelta(seconds=1))
+    assert rollouts.get(rollout.id).status == "completed"
+    offered(["rollback"])
+    assert rollouts.act(rollout.id, "rollback", OPERATOR).status == "halted"
+    assert {fleet.device(d).desired["version"] for d in fleet_ids(fleet)} == {"1.0.0"}
+
+    second = rollouts.create(spec(waves="100%", min_reported=1), OPERATOR)
+    assert rollouts.act(second.id, "abort", OPERATOR).actions == []
+    newest, total = rollouts.listing(1)
+    assert [v.id for v in newest] == [second.id] and total == 2
+    assert [v.id for v in rollouts.listing(5, offset=1)[0]] == [rollout.id]
+
+
 def fleet_ids(fleet: Fleet) -> list[str]:
-    return [d.id for d in fleet.devices()]
+    return [d.id for d in fleet.listing(DeviceFilter(), 10_000, 0)[0]]
 
 
 # --- gates on what each device measures -------------------------------------------------------

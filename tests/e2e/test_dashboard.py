@@ -154,6 +154,8 @@ def test_a_rollout_shows_its_waves_live_and_a_reader_gets_no_actions(dashboard, 
     assert browser.execute_script("return window.notReloaded") is True  # htmx swapped it in place
     assert len(seen_waves - {""}) >= 2, seen_waves  # the current wave moved on while we watched
     assert text_of(browser, "dd[data-state=passed]") == "10"
+    forms = browser.find_elements(By.CSS_SELECTOR, ".actions form")
+    assert [f.get_attribute("action").rsplit("/", 1)[1] for f in forms] == ["rollback"]  # what a completed one takes
     check_page(browser, f"{url}/ui/rollouts/{created.id}", "rollout")
 
     browser.delete_all_cookies()
@@ -192,6 +194,7 @@ def test_a_halted_rollout_shows_the_failed_gate_and_devices_and_admins_act(dashb
     points = [int(e.get_attribute("data-points")) for e in browser.find_elements(By.CSS_SELECTOR, ".uplot")]
     assert max(points) >= 4, points  # the device's telemetry, drawn
     assert "rollout" not in text_of(browser, ".notice")
+    assert text_of(browser, "[data-testid=previous-slot]").startswith("tiny 2.0.0")  # the slot it rolled back from
     check_page(browser, f"{url}/ui/devices/{device}", "device")
 
     browser.get(f"{url}/ui/rollouts/{halted.id}")

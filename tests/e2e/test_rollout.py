@@ -48,6 +48,8 @@ def test_a_rollout_completes_then_a_broken_one_halts_at_its_canary_and_rolls_bac
         agent.start(SLMOPS_AGENT_SMOKE_MIN_SPEED_FRACTION="1000")
     for device in devices:
         eventually(lambda d=device: (controller.device(d).get("serving") or {}).get("version") == "2.0.0", f"{device}")
+        previous = controller.device(device)["previous"]  # the A/B slot a rollback returns to, as the agent says
+        assert (previous["version"], previous["variant"]) == ("1.0.0", "cpu-int4"), previous
     broken = controller.api.create_rollout(
         RolloutRequest(bundle="tiny", version="3.0.0", target="provider=cpu", waves="1,100%", max_failure="0%")
     )

@@ -62,13 +62,14 @@ def devices_cmd(
     """Devices with their online state, what they serve and when they were last seen."""
     from rich.table import Table
 
-    chosen = {"status": status, "hardware_class": hardware_class, "group": group, "tag": tag, "q": id_contains}
     with client(controller, token) as api:
-        devices = answer(lambda: api.devices(**{k: v for k, v in chosen.items() if v}))
+        devices = answer(
+            lambda: api.devices(status=status, hardware_class=hardware_class, group=group, tag=tag, q=id_contains)
+        )
     if as_json:
         print(json.dumps([d.model_dump(mode="json") for d in devices], indent=2))
         return
-    table = Table(title=f"{len(devices)} devices")
+    table = Table(title=f"{len(devices)} device" + ("" if len(devices) == 1 else "s"))
     for column in ("device", "state", "serving", "provider", "agent", "groups", "last seen"):
         table.add_column(column)
     for d in devices:

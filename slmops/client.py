@@ -94,9 +94,9 @@ class ControllerClient:
     # --- devices -----------------------------------------------------------------------------
 
     def devices(self, page_size: int = 1000, **filters: str) -> list[DeviceSummary]:
-        """Every device the filters choose (status, hardware_class, group, tag, q), by id, `page_size` a
-        request."""
-        return self._all("/v1/devices", DeviceSummary, page_size, filters)
+        """Every device the filters choose (status, hardware_class, group, tag, q; empty ones choose all), by
+        id, `page_size` a request."""
+        return self._all("/v1/devices", DeviceSummary, page_size, {k: v for k, v in filters.items() if v})
 
     def device(self, device_id: str) -> DeviceSummary:
         return self._call("GET", f"/v1/devices/{device_id}", DeviceSummary)

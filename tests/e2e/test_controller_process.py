@@ -70,6 +70,12 @@ def test_fleet_devices_and_labels_from_the_cli(controller_process, mosquitto: in
         assert labelled.returncode == 0, labelled.stderr
         table = subprocess.run([*SLMOPS, "fleet", "devices"], env=env, capture_output=True, text=True)
         assert "edge-cli" in table.stdout and "canary" in table.stdout and "online" in table.stdout
+        for chosen, title in (
+            (["--group", "canary", "--tag", "site=lab"], "1 device"),
+            (["--status", "offline"], "0 devices"),
+        ):
+            narrowed = subprocess.run([*SLMOPS, "fleet", "devices", *chosen], env=env, capture_output=True, text=True)
+            assert narrowed.returncode == 0 and narrowed.stdout.split("\n")[0].strip() == title, narrowed
 
 
 def test_a_controller_killed_with_sigkill_starts_again_on_its_data_and_its_embedded_broker_port(

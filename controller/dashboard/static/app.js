@@ -16,6 +16,23 @@
   });
 
   const palette = ["#0969da", "#cf222e", "#2da44e", "#8250df", "#bf8700"];
+  const plots = new Map();  // every chart drawn → its figure: fitted to the figure's width when the window changes
+
+  function fitted(figure) { return Math.max(260, figure.clientWidth || 340); }
+
+  function drawn(figure, plot, points) {
+    plot.root.setAttribute("data-points", String(points));
+    plots.set(plot, figure);
+  }
+
+  let resizing = null;
+  window.addEventListener("resize", () => {
+    clearTimeout(resizing);
+    resizing = setTimeout(() => plots.forEach((figure, plot) => {
+      if (!figure.isConnected) { plot.destroy(); plots.delete(plot); return; }  // swapped out by htmx
+      plot.setSize({ width: fitted(figure), height: plot.height });
+    }), 150);
+  });
 
   function drawSeries(figure, data) {
     const names = figure.dataset.series.split(",");
@@ -29,23 +46,25 @@
       return times.map((t) => (at.has(t) ? at.get(t) : null));
     }));
     const series = [{}].concat(names.map((n, i) => ({ label: n.split(".")[1], stroke: palette[i % palette.length], width: 2, spanGaps: true })));
-    const width = Math.max(260, figure.clientWidth || 340);
-    const plot = new uPlot({ width: width, height: 180, series: series, axes: [{}, { size: 60 }] }, columns, figure);
-    plot.root.setAttribute("data-points", String(times.length));
+    const plot = new uPlot({ width: fitted(figure), height: 180, series: series, axes: [{}, { size: 60 }] }, columns, figure);
+    drawn(figure, plot, times.length);
   }
 
   function drawGates(figure) {
     const points = JSON.parse(figure.dataset.gates).filter((p) => p.value !== null && p.limit !== null);
     if (!points.length) return;
     const x = points.map((_, i) => i + 1);
-    const series = [{}, { label: "figure", stroke: "#cf222e", width: 0, points: { show: true, size: 8 } },
-                    { label: "bound", stroke: "#57606a", width: 2, dash: [6, 4] }];
-    const width = Math.max(260, figure.clientWidth || 340);
-    const axes = [{ incrs: [1], values: (u, splits) => splits.map((i) => (points[i - 1] ? points[i - 1].device : "")) },
-                  { size: 60 }];
-    const plot = new uPlot({ width: width, height: 180, series: series, axes: axes, scales: { x: { time: false } } },
+    const label = (i) => (points[i - 1] ? `w${points[i - 1].wave} ${points[i - 1].device}` : "");
+    // one point per device, no line between them: each bound is that device's own
+    const series = [{ label: "device", value: (u, i) => label(i) },
+                    { label: "figure", stroke: "#cf222e", width: 0, points: { show: true, size: 9, fill: "#cf222e" } },
+                    { label: "bound", stroke: "#57606a", width: 0, points: { show: true, size: 13, width: 2, fill: "transparent" } }];
+    const axes = [{ incrs: [1], rotate: points.length > 4 ? -30 : 0, size: points.length > 4 ? 70 : 40,
+                    values: (u, splits) => splits.map(label) }, { size: 60 }];
+    const scales = { x: { time: false, range: [0.5, points.length + 0.5] } };
+    const plot = new uPlot({ width: fitted(figure), height: 200, series: series, axes: axes, scales: scales },
                            [x, points.map((p) => p.value), points.map((p) => p.limit)], figure);
-    plot.root.setAttribute("data-points", String(points.length));
+    drawn(figure, plot, points.length);
   }
 
   function charts(root) {

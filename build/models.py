@@ -10,10 +10,12 @@
 real tokenizer, for tests that must run in seconds.
 """
 
+import contextlib
 import importlib.util
 import json
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,12 +121,13 @@ def fetch(name: str, force: bool = False, console: Console | None = None) -> Pat
     if name not in CATALOGUE:
         raise ModelSourceError(f"unknown catalogue model {name!r}; known: {', '.join(CATALOGUE)}")
     dest = paths.models_dir() / name
-    if (dest / SOURCE_RECORD).is_file() and not force:
-        return dest
-    source = CATALOGUE[name]
-    gguf = gguf_path(source)
-    origin = {"package": source.package, "file": source.filename, "sha256": sha256_file(gguf)}
-    return _materialize(gguf, dest, name, source.description, origin, console or Console(stderr=True))
+    with _one_at_a_time(dest):
+        if (dest / SOURCE_RECORD).is_file() and not force:
+            return dest
+        source = CATALOGUE[name]
+        gguf = gguf_path(source)
+        origin = {"package": source.package, "file": source.filename, "sha256": sha256_file(gguf)}
+        return _materialize(gguf, dest, name, source.description, origin, console or Console(stderr=True))
 
 
 def materialize_gguf(gguf: Path, force: bool = False, console: Console | None = None) -> Path:
@@ -134,12 +137,25 @@ def materialize_gguf(gguf: Path, force: bool = False, console: Console | None = 
     dest = paths.models_dir() / name
     origin = {"path": str(gguf.resolve()), "sha256": digest}
     record_path = dest / SOURCE_RECORD
-    if record_path.is_file() and not force:
-        record = json.loads(record_path.read_text())
-        if record.get("gguf") != origin:  # the same bytes, moved or copied: its blocks are found here now
-            record_path.write_text(json.dumps(record | {"gguf": origin}, indent=2) + "\n")
-        return dest
-    return _materialize(gguf, dest, name, f"{gguf.name}, a local GGUF", origin, console or Console(stderr=True))
+    with _one_at_a_time(dest):
+        if record_path.is_file() and not force:
+            record = json.loads(record_path.read_text())
+            if record.get("gguf") != origin:  # the same bytes, moved or copied: its blocks are found here now
+                record_path.write_text(json.dumps(record | {"gguf": origin}, indent=2) + "\n")
+            return dest
+        return _materialize(gguf, dest, name, f"{gguf.name}, a local GGUF", origin, console or Console(stderr=True))
+
+
+@contextlib.contextmanager
+def _one_at_a_time(dest: Path) -> Iterator[None]:
+    """Holds the lock of a model's folder in the slmops home: another process (or thread) materializing the
+    same model, two builds or a controller's build workers, waits and then finds it made, rather than
+    replacing the folder the first one is reading."""
+    from filelock import FileLock
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(dest.parent / f".{dest.name}.lock"):
+        yield
 
 
 def _materialize(gguf: Path, dest: Path, name: str, description: str, origin: dict[str, str], console: Console) -> Path:

@@ -30,12 +30,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="session")
 def tiny_model() -> Path:
+    """Made once in the test home; `make test`'s workers (pytest-xdist) take turns, the second finds it made."""
+    from filelock import FileLock
+
     from slmops.build import models
 
     path = TEST_HOME / "tiny-model"
-    if not (path / models.SOURCE_RECORD).is_file():
-        shutil.rmtree(path, ignore_errors=True)
-        models.make_tiny(path)
+    TEST_HOME.mkdir(exist_ok=True)
+    with FileLock(TEST_HOME / ".tiny-model.lock"):
+        if not (path / models.SOURCE_RECORD).is_file():
+            shutil.rmtree(path, ignore_errors=True)
+            models.make_tiny(path)
     return path
 
 

@@ -84,14 +84,22 @@ def test_inspect_json_is_the_manifest(session_bundle: Path) -> None:
     assert json.loads(result.stdout)["name"] == "tiny"
 
 
-def test_inspect_table_shows_variants(session_bundle: Path) -> None:
-    result = runner.invoke(app, ["bundle", "inspect", str(session_bundle)], env={"COLUMNS": "200"})
+@pytest.fixture
+def wide_console(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tables printed at 300 columns: the console is made at import, when COLUMNS may say 80 (xdist's workers)."""
+    from slmops.terminal import console
+
+    monkeypatch.setattr(console, "_width", 300)
+
+
+def test_inspect_table_shows_variants(session_bundle: Path, wide_console: None) -> None:
+    result = runner.invoke(app, ["bundle", "inspect", str(session_bundle)])
     assert result.exit_code == 0
     assert "cpu-int4" in result.output and "cpu-fp32" in result.output and "signed by key" in result.output
 
 
-def test_targets_table_marks_npu_requirements() -> None:
-    result = runner.invoke(app, ["build", "targets"], env={"COLUMNS": "300"})
+def test_targets_table_marks_npu_requirements(wide_console: None) -> None:
+    result = runner.invoke(app, ["build", "targets"])
     assert result.exit_code == 0
     assert "qnn-npu" in result.output and "slmops (QNN)" in result.output
     assert "openvino-npu" in result.output and "slmops (OpenVINO IR)" in result.output

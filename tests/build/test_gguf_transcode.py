@@ -165,6 +165,32 @@ def test_the_same_gguf_moved_is_found_where_it_is_now(tiny_gguf, tmp_path: Path)
     assert models.source_gguf(materialized) == moved.resolve()
 
 
+def test_two_materializing_one_gguf_at_once_make_it_once(tiny_gguf, tmp_path: Path) -> None:
+    """Two builds at once (or a controller's build workers) on one slmops home: the second waits for the
+    first's folder instead of replacing it while it is read."""
+    import io
+    import threading
+
+    from rich.console import Console
+
+    gguf = tmp_path / f"race-{tmp_path.name}.gguf"  # a name of its own: not made by an earlier run
+    shutil.copy(tiny_gguf[0], gguf)
+    start, outputs, made = threading.Barrier(2), [io.StringIO(), io.StringIO()], [None, None]
+
+    def materialize(i: int) -> None:
+        start.wait()
+        made[i] = models.materialize_gguf(gguf, console=Console(file=outputs[i]))
+
+    threads = [threading.Thread(target=materialize, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert made[0] == made[1] and (made[0] / models.SOURCE_RECORD).is_file()
+    assert sum("✓" in output.getvalue() for output in outputs) == 1, "dequantized once, found made once"
+    shutil.rmtree(made[0])
+
+
 def test_a_file_that_is_not_a_gguf_is_refused_clearly(tmp_path: Path) -> None:
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"this is not a model" * 10)

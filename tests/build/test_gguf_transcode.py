@@ -170,10 +170,11 @@ def test_two_materializing_one_gguf_at_once_make_it_once(tiny_gguf, tmp_path: Pa
     first's folder instead of replacing it while it is read."""
     import io
     import threading
+    import uuid
 
     from rich.console import Console
 
-    gguf = tmp_path / f"race-{tmp_path.name}.gguf"  # a name of its own: not made by an earlier run
+    gguf = tmp_path / f"race-{uuid.uuid4().hex[:8]}.gguf"  # a name of its own: not made by an earlier run
     shutil.copy(tiny_gguf[0], gguf)
     start, outputs, made = threading.Barrier(2), [io.StringIO(), io.StringIO()], [None, None]
 
@@ -189,6 +190,7 @@ def test_two_materializing_one_gguf_at_once_make_it_once(tiny_gguf, tmp_path: Pa
     assert made[0] == made[1] and (made[0] / models.SOURCE_RECORD).is_file()
     assert sum("✓" in output.getvalue() for output in outputs) == 1, "dequantized once, found made once"
     shutil.rmtree(made[0])
+    (made[0].parent / f".{made[0].name}.lock").unlink()
 
 
 def test_a_file_that_is_not_a_gguf_is_refused_clearly(tmp_path: Path) -> None:

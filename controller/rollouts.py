@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
-from sqlalchemy import Engine, func, select, update
+from sqlalchemy import Engine, String, case, cast, func, select, update
 from sqlalchemy.orm import Session
 
 from slmops.errors import Conflict, NotFound, Rejected
@@ -191,6 +191,21 @@ class Rollouts:
             select(RolloutDeviceRow)
             .where(RolloutDeviceRow.rollout_id == rollout_id, failed)
             .order_by(RolloutDeviceRow.wave, RolloutDeviceRow.device_id)
+            .limit(limit)
+        )
+        with Session(self.engine) as session:
+            self._row(session, rollout_id)  # NotFound for an unknown rollout
+            return [RolloutDeviceView.of(row) for row in session.scalars(chosen)]
+
+    def judged(self, rollout_id: int, limit: int) -> list[RolloutDeviceView]:
+        """Its devices whose gates were judged (the figures they were judged on kept): those that broke one
+        first, then the newest wave's, by id. What the dashboard charts against the gates' bounds."""
+        kept = RolloutDeviceRow.figures.is_not(None) & (cast(RolloutDeviceRow.figures, String) != "null")
+        failed_first = case((RolloutDeviceRow.state.in_(("failed", "rolled_back")), 0), else_=1)
+        chosen = (
+            select(RolloutDeviceRow)
+            .where(RolloutDeviceRow.rollout_id == rollout_id, kept)
+            .order_by(failed_first, RolloutDeviceRow.wave.desc(), RolloutDeviceRow.device_id)
             .limit(limit)
         )
         with Session(self.engine) as session:

@@ -28,6 +28,8 @@ from .session import Viewer
 T = TypeVar("T")
 PAGE_SIZE = 50
 FAILED_SHOWN = 50
+GATE_POINTS = 300
+"""Devices charted against each gate's bound: those that broke it first, then the newest wave's."""
 LOG_TAIL_BYTES = 8000
 BUILD_PLOTS = {"training.png": "Training and validation loss per epoch", "scores.png": "Task scores per variant"}
 ROLLOUT_ACTIONS = {
@@ -288,22 +290,25 @@ async def _rollout_detail(request: Request, rollout_id: int) -> dict[str, Any]:
         request.app.state.rollouts.get, rollout_id, state, None, PAGE_SIZE, (page - 1) * PAGE_SIZE
     )
     failed = await run_in_threadpool(request.app.state.rollouts.failures, rollout_id, FAILED_SHOWN)
+    judged = await run_in_threadpool(request.app.state.rollouts.judged, rollout_id, GATE_POINTS) if view.gates else []
     decisions = await run_in_threadpool(request.app.state.registry.audit_log, 50, f"rollout/{rollout_id}")
     return {
         "rollout": view, "state": state or "", "page": page, "pages": max(1, math.ceil(view.devices_total / PAGE_SIZE)),
-        "failed": failed, "decisions": decisions, "gates": _gate_figures(failed),
+        "failed": failed, "decisions": decisions, "gates": _gate_figures(view.gates, judged),
         "descriptions": ROLLOUT_ACTIONS,
     }  # fmt: skip
 
 
-def _gate_figures(devices: list[RolloutDeviceView]) -> list[dict[str, Any]]:
-    """Each failed device's figure against its gate's bound, for the chart of the halted wave."""
-    points = []
-    for d in devices:
+def _gate_figures(gates: list[str], devices: list[RolloutDeviceView]) -> dict[str, list[dict[str, Any]]]:
+    """Each gate's judged devices, by wave: the figure each was judged on, its bound and whether it held
+    (a gate without a figure for a device, unjudged, has no point of it)."""
+    points: dict[str, list[dict[str, Any]]] = {gate: [] for gate in gates}
+    for d in sorted(devices, key=lambda d: (d.wave, d.device_id)):
         for gate, verdict in ((d.figures or {}).get("gates") or {}).items():
-            points.append({"device": d.device_id, "wave": d.wave, "gate": gate, "value": verdict.get("value"),
-                           "limit": verdict.get("limit"), "held": verdict.get("held")})  # fmt: skip
-    return points
+            if gate in points and verdict.get("value") is not None and verdict.get("limit") is not None:
+                points[gate].append({"device": d.device_id, "wave": d.wave, "value": verdict["value"],
+                                     "limit": verdict["limit"], "held": bool(verdict.get("held"))})  # fmt: skip
+    return {gate: found for gate, found in points.items() if found}
 
 
 @router.post("/rollouts/{rollout_id}/{action}")

@@ -383,6 +383,7 @@ def test_the_actions_a_rollout_offers_are_the_ones_it_takes(world) -> None:
         rollouts.act(rollout.id, "promote", OPERATOR)
         rollouts.advance(now := now + timedelta(seconds=1))
     assert rollouts.get(rollout.id).status == "completed"
+    assert rollouts.judged(rollout.id, 10) == []  # no gate, nothing judged: no figures kept
     offered(["rollback"])
     assert rollouts.act(rollout.id, "rollback", OPERATOR).status == "halted"
     assert {fleet.device(d).desired["version"] for d in fleet_ids(fleet)} == {"1.0.0"}
@@ -444,6 +445,9 @@ def test_a_device_slower_than_its_own_figures_fails_its_gate_and_halts_the_rollo
         "held": False,
     }
     assert "gate tokens_per_s>=0.8x: 50 against 80" in halted.reason
+    judged = rollouts.judged(rollout_id, 10)  # what the dashboard charts against the gate's bound
+    assert [d.device_id for d in judged] == ["fast-0", "fast-1", "slow-0", "slow-1"] and all(d.figures for d in judged)
+    assert [d.device_id for d in rollouts.judged(rollout_id, 2)] == ["fast-0", "fast-1"]
 
 
 def test_slower_hardware_at_its_usual_speed_passes(world) -> None:

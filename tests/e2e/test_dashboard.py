@@ -189,16 +189,25 @@ def test_a_halted_rollout_shows_the_failed_gate_and_devices_and_admins_act(dashb
     assert text_of(browser, "[data-testid=rollout-status]") == "halted"
     reasons = text_of(browser, "td.reason")
     assert "gate tokens_per_s>=0.8x" in reasons and " against " in reasons
-    wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "figure.gates .uplot[data-points]"), "no gate chart", 10)
+    gate_chart = (  # read in one script: htmx swaps the chart in every 2 s (drawn a moment later)
+        "const f = document.querySelector('figure.gates'); const u = f && f.querySelector('.uplot');"
+        "return u ? [f.querySelector('figcaption').innerText, u.dataset.points] : null"
+    )
+    drawn = wait_for(lambda: browser.execute_script(gate_chart), "no gate chart", 10)
+    assert "tokens_per_s>=0.8x" in drawn[0] and drawn[1] == "3", drawn  # the gate, and the 3 canaries judged
     check_page(browser, f"{url}/ui/rollouts/{halted.id}", "rollout-halted")
 
     device = next(d.device_id for d in halted.devices if d.state == "rolled_back")
-    browser.get(f"{url}/ui/devices/{device}")
+
+    def back_on_its_previous_slot() -> bool:  # told to roll back at the halt; its state says so a moment later
+        browser.get(f"{url}/ui/devices/{device}")
+        return text_of(browser, "[data-testid=previous-slot]").startswith("tiny 2.0.0")  # the slot it left
+
+    wait_for(back_on_its_previous_slot, "the device page does not show the slot it rolled back from", 15, poll_s=0.5)
     wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "figure.chart .uplot[data-points]"), "no chart drawn", 10)
     points = [int(e.get_attribute("data-points")) for e in browser.find_elements(By.CSS_SELECTOR, ".uplot")]
     assert max(points) >= 4, points  # the device's telemetry, drawn
     assert "rollout" not in text_of(browser, ".notice")
-    assert text_of(browser, "[data-testid=previous-slot]").startswith("tiny 2.0.0")  # the slot it rolled back from
     check_page(browser, f"{url}/ui/devices/{device}", "device")
 
     browser.get(f"{url}/ui/rollouts/{halted.id}")

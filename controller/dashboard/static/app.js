@@ -51,19 +51,31 @@
   }
 
   function drawGates(figure) {
-    const points = JSON.parse(figure.dataset.gates).filter((p) => p.value !== null && p.limit !== null);
+    // one gate: each judged device a point beside the others of its wave, its figure (held or broke) and
+    // its own bound; no line between them, each bound being that device's
+    const points = JSON.parse(figure.dataset.gates);
     if (!points.length) return;
-    const x = points.map((_, i) => i + 1);
-    const label = (i) => (points[i - 1] ? `w${points[i - 1].wave} ${points[i - 1].device}` : "");
-    // one point per device, no line between them: each bound is that device's own
-    const series = [{ label: "device", value: (u, i) => label(i) },
-                    { label: "figure", stroke: "#cf222e", width: 0, points: { show: true, size: 9, fill: "#cf222e" } },
-                    { label: "bound", stroke: "#57606a", width: 0, points: { show: true, size: 13, width: 2, fill: "transparent" } }];
-    const axes = [{ incrs: [1], rotate: points.length > 4 ? -30 : 0, size: points.length > 4 ? 70 : 40,
-                    values: (u, splits) => splits.map(label) }, { size: 60 }];
-    const scales = { x: { time: false, range: [0.5, points.length + 0.5] } };
+    const perWave = new Map();
+    points.forEach((p) => perWave.set(p.wave, (perWave.get(p.wave) || 0) + 1));
+    const seen = new Map();
+    const x = points.map((p) => {
+      const i = seen.get(p.wave) || 0;
+      seen.set(p.wave, i + 1);
+      return p.wave - 0.4 + (0.8 * (i + 0.5)) / perWave.get(p.wave);
+    });
+    const waves = [...perWave.keys()];
+    const dot = (colour) => ({ show: true, size: 8, fill: colour, stroke: colour });
+    const series = [{ label: "device", value: (u, v, s, i) => (i == null ? "" : `wave ${points[i].wave} ${points[i].device}`) },
+                    { label: "held", stroke: "#1a7f37", width: 0, points: dot("#1a7f37") },
+                    { label: "broke", stroke: "#cf222e", width: 0, points: dot("#cf222e") },
+                    { label: "bound", stroke: "#57606a", width: 0, points: { show: true, size: 12, width: 2, fill: "transparent" } }];
+    const axes = [{ incrs: [1], values: (u, splits) => splits.map((w) => (Number.isInteger(w) ? `wave ${w}` : "")) },
+                  { size: 60 }];
+    const scales = { x: { time: false, range: [Math.min(...waves) - 0.5, Math.max(...waves) + 0.5] } };
+    const columns = [x, points.map((p) => (p.held ? p.value : null)), points.map((p) => (p.held ? null : p.value)),
+                     points.map((p) => p.limit)];
     const plot = new uPlot({ width: fitted(figure), height: 200, series: series, axes: axes, scales: scales },
-                           [x, points.map((p) => p.value), points.map((p) => p.limit)], figure);
+                           columns, figure);
     drawn(figure, plot, points.length);
   }
 

@@ -98,3 +98,11 @@ def _page(
 
 
 Paged = Annotated[Page, Depends(_page)]
+COUNTED: dict[int | str, dict[str, Any]] = {
+    200: {
+        "headers": {
+            TOTAL_HEADER: {"description": "How many items the whole list holds.", "schema": {"type": "integer"}}
+        }
+    }
+}
+"""A paged list route's OpenAPI: its answer's X-Total-Count header."""

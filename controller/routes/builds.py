@@ -10,7 +10,7 @@ from slmops.http import error_responses
 
 from ..builds import MAX_UPLOAD_BYTES
 from ..protocol import BuildJobView, BuildLog
-from . import Admin, BuildsOf, Config, Paged, Reader, spool
+from . import COUNTED, Admin, BuildsOf, Config, Paged, Reader, spool
 from .bundles import ARCHIVE
 
 router = APIRouter(prefix="/v1/builds", tags=["builds"], responses=error_responses(400, 401, 403, 404, 500))
@@ -26,7 +26,7 @@ async def submit(request: Request, who: Admin, config: Config, builds: BuildsOf)
         return BuildJobView.of(await run_in_threadpool(builds.submit, upload, who))
 
 
-@router.get("")
+@router.get("", responses=COUNTED)
 async def list_builds(_who: Reader, builds: BuildsOf, page: Paged) -> list[BuildJobView]:
     """A page of the build jobs, newest first; X-Total-Count says how many there are."""
     jobs, total = await run_in_threadpool(builds.jobs, page.limit, page.offset)

@@ -20,12 +20,12 @@ from ..protocol import (
     DeviceSummary,
     TelemetryEntry,
 )
-from . import Admin, Config, ControlOf, EnrolmentOf, FleetOf, Limit, Paged, Reader
+from . import COUNTED, Admin, Config, ControlOf, EnrolmentOf, FleetOf, Limit, Paged, Reader
 
 router = APIRouter(tags=["devices"], responses=error_responses(400, 401, 403, 404, 500))
 
 
-@router.get("/v1/devices")
+@router.get("/v1/devices", responses=COUNTED)
 async def list_devices(
     _who: Reader,
     fleet: FleetOf,

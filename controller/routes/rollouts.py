@@ -10,7 +10,7 @@ from slmops.http import error_responses
 
 from ..protocol import RolloutDeviceState, RolloutRequest, RolloutView
 from ..rollouts import DEVICE_PAGE
-from . import Admin, Paged, Reader, RolloutsOf
+from . import COUNTED, Admin, Paged, Reader, RolloutsOf
 
 router = APIRouter(tags=["rollouts"], responses=error_responses(400, 401, 403, 404, 409, 500))
 RolloutId = Annotated[int, Path(ge=1, le=2**31 - 1, description="The rollout's id")]
@@ -22,7 +22,7 @@ async def create(body: RolloutRequest, who: Admin, rollouts: RolloutsOf) -> Roll
     return await run_in_threadpool(rollouts.create, body, who)
 
 
-@router.get("/v1/rollouts")
+@router.get("/v1/rollouts", responses=COUNTED)
 async def list_rollouts(_who: Reader, rollouts: RolloutsOf, page: Paged) -> list[RolloutView]:
     """A page of the rollouts, newest first, with their devices counted by state; X-Total-Count says how
     many there are."""

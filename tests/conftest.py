@@ -162,12 +162,23 @@ def trusted(signing_key: tuple[Path, Path]) -> list:
 
 
 @pytest.fixture(scope="session")
-def smollm2_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The real SmolLM2-135M-Instruct exported to cpu-int4 (about 30 s, once per session)."""
+def smollm2_export(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:
+    """The real SmolLM2-135M-Instruct exported to cpu-int4 (about 30 s), once per run: `make test`'s workers
+    share it (the run's own temporary folder; the first makes it under a lock), its users only read it."""
+    from filelock import FileLock
+
     from slmops.build.export import Recipe, export
 
-    out = tmp_path_factory.mktemp("smollm2-export")
-    export(Recipe(source="smollm2-135m-instruct", targets=["cpu-int4"]), out, force=True)
+    if worker_id == "master":  # not under xdist: this session is the run
+        out = tmp_path_factory.mktemp("smollm2-export")
+        export(Recipe(source="smollm2-135m-instruct", targets=["cpu-int4"]), out, force=True)
+        return out
+    run = tmp_path_factory.getbasetemp().parent  # shared by this run's workers, and by nothing else
+    out, done = run / "smollm2-export", run / "smollm2-export.done"
+    with FileLock(run / "smollm2-export.lock"):
+        if not done.is_file():
+            export(Recipe(source="smollm2-135m-instruct", targets=["cpu-int4"]), out, force=True)
+            done.touch()
     return out
 
 

@@ -22,16 +22,16 @@
 
   function drawn(figure, plot, points) {
     plot.root.setAttribute("data-points", String(points));
+    plots.forEach((other, old) => {  // charts htmx swapped out: uPlot's window listeners would keep them
+      if (!other.isConnected) { old.destroy(); plots.delete(old); }
+    });
     plots.set(plot, figure);
   }
 
   let resizing = null;
   window.addEventListener("resize", () => {
     clearTimeout(resizing);
-    resizing = setTimeout(() => plots.forEach((figure, plot) => {
-      if (!figure.isConnected) { plot.destroy(); plots.delete(plot); return; }  // swapped out by htmx
-      plot.setSize({ width: fitted(figure), height: plot.height });
-    }), 150);
+    resizing = setTimeout(() => plots.forEach((figure, plot) => plot.setSize({ width: fitted(figure), height: plot.height })), 150);
   });
 
   function drawSeries(figure, data) {

@@ -57,6 +57,8 @@ FINISHED = ("passed", "failed", "timed_out", "rolled_back")
 """A device's states after which it waits for nothing."""
 ACTIONS = ("pause", "resume", "promote", "abort", "rollback")
 """What an operator may do to a rollout (Rollouts.act); which of them a rollout takes now: `permitted_actions`."""
+STATUS_AFTER = {"pause": PAUSED, "resume": ACTIVE, "abort": ABORTED}
+"""The status each of the ACTIONS that only changes a rollout's status leaves it in."""
 ROLLED_BACK_AFTER = "; then "
 """Between why a device failed and its rollback, in the detail of a device rolled back after it failed."""
 ANSWERED = ("downloading", "activating", "soaking", "passed", "failed", "timed_out")
@@ -187,29 +189,29 @@ class Rollouts:
         failed = RolloutDeviceRow.state.in_(("failed", "timed_out")) | (
             (RolloutDeviceRow.state == "rolled_back") & RolloutDeviceRow.detail.contains(ROLLED_BACK_AFTER)
         )
-        chosen = (
-            select(RolloutDeviceRow)
-            .where(RolloutDeviceRow.rollout_id == rollout_id, failed)
-            .order_by(RolloutDeviceRow.wave, RolloutDeviceRow.device_id)
-            .limit(limit)
-        )
-        with Session(self.engine) as session:
-            self._row(session, rollout_id)  # NotFound for an unknown rollout
-            return [RolloutDeviceView.of(row) for row in session.scalars(chosen)]
+        return self._members_where(rollout_id, failed, (RolloutDeviceRow.wave, RolloutDeviceRow.device_id), limit)
 
     def judged(self, rollout_id: int, limit: int) -> list[RolloutDeviceView]:
         """Its devices whose gates were judged (the figures they were judged on kept): those that broke one
         first, then the newest wave's, by id. What the dashboard charts against the gates' bounds."""
         kept = RolloutDeviceRow.figures.is_not(None) & (cast(RolloutDeviceRow.figures, String) != "null")
         failed_first = case((RolloutDeviceRow.state.in_(("failed", "rolled_back")), 0), else_=1)
+        order = (failed_first, RolloutDeviceRow.wave.desc(), RolloutDeviceRow.device_id)
+        return self._members_where(rollout_id, kept, order, limit)
+
+    def _members_where(
+        self, rollout_id: int, condition: Any, order: tuple[Any, ...], limit: int
+    ) -> list[RolloutDeviceView]:
+        """Up to `limit` of the rollout's devices that meet `condition`, in `order` (NotFound for an unknown
+        rollout)."""
         chosen = (
             select(RolloutDeviceRow)
-            .where(RolloutDeviceRow.rollout_id == rollout_id, kept)
-            .order_by(failed_first, RolloutDeviceRow.wave.desc(), RolloutDeviceRow.device_id)
+            .where(RolloutDeviceRow.rollout_id == rollout_id, condition)
+            .order_by(*order)
             .limit(limit)
         )
         with Session(self.engine) as session:
-            self._row(session, rollout_id)  # NotFound for an unknown rollout
+            self._row(session, rollout_id)
             return [RolloutDeviceView.of(row) for row in session.scalars(chosen)]
 
     def listing(self, limit: int, offset: int = 0) -> tuple[list[RolloutView], int]:
@@ -220,9 +222,17 @@ class Rollouts:
             rows = session.scalars(select(RolloutRow).order_by(RolloutRow.id.desc()).limit(limit).offset(offset))
             return [_view(session, row, limit=0) for row in rows], total
 
-    def set_status(self, rollout_id: int, status: str, actor: Actor) -> RolloutView:
+    def act(self, rollout_id: int, action: str, actor: Actor) -> RolloutView:
+        """One of the operator's ACTIONS, as the API and the dashboard take it."""
+        if action == "rollback":
+            return self.roll_back(rollout_id, actor)
+        if action == "promote":
+            return self.promote(rollout_id, actor)
+        return self._set_status(rollout_id, action, actor)
+
+    def _set_status(self, rollout_id: int, action: str, actor: Actor) -> RolloutView:
         """pause (active → paused), resume (paused → active), abort (stops where it is, no rollback)."""
-        action = {PAUSED: "pause", ACTIVE: "resume", ABORTED: "abort"}[status]
+        status = STATUS_AFTER[action]
         with Session(self.engine, expire_on_commit=False) as session, session.begin():
             rollout = self._row(session, rollout_id, lock=True)
             if action not in permitted_actions(rollout.status, rollout.wave):
@@ -231,14 +241,6 @@ class Rollouts:
             rollout.reason = "" if status == ACTIVE else f"{status} by {actor.name}"
             audit.record(session, actor, f"rollout.{status}", f"rollout/{rollout_id}", {})
         return self.get(rollout_id)
-
-    def act(self, rollout_id: int, action: str, actor: Actor) -> RolloutView:
-        """One of the operator's ACTIONS, as the API and the dashboard take it."""
-        if action == "rollback":
-            return self.roll_back(rollout_id, actor)
-        if action == "promote":
-            return self.promote(rollout_id, actor)
-        return self.set_status(rollout_id, {"pause": PAUSED, "resume": ACTIVE, "abort": ABORTED}[action], actor)
 
     def refuse_owned(self, device_ids: Sequence[str]) -> None:
         """A Conflict when a rollout under way owns any of these devices (a desired state set by hand

@@ -169,11 +169,8 @@ def smollm2_export(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> 
 
     from slmops.build.export import Recipe, export
 
-    if worker_id == "master":  # not under xdist: this session is the run
-        out = tmp_path_factory.mktemp("smollm2-export")
-        export(Recipe(source="smollm2-135m-instruct", targets=["cpu-int4"]), out, force=True)
-        return out
-    run = tmp_path_factory.getbasetemp().parent  # shared by this run's workers, and by nothing else
+    # under xdist, the run's folder above each worker's: shared by this run's workers, and by nothing else
+    run = tmp_path_factory.getbasetemp() if worker_id == "master" else tmp_path_factory.getbasetemp().parent
     out, done = run / "smollm2-export", run / "smollm2-export.done"
     with FileLock(run / "smollm2-export.lock"):
         if not done.is_file():

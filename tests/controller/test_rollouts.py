@@ -220,7 +220,7 @@ def test_too_few_healthy_devices_pause_the_rollout_as_inconclusive(world) -> Non
     rollouts.advance(T0 + timedelta(seconds=1))
     paused = rollouts.get(rollout.id)
     assert paused.status == "paused" and paused.reason.startswith("inconclusive") and paused.wave == 1
-    rollouts.set_status(rollout.id, "active", OPERATOR)
+    rollouts.act(rollout.id, "resume", OPERATOR)
     rollouts.advance(T0 + timedelta(seconds=2))
     assert rollouts.get(rollout.id).status == "paused", "the same wave is judged the same way again"
 
@@ -330,7 +330,7 @@ def test_a_device_belongs_to_one_rollout_at_a_time_unless_superseded(world) -> N
     assert old.status == "superseded" and f"rollout {second.id}" in old.reason
     rollouts.advance(T0)
     assert rollouts.get(first.id).wave == 0, "a superseded rollout tells nobody"
-    rollouts.set_status(second.id, "aborted", OPERATOR)
+    rollouts.act(second.id, "abort", OPERATOR)
     rollouts.refuse_owned(["dev-a", "dev-b"])  # nothing under way owns them now
 
 

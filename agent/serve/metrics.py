@@ -65,8 +65,8 @@ class AgentMetrics:
         duration_s: float,
         cached_prompt_tokens: int = 0,
     ) -> None:
-        """One generation ended: `ok`, `cancelled` (client left) or `error`."""
-        self.generations.labels(outcome).inc()
+        """One generation ended: `ok`, `cancelled` (client left) or `error`. Counted last, so a
+        reader that sees the generation also sees its tokens."""
         if outcome == "error":
             self.error("generation")
         self.prompt_tokens.inc(prompt_tokens)
@@ -86,6 +86,7 @@ class AgentMetrics:
                 w.ttft_s.append(ttft_s)
             if tokens_per_s:
                 w.tokens_per_s.append(tokens_per_s)
+        self.generations.labels(outcome).inc()
 
     def error(self, kind: str) -> None:
         self.errors.labels(kind).inc()

@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
 
 from slmops.agent import config as agent_config
 from slmops.agent.host import ModelHost
@@ -47,6 +48,23 @@ class RunningAgent:
         while self.server.engine.active_count or self.server.engine.queue_depth:
             assert time.monotonic() < deadline, "the engine did not go idle"
             time.sleep(0.01)
+
+    def generations(self, outcome: str) -> float:
+        """slmops_agent_generations_total{outcome} as /metrics reports it."""
+        for family in text_string_to_metric_families(self.http().get("/metrics").text):
+            for sample in family.samples:
+                if sample.name == "slmops_agent_generations_total" and sample.labels["outcome"] == outcome:
+                    return sample.value
+        return 0.0
+
+    def wait_generations(self, outcome: str, count: int, timeout_s: float) -> None:
+        """Until `count` generations ended with `outcome`. An idle engine is not enough: a handler can
+        still be on its way to the engine, or counting the generation it just ended."""
+        deadline = time.monotonic() + timeout_s
+        while (seen := self.generations(outcome)) < count:
+            assert time.monotonic() < deadline, f"{seen:.0f} of {count} generations ended {outcome} in {timeout_s} s"
+            time.sleep(0.05)
+        assert seen == count, f"{seen:.0f} generations ended {outcome}, {count} expected"
 
 
 @pytest.fixture

@@ -85,8 +85,10 @@ def test_a_device_can_touch_only_its_own_topics(secured_broker: int) -> None:
     # Reading is checked on delivery: a subscription to another device's topic receives nothing.
     delivered: list[str] = []
     device.on_message = lambda _c, _u, m: delivered.append(m.topic)
+    device_subscribed = threading.Event()
+    device.on_subscribe = lambda *_: device_subscribed.set()
     device.subscribe([(device_topic("edge-a", "desired"), 1), (device_topic("edge-b", "desired"), 1)])
-    time.sleep(0.3)
+    assert device_subscribed.wait(5)
     for target in ("edge-a", "edge-b"):
         controller.publish(device_topic(target, "desired"), b"{}", qos=1).wait_for_publish(5)
     wait = time.monotonic() + 5

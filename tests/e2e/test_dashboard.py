@@ -8,6 +8,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -90,6 +91,11 @@ def serious_violations(browser) -> list[str]:
     return list(found)
 
 
+def fits(browser, width: int) -> bool:
+    """The page is no wider than `width`: nothing to scroll sideways."""
+    return browser.execute_script("return document.documentElement.scrollWidth") <= width
+
+
 def check_page(browser, url: str, name: str) -> None:
     """No serious or critical axe-core violation at either width; a screenshot at each."""
     browser.get(url)
@@ -99,9 +105,8 @@ def check_page(browser, url: str, name: str) -> None:
         browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", metrics)
         assert serious_violations(browser) == [], f"{name} at {size}"
         if size == "phone":  # readable without scrolling sideways: wide tables scroll inside themselves
-            time.sleep(0.3)  # the charts refit to the new width (app.js waits 150 ms after a resize)
-            wide = browser.execute_script("return document.documentElement.scrollWidth") - width
-            assert wide <= 0, f"{name} is {wide} px wider than a phone"
+            # the charts refit to the new width 150 ms after a resize (app.js)
+            wait_for(partial(fits, browser, width), f"{name} stayed wider than a phone's {width} px", 5)
         browser.save_screenshot(str(ARTIFACTS / f"{name}-{size}.png"))
     browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
 

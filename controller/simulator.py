@@ -304,12 +304,14 @@ class SimulatedDevice:
 
     def _publish_state(self) -> None:
         provider = self.hw.providers[-1]
+        variant = f"{provider}-int4"
         serving, previous = None, None
         if self.active is not None:
-            serving = Serving(bundle=self.active.bundle, version=self.active.version, variant=f"{provider}-int4",
-                              provider=provider)  # fmt: skip
+            serving = Serving(
+                bundle=self.active.bundle, version=self.active.version, variant=variant, provider=provider
+            )
         if self.previous is not None:
-            previous = SlotHeld(bundle=self.previous.bundle, version=self.previous.version, variant=f"{provider}-int4")
+            previous = SlotHeld(bundle=self.previous.bundle, version=self.previous.version, variant=variant)
         state = DeviceState(online=True, agent_version=__version__, serving=serving, previous=previous)
         self._publish("state", state, retain=True)
 

@@ -57,6 +57,7 @@ def iso(at: datetime | None) -> str:
 
 
 templates.env.filters["iso"] = iso
+templates.env.filters["serving"] = serving_label
 templates.env.filters["mib"] = lambda n: f"{n / 2**20:,.1f} MiB" if n is not None else "–"
 
 
@@ -173,7 +174,7 @@ def _fleet_view(fleet: Fleet, query: dict[str, str], whole: bool) -> dict[str, A
     )  # fmt: skip
     rows, matching, page, pages = _page_of(lambda limit, offset: fleet.listing(chosen, limit, offset), query)
     filters = {k: v for k, v in query.items() if k != "page"}
-    view = {"devices": [{"row": d, "serving": serving_label(d.serving), "drift": drift_detail(d)} for d in rows],
+    view = {"devices": [{"row": d, "drift": drift_detail(d)} for d in rows],
             "matching": matching, "page": page, "pages": pages, "query": query,
             "page_link": "/ui/fleet?" + urlencode({**filters, "page": ""})}  # fmt: skip
     if not whole:  # the table's refresh

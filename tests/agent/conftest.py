@@ -15,6 +15,7 @@ import httpx
 import pytest
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
+from support import wait_for
 
 from slmops.agent import config as agent_config
 from slmops.agent.host import ModelHost
@@ -44,10 +45,8 @@ class RunningAgent:
         return client
 
     def wait_idle(self, timeout_s: float = 10) -> None:
-        deadline = time.monotonic() + timeout_s
-        while self.server.engine.active_count or self.server.engine.queue_depth:
-            assert time.monotonic() < deadline, "the engine did not go idle"
-            time.sleep(0.01)
+        engine = self.server.engine
+        wait_for(lambda: not (engine.active_count or engine.queue_depth), "the engine did not go idle", timeout_s, 0.01)
 
     def generations(self, outcome: str) -> float:
         """slmops_agent_generations_total{outcome} as /metrics reports it."""
@@ -60,10 +59,10 @@ class RunningAgent:
     def wait_generations(self, outcome: str, count: int, timeout_s: float) -> None:
         """Until `count` generations ended with `outcome`. An idle engine is not enough: a handler can
         still be on its way to the engine, or counting the generation it just ended."""
-        deadline = time.monotonic() + timeout_s
-        while (seen := self.generations(outcome)) < count:
-            assert time.monotonic() < deadline, f"{seen:.0f} of {count} generations ended {outcome} in {timeout_s} s"
-            time.sleep(0.05)
+        wait_for(
+            lambda: self.generations(outcome) >= count, f"fewer than {count} generations ended {outcome}", timeout_s
+        )
+        seen = self.generations(outcome)
         assert seen == count, f"{seen:.0f} generations ended {outcome}, {count} expected"
 
 
